@@ -1,0 +1,437 @@
+"""Which neurons go: the coupled-layer analysis (Torch-Pruning) and the threshold plan (pure)."""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from lightning_actprune._errors import ActivationPruningError
+from lightning_actprune._statistics import (
+    MEASURED_TYPES,
+    ActivationMoments,
+    _check_statistic,
+    map_tensors,
+    neuron_statistic,
+    pool_moments,
+)
+
+ExampleInputs = Mapping[str, tuple[tuple[Any, ...], dict[str, Any]]]
+"""Forward arguments by module name (``""`` is the model itself), as :class:`ActivationRecorder` captures them."""
+
+# Operations whose channels may be removed without changing what the other channels compute.
+_SAFE_TYPES = frozenset(
+    {
+        tp.ops.OPTYPE.CONV,
+        tp.ops.OPTYPE.LINEAR,
+        tp.ops.OPTYPE.BN,
+        tp.ops.OPTYPE.DEPTHWISE_CONV,
+        tp.ops.OPTYPE.PRELU,
+        tp.ops.OPTYPE.ELEMENTWISE,
+        tp.ops.OPTYPE.RESHAPE,
+        tp.ops.OPTYPE.CONCAT,
+        tp.ops.OPTYPE.SPLIT,
+    }
+)
+
+
+class ModuleSlice(NamedTuple):
+    """One module's share of a coupled group: which of its output or input indices carry which neuron.
+
+    Attributes:
+        module: the module's name in the model.
+        dim: ``"out"`` (the module produces the neurons) or ``"in"`` (it consumes them).
+        indices: the module's own channel/feature indices.
+        neurons: for each index, the neuron of the group it carries.
+    """
+
+    module: str
+    dim: Literal["out", "in"]
+    indices: tuple[int, ...]
+    neurons: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PrunableLayer:
+    """A group of neurons that are removed together, with every module that holds a slice of them.
+
+    A plain ``Linear → ReLU → Linear`` gives one group per hidden layer; a residual addition ties the channels of
+    every layer that writes into it into one group.
+
+    Attributes:
+        name: the producing layers' names joined with ``+``.
+        neurons: how many neurons the group has.
+        producers: the ``Linear``/``Conv`` layers that output these neurons.
+        slices: the modules with parameters that shrink when a neuron goes.
+    """
+
+    name: str
+    neurons: int
+    producers: tuple[str, ...]
+    slices: tuple[ModuleSlice, ...]
+
+    @property
+    def consumers(self) -> tuple[ModuleSlice, ...]:
+        """The slices of the layers that read these neurons: where the activations are measured."""
+        return tuple(s for s in self.slices if s.dim == "in")
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What happens to one :class:`PrunableLayer`.
+
+    Attributes:
+        name: the layer's name.
+        neurons: neurons before pruning.
+        kept: indices of the neurons that stay, ascending.
+    """
+
+    name: str
+    neurons: int
+    kept: tuple[int, ...]
+
+    @property
+    def removed(self) -> tuple[int, ...]:
+        """Indices of the neurons that go, ascending."""
+        kept = set(self.kept)
+        return tuple(i for i in range(self.neurons) if i not in kept)
+
+
+class ModulePruning(NamedTuple):
+    """The surgery on one module: remove ``indices`` along its output (``"out"``) or input (``"in"``)."""
+
+    module: str
+    dim: Literal["out", "in"]
+    indices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PruningPlan:
+    """Which neurons go, and the resulting operations on each module, as plain data.
+
+    Attributes:
+        threshold: λ; neurons whose statistic is below it were selected for removal.
+        statistic: the per-neuron statistic compared with λ.
+        layers: one entry per prunable layer.
+        operations: per module and direction, the indices to remove (merged across layers).
+    """
+
+    threshold: float
+    statistic: str
+    layers: tuple[LayerPlan, ...]
+    operations: tuple[ModulePruning, ...]
+
+    @property
+    def neurons_before(self) -> int:
+        """Neurons in all prunable layers before pruning."""
+        return sum(layer.neurons for layer in self.layers)
+
+    @property
+    def neurons_after(self) -> int:
+        """Neurons in all prunable layers after pruning."""
+        return sum(len(layer.kept) for layer in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain ints, floats, strings and lists: safe for ``torch.load(weights_only=True)`` and JSON."""
+        return {
+            "threshold": float(self.threshold),
+            "statistic": self.statistic,
+            "layers": [{"name": x.name, "neurons": x.neurons, "kept": list(x.kept)} for x in self.layers],
+            "operations": [{"module": o.module, "dim": o.dim, "indices": list(o.indices)} for o in self.operations],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PruningPlan:
+        """Rebuild a plan written by :meth:`to_dict`."""
+        return cls(
+            threshold=float(data["threshold"]),
+            statistic=str(data["statistic"]),
+            layers=tuple(LayerPlan(str(x["name"]), int(x["neurons"]), tuple(x["kept"])) for x in data["layers"]),
+            operations=tuple(
+                ModulePruning(str(o["module"]), o["dim"], tuple(int(i) for i in o["indices"]))
+                for o in data["operations"]
+            ),
+        )
+
+
+def _as_example_inputs(example_inputs: Any) -> ExampleInputs:
+    if isinstance(example_inputs, Mapping) and all(
+        isinstance(v, tuple) and len(v) == 2 and isinstance(v[1], dict) for v in example_inputs.values()
+    ):
+        return example_inputs
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    return {"": (args, {})}
+
+
+def _trace_roots(example_inputs: ExampleInputs) -> list[str]:
+    """The outermost modules that were called: nothing above them ran a forward."""
+    if "" in example_inputs:
+        return [""]
+    names = sorted(example_inputs)
+    return [n for n in names if not any(n.startswith(other + ".") for other in names if other != n)]
+
+
+@contextmanager
+def _traceable(module: nn.Module) -> Iterator[None]:
+    """Eval mode (no BatchNorm update), grad on, every parameter requiring grad; all restored afterwards."""
+    modes = {m: m.training for m in module.modules()}
+    frozen = [p for p in module.parameters() if not p.requires_grad]
+    module.eval()
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+        for m, training in modes.items():
+            m.training = training
+
+
+def _call_counts(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[nn.Module, int]]:
+    counts: dict[nn.Module, int] = defaultdict(int)
+
+    def count(m: nn.Module, *_: Any) -> None:
+        counts[m] += 1
+
+    handles = [m.register_forward_hook(count) for m in module.modules() if isinstance(m, MEASURED_TYPES)]
+    try:
+        output = module(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return output, counts
+
+
+def find_prunable_layers(
+    model: nn.Module,
+    example_inputs: Any,
+    layers: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+) -> list[PrunableLayer]:
+    """Find the groups of neurons that can be removed, with Torch-Pruning's ``DependencyGraph``.
+
+    Every hidden ``Linear``/``Conv`` whose outputs feed another such layer is a candidate; the model's output layer
+    never is. Groups that touch an operation which mixes channels (LayerNorm, attention, …), a layer called more
+    than once per forward, or a weight shared between layers are skipped with a warning that names them.
+
+    Args:
+        model: the model; it is traced once with gradients on and is not modified.
+        example_inputs: a tensor or a tuple of positional arguments for ``model``, or the mapping that
+            :attr:`ActivationRecorder.example_inputs` captured.
+        layers: glob patterns of layer names to prune (default: all). A coupled group is pruned only when all of
+            its producing layers are selected.
+        exclude: glob patterns of layer names never to prune.
+
+    Returns:
+        The prunable layers, in the model's module order.
+
+    Raises:
+        ActivationPruningError: a pattern matches no prunable layer, or the selection leaves nothing to prune.
+    """
+    names = {m: n for n, m in reversed(list(model.named_modules(remove_duplicate=False)))}
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    shared = _modules_sharing_parameters(model)
+    inputs = _as_example_inputs(example_inputs)
+    found: list[PrunableLayer] = []
+    for root_name in _trace_roots(inputs):
+        root = model.get_submodule(root_name) if root_name else model
+        # inputs recorded under inference mode cannot enter autograd; a clone made here can
+        args, kwargs = map_tensors(Tensor.clone, inputs[root_name])
+        found.extend(_layers_of_root(root, args, kwargs, names, order, shared))
+    found.sort(key=lambda layer: order[layer.producers[0]])
+    return _select(found, layers, exclude)
+
+
+def _layers_of_root(
+    root: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    names: Mapping[nn.Module, str],
+    order: Mapping[str, int],
+    shared: set[nn.Module],
+) -> Iterator[PrunableLayer]:
+    with _traceable(root):
+        graph = tp.DependencyGraph()
+        _, counts = _call_counts(root, args, kwargs)
+        graph.build_dependency(
+            root, example_inputs=(args, kwargs), forward_fn=lambda m, x: m(*x[0], **x[1]), verbose=False
+        )
+    for group in graph.get_all_groups(root_module_types=MEASURED_TYPES):
+        slices: list[ModuleSlice] = []
+        unsafe: list[str] = []
+        producers: list[str] = []
+        has_consumer = False
+        for item in group:
+            dep, indices = item
+            module, optype = dep.target.module, dep.target.type
+            if optype not in _SAFE_TYPES:
+                unsafe.append(f"{names.get(module, dep.target.name)} ({type(module).__name__})")
+                continue
+            if not isinstance(module, nn.Module) or not any(True for _ in module.parameters(recurse=False)):
+                continue
+            name = names[module]
+            if counts.get(module, 0) > 1:
+                unsafe.append(f"{name} (called {counts[module]} times per forward)")
+            if module in shared:
+                unsafe.append(f"{name} (shares a parameter with another layer)")
+            dim: Literal["out", "in"] = "out" if graph.is_out_channel_pruning_fn(dep.handler) else "in"
+            if isinstance(module, MEASURED_TYPES):
+                if dim == "out":
+                    producers.append(name)
+                else:
+                    has_consumer = True
+            slices.append(ModuleSlice(name, dim, tuple(int(i) for i in indices), tuple(int(r) for r in item.root_idxs)))
+        if not has_consumer or not producers:
+            continue  # the output layer: its neurons are the model's outputs
+        producers = sorted(set(producers), key=order.__getitem__)
+        name = "+".join(producers)
+        if unsafe:
+            warnings.warn(
+                f"lightning_actprune: not pruning {name}: its neurons reach {', '.join(dict.fromkeys(unsafe))},"
+                " which cannot be pruned without changing the other neurons' outputs.",
+                stacklevel=3,
+            )
+            continue
+        neurons = len(group[0].root_idxs)
+        yield PrunableLayer(name=name, neurons=neurons, producers=tuple(producers), slices=tuple(slices))
+
+
+def _modules_sharing_parameters(model: nn.Module) -> set[nn.Module]:
+    owners: dict[int, list[nn.Module]] = defaultdict(list)
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)].append(module)
+    return {m for mods in owners.values() if len(mods) > 1 for m in mods}
+
+
+def _select(found: list[PrunableLayer], layers: Sequence[str] | None, exclude: Sequence[str]) -> list[PrunableLayer]:
+    candidates = sorted({p for layer in found for p in layer.producers})
+    for argument, patterns in (("layers", layers or ()), ("exclude", exclude)):
+        for pattern in patterns:
+            if not fnmatch.filter(candidates, pattern):
+                raise ActivationPruningError(
+                    f"`{argument}` pattern {pattern!r} matches no prunable layer; prunable layers are: "
+                    f"{', '.join(candidates) or '(none)'}."
+                )
+
+    def selected(name: str) -> bool:
+        included = layers is None or any(fnmatch.fnmatchcase(name, p) for p in layers)
+        return included and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+
+    chosen = [layer for layer in found if all(selected(p) for p in layer.producers)]
+    if found and not chosen:
+        raise ActivationPruningError(
+            f"`layers`={list(layers) if layers is not None else None} and `exclude`={list(exclude)} leave no layer"
+            f" to prune; prunable layers are: {', '.join(candidates)}."
+        )
+    return chosen
+
+
+def layer_scores(layer: PrunableLayer, moments: Mapping[str, ActivationMoments], statistic: str) -> Tensor:
+    """The statistic of every neuron of ``layer``: the largest over the layers that consume it.
+
+    A neuron that reaches several consumers (a residual stream) stays when any of them sees it active: the
+    group's score is the maximum over consumers. A conv channel flattened into a Linear is averaged over its
+    positions.
+
+    Args:
+        layer: a prunable layer.
+        moments: the moments of every measured layer input, by module name.
+        statistic: one of :data:`lightning_actprune.STATISTICS`.
+
+    Returns:
+        A float64 tensor with one score per neuron (on the moments' device).
+    """
+    _check_statistic(statistic)
+    scores: Tensor | None = None
+    for consumer in layer.consumers:
+        if consumer.module not in moments:
+            continue
+        feature_moments = moments[consumer.module]
+        index = torch.tensor(consumer.indices, device=feature_moments.mean.device)
+        selected = ActivationMoments(
+            mean=feature_moments.mean[index],
+            mean_abs=feature_moments.mean_abs[index],
+            mean_square=feature_moments.mean_square[index],
+            nonzero_fraction=feature_moments.nonzero_fraction[index],
+            num_values=feature_moments.num_values,
+        )
+        neuron_index = torch.tensor(consumer.neurons, device=index.device)
+        pooled = pool_moments(selected, neuron_index, layer.neurons)
+        score = neuron_statistic(pooled, statistic)
+        scores = score if scores is None else torch.maximum(scores, score)
+    if scores is None:
+        raise ActivationPruningError(
+            f"no activations were recorded for the consumers of {layer.name} "
+            f"({', '.join(c.module for c in layer.consumers)}): did the validation pass call them?"
+        )
+    return scores
+
+
+def plan_pruning(
+    layers: Sequence[PrunableLayer],
+    moments: Mapping[str, ActivationMoments],
+    threshold: float,
+    statistic: str = "mean",
+    min_neurons: int = 1,
+) -> PruningPlan:
+    """Select, in every layer, the neurons whose statistic is below ``threshold``, keeping ``min_neurons``.
+
+    Args:
+        layers: from :func:`find_prunable_layers`.
+        moments: from :meth:`ActivationRecorder.moments`.
+        threshold: λ.
+        statistic: one of :data:`lightning_actprune.STATISTICS`.
+        min_neurons: the fewest neurons a layer keeps; the highest-scoring ones stay.
+
+    Returns:
+        The plan, as plain data.
+
+    Raises:
+        ActivationPruningError: a layer's scores are NaN/Inf or were never recorded.
+
+    Example:
+        >>> import torch
+        >>> from lightning_actprune import ActivationRecorder
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> x = torch.randn(8, 3)
+        >>> with ActivationRecorder(model) as rec, torch.no_grad():
+        ...     _ = model(x)
+        >>> plan = plan_pruning(find_prunable_layers(model, x), rec.moments(), threshold=1e9)
+        >>> plan.neurons_after
+        1
+    """
+    plans: list[LayerPlan] = []
+    removals: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for layer in layers:
+        scores = layer_scores(layer, moments, statistic).cpu()
+        if not bool(torch.isfinite(scores).all()):
+            raise ActivationPruningError(f"the {statistic} of {layer.name} contains NaN or Inf; cannot prune on it.")
+        keep = scores >= threshold
+        floor = min(min_neurons, layer.neurons)
+        if int(keep.sum()) < floor:
+            order = sorted(range(layer.neurons), key=lambda i: (-float(scores[i]), i))
+            keep[order[:floor]] = True
+        kept = tuple(int(i) for i in torch.nonzero(keep).flatten())
+        plans.append(LayerPlan(layer.name, layer.neurons, kept))
+        removed = set(range(layer.neurons)) - set(kept)
+        for piece in layer.slices:
+            removals[(piece.module, piece.dim)].update(
+                idx for idx, neuron in zip(piece.indices, piece.neurons, strict=False) if neuron in removed
+            )
+    operations = tuple(
+        ModulePruning(module, dim, tuple(sorted(indices)))  # type: ignore[arg-type]
+        for (module, dim), indices in removals.items()
+        if indices
+    )
+    return PruningPlan(float(threshold), statistic, tuple(plans), operations)

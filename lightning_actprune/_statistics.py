@@ -1,0 +1,272 @@
+"""Per-neuron activation statistics: a torchmetrics ``Metric`` and the pure math beside it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, Literal, NamedTuple, get_args
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+from lightning_actprune._errors import ActivationPruningError
+
+Statistic = Literal["mean", "mean_abs", "rms", "nonzero_fraction", "std"]
+"""The per-neuron statistics λ can be compared against."""
+
+STATISTICS: tuple[str, ...] = get_args(Statistic)
+
+MEASURED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+"""Layers whose *inputs* are measured: a neuron's activation is what its consumers receive."""
+
+
+class ActivationMoments(NamedTuple):
+    """Per-neuron moments of the activations, each averaged over samples and positions.
+
+    Attributes:
+        mean: ``E[a]``, in activation units.
+        mean_abs: ``E[|a|]``, in activation units.
+        mean_square: ``E[a²]``, in squared activation units.
+        nonzero_fraction: ``P(a != 0)``, in [0, 1] (1 − APoZ).
+        num_values: how many values each neuron saw (samples × positions).
+    """
+
+    mean: Tensor
+    mean_abs: Tensor
+    mean_square: Tensor
+    nonzero_fraction: Tensor
+    num_values: Tensor
+
+
+def neuron_statistic(moments: ActivationMoments, statistic: str) -> Tensor:
+    """Turn moments into the named per-neuron statistic.
+
+    Units: ``mean``, ``mean_abs``, ``rms`` and ``std`` are in the activation's own units (so λ is too);
+    ``nonzero_fraction`` is a fraction in [0, 1].
+
+    Args:
+        moments: the moments of one layer's neurons.
+        statistic: one of :data:`STATISTICS`.
+
+    Returns:
+        A float tensor with one value per neuron.
+
+    Example:
+        >>> m = ActivationMoments(torch.tensor([1.0]), torch.tensor([1.0]), torch.tensor([2.0]),
+        ...                       torch.tensor([0.5]), torch.tensor(4.0))
+        >>> neuron_statistic(m, "std")
+        tensor([1.])
+    """
+    _check_statistic(statistic)
+    if statistic == "mean":
+        return moments.mean
+    if statistic == "mean_abs":
+        return moments.mean_abs
+    if statistic == "rms":
+        return moments.mean_square.sqrt()
+    if statistic == "nonzero_fraction":
+        return moments.nonzero_fraction
+    return (moments.mean_square - moments.mean.square()).clamp_min(0).sqrt()
+
+
+def pool_moments(moments: ActivationMoments, index: Tensor, size: int) -> ActivationMoments:
+    """Average the moments of several inputs that belong to one neuron.
+
+    A conv channel that is flattened into a Linear reaches it as ``H*W`` input features; the channel's moments
+    are the average over those features (every feature saw the same number of values).
+
+    Args:
+        moments: moments of the consumer's input features.
+        index: for each input feature, the neuron it belongs to (``0 <= index < size``).
+        size: the number of neurons.
+
+    Returns:
+        Moments with one entry per neuron; ``num_values`` is multiplied by the features per neuron.
+    """
+    index = index.to(moments.mean.device)
+    features_per_neuron = torch.zeros(size, dtype=moments.mean.dtype, device=index.device)
+    features_per_neuron.index_add_(0, index, torch.ones_like(index, dtype=moments.mean.dtype))
+    divisor = features_per_neuron.clamp_min(1)
+
+    def pool(values: Tensor) -> Tensor:
+        pooled = torch.zeros(size, dtype=values.dtype, device=values.device)
+        return pooled.index_add_(0, index, values) / divisor
+
+    return ActivationMoments(
+        mean=pool(moments.mean),
+        mean_abs=pool(moments.mean_abs),
+        mean_square=pool(moments.mean_square),
+        nonzero_fraction=pool(moments.nonzero_fraction),
+        num_values=moments.num_values * features_per_neuron,
+    )
+
+
+def _check_statistic(statistic: str) -> None:
+    if statistic not in STATISTICS:
+        raise ActivationPruningError(f"`statistic` can be one of {', '.join(STATISTICS)}; got {statistic!r}.")
+
+
+def _accumulator_dtype(device: torch.device) -> torch.dtype:
+    # float64 keeps sums of squares exact enough over millions of values; MPS has no float64.
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+class ActivationStatistics(Metric):
+    """Running per-neuron sums of one layer's input activations.
+
+    Memory is O(neurons): five sums, accumulated on the activations' device in float64 (float32 on MPS), with no
+    host synchronisation per batch. Across processes every state is reduced with ``sum``.
+
+    Args:
+        num_neurons: the size of the channel dimension.
+        channel_dim: where the neurons are: ``-1`` for ``Linear`` inputs, ``1`` for batched ``Conv`` inputs.
+        kwargs: passed to :class:`torchmetrics.Metric`.
+
+    Example:
+        >>> metric = ActivationStatistics(num_neurons=2)
+        >>> metric.update(torch.tensor([[0.0, 1.0], [2.0, 3.0]]))
+        >>> metric.compute().mean
+        tensor([1., 2.], dtype=torch.float64)
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    total: Tensor
+    total_squares: Tensor
+    total_abs: Tensor
+    nonzero: Tensor
+    count: Tensor
+
+    def __init__(self, num_neurons: int, channel_dim: int = -1, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not isinstance(num_neurons, int) or num_neurons < 1:
+            raise ActivationPruningError(f"`num_neurons` must be a positive int; got {num_neurons!r}.")
+        self.num_neurons = num_neurons
+        self.channel_dim = channel_dim
+        dtype = torch.float64
+        for name in ("total", "total_squares", "total_abs", "nonzero"):
+            self.add_state(name, default=torch.zeros(num_neurons, dtype=dtype), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros((), dtype=dtype), dist_reduce_fx="sum")
+
+    def update(self, activations: Tensor) -> None:
+        """Accumulate one batch of activations (any shape with ``num_neurons`` at ``channel_dim``)."""
+        if activations.shape[self.channel_dim] != self.num_neurons:
+            raise ActivationPruningError(
+                f"expected {self.num_neurons} neurons at dim {self.channel_dim}; got shape {tuple(activations.shape)}."
+            )
+        values = activations.detach().movedim(self.channel_dim, -1).reshape(-1, self.num_neurons)
+        values = values.to(self.total.dtype)
+        self.total += values.sum(0)
+        self.total_squares += values.square().sum(0)
+        self.total_abs += values.abs().sum(0)
+        self.nonzero += (values != 0).sum(0)
+        self.count += values.shape[0]
+
+    def compute(self) -> ActivationMoments:
+        """Divide the sums by the number of values seen."""
+        count = self.count
+        divisor = count.clamp_min(1)
+        return ActivationMoments(
+            mean=self.total / divisor,
+            mean_abs=self.total_abs / divisor,
+            mean_square=self.total_squares / divisor,
+            nonzero_fraction=self.nonzero / divisor,
+            num_values=count,
+        )
+
+
+def _channel_dim(module: nn.Module, inputs: Tensor) -> int:
+    if isinstance(module, nn.Linear):
+        return -1
+    spatial_dims = len(module.kernel_size) if isinstance(module, nn.modules.conv._ConvNd) else 0
+    return 1 if inputs.dim() == spatial_dims + 2 else 0
+
+
+class ActivationRecorder:
+    """Context manager that measures the input of every ``Linear``/``Conv`` layer of a model.
+
+    While active, every forward call updates one :class:`ActivationStatistics` per measured layer (keyed by the
+    layer's module name) and remembers the first call's arguments of the model and of each submodule that holds
+    a measured layer: the examples the dependency analysis traces with. Gradients are never needed.
+
+    Args:
+        model: any ``nn.Module``.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> with ActivationRecorder(model) as recorder, torch.no_grad():
+        ...     _ = model(torch.ones(5, 3))
+        >>> recorder.moments()["2"].mean.shape
+        torch.Size([4])
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.metrics: dict[str, ActivationStatistics] = {}
+        self.example_inputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> ActivationRecorder:
+        for name, module in self.model.named_modules():
+            if isinstance(module, MEASURED_TYPES):
+                self._handles.append(module.register_forward_pre_hook(self._measure_hook(name)))
+            elif any(isinstance(m, MEASURED_TYPES) for m in module.modules()):
+                self._handles.append(module.register_forward_pre_hook(self._capture_hook(name), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _measure_hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if not args or not isinstance(args[0], Tensor):
+                return
+            inputs = args[0]
+            metric = self.metrics.get(name)
+            if metric is None:
+                dim = _channel_dim(module, inputs)
+                metric = ActivationStatistics(int(inputs.shape[dim]), channel_dim=dim).to(inputs.device)
+                metric.set_dtype(_accumulator_dtype(inputs.device))
+                self.metrics[name] = metric
+            metric.update(inputs)
+
+        return hook
+
+    def _capture_hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if name not in self.example_inputs:
+                self.example_inputs[name] = map_tensors(Tensor.detach, (args, kwargs))
+
+        return hook
+
+    def moments(self) -> dict[str, ActivationMoments]:
+        """The moments of every measured layer input (reduced across processes when distributed)."""
+        return {name: metric.compute() for name, metric in self.metrics.items()}
+
+    def check_finite(self) -> None:
+        """Raise if any layer saw NaN or Inf activations, naming the layers."""
+        bad = [name for name, m in self.metrics.items() if not bool(torch.isfinite(m.total_squares).all())]
+        if bad:
+            raise ActivationPruningError(
+                f"activations contain NaN or Inf at the input of {', '.join(bad)}; refusing to prune on them."
+            )
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.metrics)
+
+
+def map_tensors(fn: Callable[[Tensor], Tensor], value: Any) -> Any:
+    """Apply ``fn`` to every tensor in nested tuples, lists and dicts."""
+    if isinstance(value, Tensor):
+        return fn(value)
+    if isinstance(value, tuple):
+        return tuple(map_tensors(fn, v) for v in value)
+    if isinstance(value, list):
+        return [map_tensors(fn, v) for v in value]
+    if isinstance(value, dict):
+        return {k: map_tensors(fn, v) for k, v in value.items()}
+    return value

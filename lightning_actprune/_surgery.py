@@ -1,0 +1,111 @@
+"""Removing neurons for real: weight matrices shrink, with Torch-Pruning's per-layer pruners."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch_pruning as tp
+from torch import nn
+
+from lightning_actprune._errors import ActivationPruningError
+from lightning_actprune._plan import PruningPlan
+
+
+class ModuleSnapshot:
+    """The exact state of some modules (parameter and buffer objects, size attributes), to restore on failure.
+
+    The original tensors are kept by reference, not copied: pruning replaces them with smaller ones and never
+    writes into them, so restoring puts back the very objects an optimizer or a tied module still holds.
+
+    Args:
+        model: the model.
+        names: names of the modules to snapshot.
+    """
+
+    def __init__(self, model: nn.Module, names: Iterable[str]) -> None:
+        self._saved: list[tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any]]] = []
+        for name in dict.fromkeys(names):
+            module = model.get_submodule(name)
+            attributes = {k: v for k, v in vars(module).items() if not k.startswith("_")}
+            self._saved.append((module, dict(module._parameters), dict(module._buffers), attributes))
+
+    def restore(self) -> None:
+        """Put every snapshotted module back exactly as it was."""
+        for module, parameters, buffers, attributes in self._saved:
+            module._parameters.clear()
+            module._parameters.update(parameters)
+            module._buffers.clear()
+            module._buffers.update(buffers)
+            vars(module).update(attributes)
+
+
+def _pruner_call(module: nn.Module, dim: str) -> Any:
+    pruner = tp.pruner.function.PrunerBox.get(tp.ops.module2type(module))
+    if pruner is None:
+        raise ActivationPruningError(f"no pruner for {type(module).__name__}.")
+    return pruner.prune_out_channels if dim == "out" else pruner.prune_in_channels
+
+
+def _size_along(module: nn.Module, dim: str) -> int | None:
+    pruner = tp.pruner.function.PrunerBox.get(tp.ops.module2type(module))
+    if pruner is None:
+        return None
+    size = pruner.get_out_channels(module) if dim == "out" else pruner.get_in_channels(module)
+    return None if size is None else int(size)
+
+
+def apply_plan(model: nn.Module, plan: PruningPlan) -> None:
+    """Physically remove the planned neurons from ``model``, in place; all-or-nothing.
+
+    Every module named in the plan is checked first (it exists, and every index is in range); the surgery
+    then runs, and if any step fails every touched module is restored exactly before the error propagates.
+    Parameters keep their ``requires_grad`` flag.
+
+    Args:
+        model: the module the plan was made for (the same names and, before pruning, the same sizes).
+        plan: from :func:`plan_pruning`.
+
+    Raises:
+        ActivationPruningError: the plan does not fit the model (a missing module, an index out of range);
+            the model is untouched.
+
+    Example:
+        >>> import torch
+        >>> from lightning_actprune import PruningPlan, ModulePruning
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> plan = PruningPlan(0.1, "mean", (), (ModulePruning("0", "out", (1, 2)), ModulePruning("2", "in", (1, 2))))
+        >>> apply_plan(model, plan)
+        >>> model[0].weight.shape, model[2].weight.shape
+        (torch.Size([2, 3]), torch.Size([2, 2]))
+    """
+    for operation in plan.operations:
+        try:
+            module = model.get_submodule(operation.module)
+        except AttributeError:
+            raise ActivationPruningError(
+                f"the plan prunes {operation.module!r}, which {type(model).__name__} does not have."
+            ) from None
+        size = _size_along(module, operation.dim)
+        if size is None:
+            raise ActivationPruningError(f"cannot prune {operation.module!r} ({type(module).__name__}).")
+        bad = [i for i in operation.indices if not 0 <= i < size]
+        if bad or len(operation.indices) >= size:
+            raise ActivationPruningError(
+                f"the plan removes indices {list(operation.indices)[:8]}… of {operation.module!r}, which has"
+                f" {size} {operation.dim}puts: was the model already pruned, or built with other sizes?"
+            )
+
+    snapshot = ModuleSnapshot(model, (o.module for o in plan.operations))
+    try:
+        for operation in plan.operations:
+            module = model.get_submodule(operation.module)
+            flags = {name: p.requires_grad for name, p in module.named_parameters(recurse=False)}
+            _pruner_call(module, operation.dim)(module, list(operation.indices))
+            for name, p in module.named_parameters(recurse=False):
+                p.requires_grad_(flags.get(name, True))
+    except Exception as error:
+        snapshot.restore()
+        raise ActivationPruningError(
+            f"pruning {operation.module!r} failed ({type(error).__name__}: {error}); the model was restored."
+        ) from error

@@ -1,0 +1,180 @@
+import copy
+import csv
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_actprune import ActivationPruning, ActivationPruningError
+from tests.helpers import ARCHITECTURES, Classifier, input_shape, loaders, zero_removed_inputs
+
+SUMMARY_KEYS = {
+    "actprune/threshold",
+    "actprune/params_before",
+    "actprune/params_after",
+    "actprune/params_reduction",
+    "actprune/size_mb_before",
+    "actprune/size_mb_after",
+    "actprune/neurons_before",
+    "actprune/neurons_after",
+}
+METRIC_KEYS = {f"actprune/{m}_{w}" for m in ("val_acc", "val_loss") for w in ("before", "after", "change")}
+
+
+class KeepUnpruned(Callback):
+    """Placed before ActivationPruning: copies the trained model as fit leaves it."""
+
+    def on_fit_end(self, trainer, pl_module):
+        self.model = copy.deepcopy(pl_module).eval()
+
+
+def trainer_for(tmp_path, *callbacks, **kwargs) -> pl.Trainer:
+    loggers = [CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")]
+    options = {
+        "max_epochs": 3,
+        "accelerator": "cpu",
+        "logger": loggers,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "callbacks": list(callbacks),
+    }
+    return pl.Trainer(**{**options, **kwargs})
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_fit_prunes_physically_and_logs_everywhere(tmp_path, architecture):
+    pl.seed_everything(0)
+    net = ARCHITECTURES[architecture]()
+    model = Classifier(net)
+    train, val = loaders(input_shape(net))
+    keep, pruning = KeepUnpruned(), ActivationPruning(threshold=0.2, monitor="val_acc")
+    trainer = trainer_for(tmp_path, keep, pruning)
+    trainer.fit(model, train, val)
+
+    result = pruning.result
+    assert result is not None
+    assert 0 < result.plan.neurons_after < result.plan.neurons_before
+    assert result.params_after == sum(p.numel() for p in model.parameters()) < result.params_before
+    assert result.params_before == sum(p.numel() for p in keep.model.parameters())
+    assert set(result.metrics_before) == {"val_acc", "val_loss"} == set(result.metrics_after)
+
+    # oracle: the pruned model is the original with the removed neurons' activations forced to zero
+    x = torch.cat([batch[0] for batch in val])
+    zero_removed_inputs(keep.model, result.plan)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), keep.model(x))
+
+    # the before numbers are the unpruned model's validation; the after numbers the pruned model's
+    reference = Classifier(ARCHITECTURES[architecture]())
+    reference.load_state_dict(keep.model.state_dict())
+    before = trainer.validate(reference, val, verbose=False)[0]
+    after = trainer.validate(model, val, verbose=False)[0]
+    assert result.metrics_before["val_acc"] == pytest.approx(before["val_acc"])
+    assert result.metrics_after["val_acc"] == pytest.approx(after["val_acc"])
+
+    # every logger got the summary, at the last training step
+    with open(trainer.loggers[0].experiment.metrics_file_path) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("actprune/params_after")]
+    assert len(rows) == 1
+    assert {k for k, v in rows[0].items() if v} >= SUMMARY_KEYS | METRIC_KEYS
+    assert int(rows[0]["step"]) == trainer.global_step
+    assert float(rows[0]["actprune/params_after"]) == result.params_after
+    assert float(rows[0]["actprune/val_acc_change"]) == pytest.approx(
+        result.metrics_after["val_acc"] - result.metrics_before["val_acc"]
+    )
+    events = EventAccumulator(trainer.loggers[1].log_dir)
+    events.Reload()
+    assert set(events.Tags()["scalars"]) >= SUMMARY_KEYS | METRIC_KEYS
+    (event,) = events.Scalars("actprune/params_reduction")
+    assert event.value == pytest.approx(result.params_reduction)
+
+
+def test_fit_leaves_trainer_state_as_fit_does(tmp_path):
+    pl.seed_everything(0)
+    train, val = loaders((8,))
+    states = []
+    for callbacks in ([], [ActivationPruning(threshold=0.1)]):
+        trainer = trainer_for(tmp_path, *callbacks)
+        trainer.fit(Classifier(ARCHITECTURES["mlp_modules"]()), train, val)
+        states.append((trainer.state.fn, trainer.state.status, trainer.state.stage, set(trainer.callback_metrics)))
+    assert states[0] == states[1]
+
+
+def test_summary_is_printed_once_with_layer_counts(tmp_path, caplog):
+    pl.seed_everything(0)
+    train, val = loaders((8,))
+    trainer = trainer_for(tmp_path, ActivationPruning(threshold=0.2))
+    with caplog.at_level("INFO"):
+        trainer.fit(Classifier(ARCHITECTURES["mlp_modules"]()), train, val)
+    text = caplog.text
+    assert text.count("Activation pruning (mean < 0.2)") == 1
+    assert "net.0" in text
+    assert "16 ->" in text
+    assert "val_acc:" in text
+
+
+def test_prune_best_prunes_the_best_checkpoint(tmp_path):
+    pl.seed_everything(0)
+    train, val = loaders((8,))
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_acc", mode="max")
+    pruning = ActivationPruning(threshold=0.0, statistic="mean_abs", prune_best=True)  # removes nothing
+    trainer = trainer_for(tmp_path, pruning, checkpoint, enable_checkpointing=True, max_epochs=4)
+    model = Classifier(ARCHITECTURES["mlp_modules"](), lr=0.5)
+    trainer.fit(model, train, val)
+    best = torch.load(checkpoint.best_model_path, weights_only=True)["state_dict"]
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, best[name]), name
+    assert pruning.result.metrics_before["val_acc"] == pytest.approx(float(checkpoint.best_model_score))
+
+
+def test_no_validation_loader_fails_at_setup_not_after_training(tmp_path):
+    train, _ = loaders((8,))
+    trainer = trainer_for(tmp_path, ActivationPruning(threshold=0.1))
+    model = Classifier(ARCHITECTURES["mlp_modules"]())
+    with pytest.raises(ActivationPruningError, match="needs validation data"):
+        trainer.fit(model, train)
+    assert trainer.global_step == 0
+
+
+def test_unknown_monitor_leaves_model_unchanged(tmp_path):
+    train, val = loaders((8,))
+    model = Classifier(ARCHITECTURES["mlp_modules"]())
+    keep = KeepUnpruned()
+    trainer = trainer_for(tmp_path, keep, ActivationPruning(threshold=0.2, monitor="val_f1"), max_epochs=1)
+    with pytest.raises(
+        ActivationPruningError, match=r"`monitor='val_f1'` is not a validation metric; logged: val_loss, val_acc"
+    ):
+        trainer.fit(model, train, val)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, keep.model.state_dict()[name])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"threshold": -0.1}, r"`threshold` must be a finite number >= 0; got -0.1"),
+        ({"threshold": float("nan")}, r"`threshold` must be a finite number >= 0; got nan"),
+        ({"threshold": float("inf")}, r"`threshold` must be a finite number >= 0; got inf"),
+        ({"threshold": "0.4"}, r"`threshold` must be a finite number >= 0; got '0.4'"),
+        ({"threshold": True}, r"`threshold` must be a finite number >= 0; got True"),
+        (
+            {"threshold": 0.1, "statistic": "median"},
+            r"`statistic` can be one of mean, mean_abs, rms, nonzero_fraction, std; got 'median'",
+        ),
+        ({"threshold": 0.1, "min_neurons": 0}, r"`min_neurons` must be an int >= 1; got 0"),
+        ({"threshold": 0.1, "min_neurons": 1.5}, r"`min_neurons` must be an int >= 1; got 1.5"),
+        ({"threshold": 0.1, "layers": "net.0"}, r"`layers` must be a list of module-name glob patterns; got 'net.0'"),
+        ({"threshold": 0.1, "exclude": [1]}, r"`exclude` must be a list of module-name glob patterns; got \[1\]"),
+        ({"threshold": 0.1, "on_error": "ignore"}, r"`on_error` can be one of raise, warn; got 'ignore'"),
+        ({"threshold": 0.1, "prune_best": "yes"}, r"`prune_best` must be True or False; got 'yes'"),
+        ({"threshold": 0.1, "monitor": 3}, r"`monitor` must be a metric name or None; got 3"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, message):
+    with pytest.raises(ActivationPruningError, match=message):
+        ActivationPruning(**kwargs)

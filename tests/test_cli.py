@@ -1,0 +1,87 @@
+"""LightningCLI parses the callback from YAML: the README's snippet and the example's config."""
+
+import csv
+import inspect
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_actprune import ActivationPruning
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+from digits import DigitsDataModule, DigitsMLP  # noqa: E402
+
+
+def readme_yaml_blocks() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return [block.split("```", 1)[0] for block in text.split("```yaml\n")[1:]]
+
+
+def parse(config: Path, *extra: str) -> LightningCLI:
+    return LightningCLI(DigitsMLP, DigitsDataModule, run=False, args=["--config", str(config), *extra])
+
+
+def pruning_callback(cli: LightningCLI) -> ActivationPruning:
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, ActivationPruning)]
+    return callback
+
+
+def test_issue_snippet_parses(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning_actprune.ActivationPruning\n"
+        "      init_args: {threshold: 0.4, monitor: val_acc}\n"
+    )
+    callback = pruning_callback(parse(config))
+    assert callback.threshold == 0.4
+    assert callback.monitor == "val_acc"
+    assert callback.statistic == "mean"
+
+
+def test_readme_yaml_sets_every_public_argument(tmp_path):
+    (block,) = [b for b in readme_yaml_blocks() if "lightning_actprune.ActivationPruning" in b]
+    config = tmp_path / "config.yaml"
+    config.write_text(block)
+    callback = pruning_callback(parse(config))
+    written = yaml.safe_load(block)["trainer"]["callbacks"][0]["init_args"]
+    public = set(inspect.signature(ActivationPruning.__init__).parameters) - {"self"}
+    assert set(written) == public, "every constructor argument must appear in the README's YAML"
+    for name, value in written.items():
+        assert getattr(callback, name) == (value if value is not None or name != "exclude" else []), name
+
+
+def test_example_config_parses_with_overrides():
+    cli = parse(ROOT / "examples" / "digits.yaml", "--trainer.callbacks.init_args.statistic=rms")
+    callback = pruning_callback(cli)
+    assert callback.statistic == "rms"
+    assert callback.monitor == "val_acc"
+
+
+def test_bad_value_in_yaml_names_the_argument(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning_actprune.ActivationPruning\n"
+        "      init_args: {threshold: -1}\n"
+    )
+    with pytest.raises(ValueError, match=r"`threshold` must be a finite number >= 0; got -1"):
+        parse(config)
+
+
+def test_cli_fit_runs_the_example_end_to_end(tmp_path):
+    config = yaml.safe_load((ROOT / "examples" / "digits.yaml").read_text())
+    config["trainer"].update(max_epochs=2, enable_progress_bar=False, enable_model_summary=False)
+    for logger in config["trainer"]["logger"]:
+        logger["init_args"]["save_dir"] = str(tmp_path)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    LightningCLI(DigitsMLP, DigitsDataModule, args=["fit", "--config", str(path)])
+    (metrics,) = tmp_path.glob("digits/version_*/metrics.csv")
+    with open(metrics) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("actprune/params_after")]
+    assert len(rows) == 1
+    assert float(rows[0]["actprune/params_after"]) < float(rows[0]["actprune/params_before"])
+    assert list(tmp_path.glob("digits/version_*/events.out.tfevents.*"))

@@ -1,0 +1,179 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_actprune import (
+    ActivationPruningError,
+    ActivationRecorder,
+    ModulePruning,
+    PruningPlan,
+    apply_plan,
+    count_parameters,
+    find_prunable_layers,
+    layer_scores,
+    plan_pruning,
+)
+from tests.helpers import ARCHITECTURES, input_shape, zero_removed_inputs
+
+
+def record(model: nn.Module, x: torch.Tensor) -> ActivationRecorder:
+    model.eval()
+    with ActivationRecorder(model) as recorder, torch.no_grad():
+        model(x)
+    return recorder
+
+
+def median_threshold(layers, moments, statistic="mean") -> float:
+    scores = torch.cat([layer_scores(layer, moments, statistic) for layer in layers])
+    return float(scores.median())
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("statistic", ["mean", "rms", "nonzero_fraction"])
+def test_oracle_pruned_equals_original_with_removed_inputs_zeroed(architecture, statistic):
+    torch.manual_seed(0)
+    model = ARCHITECTURES[architecture]().eval()
+    x = torch.randn(20, *input_shape(model))
+    recorder = record(model, x)
+    layers = find_prunable_layers(model, recorder.example_inputs)
+    moments = recorder.moments()
+    plan = plan_pruning(layers, moments, median_threshold(layers, moments, statistic), statistic)
+    assert 0 < plan.neurons_after < plan.neurons_before
+
+    original = copy.deepcopy(model)
+    params_before = count_parameters(model)
+    apply_plan(model, plan)
+    handles = zero_removed_inputs(original, plan)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), original(x))
+    for h in handles:
+        h.remove()
+    assert count_parameters(model) == sum(p.numel() for p in model.parameters()) < params_before
+    for layer in plan.layers:
+        for producer in layer.name.split("+"):
+            weight = model.get_submodule(producer).weight
+            assert weight.shape[0] == len(layer.kept)
+
+
+def test_residual_group_couples_stem_and_block_and_keeps_a_channel_any_consumer_needs():
+    model = ARCHITECTURES["residual"]().eval()
+    x = torch.randn(10, *input_shape(model))
+    recorder = record(model, x)
+    layers = {layer.name: layer for layer in find_prunable_layers(model, recorder.example_inputs)}
+    assert set(layers) == {"stem.0+conv2", "conv1"}
+    residual = layers["stem.0+conv2"]
+    assert {c.module for c in residual.consumers} == {"conv1", "head"}
+    moments = recorder.moments()
+    per_consumer = [layer_scores(
+        type(residual)(residual.name, residual.neurons, residual.producers, (c,)), moments, "mean"
+    ) for c in residual.consumers]  # fmt: skip
+    torch.testing.assert_close(layer_scores(residual, moments, "mean"), torch.maximum(*per_consumer))
+
+
+def test_output_layer_is_never_pruned_and_names_follow_modules():
+    model = ARCHITECTURES["mlp_modules"]()
+    layers = find_prunable_layers(model, torch.randn(4, 8))
+    assert [layer.name for layer in layers] == ["net.0", "net.2"]
+    assert [layer.neurons for layer in layers] == [16, 12]
+
+
+def test_flattened_conv_channels_map_to_their_positions():
+    model = ARCHITECTURES["cnn"]()
+    layers = {layer.name: layer for layer in find_prunable_layers(model, torch.randn(2, 1, 8, 8))}
+    (fc_slice,) = layers["features.4"].consumers
+    assert fc_slice.module == "fc"
+    assert fc_slice.neurons[:8] == (0, 0, 0, 0, 1, 1, 1, 1)
+
+
+def test_min_neurons_keeps_the_most_active():
+    model = ARCHITECTURES["mlp_modules"]().eval()
+    x = torch.randn(30, 8)
+    recorder = record(model, x)
+    layers = find_prunable_layers(model, x)
+    moments = recorder.moments()
+    plan = plan_pruning(layers, moments, threshold=1e9, min_neurons=3)
+    for layer, layer_plan in zip(layers, plan.layers, strict=False):
+        top3 = torch.topk(layer_scores(layer, moments, "mean"), 3).indices.sort().values.tolist()
+        assert list(layer_plan.kept) == top3
+
+
+def test_threshold_zero_removes_nothing_and_plan_round_trips():
+    model = ARCHITECTURES["cnn"]().eval()
+    x = torch.randn(10, 1, 8, 8)
+    recorder = record(model, x)
+    plan = plan_pruning(find_prunable_layers(model, x), recorder.moments(), threshold=0.0)
+    assert plan.operations == ()
+    assert plan.neurons_after == plan.neurons_before
+    plan = plan_pruning(find_prunable_layers(model, x), recorder.moments(), threshold=0.3)
+    assert PruningPlan.from_dict(plan.to_dict()) == plan
+
+
+@pytest.mark.parametrize(
+    ("layers", "exclude", "message"),
+    [
+        (["nope*"], (), r"`layers` pattern 'nope\*' matches no prunable layer; prunable layers are: net.0, net.2"),
+        (None, ["x.*"], r"`exclude` pattern 'x.\*' matches no prunable layer"),
+        (None, ["net.*"], r"leave no layer to prune; prunable layers are: net.0, net.2"),
+    ],
+)
+def test_layer_selection_errors(layers, exclude, message):
+    with pytest.raises(ActivationPruningError, match=message):
+        find_prunable_layers(ARCHITECTURES["mlp_modules"](), torch.randn(2, 8), layers=layers, exclude=exclude)
+
+
+def test_layer_selection_with_patterns():
+    model = ARCHITECTURES["mlp_modules"]()
+    assert [x.name for x in find_prunable_layers(model, torch.randn(2, 8), layers=["net.2"])] == ["net.2"]
+    assert [x.name for x in find_prunable_layers(model, torch.randn(2, 8), exclude=["net.2"])] == ["net.0"]
+
+
+def test_apply_plan_rejects_a_plan_for_another_model_and_leaves_it_untouched():
+    model = ARCHITECTURES["mlp_modules"]()
+    state = copy.deepcopy(model.state_dict())
+    plan = PruningPlan(0.1, "mean", (), (ModulePruning("net.0", "out", (1,)), ModulePruning("net.2", "in", (99,))))
+    with pytest.raises(ActivationPruningError, match=r"removes indices \[99\].*'net.2', which has 16 inputs"):
+        apply_plan(model, plan)
+    missing = PruningPlan(0.1, "mean", (), (ModulePruning("nope", "out", (1,)),))
+    with pytest.raises(ActivationPruningError, match=r"prunes 'nope', which MLPModule does not have"):
+        apply_plan(model, missing)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, state[name])
+
+
+class RefusesToShrink(nn.Linear):
+    """A Linear whose input cannot be pruned: the surgery fails half-way, after other modules were cut."""
+
+    def __setattr__(self, name, value):
+        if name == "in_features" and hasattr(self, "in_features"):
+            raise RuntimeError("in_features is fixed")
+        super().__setattr__(name, value)
+
+
+def test_failed_surgery_restores_every_touched_module_exactly():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), RefusesToShrink(4, 2))
+    weights = list(model.parameters())
+    state = copy.deepcopy(model.state_dict())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    plan = PruningPlan(0.1, "mean", (), (ModulePruning("0", "out", (1,)), ModulePruning("2", "in", (1,))))
+    with pytest.raises(ActivationPruningError, match=r"pruning '2' failed \(RuntimeError: in_features is fixed\)"):
+        apply_plan(model, plan)
+    assert all(a is b for a, b in zip(model.parameters(), weights, strict=False))
+    assert model[0].out_features == 4
+    assert model[0].weight.shape == (4, 3)
+    assert all(torch.equal(t, state[k]) for k, t in model.state_dict().items())
+    assert optimizer.param_groups[0]["params"][0] is model[0].weight
+
+
+def test_frozen_parameters_stay_frozen():
+    model = ARCHITECTURES["mlp_modules"]().eval()
+    model.net[0].requires_grad_(False)
+    x = torch.randn(16, 8)
+    recorder = record(model, x)
+    layers = find_prunable_layers(model, recorder.example_inputs)
+    moments = recorder.moments()
+    apply_plan(model, plan_pruning(layers, moments, median_threshold(layers, moments)))
+    assert not model.net[0].weight.requires_grad
+    assert model.net[2].weight.requires_grad
+    assert all(not p.requires_grad for p in model.net[0].parameters())

@@ -1,0 +1,111 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lightning_actprune import (
+    STATISTICS,
+    ActivationMoments,
+    ActivationRecorder,
+    ActivationStatistics,
+    neuron_statistic,
+    pool_moments,
+)
+
+
+def numpy_statistic(values: np.ndarray, statistic: str) -> np.ndarray:
+    """Reference: ``values`` is (samples, neurons)."""
+    return {
+        "mean": lambda v: v.mean(0),
+        "mean_abs": lambda v: np.abs(v).mean(0),
+        "rms": lambda v: np.sqrt((v**2).mean(0)),
+        "nonzero_fraction": lambda v: (v != 0).mean(0),
+        "std": lambda v: v.std(0),
+    }[statistic](values)
+
+
+@pytest.mark.parametrize("statistic", STATISTICS)
+@pytest.mark.parametrize(
+    ("shape", "channel_dim"),
+    [((7, 5), -1), ((3, 4, 5), -1), ((6, 5, 3, 2), 1), ((2, 5, 4), 1)],
+    ids=["linear", "tokens", "conv2d", "conv1d"],
+)
+def test_metric_matches_numpy_over_batches(statistic, shape, channel_dim):
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.relu(torch.randn(*shape, generator=g)) - 0.1 for _ in range(4)]
+    metric = ActivationStatistics(num_neurons=5, channel_dim=channel_dim)
+    for batch in batches:
+        metric.update(batch)
+    values = np.concatenate([b.movedim(channel_dim, -1).reshape(-1, 5).double().numpy() for b in batches])
+    expected = numpy_statistic(values, statistic)
+    torch.testing.assert_close(neuron_statistic(metric.compute(), statistic), torch.from_numpy(expected))
+    assert metric.compute().num_values.item() == values.shape[0]
+
+
+def test_states_are_float64_and_o_of_neurons_even_for_half_inputs():
+    metric = ActivationStatistics(num_neurons=3)
+    for _ in range(50):
+        metric.update(torch.ones(10, 3, dtype=torch.bfloat16))
+    assert all(state.dtype == torch.float64 and state.numel() <= 3 for state in metric.metric_state.values())
+    torch.testing.assert_close(metric.compute().mean, torch.ones(3, dtype=torch.float64))
+
+
+def test_states_are_declared_with_sum_reduction():
+    metric = ActivationStatistics(num_neurons=2)
+    assert set(metric._reductions) == {"total", "total_squares", "total_abs", "nonzero", "count"}
+    assert {getattr(fx, "__name__", "") for fx in metric._reductions.values()} == {"dim_zero_sum"}
+
+
+def test_units_on_known_activations():
+    # one neuron that is 0 half the time and 4 the other half: mean 2, mean_abs 2, rms 2*sqrt(2), std 2, nonzero 0.5
+    metric = ActivationStatistics(num_neurons=1)
+    metric.update(torch.tensor([[0.0], [4.0], [0.0], [4.0]]))
+    moments = metric.compute()
+    expected = {"mean": 2.0, "mean_abs": 2.0, "rms": 8**0.5, "std": 2.0, "nonzero_fraction": 0.5}
+    for statistic, value in expected.items():
+        assert neuron_statistic(moments, statistic).item() == pytest.approx(value)
+
+
+def test_pool_moments_averages_positions_of_a_channel():
+    # 2 channels flattened with 3 positions each: features 0-2 are channel 0, 3-5 are channel 1
+    x = torch.arange(24, dtype=torch.float64).reshape(4, 6)
+    metric = ActivationStatistics(num_neurons=6)
+    metric.update(x)
+    pooled = pool_moments(metric.compute(), torch.tensor([0, 0, 0, 1, 1, 1]), 2)
+    reference = x.reshape(4, 2, 3).transpose(1, 2).reshape(-1, 2)  # (samples*positions, channels)
+    torch.testing.assert_close(pooled.mean, reference.mean(0))
+    torch.testing.assert_close(neuron_statistic(pooled, "std"), reference.std(0, unbiased=False))
+    assert pooled.num_values.tolist() == [12.0, 12.0]
+
+
+def test_recorder_measures_consumer_inputs_and_captures_examples():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(10, 3)
+    with ActivationRecorder(model) as recorder, torch.no_grad():
+        model(x)
+        model(x)
+    hidden = torch.relu(model[0](x)).detach()
+    torch.testing.assert_close(recorder.moments()["2"].mean, hidden.double().mean(0))
+    assert recorder.moments()["2"].num_values.item() == 20
+    args, kwargs = recorder.example_inputs[""]
+    assert args[0] is not x
+    assert torch.equal(args[0], x)
+    assert kwargs == {}
+    # hooks are gone after the block
+    with torch.no_grad():
+        model(x)
+    assert recorder.moments()["2"].num_values.item() == 20
+
+
+def test_recorder_rejects_nan_activations():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    with ActivationRecorder(model) as recorder, torch.no_grad():
+        model(torch.tensor([[float("nan"), 1.0]]))
+    with pytest.raises(ValueError, match=r"NaN or Inf at the input of 0, 1"):
+        recorder.check_finite()
+
+
+def test_neuron_statistic_rejects_unknown_name():
+    moments = ActivationMoments(*(torch.zeros(1) for _ in range(5)))
+    with pytest.raises(ValueError, match=r"`statistic` can be one of mean, .*; got 'median'"):
+        neuron_statistic(moments, "median")
