@@ -5,7 +5,9 @@ The callback composes four steps that also work on a plain ``nn.Module``:
 1. statistics: :class:`ActivationRecorder` / :class:`ActivationStatistics`;
 2. plan: :func:`find_prunable_layers` and :func:`plan_pruning`;
 3. surgery: :func:`apply_plan`;
-4. report: :class:`PruningResult`.
+4. report: :class:`PruningResult`;
+
+and the λ table: :class:`ThresholdEvaluator`, :func:`threshold_for_reduction`, :func:`write_sweep_files`.
 """
 
 from lightning_actprune._callback import ActivationPruning
@@ -20,7 +22,15 @@ from lightning_actprune._plan import (
     layer_scores,
     plan_pruning,
 )
-from lightning_actprune._report import PruningResult, count_parameters, model_size_mb
+from lightning_actprune._report import (
+    PruningResult,
+    SweepRow,
+    count_parameters,
+    format_sweep_table,
+    model_size_mb,
+    plot_sweep,
+    write_sweep_files,
+)
 from lightning_actprune._statistics import (
     STATISTICS,
     ActivationMoments,
@@ -30,6 +40,7 @@ from lightning_actprune._statistics import (
     pool_moments,
 )
 from lightning_actprune._surgery import ModuleSnapshot, apply_plan
+from lightning_actprune._sweep import ThresholdEvaluator, threshold_for_reduction
 
 __all__ = [
     "STATISTICS",
@@ -45,12 +56,18 @@ __all__ = [
     "PrunableLayer",
     "PruningPlan",
     "PruningResult",
+    "SweepRow",
+    "ThresholdEvaluator",
     "apply_plan",
     "count_parameters",
     "find_prunable_layers",
+    "format_sweep_table",
     "layer_scores",
     "model_size_mb",
     "neuron_statistic",
     "plan_pruning",
+    "plot_sweep",
     "pool_moments",
+    "threshold_for_reduction",
+    "write_sweep_files",
 ]

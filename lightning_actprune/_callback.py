@@ -6,24 +6,43 @@ import dataclasses
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from lightning_actprune._errors import ActivationPruningError
-from lightning_actprune._plan import ExampleInputs, find_prunable_layers, plan_pruning
-from lightning_actprune._report import PruningResult, count_parameters, model_size_mb
+from lightning_actprune._plan import ExampleInputs, find_prunable_layers
+from lightning_actprune._report import (
+    PruningResult,
+    SweepRow,
+    count_parameters,
+    format_sweep_table,
+    model_size_mb,
+    plot_sweep,
+    write_sweep_files,
+)
 from lightning_actprune._statistics import STATISTICS, ActivationRecorder, Statistic
 from lightning_actprune._surgery import ModuleSnapshot, apply_plan
+from lightning_actprune._sweep import (
+    ThresholdEvaluator,
+    choose_within_drop,
+    metric_drop,
+    search_within_drop,
+    threshold_for_reduction,
+)
 
 OnError = Literal["raise", "warn"]
 _ON_ERROR = ("raise", "warn")
+Mode = Literal["max", "min"]
+_MODES = ("max", "min")
 
 
 def _check_number(name: str, value: object, minimum: float, integer: bool = False) -> None:
@@ -53,11 +72,24 @@ class ActivationPruning(Callback):
     layers (BatchNorm, flatten, residual additions) are found by Torch-Pruning's ``DependencyGraph``; a channel
     tied by a residual addition is removed only when every layer that reads the stream finds it below λ.
 
+    λ is chosen in exactly one of three ways: ``threshold`` applies the given λ; ``max_metric_drop`` applies the
+    λ with the largest parameter reduction whose ``monitor`` got worse by at most that much (among ``sweep``, or
+    found by bisection over the distinct scores in ``1 + ceil(log2(neurons))`` validation passes);
+    ``target_params_reduction`` applies the smallest λ that removes at least that fraction of the parameters,
+    found from the statistics alone. With ``sweep``, every λ listed is evaluated (one validation pass each, the
+    statistics are gathered once) and the table is printed, written as ``actprune_sweep.csv``/``.json``/``.png``
+    into the log directory and sent to the loggers.
+
     Args:
         threshold: λ, ``>= 0``; neurons whose statistic is strictly below it are removed.
         statistic: ``"mean"`` (the seed's), ``"mean_abs"``, ``"rms"``, ``"nonzero_fraction"`` (1 − APoZ) or
             ``"std"``, each averaged over every sample and position.
-        monitor: a validation metric to highlight in the summary; it must be logged by ``validation_step``.
+        monitor: a validation metric to highlight in the summary and the plot, and the one ``max_metric_drop``
+            watches; it must be logged by ``validation_step``.
+        mode: ``"max"`` if a larger ``monitor`` is better (accuracy), ``"min"`` if smaller is (loss).
+        sweep: λ values to evaluate and report as a table (each ``>= 0``).
+        max_metric_drop: the most ``monitor`` may get worse (absolute, ``>= 0``); needs ``monitor``.
+        target_params_reduction: the fraction of parameters to remove, in (0, 1).
         layers: glob patterns of layer names to prune (default: every hidden ``Linear``/``Conv``).
         exclude: glob patterns of layer names never to prune.
         min_neurons: the fewest neurons any layer keeps (``>= 1``).
@@ -74,16 +106,45 @@ class ActivationPruning(Callback):
 
     def __init__(
         self,
-        threshold: float,
+        threshold: float | None = None,
         statistic: Statistic = "mean",
         monitor: str | None = None,
+        mode: Mode = "max",
+        sweep: list[float] | None = None,
+        max_metric_drop: float | None = None,
+        target_params_reduction: float | None = None,
         layers: list[str] | None = None,
         exclude: list[str] | None = None,
         min_neurons: int = 1,
         prune_best: bool = False,
         on_error: OnError = "raise",
     ) -> None:
-        _check_number("threshold", threshold, minimum=0)
+        choices = {"threshold": threshold, "max_metric_drop": max_metric_drop}
+        choices["target_params_reduction"] = target_params_reduction
+        if sum(v is not None for v in choices.values()) != 1:
+            given = ", ".join(f"{k}={v!r}" for k, v in choices.items())
+            raise ActivationPruningError(
+                f"set exactly one of `threshold`, `max_metric_drop`, `target_params_reduction`; got {given}."
+            )
+        if threshold is not None:
+            _check_number("threshold", threshold, minimum=0)
+        if max_metric_drop is not None:
+            _check_number("max_metric_drop", max_metric_drop, minimum=0)
+            if monitor is None:
+                raise ActivationPruningError("`max_metric_drop` needs `monitor`: the metric whose drop is bounded.")
+        if target_params_reduction is not None:
+            _check_number("target_params_reduction", target_params_reduction, minimum=0)
+            if not 0 < target_params_reduction < 1:
+                raise ActivationPruningError(
+                    f"`target_params_reduction` must be in (0, 1); got {target_params_reduction!r}."
+                )
+        if mode not in _MODES:
+            raise ActivationPruningError(f"`mode` can be one of {', '.join(_MODES)}; got {mode!r}.")
+        if sweep is not None:
+            if not isinstance(sweep, (list, tuple)) or not sweep:
+                raise ActivationPruningError(f"`sweep` must be a non-empty list of thresholds; got {sweep!r}.")
+            for value in sweep:
+                _check_number("sweep", value, minimum=0)
         if statistic not in STATISTICS:
             raise ActivationPruningError(f"`statistic` can be one of {', '.join(STATISTICS)}; got {statistic!r}.")
         if monitor is not None and not isinstance(monitor, str):
@@ -95,9 +156,13 @@ class ActivationPruning(Callback):
             raise ActivationPruningError(f"`prune_best` must be True or False; got {prune_best!r}.")
         if on_error not in _ON_ERROR:
             raise ActivationPruningError(f"`on_error` can be one of {', '.join(_ON_ERROR)}; got {on_error!r}.")
-        self.threshold = float(threshold)
+        self.threshold = float(threshold) if threshold is not None else None
         self.statistic: str = statistic
         self.monitor = monitor
+        self.mode: str = mode
+        self.sweep = sorted({float(v) for v in sweep}) if sweep is not None else None
+        self.max_metric_drop = float(max_metric_drop) if max_metric_drop is not None else None
+        self.target_params_reduction = float(target_params_reduction) if target_params_reduction is not None else None
         self.layers = list(layers) if layers is not None else None
         self.exclude = list(exclude or [])
         self.min_neurons = min_neurons
@@ -150,13 +215,24 @@ class ActivationPruning(Callback):
         if result is None:
             return
         self.result = result
+        self._report(trainer, result)
+
+    def _report(self, trainer: pl.Trainer, result: PruningResult) -> None:
         metrics = result.to_metrics()
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         rank_zero_info(result.summary())
+        if not result.sweep:
+            return
+        rank_zero_info(format_sweep_table(result))
+        if not trainer.is_global_zero:
+            return
+        paths = write_sweep_files(result, trainer.log_dir or trainer.default_root_dir, self.monitor)
+        for logger in trainer.loggers:
+            _send_sweep(logger, result, paths, self.monitor, trainer.global_step)
 
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PruningResult | None:
-        """Gather statistics, plan, prune and re-validate; the model is restored if any step fails."""
+        """Gather statistics, choose λ, prune and re-validate; the model is restored if any step fails."""
         ckpt_path = self._best_checkpoint(trainer)
         with ActivationRecorder(pl_module) as recorder:
             metrics_before = _validate(trainer, pl_module, ckpt_path=ckpt_path)
@@ -168,30 +244,78 @@ class ActivationPruning(Callback):
         if not layers:
             rank_zero_info(f"ActivationPruning: {type(pl_module).__name__} has no prunable layer; nothing changed.")
             return None
-        plan = plan_pruning(layers, recorder.moments(), self.threshold, self.statistic, self.min_neurons)
-        if any(len(layer.kept) == self.min_neurons < layer.neurons for layer in plan.layers):
-            at_floor = [layer.name for layer in plan.layers if len(layer.kept) == self.min_neurons < layer.neurons]
+        evaluator = ThresholdEvaluator(
+            pl_module,
+            layers,
+            recorder.moments(),
+            self.statistic,
+            self.min_neurons,
+            validate=lambda: _validate(trainer, pl_module),
+        )
+        rows = {row.threshold: row for row in self._sweep(trainer, evaluator)}
+        threshold, chosen_by = self._choose(evaluator, metrics_before, rows)
+        plan = evaluator.plan(threshold)
+        at_floor = [layer.name for layer in plan.layers if len(layer.kept) == self.min_neurons < layer.neurons]
+        if at_floor:
             rank_zero_warn(
-                f"ActivationPruning: λ={self.threshold:g} selects every neuron of {', '.join(at_floor)};"
+                f"ActivationPruning: λ={threshold:g} selects every neuron of {', '.join(at_floor)};"
                 f" keeping the {self.min_neurons} most active (`min_neurons`)."
             )
         params_before, size_before = count_parameters(pl_module), model_size_mb(pl_module)
         snapshot = ModuleSnapshot(pl_module, (o.module for o in plan.operations))
         apply_plan(pl_module, plan)
         try:
-            metrics_after = _validate(trainer, pl_module)
+            # a λ of the table was validated on this very pruned model: its metrics are the "after" ones
+            metrics_after = rows[threshold].metrics if threshold in rows else _validate(trainer, pl_module)
         except BaseException:
             snapshot.restore()
             raise
+        params_after, size_after = count_parameters(pl_module), model_size_mb(pl_module)
+        if rows and threshold not in rows:
+            neurons = {layer.name: len(layer.kept) for layer in plan.layers}
+            kept = params_after / params_before
+            rows[threshold] = SweepRow(threshold, params_after, kept, size_after, neurons, metrics_after)
         return PruningResult(
             plan=plan,
             params_before=params_before,
-            params_after=count_parameters(pl_module),
+            params_after=params_after,
             size_mb_before=size_before,
-            size_mb_after=model_size_mb(pl_module),
+            size_mb_after=size_after,
             metrics_before=metrics_before,
             metrics_after=metrics_after,
+            sweep=tuple(rows[t] for t in sorted(rows)),
+            chosen_by=chosen_by,
         )
+
+    def _sweep(self, trainer: pl.Trainer, evaluator: ThresholdEvaluator) -> list[SweepRow]:
+        thresholds = self.sweep or []
+        rows = []
+        for index, threshold in enumerate(thresholds, start=1):
+            if trainer.progress_bar_callback is not None:
+                rank_zero_info(f"ActivationPruning sweep: λ={threshold:g} ({index}/{len(thresholds)})")
+            rows.append(evaluator.evaluate(threshold))
+        return rows
+
+    def _choose(
+        self, evaluator: ThresholdEvaluator, metrics_before: dict[str, float], rows: dict[float, SweepRow]
+    ) -> tuple[float, str]:
+        if self.threshold is not None:
+            return self.threshold, "threshold"
+        if self.target_params_reduction is not None:
+            return threshold_for_reduction(evaluator, self.target_params_reduction), "target_params_reduction"
+        monitor, max_drop = str(self.monitor), float(self.max_metric_drop or 0.0)  # both set: checked in __init__
+        before = metrics_before[monitor]
+        if not rows:
+            searched = search_within_drop(evaluator, monitor, before, max_drop, self.mode)
+            rows.update({row.threshold: row for row in searched})
+        chosen = choose_within_drop(list(rows.values()), monitor, before, max_drop, self.mode)
+        if chosen is None:
+            worst = min(metric_drop(before, r.metrics[monitor], self.mode) for r in rows.values())
+            raise ActivationPruningError(
+                f"no λ keeps `{monitor}` within `max_metric_drop={max_drop:g}`: the smallest drop"
+                f" among the λ evaluated ({', '.join(f'{t:g}' for t in sorted(rows))}) is {worst:.4g}."
+            )
+        return chosen.threshold, "max_metric_drop"
 
     def _best_checkpoint(self, trainer: pl.Trainer) -> str | None:
         if not self.prune_best:
@@ -224,6 +348,19 @@ class ActivationPruning(Callback):
             "min_neurons": self.min_neurons,
             "plan": self.result.plan.to_dict() if self.result is not None else None,
         }
+
+
+def _send_sweep(logger: Logger, result: PruningResult, paths: list[Path], monitor: str | None, step: int) -> None:
+    """TensorBoard gets the figure and the table as text; MLflow the files as artifacts; others only the keys."""
+    if isinstance(logger, TensorBoardLogger):
+        figure = plot_sweep(result, monitor)
+        if figure is not None:
+            logger.experiment.add_figure("actprune/sweep", figure, global_step=step)
+        table = format_sweep_table(result)
+        logger.experiment.add_text("actprune/sweep", "    " + table.replace("\n", "\n    "), global_step=step)
+    elif isinstance(logger, MLFlowLogger):
+        for path in paths:
+            logger.experiment.log_artifact(logger.run_id, str(path))
 
 
 def _data_source(loop: object) -> Any:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -24,6 +29,43 @@ def model_size_mb(model: nn.Module) -> float:
 
 
 @dataclass(frozen=True)
+class SweepRow:
+    """One λ of the table: what pruning at it gives.
+
+    Attributes:
+        threshold: λ.
+        params: parameter count after pruning at λ.
+        params_kept: ``params / params of the unpruned model``.
+        size_mb: parameters + buffers after pruning, in MB.
+        neurons: neurons kept per layer.
+        metrics: validation metrics after pruning (empty when λ was only sized, not validated).
+    """
+
+    threshold: float
+    params: int
+    params_kept: float
+    size_mb: float
+    neurons: Mapping[str, int]
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+    def to_dict(self, metrics_before: Mapping[str, float]) -> dict[str, Any]:
+        """A flat row: λ, sizes, neurons per layer, every metric and its change against ``metrics_before``."""
+        row: dict[str, Any] = {
+            "threshold": self.threshold,
+            "params": self.params,
+            "params_kept_pct": 100.0 * self.params_kept,
+            "size_mb": self.size_mb,
+            "neurons": sum(self.neurons.values()),
+        }
+        row.update({f"neurons/{name}": kept for name, kept in self.neurons.items()})
+        for name, value in self.metrics.items():
+            row[name] = value
+            if name in metrics_before:
+                row[f"{name}_change"] = value - metrics_before[name]
+        return row
+
+
+@dataclass(frozen=True)
 class PruningResult:
     """The outcome of one pruning: the plan, the sizes and every validation metric before and after.
 
@@ -35,6 +77,8 @@ class PruningResult:
         size_mb_after: parameters + buffers of the pruned model, in MB.
         metrics_before: validation metrics of the unpruned model.
         metrics_after: validation metrics of the pruned model.
+        sweep: the λ table, when one was evaluated (ascending λ).
+        chosen_by: how λ was chosen: ``"threshold"``, ``"max_metric_drop"`` or ``"target_params_reduction"``.
     """
 
     plan: PruningPlan
@@ -44,6 +88,8 @@ class PruningResult:
     size_mb_after: float
     metrics_before: Mapping[str, float] = field(default_factory=dict)
     metrics_after: Mapping[str, float] = field(default_factory=dict)
+    sweep: tuple[SweepRow, ...] = ()
+    chosen_by: str = "threshold"
 
     @property
     def params_reduction(self) -> float:
@@ -54,6 +100,7 @@ class PruningResult:
         """The numbers under the ``actprune/`` keys that every logger receives."""
         metrics = {
             "threshold": self.plan.threshold,
+            "chosen_threshold": self.plan.threshold,
             "params_before": self.params_before,
             "params_after": self.params_after,
             "params_reduction": self.params_reduction,
@@ -85,3 +132,122 @@ class PruningResult:
             if after is not None:
                 lines.append(f"  {name}: {before:.4f} -> {after:.4f} ({after - before:+.4f})")
         return "\n".join(lines)
+
+
+def sweep_records(result: PruningResult) -> list[dict[str, Any]]:
+    """The λ table as flat records (one per λ), with a ``chosen`` column; ascending λ."""
+    return [
+        {**row.to_dict(result.metrics_before), "chosen": row.threshold == result.plan.threshold} for row in result.sweep
+    ]
+
+
+def format_sweep_table(result: PruningResult) -> str:
+    """The λ table, aligned, the applied row marked with ``*``; rich's table when rich is installed."""
+    records = sweep_records(result)
+    if not records:
+        return ""
+    columns = [c for c in records[0] if c != "chosen" and not c.startswith("neurons/")]
+    cells = [[_cell(record.get(c)) for c in columns] for record in records]
+    marks = ["*" if record["chosen"] else "" for record in records]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+        lines = ["  " + "  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
+        for mark, row in zip(marks, cells, strict=True):
+            lines.append(f"{mark:1} " + "  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
+        return "\n".join(lines)
+    table = Table(title=f"ActivationPruning λ sweep ({result.plan.statistic}); * = applied")
+    table.add_column("")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for mark, row in zip(marks, cells, strict=True):
+        table.add_row(mark, *row)
+    buffer = io.StringIO()
+    Console(file=buffer, width=max(100, 14 * (len(columns) + 1)), color_system=None).print(table)
+    return buffer.getvalue().rstrip()
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def write_sweep_files(result: PruningResult, directory: str | Path, monitor: str | None = None) -> list[Path]:
+    """Write ``actprune_sweep.csv``, ``actprune_sweep.json`` and (with matplotlib) ``actprune_sweep.png``.
+
+    Args:
+        result: a result with a λ table.
+        directory: where to write (created if needed).
+        monitor: the metric to plot (default: the first one).
+
+    Returns:
+        The paths written.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    records = sweep_records(result)
+    columns = list(dict.fromkeys(c for record in records for c in record))
+    csv_path = directory / "actprune_sweep.csv"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(records)
+    json_path = directory / "actprune_sweep.json"
+    payload = {
+        "statistic": result.plan.statistic,
+        "chosen_threshold": result.plan.threshold,
+        "chosen_by": result.chosen_by,
+        "params_before": result.params_before,
+        "metrics_before": dict(result.metrics_before),
+        "rows": records,
+    }
+    json_path.write_text(json.dumps(payload, indent=2))
+    paths = [csv_path, json_path]
+    figure = plot_sweep(result, monitor)
+    if figure is not None:
+        png_path = directory / "actprune_sweep.png"
+        figure.savefig(png_path, dpi=120, bbox_inches="tight")
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+        paths.append(png_path)
+    return paths
+
+
+def plot_sweep(result: PruningResult, monitor: str | None = None) -> Any:
+    """A matplotlib figure: ``monitor`` (default: the first metric) and parameters kept (%) against λ.
+
+    Returns:
+        The figure, or ``None`` when matplotlib is not installed or the table is empty.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [row for row in result.sweep if row.metrics]
+    if not rows:
+        return None
+    metric = monitor or next(iter(rows[0].metrics))
+    thresholds = [row.threshold for row in rows]
+    figure, left = plt.subplots(figsize=(6.4, 4.0))
+    left.plot(thresholds, [row.metrics.get(metric, float("nan")) for row in rows], "o-", color="tab:blue")
+    left.set_xlabel(f"λ ({result.plan.statistic})")
+    left.set_ylabel(metric, color="tab:blue")
+    if metric in result.metrics_before:
+        left.axhline(result.metrics_before[metric], color="tab:blue", linestyle=":", label=f"{metric} unpruned")
+    right = left.twinx()
+    right.plot(thresholds, [100 * row.params_kept for row in rows], "s--", color="tab:orange")
+    right.set_ylabel("parameters kept (%)", color="tab:orange")
+    right.set_ylim(0, 105)
+    left.axvline(result.plan.threshold, color="gray", linestyle="--")
+    left.annotate(f"applied λ={result.plan.threshold:.3g}", (result.plan.threshold, 0.02),
+                  xycoords=("data", "axes fraction"), rotation=90, va="bottom", ha="right", color="gray")  # fmt: skip
+    left.set_title("Activation pruning: λ sweep")
+    figure.tight_layout()
+    return figure

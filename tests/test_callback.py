@@ -173,6 +173,18 @@ def test_unknown_monitor_leaves_model_unchanged(tmp_path):
         ({"threshold": 0.1, "on_error": "ignore"}, r"`on_error` can be one of raise, warn; got 'ignore'"),
         ({"threshold": 0.1, "prune_best": "yes"}, r"`prune_best` must be True or False; got 'yes'"),
         ({"threshold": 0.1, "monitor": 3}, r"`monitor` must be a metric name or None; got 3"),
+        ({}, r"set exactly one of `threshold`, `max_metric_drop`, `target_params_reduction`; got threshold=None"),
+        (
+            {"threshold": 0.1, "target_params_reduction": 0.5},
+            r"set exactly one of .*; got threshold=0.1, max_metric_drop=None, target_params_reduction=0.5",
+        ),
+        ({"max_metric_drop": 0.01}, r"`max_metric_drop` needs `monitor`"),
+        ({"max_metric_drop": -0.01, "monitor": "val_acc"}, r"`max_metric_drop` must be a finite number >= 0"),
+        ({"target_params_reduction": 1.0}, r"`target_params_reduction` must be in \(0, 1\); got 1.0"),
+        ({"target_params_reduction": 0}, r"`target_params_reduction` must be in \(0, 1\); got 0"),
+        ({"threshold": 0.1, "mode": "maximize"}, r"`mode` can be one of max, min; got 'maximize'"),
+        ({"threshold": 0.1, "sweep": []}, r"`sweep` must be a non-empty list of thresholds; got \[\]"),
+        ({"threshold": 0.1, "sweep": [0.1, -1]}, r"`sweep` must be a finite number >= 0; got -1"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):

@@ -1,0 +1,140 @@
+import csv
+import json
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_actprune import ActivationPruning, ActivationRecorder, find_prunable_layers
+from lightning_actprune._sweep import ThresholdEvaluator, threshold_for_reduction
+from tests.helpers import ARCHITECTURES, Classifier, loaders
+
+SWEEP = [0.0, 0.05, 0.1, 0.2, 0.4]
+
+
+class CountValidations(Callback):
+    def __init__(self):
+        self.runs = 0
+
+    def on_validation_start(self, trainer, pl_module):
+        if trainer.state.fn == "validate":
+            self.runs += 1
+
+
+def fit(tmp_path, pruning, architecture="mlp_functional", **kwargs):
+    pl.seed_everything(0)
+    counter = CountValidations()
+    trainer = pl.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=[CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[counter, pruning],
+        **kwargs,
+    )
+    model = Classifier(ARCHITECTURES[architecture](), lr=0.2)
+    train, val = loaders((8,))
+    trainer.fit(model, train, val)
+    return trainer, model, counter
+
+
+def test_sweep_reports_a_monotone_table_everywhere_at_one_pass_per_threshold(tmp_path):
+    pruning = ActivationPruning(threshold=0.1, sweep=SWEEP, monitor="val_acc")
+    trainer, _model, counter = fit(tmp_path, pruning)
+    result = pruning.result
+    assert [row.threshold for row in result.sweep] == SWEEP
+    params = [row.params for row in result.sweep]
+    assert params == sorted(params, reverse=True)
+    assert params[0] > params[-1]
+    assert all(set(row.metrics) == {"val_acc", "val_loss"} for row in result.sweep)
+    # one statistics pass, one per λ, and the applied λ (in the table) reuses its row: no extra pass
+    assert counter.runs == 1 + len(SWEEP)
+    assert result.metrics_after == result.sweep[SWEEP.index(0.1)].metrics
+
+    log_dir = trainer.log_dir
+    with open(f"{log_dir}/actprune_sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["threshold"]) for r in rows] == SWEEP
+    assert [r["chosen"] for r in rows] == ["False", "False", "True", "False", "False"]
+    assert float(rows[2]["val_acc_change"]) == pytest.approx(
+        result.sweep[2].metrics["val_acc"] - result.metrics_before["val_acc"]
+    )
+    payload = json.loads(Path(log_dir, "actprune_sweep.json").read_text())
+    assert payload["chosen_threshold"] == 0.1
+    assert payload["chosen_by"] == "threshold"
+    assert len(payload["rows"]) == len(SWEEP)
+    assert Path(log_dir, "actprune_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    events = EventAccumulator(trainer.loggers[1].log_dir, size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    assert "actprune/sweep" in events.Tags()["images"]
+    assert any("actprune/sweep" in tag for tag in events.Tags()["tensors"])  # text summaries are tensors
+    assert "actprune/chosen_threshold" in events.Tags()["scalars"]
+
+
+def test_sweep_with_threshold_prunes_exactly_as_threshold_alone(tmp_path):
+    _, swept, _ = fit(tmp_path / "a", ActivationPruning(threshold=0.15, sweep=SWEEP))
+    _, direct, counter = fit(tmp_path / "b", ActivationPruning(threshold=0.15))
+    assert counter.runs == 2  # statistics, then re-validation
+    swept_state, direct_state = swept.state_dict(), direct.state_dict()
+    assert swept_state.keys() == direct_state.keys()
+    for name, tensor in swept_state.items():
+        assert torch.equal(tensor, direct_state[name]), name
+
+
+@pytest.mark.parametrize("sweep", [SWEEP, None], ids=["from_sweep", "bisection"])
+def test_max_metric_drop_applies_the_most_pruning_within_budget(tmp_path, sweep):
+    budget = 0.05
+    pruning = ActivationPruning(max_metric_drop=budget, monitor="val_loss", mode="min", sweep=sweep)
+    _, _, counter = fit(tmp_path, pruning)
+    result = pruning.result
+    before = result.metrics_before["val_loss"]
+    assert result.chosen_by == "max_metric_drop"
+    assert result.metrics_after["val_loss"] - before <= budget
+    within = [r for r in result.sweep if r.metrics["val_loss"] - before <= budget]
+    assert result.params_after == min(r.params for r in within)
+    if sweep is None:
+        neurons = result.plan.neurons_before
+        assert counter.runs <= 1 + 1 + math.ceil(math.log2(neurons + 1))
+
+
+def test_max_metric_drop_unreachable_leaves_the_model_and_says_why(tmp_path):
+    pruning = ActivationPruning(max_metric_drop=0.0, monitor="val_loss", mode="min", sweep=[0.5, 1.0])
+    with pytest.raises(ValueError, match=r"no λ keeps `val_loss` within `max_metric_drop=0`.*\(0.5, 1\)"):
+        fit(tmp_path, pruning)
+
+
+def test_target_params_reduction_is_the_smallest_threshold_reaching_it(tmp_path):
+    pruning = ActivationPruning(target_params_reduction=0.3)
+    _, _, counter = fit(tmp_path, pruning)
+    assert counter.runs == 2  # no validation is spent finding λ
+    assert pruning.result.params_reduction >= 0.3
+    assert pruning.result.chosen_by == "target_params_reduction"
+
+
+def test_threshold_for_reduction_is_minimal_and_models_are_restored_between_thresholds():
+    torch.manual_seed(0)
+    model = ARCHITECTURES["cnn"]().eval()
+    x = torch.randn(32, 1, 8, 8)
+    with ActivationRecorder(model) as recorder, torch.no_grad():
+        model(x)
+    evaluator = ThresholdEvaluator(model, find_prunable_layers(model, x), recorder.moments(), "mean", 1)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    parameters = list(model.parameters())
+    threshold = threshold_for_reduction(evaluator, 0.5)
+    candidates = evaluator.candidates()
+    index = candidates.index(threshold)
+    assert 1 - evaluator.size(threshold).params_kept >= 0.5
+    assert 1 - evaluator.size(candidates[index - 1]).params_kept < 0.5
+    assert all(a is b for a, b in zip(model.parameters(), parameters, strict=True))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+    with pytest.raises(ValueError, match=r"`target_params_reduction=0.999` is out of reach"):
+        threshold_for_reduction(evaluator, 0.999)
