@@ -4,10 +4,16 @@ Run::
 
     python examples/digits.py fit --config examples/digits.yaml
 
-The digits (1,797 8x8 images) ship inside scikit-learn: nothing is downloaded.
+The digits (1,797 8x8 images) ship inside scikit-learn: nothing is downloaded. After ``fit`` the log directory
+holds ``pruned.ckpt`` (the pruned LightningModule and its plan), ``pruned.pt`` (the pruned network's
+``state_dict`` and plan, for :func:`lightning_actprune.load_pruned`) and, when ``onnx`` and ``onnxscript`` are
+installed, ``pruned.onnx``.
 """
 
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -17,6 +23,8 @@ from sklearn.datasets import load_digits
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_actprune import ActivationPruning, export_pruned, load_pruned
 
 
 class DigitsDataModule(pl.LightningDataModule):
@@ -87,8 +95,39 @@ class DigitsMLP(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
 
+def export(cli: LightningCLI) -> None:
+    """After ``fit``: the pruned network as ``state_dict`` + plan (``pruned.pt``) and, if possible, as ONNX."""
+    pruning = next((c for c in cli.trainer.callbacks if isinstance(c, ActivationPruning)), None)
+    if pruning is None or pruning.result is None or not cli.trainer.is_global_zero:
+        return
+    directory = Path(cli.trainer.log_dir or cli.trainer.default_root_dir)
+    export_pruned(cli.model, directory / "pruned.pt", submodule="net")
+    # a fresh full-size network (built from the saved hyperparameters) shrinks to the plan and loads the weights
+    net = load_pruned(DigitsMLP(hidden=cli.model.hparams.hidden).net, directory / "pruned.pt").eval()
+    example = torch.zeros(1, 64)
+    with torch.no_grad():
+        assert torch.equal(net(example), cli.model.net.eval()(example))
+    print(f"Saved the pruned network to {directory / 'pruned.pt'}")
+    if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxscript") is None:
+        print("ONNX export skipped: `pip install onnx onnxscript` enables it.")
+        return
+    # an ordinary dense network: nothing of this package is needed to run it
+    torch.onnx.export(
+        net,
+        (example,),
+        str(directory / "pruned.onnx"),
+        input_names=["x"],
+        output_names=["logits"],
+        dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
+        external_data=False,  # one file: the weights are small
+    )
+    print(f"Saved the pruned network as ONNX to {directory / 'pruned.onnx'}")
+
+
 def main() -> None:
-    LightningCLI(DigitsMLP, DigitsDataModule, seed_everything_default=0)
+    cli = LightningCLI(DigitsMLP, DigitsDataModule, seed_everything_default=0)
+    if cli.subcommand == "fit":
+        export(cli)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,13 @@ and the λ table: :class:`ThresholdEvaluator`, :func:`threshold_for_reduction`, 
 """
 
 from lightning_actprune._callback import ActivationPruning
+from lightning_actprune._checkpoint import (
+    PrunedCheckpointMixin,
+    export_pruned,
+    load_pruned,
+    pruning_plan_of,
+    shrink_to_checkpoint,
+)
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._plan import (
     LayerPlan,
@@ -54,20 +61,25 @@ __all__ = [
     "ModuleSlice",
     "ModuleSnapshot",
     "PrunableLayer",
+    "PrunedCheckpointMixin",
     "PruningPlan",
     "PruningResult",
     "SweepRow",
     "ThresholdEvaluator",
     "apply_plan",
     "count_parameters",
+    "export_pruned",
     "find_prunable_layers",
     "format_sweep_table",
     "layer_scores",
+    "load_pruned",
     "model_size_mb",
     "neuron_statistic",
     "plan_pruning",
     "plot_sweep",
     "pool_moments",
+    "pruning_plan_of",
+    "shrink_to_checkpoint",
     "threshold_for_reduction",
     "write_sweep_files",
 ]

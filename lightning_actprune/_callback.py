@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,8 +17,26 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
+from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from lightning_actprune._checkpoint import (
+    _add_plan,
+    _record_pruning,
+    _result_from_state,
+    _result_state,
+    _save_pruned_checkpoint,
+    _settings_state,
+    _watch_loading,
+)
+from lightning_actprune._distributed import (
+    check_same_on_every_rank,
+    check_strategy,
+    reduced_moments,
+    synced_metrics,
+    unrepeated_val_dataloaders,
+)
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._plan import ExampleInputs, find_prunable_layers
 from lightning_actprune._report import (
@@ -29,7 +48,7 @@ from lightning_actprune._report import (
     plot_sweep,
     write_sweep_files,
 )
-from lightning_actprune._statistics import STATISTICS, ActivationRecorder, Statistic
+from lightning_actprune._statistics import MEASURED_TYPES, STATISTICS, ActivationRecorder, Statistic
 from lightning_actprune._surgery import ModuleSnapshot, apply_plan
 from lightning_actprune._sweep import (
     ThresholdEvaluator,
@@ -46,7 +65,8 @@ _MODES = ("max", "min")
 
 
 def _check_number(name: str, value: object, minimum: float, integer: bool = False) -> None:
-    allowed = f"{'an int' if integer else 'a finite number'} >= {minimum:g}"
+    allowed = "an int" if integer else "a finite number"
+    allowed += f" >= {minimum:g}" if math.isfinite(minimum) else ""
     number_types = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, number_types) or not math.isfinite(value) or value < minimum:
         raise ActivationPruningError(f"`{name}` must be {allowed}; got {value!r}.")
@@ -82,20 +102,31 @@ class ActivationPruning(Callback):
 
     Args:
         threshold: λ, ``>= 0``; neurons whose statistic is strictly below it are removed.
-        statistic: ``"mean"`` (the seed's), ``"mean_abs"``, ``"rms"``, ``"nonzero_fraction"`` (1 − APoZ) or
-            ``"std"``, each averaged over every sample and position.
+        statistic: ``"mean"`` (the seed's), ``"mean_abs"``, ``"rms"``, ``"std"`` (activation units),
+            ``"nonzero_fraction"`` (1 − APoZ, in [0, 1]), each over every sample and position, or ``"fluctuation"``
+            (FLAP: variance × squared norm of the consumer's weight column, in squared output units).
         monitor: a validation metric to highlight in the summary and the plot, and the one ``max_metric_drop``
             watches; it must be logged by ``validation_step``.
         mode: ``"max"`` if a larger ``monitor`` is better (accuracy), ``"min"`` if smaller is (loss).
         sweep: λ values to evaluate and report as a table (each ``>= 0``).
         max_metric_drop: the most ``monitor`` may get worse (absolute, ``>= 0``); needs ``monitor``.
         target_params_reduction: the fraction of parameters to remove, in (0, 1).
+        compensate: fold each removed neuron's mean activation into its consumers' biases (created where a
+            consumer has none), so nearly constant neurons go almost without a trace. Exact, for the removed
+            neurons held at their mean, into ``Linear`` consumers and into ``Conv`` consumers away from padding.
+        normalize: standardise the scores of each layer (``(s - mean) / std``) before comparing with λ, so one λ
+            means the same in layers of different scales; λ is then in standard deviations and may be negative.
         layers: glob patterns of layer names to prune (default: every hidden ``Linear``/``Conv``).
         exclude: glob patterns of layer names never to prune.
         min_neurons: the fewest neurons any layer keeps (``>= 1``).
         prune_best: prune the best checkpoint of the Trainer's ``ModelCheckpoint`` instead of the last weights.
         on_error: ``"raise"`` (fit fails) or ``"warn"`` (fit ends with a warning); the trained model is restored
             exactly either way.
+        pruned_checkpoint: where to write a weights-only Lightning checkpoint of the pruned model, with its plan;
+            a relative path is under ``trainer.log_dir`` (or ``default_root_dir``); None writes none. Every
+            checkpoint of the pruned model carries its plan under ``"actprune_plan"``, and with this callback on
+            the Trainer, ``trainer.validate/test/predict(model, ckpt_path=...)`` shrinks a fresh full-size model
+            to it before loading (see :class:`PrunedCheckpointMixin` and :func:`load_pruned` for the other paths).
 
     Example::
 
@@ -113,11 +144,14 @@ class ActivationPruning(Callback):
         sweep: list[float] | None = None,
         max_metric_drop: float | None = None,
         target_params_reduction: float | None = None,
+        compensate: bool = False,
+        normalize: bool = False,
         layers: list[str] | None = None,
         exclude: list[str] | None = None,
         min_neurons: int = 1,
         prune_best: bool = False,
         on_error: OnError = "raise",
+        pruned_checkpoint: str | None = "pruned.ckpt",
     ) -> None:
         choices = {"threshold": threshold, "max_metric_drop": max_metric_drop}
         choices["target_params_reduction"] = target_params_reduction
@@ -127,7 +161,8 @@ class ActivationPruning(Callback):
                 f"set exactly one of `threshold`, `max_metric_drop`, `target_params_reduction`; got {given}."
             )
         if threshold is not None:
-            _check_number("threshold", threshold, minimum=0)
+            # standardised scores are centred on 0: a negative λ is meaningful only with `normalize`
+            _check_number("threshold", threshold, minimum=-math.inf if normalize else 0)
         if max_metric_drop is not None:
             _check_number("max_metric_drop", max_metric_drop, minimum=0)
             if monitor is None:
@@ -144,7 +179,7 @@ class ActivationPruning(Callback):
             if not isinstance(sweep, (list, tuple)) or not sweep:
                 raise ActivationPruningError(f"`sweep` must be a non-empty list of thresholds; got {sweep!r}.")
             for value in sweep:
-                _check_number("sweep", value, minimum=0)
+                _check_number("sweep", value, minimum=-math.inf if normalize else 0)
         if statistic not in STATISTICS:
             raise ActivationPruningError(f"`statistic` can be one of {', '.join(STATISTICS)}; got {statistic!r}.")
         if monitor is not None and not isinstance(monitor, str):
@@ -152,14 +187,21 @@ class ActivationPruning(Callback):
         _check_patterns("layers", layers)
         _check_patterns("exclude", exclude)
         _check_number("min_neurons", min_neurons, minimum=1, integer=True)
+        for name, flag in (("compensate", compensate), ("normalize", normalize)):
+            if not isinstance(flag, bool):
+                raise ActivationPruningError(f"`{name}` must be True or False; got {flag!r}.")
         if not isinstance(prune_best, bool):
             raise ActivationPruningError(f"`prune_best` must be True or False; got {prune_best!r}.")
         if on_error not in _ON_ERROR:
             raise ActivationPruningError(f"`on_error` can be one of {', '.join(_ON_ERROR)}; got {on_error!r}.")
+        if pruned_checkpoint is not None and (not isinstance(pruned_checkpoint, str) or not pruned_checkpoint):
+            raise ActivationPruningError(f"`pruned_checkpoint` must be a file path or None; got {pruned_checkpoint!r}.")
         self.threshold = float(threshold) if threshold is not None else None
         self.statistic: str = statistic
         self.monitor = monitor
         self.mode: str = mode
+        self.compensate = compensate
+        self.normalize = normalize
         self.sweep = sorted({float(v) for v in sweep}) if sweep is not None else None
         self.max_metric_drop = float(max_metric_drop) if max_metric_drop is not None else None
         self.target_params_reduction = float(target_params_reduction) if target_params_reduction is not None else None
@@ -168,10 +210,17 @@ class ActivationPruning(Callback):
         self.min_neurons = min_neurons
         self.prune_best = prune_best
         self.on_error: str = on_error
+        self.pruned_checkpoint = pruned_checkpoint
         self.result: PruningResult | None = None
+        self.pruned_checkpoint_path: str | None = None
+        """Where the last pruned checkpoint was written."""
+        self._load_hook: RemovableHandle | None = None
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # a pruned checkpoint given as `ckpt_path` shrinks the model before its weights are loaded
+        self._remove_load_hook()
+        self._load_hook = _watch_loading(trainer, pl_module, lambda: self.pruned_checkpoint_path)
         if stage != "fit":
             return
         source = _data_source(trainer.fit_loop.epoch_loop.val_loop)
@@ -184,14 +233,21 @@ class ActivationPruning(Callback):
             raise ActivationPruningError(
                 "ActivationPruning needs validation batches; got `Trainer(limit_val_batches=0)`."
             )
+        self._check_patterns(pl_module)
         if self.prune_best and trainer.checkpoint_callback is None:
             raise ActivationPruningError("`prune_best=True` needs a `ModelCheckpoint` callback on the Trainer.")
-        launcher = trainer.strategy.launcher
-        if launcher is not None and type(launcher).__name__ == "_MultiProcessingLauncher":
-            raise ActivationPruningError(
-                f"ActivationPruning does not support `strategy={type(trainer.strategy).__name__}` with spawned"
-                " processes: the pruned model would stay in the worker processes. Use `strategy='ddp'`."
-            )
+        check_strategy(trainer.strategy)  # spawned workers and sharded parameters cannot be pruned in place
+
+    def _check_patterns(self, pl_module: pl.LightningModule) -> None:
+        """Patterns that match no Linear/Conv at all fail before training, not after it."""
+        names = [name for name, m in pl_module.named_modules() if isinstance(m, MEASURED_TYPES)]
+        for argument, patterns in (("layers", self.layers or []), ("exclude", self.exclude)):
+            for pattern in patterns:
+                if not fnmatch.filter(names, pattern):
+                    raise ActivationPruningError(
+                        f"`{argument}` pattern {pattern!r} matches no Linear/Conv layer of {type(pl_module).__name__};"
+                        f" its Linear/Conv layers are: {', '.join(names) or '(none)'}."
+                    )
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -215,7 +271,30 @@ class ActivationPruning(Callback):
         if result is None:
             return
         self.result = result
+        _record_pruning(pl_module, result.plan)  # the module remembers its plan: every checkpoint of it carries it
         self._report(trainer, result)
+        if self.pruned_checkpoint is not None:
+            self.pruned_checkpoint_path = _save_pruned_checkpoint(trainer, pl_module, self.pruned_checkpoint)
+            rank_zero_info(f"ActivationPruning: saved the pruned model to {self.pruned_checkpoint_path}")
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        _add_plan(checkpoint, trainer, pl_module)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_load_hook()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove_load_hook()
+
+    def _remove_load_hook(self) -> None:
+        if self._load_hook is not None:
+            self._load_hook.remove()
+            self._load_hook = None
 
     def _report(self, trainer: pl.Trainer, result: PruningResult) -> None:
         metrics = result.to_metrics()
@@ -225,20 +304,35 @@ class ActivationPruning(Callback):
         if not result.sweep:
             return
         rank_zero_info(format_sweep_table(result))
+        log_dir = trainer.log_dir  # a broadcast: every rank must ask, or rank zero waits forever
         if not trainer.is_global_zero:
             return
-        paths = write_sweep_files(result, trainer.log_dir or trainer.default_root_dir, self.monitor)
+        paths = write_sweep_files(result, log_dir or trainer.default_root_dir, self.monitor)
         for logger in trainer.loggers:
             _send_sweep(logger, result, paths, self.monitor, trainer.global_step)
 
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PruningResult | None:
         """Gather statistics, choose λ, prune and re-validate; the model is restored if any step fails."""
         ckpt_path = self._best_checkpoint(trainer)
+        # loading the best checkpoint overwrites the last weights in place: keep them to restore on failure
+        last_weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()} if ckpt_path else None
+        compiled = _uncompile(pl_module)
+        try:
+            return self._prune(trainer, pl_module, ckpt_path)
+        except BaseException:
+            for parent, name, wrapper in compiled:
+                setattr(parent, name, wrapper)
+            if last_weights is not None:
+                pl_module.load_state_dict(last_weights)
+            raise
+
+    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ckpt_path: str | None) -> PruningResult | None:
         with ActivationRecorder(pl_module) as recorder:
             metrics_before = _validate(trainer, pl_module, ckpt_path=ckpt_path)
         if self.monitor is not None and self.monitor not in metrics_before:
             logged = ", ".join(metrics_before) or "(none)"
             raise ActivationPruningError(f"`monitor={self.monitor!r}` is not a validation metric; logged: {logged}.")
+        moments = reduced_moments(trainer, recorder)  # summed over every rank's shard, the same on every rank
         recorder.check_finite()
         layers = find_prunable_layers(pl_module, self._example_inputs(pl_module, recorder), self.layers, self.exclude)
         if not layers:
@@ -247,10 +341,12 @@ class ActivationPruning(Callback):
         evaluator = ThresholdEvaluator(
             pl_module,
             layers,
-            recorder.moments(),
+            moments,
             self.statistic,
             self.min_neurons,
             validate=lambda: _validate(trainer, pl_module),
+            compensate=self.compensate,
+            normalize=self.normalize,
         )
         rows = {row.threshold: row for row in self._sweep(trainer, evaluator)}
         threshold, chosen_by = self._choose(evaluator, metrics_before, rows)
@@ -262,6 +358,7 @@ class ActivationPruning(Callback):
                 f" keeping the {self.min_neurons} most active (`min_neurons`)."
             )
         params_before, size_before = count_parameters(pl_module), model_size_mb(pl_module)
+        check_same_on_every_rank(trainer, plan.to_dict(), "the pruning plans")  # before any rank cuts
         snapshot = ModuleSnapshot(pl_module, (o.module for o in plan.operations))
         apply_plan(pl_module, plan)
         try:
@@ -342,12 +439,25 @@ class ActivationPruning(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        """Every constructor argument and the last result, as plain values."""
         return {
-            "threshold": self.threshold,
-            "statistic": self.statistic,
-            "min_neurons": self.min_neurons,
+            **_settings_state(self),
             "plan": self.result.plan.to_dict() if self.result is not None else None,
+            "result": _result_state(self.result),
+            "pruned_checkpoint_path": self.pruned_checkpoint_path,
         }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the last result; the settings stay as constructed (a difference is reported)."""
+        result = _result_from_state(state_dict.get("plan"), state_dict.get("result"))
+        if result is not None:
+            self.result = result
+        self.pruned_checkpoint_path = state_dict.get("pruned_checkpoint_path", self.pruned_checkpoint_path)
+        current = _settings_state(self)
+        changed = [f"{k}={v!r} (now {current[k]!r})" for k, v in state_dict.items() if k in current and v != current[k]]
+        if changed:
+            rank_zero_info(f"ActivationPruning: the checkpoint was written with {', '.join(changed)}.")
 
 
 def _send_sweep(logger: Logger, result: PruningResult, paths: list[Path], monitor: str | None, step: int) -> None:
@@ -363,6 +473,29 @@ def _send_sweep(logger: Logger, result: PruningResult, paths: list[Path], monito
             logger.experiment.log_artifact(logger.run_id, str(path))
 
 
+def _uncompile(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Swap every ``torch.compile``'d submodule for the module it wraps: hooks and tracing need the eager module.
+
+    Returns:
+        ``(parent, attribute, compiled wrapper)`` for each swap, to undo it.
+    """
+    optimized = getattr(getattr(torch, "_dynamo", None), "OptimizedModule", None)
+    if optimized is None:
+        return []
+    swapped = []
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, optimized):
+                setattr(parent, name, child._orig_mod)
+                swapped.append((parent, name, child))
+    if swapped:
+        rank_zero_warn(
+            f"ActivationPruning: {', '.join(name for _, name, _ in swapped)} was compiled with `torch.compile`; it is"
+            " pruned as the eager module it wraps and left uncompiled: compile the pruned model again for inference."
+        )
+    return swapped
+
+
 def _data_source(loop: object) -> Any:
     # Lightning keeps where each loop's data comes from (a module, a datamodule or loaders) on the loop.
     return loop._data_source  # type: ignore[attr-defined]
@@ -372,12 +505,16 @@ def _validate(trainer: pl.Trainer, pl_module: pl.LightningModule, ckpt_path: str
     """One validation pass through the Trainer (on its device, its precision), with the fit's data."""
     source = _data_source(trainer.fit_loop.epoch_loop.val_loop).instance
     kwargs: dict[str, Any] = {}
-    if isinstance(source, pl.LightningDataModule):
+    # several processes: shards that cover every sample exactly once, not Lightning's padded ones
+    unrepeated = unrepeated_val_dataloaders(trainer, _data_source(trainer.fit_loop.epoch_loop.val_loop))
+    if unrepeated is not None:
+        kwargs["dataloaders"] = unrepeated
+    elif isinstance(source, pl.LightningDataModule):
         kwargs["datamodule"] = source
     elif not isinstance(source, pl.LightningModule):
         kwargs["dataloaders"] = source
     results = trainer.validate(pl_module, ckpt_path=ckpt_path, verbose=False, **kwargs)
-    return {name: float(value) for result in results for name, value in result.items()}
+    return synced_metrics(trainer, {name: float(value) for result in results for name, value in result.items()})
 
 
 @contextmanager

@@ -113,6 +113,13 @@ class ModulePruning(NamedTuple):
     indices: tuple[int, ...]
 
 
+class BiasUpdate(NamedTuple):
+    """Bias compensation on one consumer: ``delta`` is added to its (full-size) bias before the surgery."""
+
+    module: str
+    delta: tuple[float, ...]
+
+
 @dataclass(frozen=True)
 class PruningPlan:
     """Which neurons go, and the resulting operations on each module, as plain data.
@@ -122,12 +129,16 @@ class PruningPlan:
         statistic: the per-neuron statistic compared with λ.
         layers: one entry per prunable layer.
         operations: per module and direction, the indices to remove (merged across layers).
+        bias_updates: with ``compensate``, what each consumer's bias absorbs from the neurons it loses.
+        normalize: whether scores were standardised per layer before the comparison with λ.
     """
 
     threshold: float
     statistic: str
     layers: tuple[LayerPlan, ...]
     operations: tuple[ModulePruning, ...]
+    bias_updates: tuple[BiasUpdate, ...] = ()
+    normalize: bool = False
 
     @property
     def neurons_before(self) -> int:
@@ -146,6 +157,8 @@ class PruningPlan:
             "statistic": self.statistic,
             "layers": [{"name": x.name, "neurons": x.neurons, "kept": list(x.kept)} for x in self.layers],
             "operations": [{"module": o.module, "dim": o.dim, "indices": list(o.indices)} for o in self.operations],
+            "bias_updates": [{"module": b.module, "delta": list(b.delta)} for b in self.bias_updates],
+            "normalize": self.normalize,
         }
 
     @classmethod
@@ -159,6 +172,10 @@ class PruningPlan:
                 ModulePruning(str(o["module"]), o["dim"], tuple(int(i) for i in o["indices"]))
                 for o in data["operations"]
             ),
+            bias_updates=tuple(
+                BiasUpdate(str(b["module"]), tuple(float(v) for v in b["delta"])) for b in data.get("bias_updates", [])
+            ),
+            normalize=bool(data.get("normalize", False)),
         )
 
 
@@ -337,28 +354,72 @@ def _select(found: list[PrunableLayer], layers: Sequence[str] | None, exclude: S
     return chosen
 
 
-def layer_scores(layer: PrunableLayer, moments: Mapping[str, ActivationMoments], statistic: str) -> Tensor:
+def input_columns(module: nn.Module) -> Tensor:
+    """Each input feature's weight column of a ``Linear``/``Conv``, summed over the kernel: ``(in, out)``.
+
+    What one unit of constant activation at input ``f`` adds to each output: ``W[:, f]`` for a Linear, the kernel
+    sum ``Σ_k W[:, f, k]`` for a Conv (grouped convs only reach their own group's outputs).
+    """
+    weight = module.get_parameter("weight").detach()
+    if isinstance(module, nn.Linear):
+        return weight.t()
+    groups = getattr(module, "groups", 1)
+    out_channels, in_per_group = weight.shape[0], weight.shape[1]
+    summed = weight.flatten(2).sum(-1)  # (out, in/groups)
+    columns = torch.zeros(in_per_group * groups, out_channels, dtype=weight.dtype, device=weight.device)
+    out_per_group = out_channels // groups
+    for g in range(groups):
+        rows = slice(g * out_per_group, (g + 1) * out_per_group)
+        columns[g * in_per_group : (g + 1) * in_per_group, rows] = summed[rows].t()
+    return columns
+
+
+def _squared_column_norms(module: nn.Module) -> Tensor:
+    weight = module.get_parameter("weight").detach()
+    if isinstance(module, nn.Linear):
+        return weight.square().sum(0)
+    groups = getattr(module, "groups", 1)
+    per_input = weight.square().flatten(2).sum(-1)  # (out, in/groups)
+    out_per_group = weight.shape[0] // groups
+    return torch.cat([per_input[g * out_per_group : (g + 1) * out_per_group].sum(0) for g in range(groups)])
+
+
+def layer_scores(
+    layer: PrunableLayer,
+    moments: Mapping[str, ActivationMoments],
+    statistic: str,
+    model: nn.Module | None = None,
+    normalize: bool = False,
+) -> Tensor:
     """The statistic of every neuron of ``layer``: the largest over the layers that consume it.
 
     A neuron that reaches several consumers (a residual stream) stays when any of them sees it active: the
     group's score is the maximum over consumers. A conv channel flattened into a Linear is averaged over its
-    positions.
+    positions. ``fluctuation`` (FLAP) is the activation variance times the squared norm of the consumer's weight
+    column, summed over a neuron's positions: the energy the neuron's fluctuations put into the consumer's
+    output, in squared output units.
 
     Args:
         layer: a prunable layer.
         moments: the moments of every measured layer input, by module name.
         statistic: one of :data:`lightning_actprune.STATISTICS`.
+        model: the model, needed for ``fluctuation`` (the consumers' weights).
+        normalize: standardise the scores within the layer (``(s - mean) / std``), so one λ means the same in
+            layers of different scales; λ is then in standard deviations and may be negative.
 
     Returns:
         A float64 tensor with one score per neuron (on the moments' device).
     """
     _check_statistic(statistic)
+    if statistic == "fluctuation" and model is None:
+        raise ActivationPruningError("`statistic='fluctuation'` needs the model: its consumers' weights.")
     scores: Tensor | None = None
     for consumer in layer.consumers:
         if consumer.module not in moments:
             continue
         feature_moments = moments[consumer.module]
         index = torch.tensor(consumer.indices, device=feature_moments.mean.device)
+        neuron_index = torch.tensor(consumer.neurons, device=index.device)
         selected = ActivationMoments(
             mean=feature_moments.mean[index],
             mean_abs=feature_moments.mean_abs[index],
@@ -366,16 +427,47 @@ def layer_scores(layer: PrunableLayer, moments: Mapping[str, ActivationMoments],
             nonzero_fraction=feature_moments.nonzero_fraction[index],
             num_values=feature_moments.num_values,
         )
-        neuron_index = torch.tensor(consumer.neurons, device=index.device)
-        pooled = pool_moments(selected, neuron_index, layer.neurons)
-        score = neuron_statistic(pooled, statistic)
+        if statistic == "fluctuation":
+            assert model is not None
+            norms = _squared_column_norms(model.get_submodule(consumer.module)).to(index.device, torch.float64)
+            energy = neuron_statistic(selected, statistic) * norms[index]
+            score = torch.zeros(layer.neurons, dtype=torch.float64, device=index.device).index_add_(
+                0, neuron_index, energy
+            )
+        else:
+            score = neuron_statistic(pool_moments(selected, neuron_index, layer.neurons), statistic)
         scores = score if scores is None else torch.maximum(scores, score)
     if scores is None:
         raise ActivationPruningError(
             f"no activations were recorded for the consumers of {layer.name} "
             f"({', '.join(c.module for c in layer.consumers)}): did the validation pass call them?"
         )
+    if normalize:
+        spread = scores.std(unbiased=False)
+        scores = (scores - scores.mean()) / spread if spread > 0 else torch.zeros_like(scores)
     return scores
+
+
+def _bias_updates(
+    layers: Sequence[PrunableLayer],
+    removed: Mapping[str, set[int]],
+    moments: Mapping[str, ActivationMoments],
+    model: nn.Module,
+) -> tuple[BiasUpdate, ...]:
+    """What each consumer's bias must absorb so its output stays as if the removed inputs were at their mean."""
+    deltas: dict[str, Tensor] = {}
+    for layer in layers:
+        for consumer in layer.consumers:
+            features = [f for f, n in zip(consumer.indices, consumer.neurons, strict=True) if n in removed[layer.name]]
+            if not features or consumer.module not in moments:
+                continue
+            module = model.get_submodule(consumer.module)
+            index = torch.tensor(features)
+            means = moments[consumer.module].mean.detach().cpu().to(torch.float64)[index]
+            columns = input_columns(module).cpu().to(torch.float64)[index]  # (removed, out)
+            delta = means @ columns
+            deltas[consumer.module] = deltas[consumer.module] + delta if consumer.module in deltas else delta
+    return tuple(BiasUpdate(name, tuple(float(v) for v in delta)) for name, delta in deltas.items())
 
 
 def plan_pruning(
@@ -384,6 +476,9 @@ def plan_pruning(
     threshold: float,
     statistic: str = "mean",
     min_neurons: int = 1,
+    model: nn.Module | None = None,
+    compensate: bool = False,
+    normalize: bool = False,
 ) -> PruningPlan:
     """Select, in every layer, the neurons whose statistic is below ``threshold``, keeping ``min_neurons``.
 
@@ -393,6 +488,10 @@ def plan_pruning(
         threshold: λ.
         statistic: one of :data:`lightning_actprune.STATISTICS`.
         min_neurons: the fewest neurons a layer keeps; the highest-scoring ones stay.
+        model: the model (needed for ``fluctuation`` and ``compensate``).
+        compensate: fold each removed neuron's mean activation into its consumers' biases, so a neuron that is
+            nearly constant is removed almost without a trace.
+        normalize: standardise scores per layer before comparing with λ (see :func:`layer_scores`).
 
     Returns:
         The plan, as plain data.
@@ -411,10 +510,13 @@ def plan_pruning(
         >>> plan.neurons_after
         1
     """
+    if compensate and model is None:
+        raise ActivationPruningError("`compensate=True` needs the model: its consumers' weights and biases.")
     plans: list[LayerPlan] = []
     removals: dict[tuple[str, str], set[int]] = defaultdict(set)
+    removed_neurons: dict[str, set[int]] = {}
     for layer in layers:
-        scores = layer_scores(layer, moments, statistic).cpu()
+        scores = layer_scores(layer, moments, statistic, model, normalize).cpu()
         if not bool(torch.isfinite(scores).all()):
             raise ActivationPruningError(f"the {statistic} of {layer.name} contains NaN or Inf; cannot prune on it.")
         keep = scores >= threshold
@@ -425,6 +527,7 @@ def plan_pruning(
         kept = tuple(int(i) for i in torch.nonzero(keep).flatten())
         plans.append(LayerPlan(layer.name, layer.neurons, kept))
         removed = set(range(layer.neurons)) - set(kept)
+        removed_neurons[layer.name] = removed
         for piece in layer.slices:
             removals[(piece.module, piece.dim)].update(
                 idx for idx, neuron in zip(piece.indices, piece.neurons, strict=False) if neuron in removed
@@ -434,4 +537,5 @@ def plan_pruning(
         for (module, dim), indices in removals.items()
         if indices
     )
-    return PruningPlan(float(threshold), statistic, tuple(plans), operations)
+    bias_updates = _bias_updates(layers, removed_neurons, moments, model) if compensate and model else ()
+    return PruningPlan(float(threshold), statistic, tuple(plans), operations, bias_updates, normalize)

@@ -11,7 +11,7 @@ from torchmetrics import Metric
 
 from lightning_actprune._errors import ActivationPruningError
 
-Statistic = Literal["mean", "mean_abs", "rms", "nonzero_fraction", "std"]
+Statistic = Literal["mean", "mean_abs", "rms", "nonzero_fraction", "std", "fluctuation"]
 """The per-neuron statistics λ can be compared against."""
 
 STATISTICS: tuple[str, ...] = get_args(Statistic)
@@ -42,7 +42,8 @@ def neuron_statistic(moments: ActivationMoments, statistic: str) -> Tensor:
     """Turn moments into the named per-neuron statistic.
 
     Units: ``mean``, ``mean_abs``, ``rms`` and ``std`` are in the activation's own units (so λ is too);
-    ``nonzero_fraction`` is a fraction in [0, 1].
+    ``nonzero_fraction`` is a fraction in [0, 1]. ``fluctuation`` needs the consumer's weights: here it is the
+    variance (squared activation units), which :func:`layer_scores` multiplies by the squared weight-column norm.
 
     Args:
         moments: the moments of one layer's neurons.
@@ -66,7 +67,8 @@ def neuron_statistic(moments: ActivationMoments, statistic: str) -> Tensor:
         return moments.mean_square.sqrt()
     if statistic == "nonzero_fraction":
         return moments.nonzero_fraction
-    return (moments.mean_square - moments.mean.square()).clamp_min(0).sqrt()
+    variance = (moments.mean_square - moments.mean.square()).clamp_min(0)
+    return variance if statistic == "fluctuation" else variance.sqrt()
 
 
 def pool_moments(moments: ActivationMoments, index: Tensor, size: int) -> ActivationMoments:
@@ -177,6 +179,11 @@ class ActivationStatistics(Metric):
         )
 
 
+def _as_vectors(moments: ActivationMoments) -> ActivationMoments:
+    # torchmetrics squeezes one-element results to 0-d: a layer with a single input is still a vector
+    return moments._replace(**{k: v.reshape(-1) for k, v in moments._asdict().items() if k != "num_values"})
+
+
 def _channel_dim(module: nn.Module, inputs: Tensor) -> int:
     if isinstance(module, nn.Linear):
         return -1
@@ -245,11 +252,12 @@ class ActivationRecorder:
 
     def moments(self) -> dict[str, ActivationMoments]:
         """The moments of every measured layer input (reduced across processes when distributed)."""
-        return {name: metric.compute() for name, metric in self.metrics.items()}
+        return {name: _as_vectors(metric.compute()) for name, metric in self.metrics.items()}
 
     def check_finite(self) -> None:
-        """Raise if any layer saw NaN or Inf activations, naming the layers."""
-        bad = [name for name, m in self.metrics.items() if not bool(torch.isfinite(m.total_squares).all())]
+        """Raise if any layer saw NaN or Inf activations (in any process), naming the layers."""
+        # the reduced moments: every process must come to the same decision, or the others would wait for it
+        bad = [name for name, m in self.moments().items() if not bool(torch.isfinite(m.mean_square).all())]
         if bad:
             raise ActivationPruningError(
                 f"activations contain NaN or Inf at the input of {', '.join(bad)}; refusing to prune on them."

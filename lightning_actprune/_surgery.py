@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 import torch_pruning as tp
 from torch import nn
 
@@ -96,9 +97,25 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> None:
                 f" {size} {operation.dim}puts: was the model already pruned, or built with other sizes?"
             )
 
-    snapshot = ModuleSnapshot(model, (o.module for o in plan.operations))
+    for update in plan.bias_updates:
+        module = model.get_submodule(update.module)
+        outputs = _size_along(module, "out")
+        if outputs != len(update.delta):
+            raise ActivationPruningError(
+                f"the plan's bias update of {update.module!r} has {len(update.delta)} values; the module has"
+                f" {outputs} outputs: was the model already pruned, or built with other sizes?"
+            )
+
+    touched = [*(o.module for o in plan.operations), *(b.module for b in plan.bias_updates)]
+    snapshot = ModuleSnapshot(model, touched)
+    current = "the model"
     try:
+        # biases first, on the full-size consumers: the surgery then keeps the entries of the outputs that stay
+        for update in plan.bias_updates:
+            current = repr(update.module)
+            _add_to_bias(model.get_submodule(update.module), update.delta)
         for operation in plan.operations:
+            current = repr(operation.module)
             module = model.get_submodule(operation.module)
             flags = {name: p.requires_grad for name, p in module.named_parameters(recurse=False)}
             _pruner_call(module, operation.dim)(module, list(operation.indices))
@@ -107,5 +124,16 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> None:
     except Exception as error:
         snapshot.restore()
         raise ActivationPruningError(
-            f"pruning {operation.module!r} failed ({type(error).__name__}: {error}); the model was restored."
+            f"pruning {current} failed ({type(error).__name__}: {error}); the model was restored."
         ) from error
+
+
+def _add_to_bias(module: nn.Module, delta: tuple[float, ...]) -> None:
+    """A new bias parameter (created when the module had none); the old tensor is left untouched for restoring."""
+    weight = module.get_parameter("weight")
+    values = torch.tensor(delta, dtype=weight.dtype, device=weight.device)
+    bias = getattr(module, "bias", None)
+    if bias is None:
+        module.bias = nn.Parameter(values, requires_grad=weight.requires_grad)
+    else:
+        module.bias = nn.Parameter(bias.detach() + values, requires_grad=bias.requires_grad)

@@ -41,6 +41,8 @@ class ThresholdEvaluator:
         statistic: str,
         min_neurons: int,
         validate: Validate | None = None,
+        compensate: bool = False,
+        normalize: bool = False,
     ) -> None:
         self.model = model
         self.layers = layers
@@ -48,18 +50,35 @@ class ThresholdEvaluator:
         self.statistic = statistic
         self.min_neurons = min_neurons
         self.validate = validate
+        self.compensate = compensate
+        self.normalize = normalize
         self.params_before = count_parameters(model)
         self.validations = 0
 
     def plan(self, threshold: float) -> PruningPlan:
         """The plan at λ."""
-        return plan_pruning(self.layers, self.moments, threshold, self.statistic, self.min_neurons)
+        return plan_pruning(
+            self.layers,
+            self.moments,
+            threshold,
+            self.statistic,
+            self.min_neurons,
+            model=self.model,
+            compensate=self.compensate,
+            normalize=self.normalize,
+        )
 
     def candidates(self) -> list[float]:
-        """Every λ at which the plan changes: 0 and just above each distinct non-negative score, ascending."""
-        scores = torch.cat([layer_scores(layer, self.moments, self.statistic).cpu() for layer in self.layers])
-        distinct = sorted({float(s) for s in scores.tolist() if s >= 0})
-        return [0.0] + [math.nextafter(s, math.inf) for s in distinct]
+        """Every λ at which the plan changes, ascending.
+
+        The lowest legal λ (0, or the lowest score when scores are normalised), then just above each distinct
+        score above it.
+        """
+        per_layer = [layer_scores(x, self.moments, self.statistic, self.model, self.normalize) for x in self.layers]
+        scores = torch.cat(per_layer).cpu()
+        lowest = float(scores.min()) if self.normalize else 0.0
+        distinct = sorted({float(s) for s in scores.tolist() if s >= lowest})
+        return [lowest] + [math.nextafter(s, math.inf) for s in distinct]
 
     def _pruned(self, threshold: float, validate: bool) -> SweepRow:
         plan = self.plan(threshold)

@@ -164,7 +164,7 @@ def test_unknown_monitor_leaves_model_unchanged(tmp_path):
         ({"threshold": True}, r"`threshold` must be a finite number >= 0; got True"),
         (
             {"threshold": 0.1, "statistic": "median"},
-            r"`statistic` can be one of mean, mean_abs, rms, nonzero_fraction, std; got 'median'",
+            r"`statistic` can be one of mean, mean_abs, rms, nonzero_fraction, std, fluctuation; got 'median'",
         ),
         ({"threshold": 0.1, "min_neurons": 0}, r"`min_neurons` must be an int >= 1; got 0"),
         ({"threshold": 0.1, "min_neurons": 1.5}, r"`min_neurons` must be an int >= 1; got 1.5"),
@@ -190,3 +190,36 @@ def test_unknown_monitor_leaves_model_unchanged(tmp_path):
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ActivationPruningError, match=message):
         ActivationPruning(**kwargs)
+
+
+def test_compensate_through_the_callback_matches_the_mean_oracle(tmp_path):
+    from tests.test_plan_and_surgery import replace_removed_by_means
+
+    pl.seed_everything(0)
+    net = ARCHITECTURES["mlp_functional"]()
+    model = Classifier(net)
+    train, val = loaders((8,))
+    keep = KeepUnpruned()
+    pruning = ActivationPruning(threshold=0.2, statistic="fluctuation", compensate=True, normalize=False)
+    trainer_for(tmp_path, keep, pruning).fit(model, train, val)
+    plan = pruning.result.plan
+    assert plan.bias_updates
+    x = torch.cat([batch[0] for batch in val])
+    # the statistics pass saw exactly these inputs: its means are the ones the biases absorbed
+    from lightning_actprune import ActivationRecorder
+
+    with ActivationRecorder(keep.model) as recorder, torch.no_grad():
+        for batch in val:
+            keep.model(batch[0])
+    replace_removed_by_means(keep.model, plan, recorder.moments())
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), keep.model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_normalize_allows_a_negative_threshold_and_only_then():
+    assert ActivationPruning(threshold=-0.5, normalize=True).threshold == -0.5
+    with pytest.raises(ActivationPruningError, match=r"`threshold` must be a finite number >= 0; got -0.5"):
+        ActivationPruning(threshold=-0.5)
+    with pytest.raises(ActivationPruningError, match=r"`compensate` must be True or False; got 1"):
+        ActivationPruning(threshold=0.1, compensate=1)

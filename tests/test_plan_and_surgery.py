@@ -177,3 +177,136 @@ def test_frozen_parameters_stay_frozen():
     assert not model.net[0].weight.requires_grad
     assert model.net[2].weight.requires_grad
     assert all(not p.requires_grad for p in model.net[0].parameters())
+
+
+# --- bias compensation and fluctuation ------------------------------------------------------------------------------
+
+
+def replace_removed_by_means(model, plan, moments):
+    """Oracle for ``compensate``: removed neurons' activations replaced by their means at every consumer."""
+    handles = []
+    for op in plan.operations:
+        module = model.get_submodule(op.module)
+        if op.dim != "in" or not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        index = torch.tensor(op.indices)
+        means = moments[op.module].mean.float()[index]
+
+        def hook(mod, args, index=index, means=means):
+            x = args[0].clone()
+            if isinstance(mod, nn.Linear):
+                x[..., index] = means
+            else:
+                x[:, index] = means.view(-1, 1, 1)
+            return (x, *args[1:])
+
+        handles.append(module.register_forward_pre_hook(hook))
+    return handles
+
+
+@pytest.mark.parametrize("architecture", ["mlp_modules", "mlp_functional", "mlp_batchnorm_dropout", "residual"])
+def test_compensation_oracle_is_exact_for_linear_and_unpadded_consumers(architecture):
+    torch.manual_seed(0)
+    model = ARCHITECTURES[architecture]().eval()
+    if architecture == "residual":  # make every conv consumer unpadded-equivalent: 1x1 kernels
+        model = Residual1x1().eval()
+    x = torch.randn(20, *input_shape(model))
+    recorder = record(model, x)
+    layers = find_prunable_layers(model, recorder.example_inputs)
+    moments = recorder.moments()
+    plan = plan_pruning(layers, moments, median_threshold(layers, moments), model=model, compensate=True)
+    assert plan.bias_updates
+    original = copy.deepcopy(model)
+    apply_plan(model, plan)
+    replace_removed_by_means(original, plan, moments)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), original(x), rtol=1e-5, atol=1e-5)
+
+
+class Residual1x1(nn.Module):
+    image = (1, 6, 6)
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 6, 3, padding=1)
+        self.conv1, self.conv2 = nn.Conv2d(6, 6, 1), nn.Conv2d(6, 6, 1, bias=False)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+def test_compensation_into_a_conv_is_exact_where_no_padding_is_read(padding):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=padding, bias=False)).eval()
+    x = torch.randn(16, 1, 10, 10)
+    recorder = record(model, x)
+    layers = find_prunable_layers(model, x)
+    moments = recorder.moments()
+    plan = plan_pruning(layers, moments, median_threshold(layers, moments), model=model, compensate=True)
+    original = copy.deepcopy(model)
+    apply_plan(model, plan)
+    assert model[2].bias is not None  # created: the consumer had none
+    replace_removed_by_means(original, plan, moments)
+    with torch.no_grad():
+        pruned, reference = model(x), original(x)
+    torch.testing.assert_close(pruned[..., 1:-1, 1:-1], reference[..., 1:-1, 1:-1], rtol=1e-5, atol=1e-5)
+    border_error = (pruned - reference).abs()[..., 0, :].max()
+    if padding:
+        assert border_error > 1e-3  # the padded border saw zeros where the oracle has means: approximate there
+    else:
+        assert border_error < 1e-5
+
+
+def test_fluctuation_is_variance_times_squared_weight_column_norm():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Identity(), nn.Linear(2, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(2))
+        model[0].bias.zero_()
+        model[2].weight.copy_(torch.tensor([[3.0, 0.5]]))
+    x = torch.tensor([[0.0, 1.0], [4.0, 1.0], [0.0, 3.0], [4.0, 3.0]])  # neuron 0: var 4; neuron 1: var 1
+    recorder = record(model, x)
+    (layer,) = find_prunable_layers(model, x)
+    scores = layer_scores(layer, recorder.moments(), "fluctuation", model)
+    torch.testing.assert_close(scores, torch.tensor([4.0 * 9.0, 1.0 * 0.25], dtype=torch.float64))
+    with pytest.raises(ActivationPruningError, match="needs the model"):
+        layer_scores(layer, recorder.moments(), "fluctuation")
+
+
+def test_normalize_standardises_each_layer():
+    model = ARCHITECTURES["mlp_modules"]().eval()
+    x = torch.randn(30, 8)
+    recorder = record(model, x)
+    for layer in find_prunable_layers(model, x):
+        scores = layer_scores(layer, recorder.moments(), "rms", normalize=True)
+        torch.testing.assert_close(scores.mean().item(), 0.0, atol=1e-9, rtol=0)
+        torch.testing.assert_close(scores.std(unbiased=False).item(), 1.0)
+
+
+def test_compensated_plan_round_trips_and_rejects_a_mismatched_model():
+    model = ARCHITECTURES["mlp_modules"]().eval()
+    x = torch.randn(30, 8)
+    recorder = record(model, x)
+    layers = find_prunable_layers(model, x)
+    plan = plan_pruning(layers, recorder.moments(), 0.1, model=model, compensate=True)
+    assert PruningPlan.from_dict(plan.to_dict()) == plan
+    other = nn.Module()
+    other.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 14), nn.GELU(), nn.Linear(14, 3))
+    state = copy.deepcopy(other.state_dict())
+    with pytest.raises(ActivationPruningError, match=r"bias update of 'net.2' has 12 values; the module has 14"):
+        apply_plan(other, plan)
+    assert all(torch.equal(t, state[k]) for k, t in other.state_dict().items())
+
+
+def test_a_layer_with_a_single_neuron_can_be_planned_and_pruned_again():
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 1), nn.ReLU(), nn.Linear(1, 3)).eval()
+    x = torch.randn(10, 8)
+    recorder = record(model, x)
+    assert recorder.moments()["4"].mean.shape == (1,)
+    plan = plan_pruning(find_prunable_layers(model, x), recorder.moments(), threshold=1e9)
+    assert [len(layer.kept) for layer in plan.layers] == [1, 1]
+    apply_plan(model, plan)
+    assert model[0].out_features == 1

@@ -21,6 +21,7 @@ def numpy_statistic(values: np.ndarray, statistic: str) -> np.ndarray:
         "rms": lambda v: np.sqrt((v**2).mean(0)),
         "nonzero_fraction": lambda v: (v != 0).mean(0),
         "std": lambda v: v.std(0),
+        "fluctuation": lambda v: v.var(0),  # before the consumer's weight norms, see test_plan_and_surgery
     }[statistic](values)
 
 

@@ -1,0 +1,492 @@
+"""Pruned models survive: the plan travels in every checkpoint, and fresh full-size models shrink before loading.
+
+A pruned model's class still builds the full-size layers, so its checkpoint cannot be loaded with a plain
+``load_state_dict``. Every checkpoint of a pruned model therefore carries the :class:`PruningPlan` (plain ints,
+floats and strings under the top-level key ``"actprune_plan"``), and every loading path shrinks a freshly built
+model to that plan before the weights are copied:
+
+- ``MyModule.load_from_checkpoint(path)``: :class:`PrunedCheckpointMixin`, or :func:`shrink_to_checkpoint`
+  called from ``on_load_checkpoint`` (Lightning runs it before ``load_state_dict``);
+- ``trainer.validate/test/predict(model, ckpt_path=path)``: the :class:`ActivationPruning` callback on the Trainer
+  does it, or the mixin;
+- plain PyTorch: :func:`load_pruned`, which also reads the files :func:`export_pruned` writes.
+
+Everything is read with ``torch.load(..., weights_only=True)``: no module or class is ever pickled.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_actprune._errors import ActivationPruningError
+from lightning_actprune._plan import BiasUpdate, LayerPlan, ModulePruning, PruningPlan
+from lightning_actprune._report import PruningResult, SweepRow
+from lightning_actprune._surgery import ModuleSnapshot, apply_plan
+
+PLAN_KEY = "actprune_plan"
+"""The top-level checkpoint key that holds :meth:`PruningPlan.to_dict` of the model in the checkpoint."""
+
+_ATTRIBUTE = "_actprune_plan"  # where a pruned module keeps the plan that made it from the full-size model
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+PathLike = str | os.PathLike[str]
+
+
+def pruning_plan_of(module: nn.Module) -> PruningPlan | None:
+    """The plan that turned a full-size ``module`` into its current shape, or None if it was not pruned.
+
+    :class:`ActivationPruning` records it when it prunes (composed with any earlier pruning), and every loader of
+    this package records the plan of the checkpoint it loaded. It travels with ``copy.deepcopy`` and pickling, and
+    it is what :func:`export_pruned` and the checkpoints of a pruned model carry.
+
+    Args:
+        module: any module.
+
+    Returns:
+        The plan, with module names relative to ``module``; None for a module this package did not prune or load.
+
+    Example:
+        >>> import torch
+        >>> pruning_plan_of(torch.nn.Linear(2, 2)) is None
+        True
+    """
+    plan = module.__dict__.get(_ATTRIBUTE)
+    return plan if isinstance(plan, PruningPlan) else None
+
+
+def _remember(module: nn.Module, plan: PruningPlan) -> None:
+    module.__dict__[_ATTRIBUTE] = plan
+
+
+def _record_pruning(module: nn.Module, plan: PruningPlan) -> PruningPlan:
+    """After ``plan`` was applied to ``module``: remember the plan from the full-size model, and return it."""
+    earlier = pruning_plan_of(module)
+    full = plan if earlier is None else _compose(earlier, plan)
+    _remember(module, full)
+    return full
+
+
+def _to_original(indices: tuple[int, ...], removed: tuple[int, ...]) -> list[int]:
+    """Indices into a dimension that already lost ``removed``, as indices into the original dimension."""
+    gone = sorted(removed)
+    result = []
+    for index in indices:
+        original = index
+        for r in gone:
+            if r > original:
+                break
+            original += 1
+        result.append(original)
+    return result
+
+
+def _compose(first: PruningPlan, then: PruningPlan) -> PruningPlan:
+    """One plan equivalent to applying ``first`` to a full-size model and then ``then`` to the result."""
+    removed: dict[tuple[str, str], tuple[int, ...]] = {(o.module, o.dim): o.indices for o in first.operations}
+    merged = {key: set(indices) for key, indices in removed.items()}
+    for o in then.operations:
+        key = (o.module, o.dim)
+        merged.setdefault(key, set()).update(_to_original(o.indices, removed.get(key, ())))
+    layers = {layer.name: layer for layer in first.layers}
+    for layer in then.layers:
+        before = layers.get(layer.name)
+        if before is None:
+            layers[layer.name] = layer
+        else:
+            layers[layer.name] = LayerPlan(layer.name, before.neurons, tuple(before.kept[i] for i in layer.kept))
+    operations = tuple(
+        ModulePruning(module, dim, tuple(sorted(indices)))  # type: ignore[arg-type]
+        for (module, dim), indices in merged.items()
+    )
+    return PruningPlan(
+        then.threshold, then.statistic, tuple(layers.values()), operations, _compose_biases(first, then), then.normalize
+    )
+
+
+def _compose_biases(first: PruningPlan, then: PruningPlan) -> tuple[BiasUpdate, ...]:
+    """Bias updates are added to the consumers' full-size biases: ``then``'s are spread over the outputs kept."""
+    removed_outputs = {o.module: o.indices for o in first.operations if o.dim == "out"}
+    deltas = {b.module: list(b.delta) for b in first.bias_updates}
+    for update in then.bias_updates:
+        gone = removed_outputs.get(update.module, ())
+        full = deltas.setdefault(update.module, [0.0] * (len(update.delta) + len(gone)))
+        for index, value in zip(_to_original(tuple(range(len(update.delta))), gone), update.delta, strict=True):
+            full[index] += value
+    return tuple(BiasUpdate(module, tuple(delta)) for module, delta in deltas.items())
+
+
+def _relative(plan: PruningPlan, submodule: str) -> PruningPlan:
+    """The part of ``plan`` inside ``submodule``, with names relative to it."""
+    if not submodule:
+        return plan
+    prefix = submodule + "."
+    operations = tuple(
+        ModulePruning(o.module[len(prefix) :], o.dim, o.indices) for o in plan.operations if o.module.startswith(prefix)
+    )
+    layers = tuple(
+        LayerPlan("+".join(n[len(prefix) :] for n in layer.name.split("+")), layer.neurons, layer.kept)
+        for layer in plan.layers
+        if all(n.startswith(prefix) for n in layer.name.split("+"))
+    )
+    biases = tuple(
+        BiasUpdate(b.module[len(prefix) :], b.delta) for b in plan.bias_updates if b.module.startswith(prefix)
+    )
+    return PruningPlan(plan.threshold, plan.statistic, layers, operations, biases, plan.normalize)
+
+
+def _plan_in(checkpoint: Mapping[str, Any], source: str) -> PruningPlan | None:
+    data = checkpoint.get(PLAN_KEY)
+    if data is None:
+        return None
+    try:
+        return PruningPlan.from_dict(data)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ActivationPruningError(
+            f"{source} has a malformed `{PLAN_KEY}` ({type(error).__name__}: {error}); it was not written by"
+            " lightning_actprune."
+        ) from None
+
+
+def _shape_mismatches(module: nn.Module, state_dict: Mapping[str, Any]) -> list[str]:
+    mismatches = []
+    for name, tensor in module.state_dict().items():
+        saved = state_dict.get(name)
+        if isinstance(saved, Tensor) and isinstance(tensor, Tensor) and saved.shape != tensor.shape:
+            mismatches.append(f"{name}: model {tuple(tensor.shape)}, checkpoint {tuple(saved.shape)}")
+    return mismatches
+
+
+def _fit_to_state(
+    module: nn.Module,
+    plan: PruningPlan | None,
+    state_dict: Mapping[str, Any],
+    source: str,
+    pruned_checkpoint: str | None = None,
+) -> PruningPlan | None:
+    """Shrink ``module`` to ``plan`` when its shapes are not yet those of ``state_dict``; loads no weights."""
+    name = type(module).__name__
+    mismatches = _shape_mismatches(module, state_dict)
+    if not mismatches:
+        if plan is not None:
+            _remember(module, plan)
+        return plan
+    shown = "; ".join(mismatches[:3]) + ("; …" if len(mismatches) > 3 else "")
+    current = pruning_plan_of(module)
+    if plan is None:
+        if current is None:
+            return None  # not a pruning matter: load_state_dict reports it
+        instead = (
+            f"load the pruned checkpoint {pruned_checkpoint!r} instead"
+            if pruned_checkpoint
+            else "load the checkpoint written after pruning (`pruned.ckpt` in the log directory) instead"
+        )
+        raise ActivationPruningError(
+            f"{source} holds the unpruned {name} (saved before pruning; {shown}), but this {name} has been pruned:"
+            f" {instead}, or load {source} into a fresh, full-size {name}."
+        )
+    if current is not None:
+        raise ActivationPruningError(
+            f"cannot load {source} into this {name}: it was already pruned differently ({shown}). Load it into a"
+            f" fresh, full-size {name}."
+        )
+    snapshot = ModuleSnapshot(module, [*(o.module for o in plan.operations), *(b.module for b in plan.bias_updates)])
+    try:
+        apply_plan(module, plan)
+    except ActivationPruningError as error:
+        raise ActivationPruningError(
+            f"cannot shrink {name} to the pruning plan in {source}: {error} Load it into a fresh {name} built with"
+            " the same arguments as the model that was pruned."
+        ) from None
+    mismatches = _shape_mismatches(module, state_dict)
+    if mismatches:
+        snapshot.restore()
+        raise ActivationPruningError(
+            f"cannot load {source} into this {name}: its pruning plan does not give the model the checkpoint's"
+            f" shapes ({'; '.join(mismatches[:3])}). Was the model already pruned, or built with other arguments?"
+            f" Load it into a fresh {name} built like the one that was pruned."
+        )
+    _remember(module, plan)
+    return plan
+
+
+def shrink_to_checkpoint(module: nn.Module, checkpoint: Mapping[str, Any]) -> PruningPlan | None:
+    """Shrink a fresh, full-size ``module`` to the pruning plan in ``checkpoint``; call it from ``on_load_checkpoint``.
+
+    Lightning calls ``on_load_checkpoint`` before ``load_state_dict``, so this is all a LightningModule needs for
+    ``MyModule.load_from_checkpoint(path)`` and ``trainer.test(model, ckpt_path=path)`` to load a pruned
+    checkpoint. It does nothing when the module already has the checkpoint's shapes or the checkpoint has no plan,
+    and loads no weights.
+
+    Args:
+        module: the module the checkpoint's ``state_dict`` is for.
+        checkpoint: the loaded checkpoint dict.
+
+    Returns:
+        The checkpoint's plan, or None if it has none.
+
+    Raises:
+        ActivationPruningError: the module was already pruned differently, or the checkpoint holds the unpruned
+            model while ``module`` was pruned, or the plan does not fit the module; the module is left unchanged.
+
+    Example::
+
+        class MyModule(L.LightningModule):
+            def on_load_checkpoint(self, checkpoint):
+                shrink_to_checkpoint(self, checkpoint)
+    """
+    plan = _plan_in(checkpoint, "the checkpoint")
+    return _fit_to_state(module, plan, checkpoint.get("state_dict", {}), "the checkpoint")
+
+
+class PrunedCheckpointMixin:
+    """Opt a LightningModule in to loading and saving pruned checkpoints, in one line.
+
+    ``on_load_checkpoint`` shrinks a fresh, full-size model to the checkpoint's plan before Lightning loads the
+    weights (:func:`shrink_to_checkpoint`); ``on_save_checkpoint`` writes the model's plan into every checkpoint,
+    also when no :class:`ActivationPruning` is on the Trainer (fine-tuning a pruned model, weights-only saves).
+    If your module overrides these hooks, call ``super()`` in them.
+
+    Example::
+
+        class MyModule(PrunedCheckpointMixin, L.LightningModule): ...
+
+        model = MyModule.load_from_checkpoint("pruned.ckpt")
+    """
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Shrink to the checkpoint's pruning plan; see :func:`shrink_to_checkpoint`."""
+        parent = getattr(super(), "on_load_checkpoint", None)
+        if parent is not None:
+            parent(checkpoint)
+        if not isinstance(self, nn.Module):
+            raise TypeError(f"PrunedCheckpointMixin must be mixed into an nn.Module; got {type(self).__name__}.")
+        shrink_to_checkpoint(self, checkpoint)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Write the model's pruning plan (if it was pruned) under ``"actprune_plan"``."""
+        parent = getattr(super(), "on_save_checkpoint", None)
+        if parent is not None:
+            parent(checkpoint)
+        plan = pruning_plan_of(self) if isinstance(self, nn.Module) else None
+        if plan is not None:
+            checkpoint[PLAN_KEY] = plan.to_dict()
+
+
+def export_pruned(module: nn.Module, path: PathLike, *, plan: PruningPlan | None = None, submodule: str = "") -> None:
+    """Write ``module``'s ``state_dict`` and pruning plan to one file, for deployment without Lightning.
+
+    The file is a dict ``{"state_dict": ..., "actprune_plan": ...}`` of tensors and plain values:
+    :func:`load_pruned` (or ``torch.load(path, weights_only=True)``) reads it back.
+
+    Args:
+        module: a pruned module (or one that was never pruned: the file then holds no plan).
+        path: the file to write.
+        plan: the plan from the full-size model; default: the one recorded on ``module``
+            (:func:`pruning_plan_of`).
+        submodule: export only this submodule of ``module`` (e.g. ``"net"``), with names relative to it.
+
+    Raises:
+        ActivationPruningError: ``submodule`` does not exist.
+
+    Example:
+        >>> import tempfile, torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> plan = PruningPlan(0.1, "mean", (), (ModulePruning("0", "out", (1, 2)), ModulePruning("2", "in", (1, 2))))
+        >>> apply_plan(model, plan)
+        >>> path = tempfile.mkdtemp() + "/model.pt"
+        >>> export_pruned(model, path, plan=plan)
+        >>> fresh = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> load_pruned(fresh, path)[0].weight.shape
+        torch.Size([2, 3])
+    """
+    plan = plan if plan is not None else pruning_plan_of(module)
+    if submodule:
+        try:
+            target = module.get_submodule(submodule)
+        except AttributeError:
+            raise ActivationPruningError(
+                f"`submodule` must name a submodule of {type(module).__name__}; got {submodule!r}."
+            ) from None
+    else:
+        target = module
+    payload: dict[str, Any] = {"state_dict": target.state_dict()}
+    if plan is not None:
+        payload[PLAN_KEY] = _relative(plan, submodule).to_dict()
+    torch.save(payload, path)
+
+
+def load_pruned(
+    module: ModuleT,
+    path: PathLike,
+    *,
+    submodule: str = "",
+    strict: bool = True,
+    map_location: str | torch.device | None = "cpu",
+) -> ModuleT:
+    """Shrink a freshly built, full-size ``module`` to the plan in ``path`` and load the weights; plain PyTorch.
+
+    Reads the files :func:`export_pruned` writes and any Lightning checkpoint of a pruned model (e.g. the
+    ``pruned.ckpt`` that :class:`ActivationPruning` writes), with ``torch.load(..., weights_only=True)``.
+    A file without a plan loads like ``load_state_dict``.
+
+    Args:
+        module: a new instance of the class that was pruned, built with the same arguments.
+        path: the file.
+        submodule: ``module`` is this submodule of the model that was saved (e.g. load the ``"net"`` of a
+            LightningModule's checkpoint into a bare ``nn.Sequential``).
+        strict: passed to ``load_state_dict``.
+        map_location: passed to ``torch.load``.
+
+    Returns:
+        ``module``, pruned and loaded.
+
+    Raises:
+        ActivationPruningError: the file holds no ``state_dict``, the plan does not fit ``module``, or ``module``
+            was already pruned differently; ``module`` is left unchanged.
+
+    Example::
+
+        model = load_pruned(MyNet(), "pruned.pt")
+        net = load_pruned(MyNet(), "runs/version_0/pruned.ckpt", submodule="net")
+    """
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    source = repr(os.fspath(path))
+    if isinstance(checkpoint, Mapping) and all(isinstance(v, Tensor) for v in checkpoint.values()):
+        checkpoint = {"state_dict": checkpoint}  # a bare state_dict
+    if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
+        found = sorted(checkpoint) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
+        raise ActivationPruningError(f"{source} holds no `state_dict`; found {found}.")
+    state_dict = dict(checkpoint["state_dict"])
+    plan = _plan_in(checkpoint, source)
+    if submodule:
+        prefix = submodule + "."
+        state_dict = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if not state_dict:
+            raise ActivationPruningError(f"`submodule` {submodule!r} matches no weight in {source}.")
+        plan = _relative(plan, submodule) if plan is not None else None
+    _fit_to_state(module, plan, state_dict, source)
+    module.load_state_dict(state_dict, strict=strict)
+    return module
+
+
+# ---- the callback's side: writing, guarding the Trainer's loading, its own state ----------------------------
+
+
+def _add_plan(checkpoint: dict[str, Any], trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Put the model's plan in a checkpoint; drop optimizer states that belong to the unpruned parameters."""
+    plan = pruning_plan_of(pl_module)
+    if plan is None:
+        return
+    checkpoint[PLAN_KEY] = plan.to_dict()
+    # After pruning at the end of fit, the Trainer's optimizers still hold the unpruned parameters: their state
+    # cannot be restored into an optimizer of the pruned model.
+    current = {id(p) for p in pl_module.parameters()}
+    stale = any(id(p) not in current for o in trainer.optimizers for g in o.param_groups for p in g["params"])
+    if stale:
+        checkpoint.pop("optimizer_states", None)
+        checkpoint.pop("lr_schedulers", None)
+
+
+def _save_pruned_checkpoint(trainer: pl.Trainer, pl_module: pl.LightningModule, filename: str) -> str:
+    """Write a weights-only Lightning checkpoint of the pruned model with its plan; returns the path."""
+    directory = trainer.log_dir or trainer.default_root_dir
+    path = os.path.join(directory, filename)
+    # `trainer.save_checkpoint(weights_only=True)` skips the callbacks' `on_save_checkpoint`, where the plan is
+    # added; the optimizer states of the unpruned parameters are not worth saving.
+    checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=True)
+    _add_plan(checkpoint, trainer, pl_module)
+    trainer.strategy.save_checkpoint(checkpoint, path)  # writes on global rank zero only
+    trainer.strategy.barrier("ActivationPruning.save_pruned_checkpoint")
+    return path
+
+
+def _watch_loading(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, pruned_checkpoint: Callable[[], str | None]
+) -> RemovableHandle:
+    """Before the Trainer loads a checkpoint into ``pl_module``: shrink it to the checkpoint's plan, or explain."""
+    trainer_ref = weakref.ref(trainer)
+
+    def before_load(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+        trainer = trainer_ref()
+        if prefix or trainer is None:
+            return
+        connector = trainer._checkpoint_connector
+        checkpoint = connector._loaded_checkpoint
+        saved = checkpoint.get("state_dict") if checkpoint else None
+        if not isinstance(saved, Mapping) or saved.keys() != state_dict.keys():
+            return  # not the Trainer restoring this checkpoint into the model
+        source = f"checkpoint {os.fspath(connector._ckpt_path)!r}" if connector._ckpt_path else "the checkpoint"
+        plan = _plan_in(checkpoint, source)
+        if plan is not None and trainer.state.fn == TrainerFn.FITTING and "optimizer_states" not in checkpoint:
+            raise ActivationPruningError(
+                f"{source} holds a pruned model without optimizer state, so `fit` cannot resume from it. To"
+                f" fine-tune the pruned model, load it (`{type(module).__name__}.load_from_checkpoint` with"
+                " PrunedCheckpointMixin, or `load_pruned`) and call `trainer.fit(model)` without `ckpt_path`."
+            )
+        _fit_to_state(module, plan, state_dict, source, pruned_checkpoint())
+
+    register = getattr(pl_module, "register_load_state_dict_pre_hook", None)
+    if register is None:  # torch < 2.3
+        return pl_module._register_load_state_dict_pre_hook(before_load, with_module=True)
+    return register(before_load)
+
+
+def _settings_state(callback: object) -> dict[str, Any]:
+    """Every constructor argument, read from the attribute of the same name (plain values)."""
+    names = [n for n in inspect.signature(type(callback).__init__).parameters if n != "self"]
+    return {name: getattr(callback, name, None) for name in names}
+
+
+def _floats(values: Mapping[str, Any]) -> dict[str, float]:
+    return {str(k): float(v) for k, v in values.items()}
+
+
+def _result_state(result: PruningResult | None) -> dict[str, Any] | None:
+    if result is None:
+        return None
+    return {
+        "params_before": int(result.params_before),
+        "params_after": int(result.params_after),
+        "size_mb_before": float(result.size_mb_before),
+        "size_mb_after": float(result.size_mb_after),
+        "metrics_before": _floats(result.metrics_before),
+        "metrics_after": _floats(result.metrics_after),
+        "chosen_by": str(result.chosen_by),
+        "sweep": [
+            {
+                "threshold": float(row.threshold),
+                "params": int(row.params),
+                "params_kept": float(row.params_kept),
+                "size_mb": float(row.size_mb),
+                "neurons": {str(k): int(v) for k, v in row.neurons.items()},
+                "metrics": _floats(row.metrics),
+            }
+            for row in result.sweep
+        ],
+    }
+
+
+def _result_from_state(plan: Mapping[str, Any] | None, numbers: Mapping[str, Any] | None) -> PruningResult | None:
+    if plan is None or numbers is None:
+        return None  # no pruning yet, or written before the callback saved its result's numbers
+    return PruningResult(
+        plan=PruningPlan.from_dict(plan),
+        params_before=int(numbers["params_before"]),
+        params_after=int(numbers["params_after"]),
+        size_mb_before=float(numbers["size_mb_before"]),
+        size_mb_after=float(numbers["size_mb_after"]),
+        metrics_before=_floats(numbers.get("metrics_before", {})),
+        metrics_after=_floats(numbers.get("metrics_after", {})),
+        sweep=tuple(SweepRow(**row) for row in numbers.get("sweep", ())),
+        chosen_by=str(numbers.get("chosen_by", "threshold")),
+    )

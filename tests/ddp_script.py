@@ -1,0 +1,151 @@
+"""A real multi-process DDP run of ActivationPruning on CPU, for ``tests/test_distributed.py``.
+
+Run as ``python -m tests.ddp_script OUT_DIR`` from the repository root: Lightning's launcher starts the other
+ranks by running the same command again. Every rank writes what it saw to ``OUT_DIR/rank{r}.pt``:
+
+1. a fit with an uneven validation split (33 samples, batches of 16, 2 ranks: 17 + 16 samples, 2 + 1 batches)
+   and a λ table: the unpruned weights, the pruned weights, the plan, the statistics the callback planned from,
+   the metrics before and after, whether the process group was up when ``on_fit_end`` ran;
+2. a fit from a datamodule, logging with ``sync_dist=True``, whose ranks are made to plan different prunings:
+   the error each rank raised, its weights before and after.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from lightning_actprune import ActivationPruning, ActivationPruningError, ActivationRecorder
+from tests.helpers import Classifier, MLPModule, make_data
+
+VAL_SIZE = 33
+VAL_BATCH_SIZE = 16
+THRESHOLD = 0.1
+SWEEP = [0.05, 0.1, 0.2]
+COLLECTIVE_TIMEOUT_S = 30
+
+
+class Record(Callback):
+    """Before ActivationPruning: the unpruned weights, whether the process group is still up, and the batches
+    this rank validates in each of the callback's own validation passes (the ones after fit)."""
+
+    def __init__(self, seen: dict[str, Any]) -> None:
+        self.seen = seen
+        seen["samples_per_pass"] = []
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.seen["distributed_at_fit_end"] = torch.distributed.is_initialized()
+        self.seen["world_size"] = trainer.world_size
+        self.seen["unpruned"] = copy.deepcopy(pl_module.state_dict())
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            self.seen["samples_per_pass"].append([])
+
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, *_: Any
+    ) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            self.seen["samples_per_pass"][-1].append(len(batch[0]))
+
+
+class SyncedClassifier(Classifier):
+    """Logs ``val_loss`` with ``sync_dist=True``: one collective per validation epoch, on every rank."""
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.val_acc(logits, y)
+        self.log("val_loss", F.cross_entropy(logits, y), sync_dist=True)
+        self.log("val_acc", self.val_acc)
+
+
+class RankDependentPruning(ActivationPruning):
+    """Makes every rank choose another λ: the plans differ, which the callback must refuse before any surgery."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.threshold = 0.05 + 0.3 * trainer.global_rank
+
+
+def spy_on_statistics(captured: list[Any]) -> None:
+    """Keep every result of ``ActivationRecorder.moments`` (the statistics the plan is made from)."""
+    moments = ActivationRecorder.moments
+
+    def spy(self: ActivationRecorder) -> Any:
+        result = moments(self)
+        captured.append({name: m._asdict() for name, m in result.items()})
+        return result
+
+    ActivationRecorder.moments = spy  # type: ignore[method-assign]
+
+
+def trainer_for(out: Path, *callbacks: Callback) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=DDPStrategy(timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S)),  # a hang becomes an error
+        max_epochs=3,
+        logger=CSVLogger(out, name="csv"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+    )
+
+
+def loaders() -> tuple[DataLoader, DataLoader]:
+    train = DataLoader(make_data((8,), n=96, seed=0), batch_size=16, shuffle=True)
+    val = DataLoader(make_data((8,), n=VAL_SIZE, seed=1), batch_size=VAL_BATCH_SIZE)
+    return train, val
+
+
+def main(out: Path) -> None:
+    statistics: list[Any] = []
+    spy_on_statistics(statistics)
+
+    pl.seed_everything(0)
+    seen: dict[str, Any] = {}
+    pruning = ActivationPruning(threshold=THRESHOLD, monitor="val_acc", sweep=SWEEP)
+    model = Classifier(MLPModule())
+    trainer = trainer_for(out, Record(seen), pruning)
+    trainer.fit(model, *loaders())
+    assert pruning.result is not None
+    seen["pruned"] = model.state_dict()
+    seen["plan"] = pruning.result.plan.to_dict()
+    seen["metrics_before"] = dict(pruning.result.metrics_before)
+    seen["metrics_after"] = dict(pruning.result.metrics_after)
+    seen["statistics"] = statistics[-1]
+    seen["log_dir"] = trainer.log_dir
+
+    pl.seed_everything(0)
+    disagreeing: dict[str, Any] = {}
+    model = SyncedClassifier(MLPModule())
+    train, val = loaders()
+    data = pl.LightningDataModule.from_datasets(train.dataset, val.dataset, batch_size=VAL_BATCH_SIZE)
+    trainer = trainer_for(out / "disagree", Record(disagreeing), RankDependentPruning(threshold=0.1))
+    try:
+        trainer.fit(model, datamodule=data)
+    except ActivationPruningError as error:
+        disagreeing["error"] = str(error)
+    disagreeing["after"] = model.state_dict()
+    seen["disagreeing"] = disagreeing
+
+    torch.save(seen, out / f"rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
