@@ -20,6 +20,7 @@ from lightning_actprune._checkpoint import (
 )
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._plan import (
+    BiasUpdate,
     LayerPlan,
     ModulePruning,
     ModuleSlice,
@@ -27,6 +28,7 @@ from lightning_actprune._plan import (
     PruningPlan,
     find_prunable_layers,
     layer_scores,
+    plan_from_kept,
     plan_pruning,
 )
 from lightning_actprune._report import (
@@ -56,6 +58,7 @@ __all__ = [
     "ActivationPruningError",
     "ActivationRecorder",
     "ActivationStatistics",
+    "BiasUpdate",
     "LayerPlan",
     "ModulePruning",
     "ModuleSlice",
@@ -75,6 +78,7 @@ __all__ = [
     "load_pruned",
     "model_size_mb",
     "neuron_statistic",
+    "plan_from_kept",
     "plan_pruning",
     "plot_sweep",
     "pool_moments",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import math
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
@@ -510,11 +512,7 @@ def plan_pruning(
         >>> plan.neurons_after
         1
     """
-    if compensate and model is None:
-        raise ActivationPruningError("`compensate=True` needs the model: its consumers' weights and biases.")
-    plans: list[LayerPlan] = []
-    removals: dict[tuple[str, str], set[int]] = defaultdict(set)
-    removed_neurons: dict[str, set[int]] = {}
+    kept: dict[str, Sequence[int]] = {}
     for layer in layers:
         scores = layer_scores(layer, moments, statistic, model, normalize).cpu()
         if not bool(torch.isfinite(scores).all()):
@@ -524,18 +522,57 @@ def plan_pruning(
         if int(keep.sum()) < floor:
             order = sorted(range(layer.neurons), key=lambda i: (-float(scores[i]), i))
             keep[order[:floor]] = True
-        kept = tuple(int(i) for i in torch.nonzero(keep).flatten())
-        plans.append(LayerPlan(layer.name, layer.neurons, kept))
-        removed = set(range(layer.neurons)) - set(kept)
+        kept[layer.name] = [int(i) for i in torch.nonzero(keep).flatten()]
+    plan = plan_from_kept(layers, kept, moments=moments, model=model, compensate=compensate)
+    return dataclasses.replace(plan, threshold=float(threshold), statistic=statistic, normalize=normalize)
+
+
+def plan_from_kept(
+    layers: Sequence[PrunableLayer],
+    kept: Mapping[str, Sequence[int]],
+    moments: Mapping[str, ActivationMoments] | None = None,
+    model: nn.Module | None = None,
+    compensate: bool = False,
+) -> PruningPlan:
+    """The plan that keeps the given neurons of every layer, whatever chose them (a threshold, a magnitude, …).
+
+    Args:
+        layers: from :func:`find_prunable_layers`.
+        kept: per layer name, the indices of the neurons that stay (a layer not listed keeps all).
+        moments: from :meth:`ActivationRecorder.moments`; needed with ``compensate``.
+        model: the unpruned model; needed with ``compensate``.
+        compensate: fold the removed neurons' mean activations into their consumers' biases.
+
+    Returns:
+        A plan whose ``threshold`` is NaN and ``statistic`` empty (:func:`plan_pruning` fills them in).
+
+    Raises:
+        ActivationPruningError: an index is out of range, or ``compensate`` lacks ``moments``/``model``.
+    """
+    if compensate and (model is None or moments is None):
+        raise ActivationPruningError("`compensate=True` needs the model and the moments: consumers' weights and means.")
+    plans: list[LayerPlan] = []
+    removals: dict[tuple[str, str], set[int]] = defaultdict(set)
+    removed_neurons: dict[str, set[int]] = {}
+    for layer in layers:
+        keep = sorted({int(i) for i in kept.get(layer.name, range(layer.neurons))})
+        if keep and not 0 <= keep[0] <= keep[-1] < layer.neurons:
+            raise ActivationPruningError(
+                f"`kept` for {layer.name} must be indices in [0, {layer.neurons}); got {keep[0]}..{keep[-1]}."
+            )
+        plans.append(LayerPlan(layer.name, layer.neurons, tuple(keep)))
+        removed = set(range(layer.neurons)) - set(keep)
         removed_neurons[layer.name] = removed
         for piece in layer.slices:
             removals[(piece.module, piece.dim)].update(
-                idx for idx, neuron in zip(piece.indices, piece.neurons, strict=False) if neuron in removed
+                idx for idx, neuron in zip(piece.indices, piece.neurons, strict=True) if neuron in removed
             )
     operations = tuple(
         ModulePruning(module, dim, tuple(sorted(indices)))  # type: ignore[arg-type]
         for (module, dim), indices in removals.items()
         if indices
     )
-    bias_updates = _bias_updates(layers, removed_neurons, moments, model) if compensate and model else ()
-    return PruningPlan(float(threshold), statistic, tuple(plans), operations, bias_updates, normalize)
+    bias_updates: tuple[BiasUpdate, ...] = ()
+    if compensate and model is not None and moments is not None:
+        bias_updates = _bias_updates(layers, removed_neurons, moments, model)
+    return PruningPlan(math.nan, "", tuple(plans), operations, bias_updates)

@@ -310,3 +310,26 @@ def test_a_layer_with_a_single_neuron_can_be_planned_and_pruned_again():
     assert [len(layer.kept) for layer in plan.layers] == [1, 1]
     apply_plan(model, plan)
     assert model[0].out_features == 1
+
+
+def test_plan_from_kept_builds_the_surgery_and_compensation_for_any_criterion():
+    from lightning_actprune import plan_from_kept
+
+    torch.manual_seed(0)
+    model = ARCHITECTURES["mlp_functional"]().eval()
+    x = torch.randn(40, 8)
+    recorder = record(model, x)
+    layers = find_prunable_layers(model, x)
+    moments = recorder.moments()
+    threshold_plan = plan_pruning(layers, moments, 0.2, model=model, compensate=True)
+    kept = {layer.name: layer.kept for layer in threshold_plan.layers}
+    plan = plan_from_kept(layers, kept, moments=moments, model=model, compensate=True)
+    assert plan.operations == threshold_plan.operations
+    assert plan.bias_updates == threshold_plan.bias_updates
+    by_magnitude = {"fc1": torch.topk(model.fc1.weight.norm(dim=1), 5).indices.tolist()}
+    plan = plan_from_kept(layers, by_magnitude)
+    assert [len(layer.kept) for layer in plan.layers] == [5, 12]
+    with pytest.raises(ActivationPruningError, match=r"`kept` for fc2 must be indices in \[0, 12\); got 0..12"):
+        plan_from_kept(layers, {"fc2": [0, 12]})
+    with pytest.raises(ActivationPruningError, match=r"`compensate=True` needs the model and the moments"):
+        plan_from_kept(layers, kept, compensate=True)
