@@ -159,11 +159,13 @@ class ActivationStatistics(Metric):
                 f"expected {self.num_neurons} neurons at dim {self.channel_dim}; got shape {tuple(activations.shape)}."
             )
         values = activations.detach().movedim(self.channel_dim, -1).reshape(-1, self.num_neurons)
-        values = values.to(self.total.dtype)
+        # one batch is summed in float32 or wider (bf16/fp16 are upcast), the running totals are float64
+        values = values.to(torch.promote_types(values.dtype, torch.float32))
+        absolute = values.abs()
         self.total += values.sum(0)
         self.total_squares += values.square().sum(0)
-        self.total_abs += values.abs().sum(0)
-        self.nonzero += (values != 0).sum(0)
+        self.total_abs += absolute.sum(0)
+        self.nonzero += absolute.sign().sum(0)  # on CPU several times faster than count_nonzero or (a != 0).sum
         self.count += values.shape[0]
 
     def compute(self) -> ActivationMoments:
@@ -214,8 +216,12 @@ class ActivationRecorder:
         self.metrics: dict[str, ActivationStatistics] = {}
         self.example_inputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._model_inputs: set[int] = set()
 
     def __enter__(self) -> ActivationRecorder:
+        # the model's own inputs are data, not any neuron's activation: measuring them would be wasted work
+        self._handles.append(self.model.register_forward_pre_hook(self._note_model_inputs, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._forget_model_inputs))
         for name, module in self.model.named_modules():
             if isinstance(module, MEASURED_TYPES):
                 self._handles.append(module.register_forward_pre_hook(self._measure_hook(name)))
@@ -230,7 +236,7 @@ class ActivationRecorder:
 
     def _measure_hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if not args or not isinstance(args[0], Tensor):
+            if not args or not isinstance(args[0], Tensor) or id(args[0]) in self._model_inputs:
                 return
             inputs = args[0]
             metric = self.metrics.get(name)
@@ -242,6 +248,13 @@ class ActivationRecorder:
             metric.update(inputs)
 
         return hook
+
+    def _note_model_inputs(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # ids are only compared while the call runs, when these tensors are alive and their ids unique
+        self._model_inputs = {id(v) for v in (*args, *kwargs.values()) if isinstance(v, Tensor)}
+
+    def _forget_model_inputs(self, *_: Any) -> None:
+        self._model_inputs = set()
 
     def _capture_hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

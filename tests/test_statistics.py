@@ -99,11 +99,22 @@ def test_recorder_measures_consumer_inputs_and_captures_examples():
 
 
 def test_recorder_rejects_nan_activations():
-    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2))
     with ActivationRecorder(model) as recorder, torch.no_grad():
         model(torch.tensor([[float("nan"), 1.0]]))
-    with pytest.raises(ValueError, match=r"NaN or Inf at the input of 0, 1"):
+    with pytest.raises(ValueError, match=r"NaN or Inf at the input of 1, 2"):
         recorder.check_finite()
+
+
+def test_recorder_does_not_measure_the_models_own_inputs():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    with ActivationRecorder(model) as recorder, torch.no_grad():
+        model(x)
+        model[0](x)  # the same tensor, now reaching the layer outside a call of the model: it is measured
+    assert set(recorder.metrics) == {"0", "2"}
+    assert recorder.moments()["0"].num_values.item() == 5
+    assert recorder.moments()["2"].num_values.item() == 5
 
 
 def test_neuron_statistic_rejects_unknown_name():
