@@ -85,3 +85,21 @@ def test_cli_fit_runs_the_example_end_to_end(tmp_path):
     assert len(rows) == 1
     assert float(rows[0]["actprune/params_after"]) < float(rows[0]["actprune/params_before"])
     assert list(tmp_path.glob("digits/version_*/events.out.tfevents.*"))
+
+
+def test_example_exports_an_ordinary_dense_network_to_onnx(tmp_path):
+    onnx = pytest.importorskip("onnx")  # in the `examples` extra
+    from digits import export
+
+    config = yaml.safe_load((ROOT / "examples" / "digits.yaml").read_text())
+    config["trainer"].update(max_epochs=3, enable_progress_bar=False, enable_model_summary=False, logger=False)
+    config["trainer"]["default_root_dir"] = str(tmp_path)
+    path = tmp_path / "input.yaml"  # LightningCLI saves its own config.yaml into the run directory
+    path.write_text(yaml.safe_dump(config))
+    cli = LightningCLI(DigitsMLP, DigitsDataModule, args=["fit", "--config", str(path)])
+    export(cli)
+    graph = onnx.load(str(tmp_path / "pruned.onnx")).graph
+    shapes = sorted(tuple(i.dims) for i in graph.initializer if len(i.dims) == 2)
+    expected = sorted(tuple(p.shape) for n, p in cli.model.net.named_parameters() if n.endswith("weight"))
+    assert shapes == expected
+    assert shapes != [(256, 64), (256, 256), (10, 256)]  # really pruned: not the full-size network
