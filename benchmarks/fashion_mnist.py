@@ -7,7 +7,8 @@ Run from the repository root (CPU only; 2 to 8 minutes on 2 shared cores, traini
 It trains an MLP 784-1024-1024-10 (ReLU, Adam lr 1e-3, batch 128, 10 epochs, seed 0) once and caches its weights
 under ``benchmarks/.cache/`` (git-ignored); every comparison starts from a deep copy of those weights. The last 10k
 training images are the validation set (statistics and re-validation); accuracy is measured on the 10k test set.
-No method is fine-tuned after pruning.
+No method is fine-tuned after pruning. Table 3 tests every setting of our options (statistic × compensate ×
+normalize) at each target reduction and names the setting the evidence recommends as the defaults.
 
 It rewrites the generated part of ``BENCHMARKS.md`` (between the ``benchmark:begin``/``benchmark:end`` markers; the
 text around them is kept) and ``docs/benchmark_accuracy_vs_params.png``, and stores every number in
@@ -42,7 +43,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning
 import lightning.pytorch as pl
@@ -60,8 +61,6 @@ from lightning_actprune import (
     ActivationMoments,
     ActivationPruning,
     ActivationRecorder,
-    LayerPlan,
-    ModulePruning,
     PrunableLayer,
     PruningPlan,
     ThresholdEvaluator,
@@ -70,6 +69,7 @@ from lightning_actprune import (
     find_prunable_layers,
     layer_scores,
     model_size_mb,
+    plan_from_kept,
     plan_pruning,
     threshold_for_reduction,
 )
@@ -310,6 +310,17 @@ class Evaluator:
         (result,) = self.trainer.test(model, datamodule=self.datamodule, verbose=False)
         return float(result["test_acc"])
 
+    def test_correct(self, model: nn.Module) -> Tensor:
+        """Whether each test example is classified correctly (in order); its mean is the test accuracy.
+
+        A plain forward over the test loader, not ``trainer.test``: the paired comparisons of table 3 need the
+        examples, not only their mean (which is the same number ``trainer.test`` logs).
+        """
+        self.calls += 1
+        model.eval()
+        with torch.inference_mode():
+            return torch.cat([model(x).argmax(-1) == y for x, y in self.datamodule.test_dataloader()])
+
     def validate(self, model: pl.LightningModule) -> dict[str, float]:
         """One plain validation pass; returns the logged metrics."""
         (result,) = self.trainer.validate(model, datamodule=self.datamodule, verbose=False)
@@ -366,47 +377,26 @@ def ours_at_reduction(
     statistic: str,
     target: float,
     compensate: bool = False,
+    normalize: bool = False,
 ) -> tuple[float, PruningPlan, int]:
     """Our plan that removes at least ``target`` of the parameters, with the first λ that does.
 
-    λ comes from the package's :func:`lightning_actprune.threshold_for_reduction` (bisection over the distinct
-    scores, pruning and restoring a copy of ``model`` at each step); the plan is then applied to another copy
-    and its parameters counted. ``compensate`` folds the removed neurons' mean activations into their consumers'
-    biases (it changes no parameter count, so λ is the same as without).
+    λ comes from the package's :func:`lightning_actprune.threshold_for_reduction` on a
+    :class:`~lightning_actprune.ThresholdEvaluator` with the same options (bisection over the distinct scores,
+    pruning and restoring a copy of ``model`` at each step); the plan is then applied to another copy and its
+    parameters counted. ``compensate`` folds the removed neurons' mean activations into their consumers' biases (it
+    changes no parameter count, so λ is the same as without); ``normalize`` standardises the scores per layer (λ is
+    then in standard deviations and may be negative).
 
     Returns:
         λ, its plan and the pruned model's parameter count.
     """
     evaluator = ThresholdEvaluator(
-        copy.deepcopy(model), layers, moments, statistic, min_neurons=1, compensate=compensate
+        copy.deepcopy(model), layers, moments, statistic, min_neurons=1, compensate=compensate, normalize=normalize
     )
     threshold = threshold_for_reduction(evaluator, target)
-    plan = plan_pruning(layers, moments, threshold, statistic, model=model, compensate=compensate)
+    plan = plan_pruning(layers, moments, threshold, statistic, model=model, compensate=compensate, normalize=normalize)
     return threshold, plan, count_parameters(pruned_copy(model, plan))
-
-
-def plan_from_kept(layers: Sequence[PrunableLayer], kept: Mapping[str, Sequence[int]], label: str) -> PruningPlan:
-    """A :class:`PruningPlan` that keeps the given neurons of every layer (any criterion, not a threshold).
-
-    The operations come from each layer's :attr:`PrunableLayer.slices`, exactly as :func:`plan_pruning` builds
-    them; the plan's ``threshold`` is NaN and its ``statistic`` is ``label``.
-    """
-    plans: list[LayerPlan] = []
-    removals: dict[tuple[str, str], set[int]] = defaultdict(set)
-    for layer in layers:
-        keep = tuple(sorted({int(i) for i in kept[layer.name]}))
-        plans.append(LayerPlan(layer.name, layer.neurons, keep))
-        removed = set(range(layer.neurons)) - set(keep)
-        for piece in layer.slices:
-            removals[(piece.module, piece.dim)].update(
-                index for index, neuron in zip(piece.indices, piece.neurons, strict=True) if neuron in removed
-            )
-    operations = tuple(
-        ModulePruning(module, dim, tuple(sorted(indices)))  # type: ignore[arg-type]
-        for (module, dim), indices in removals.items()
-        if indices
-    )
-    return PruningPlan(math.nan, label, tuple(plans), operations)
 
 
 def _top(scores: Tensor, count: int) -> list[int]:
@@ -665,6 +655,32 @@ def _measure_cost(
 # ------------------------------------------------------------------------------------------------------ the benchmark
 
 
+class Variant(NamedTuple):
+    """One setting of our options: the statistic, bias compensation, per-layer normalisation of the scores."""
+
+    statistic: str
+    compensate: bool = False
+    normalize: bool = False
+
+    @property
+    def label(self) -> str:
+        """The options as text: ``"mean"``, ``"mean, compensate"``, ``"std, compensate, normalize"``."""
+        return ", ".join([self.statistic] + ["compensate"] * self.compensate + ["normalize"] * self.normalize)
+
+    def distance(self, seed: Variant) -> int:
+        """How many of the three settings differ from ``seed``'s: the rule's measure of simplicity."""
+        return (
+            (self.statistic != seed.statistic)
+            + (self.compensate != seed.compensate)
+            + (self.normalize != seed.normalize)
+        )
+
+
+def option_grid(statistics: Sequence[str]) -> list[Variant]:
+    """Every statistic × compensate × normalize, the seed's settings (no compensation, raw scores) first."""
+    return [Variant(s, c, n) for s in statistics for c in (False, True) for n in (False, True)]
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """What the benchmark measures; the defaults are the published run."""
@@ -681,6 +697,7 @@ class Settings:
     latency_iterations: dict[int, int] = dataclasses.field(default_factory=lambda: {1: 50, 256: 3})
     speed_rounds: int = 40
     cost_repeats: int = 7
+    noise_z: float = 1.96
 
 
 @dataclasses.dataclass
@@ -724,25 +741,30 @@ def compare_at_reduction(
     target: float,
     settings: Settings,
     example_input: Tensor,
+    extra_variants: Sequence[Variant] = (),
 ) -> list[tuple[MethodRow, nn.Module]]:
     """Every method at (about) the same parameter reduction, each from a copy of the trained ``model``.
 
-    Ours: λ per statistic by :func:`ours_at_reduction`. The alternatives match ``mean``'s result: Lightning's
-    ``l1_unstructured`` zeroes as many parameters as ``mean`` removed; ``ln_structured``, Torch-Pruning's
-    magnitude importance and random removal keep ``mean``'s per-layer widths.
+    Ours: λ per statistic (and per ``extra_variants``) by :func:`ours_at_reduction`. The alternatives match
+    ``mean``'s result: Lightning's ``l1_unstructured`` zeroes as many parameters as ``mean`` removed;
+    ``ln_structured``, Torch-Pruning's magnitude importance (with and without bias compensation) and random
+    removal keep ``mean``'s per-layer widths.
     """
     rows: list[tuple[MethodRow, nn.Module]] = []
     before = count_parameters(model)
     reference: PruningPlan | None = None
     reference_params = before
-    variants = [(s, False) for s in settings.statistics] + [(s, True) for s in settings.compensated_statistics]
-    for statistic, compensate in variants:
-        threshold, plan, params = ours_at_reduction(model, layers, moments, statistic, target, compensate)
+    variants = [Variant(s) for s in settings.statistics] + [Variant(s, True) for s in settings.compensated_statistics]
+    variants += [v for v in extra_variants if v not in variants]
+    for variant in variants:
+        threshold, plan, params = ours_at_reduction(
+            model, layers, moments, variant.statistic, target, variant.compensate, variant.normalize
+        )
         pruned = pruned_copy(model, plan)
         accuracy = evaluator.test_accuracy(pruned)
-        method = f"ours ({statistic}{', compensate' if compensate else ''})"
+        method = f"ours ({variant.label})"
         rows.append(_row(target, method, "ours", pruned, accuracy, threshold=threshold, widths=widths_of(plan)))
-        if (statistic == settings.seed_statistic and not compensate) or reference is None:
+        if variant == Variant(settings.seed_statistic) or reference is None:
             reference, reference_params = plan, params
     assert reference is not None
     widths = widths_of(reference)
@@ -763,22 +785,24 @@ def compare_at_reduction(
             )
         )
     for norm in (1, 2):
-        plan = plan_from_kept(layers, magnitude_kept(model, layers, widths, example_input, norm), f"magnitude L{norm}")
-        pruned = pruned_copy(model, plan)
-        rows.append(
-            _row(
-                target,
-                f"Torch-Pruning magnitude L{norm}",
-                "magnitude",
-                pruned,
-                evaluator.test_accuracy(pruned),
-                widths=widths,
+        kept = magnitude_kept(model, layers, widths, example_input, norm)
+        for compensate in (False, True):
+            plan = plan_from_kept(layers, kept, moments=moments, model=model, compensate=compensate)
+            pruned = pruned_copy(model, plan)
+            rows.append(
+                _row(
+                    target,
+                    f"Torch-Pruning magnitude L{norm}{' + compensate' if compensate else ''}",
+                    "magnitude",
+                    pruned,
+                    evaluator.test_accuracy(pruned),
+                    widths=widths,
+                )
             )
-        )
     accuracies = []
     first: nn.Module | None = None
     for seed in settings.random_seeds:
-        pruned = pruned_copy(model, plan_from_kept(layers, random_kept(layers, widths, seed), "random"))
+        pruned = pruned_copy(model, plan_from_kept(layers, random_kept(layers, widths, seed)))
         accuracies.append(evaluator.test_accuracy(pruned))
         if first is None:
             first = pruned
@@ -796,6 +820,119 @@ def compare_at_reduction(
         )
     )
     return rows
+
+
+@dataclasses.dataclass
+class GridRow:
+    """One setting of our options at one target reduction (table 3)."""
+
+    target: float
+    statistic: str
+    compensate: bool
+    normalize: bool
+    threshold: float
+    params: int
+    widths: dict[str, int]
+    test_acc: float
+
+
+def grid_at_reduction(
+    model: nn.Module,
+    layers: Sequence[PrunableLayer],
+    moments: Mapping[str, ActivationMoments],
+    evaluator: Evaluator,
+    target: float,
+    variants: Sequence[Variant],
+) -> list[tuple[GridRow, Tensor]]:
+    """Every variant at ``target``: λ from a ``ThresholdEvaluator`` with its options, applied to a copy, tested.
+
+    Returns:
+        Per variant, its row and which test examples the pruned model classifies correctly.
+    """
+    rows: list[tuple[GridRow, Tensor]] = []
+    for variant in variants:
+        threshold, plan, params = ours_at_reduction(
+            model, layers, moments, variant.statistic, target, variant.compensate, variant.normalize
+        )
+        correct = evaluator.test_correct(pruned_copy(model, plan))
+        row = GridRow(target, *variant, threshold, params, widths_of(plan), float(correct.float().mean()))
+        rows.append((row, correct))
+    return rows
+
+
+def summarize_grid(rows: Sequence[tuple[GridRow, Tensor]], seed: Variant, z: float = 1.96) -> dict[str, Any]:
+    """Each variant's accuracy averaged over the targets, compared with the best and the seed's, and the choice.
+
+    The comparisons are paired on the test examples: for variants ``a`` and ``b``, example ``i`` contributes
+    ``d_i`` = (times ``a`` got it right − times ``b`` did) / number of targets, so the difference of the mean
+    accuracies is ``mean(d)`` and its standard error ``std(d) / sqrt(n)``. That is the test-set sampling noise
+    (the same trained model, the same statistics); it says nothing about another training seed.
+
+    The rule: the variant with the best mean accuracy, unless variants within noise of it (difference at most
+    ``z`` standard errors) exist that are closer to ``seed`` (fewer of statistic, compensate, normalize changed);
+    then the closest of those, the most accurate among equally close ones.
+
+    Returns:
+        Plain data: ``variants`` (per variant: the accuracy per target, the mean, the difference to the best and
+        to the seed with their standard errors, ``within_noise``, ``distance`` from the seed, and per target the
+        gap to that target's best), ``best``, ``recommended``, ``seed``, ``z``, ``test_examples`` and ``rule``.
+    """
+    scores: dict[Variant, list[Tensor]] = defaultdict(list)
+    accuracy: dict[Variant, dict[str, float]] = defaultdict(dict)
+    per_target: dict[str, dict[Variant, Tensor]] = defaultdict(dict)
+    for row, correct in rows:
+        variant = Variant(row.statistic, row.compensate, row.normalize)
+        scores[variant].append(correct.double())
+        accuracy[variant][str(row.target)] = row.test_acc
+        per_target[str(row.target)][variant] = correct.double()
+    per_example = {variant: torch.stack(values).mean(0) for variant, values in scores.items()}
+    means = {variant: float(score.mean()) for variant, score in per_example.items()}
+    best = max(means, key=lambda v: (means[v], -v.distance(seed)))
+    best_at = {t: max(accuracy, key=lambda v: (accuracy[v][t], -v.distance(seed))) for t in per_target}
+
+    def paired(a: Tensor, b: Tensor) -> tuple[float, float]:
+        difference = a - b
+        return float(difference.mean()), float(difference.std() / math.sqrt(len(difference)))
+
+    summary = []
+    for variant in per_example:
+        gap, gap_se = paired(per_example[best], per_example[variant])
+        gain, gain_se = paired(per_example[variant], per_example[seed]) if seed in per_example else (math.nan, math.nan)
+        below_target_best = {
+            t: dict(zip(("gap", "se"), paired(correct[best_at[t]], correct[variant]), strict=True))
+            | {"best": best_at[t].label}
+            for t, correct in per_target.items()
+        }
+        summary.append(
+            {
+                **variant._asdict(),
+                "label": variant.label,
+                "test_acc": accuracy[variant],
+                "mean_test_acc": means[variant],
+                "below_best": gap,
+                "below_best_se": gap_se,
+                "within_noise": gap <= z * gap_se,
+                "over_seed": gain,
+                "over_seed_se": gain_se,
+                "distance": variant.distance(seed),
+                "below_target_best": below_target_best,
+            }
+        )
+    eligible = [s for s in summary if s["within_noise"]]
+    chosen = min(eligible, key=lambda s: (s["distance"], -s["mean_test_acc"]))
+    return {
+        "variants": summary,
+        "best": best.label,
+        "recommended": chosen["label"],
+        "seed": seed.label,
+        "z": z,
+        "test_examples": len(next(iter(per_example.values()))),
+        "rule": (
+            "the best accuracy averaged over the targets, unless a setting closer to the seed's (fewer of statistic,"
+            f" compensate, normalize changed) is within {z:g} paired standard errors of it; then the closest such"
+            " setting, the most accurate among equally close ones"
+        ),
+    }
 
 
 def run_benchmark(
@@ -846,10 +983,25 @@ def run_benchmark(
         log(f"λ={threshold:g}: {params:,} parameters (-{1 - params / before:.1%}), test accuracy {accuracy:.4f}")
     marked = next((r for r in seed_rows if r["reduction"] >= settings.marked_reduction), None)
 
+    grid: list[tuple[GridRow, Tensor]] = []
+    for target in settings.targets:
+        grid += grid_at_reduction(model, layers, moments, evaluator, target, option_grid(settings.statistics))
+        log(f"target -{target:.0%}: {len(settings.statistics) * 4} settings of our options tested")
+    seed = Variant(settings.seed_statistic)
+    choice = summarize_grid(grid, seed, settings.noise_z)
+    recommended = next(
+        Variant(v["statistic"], v["compensate"], v["normalize"])
+        for v in choice["variants"]
+        if v["label"] == choice["recommended"]
+    )
+    log(f"best mean over the targets: {choice['best']}; recommended: {choice['recommended']}")
+
     comparison: list[MethodRow] = []
     latency_iterations = settings.latency_iterations
     for target in sorted({*settings.targets, *settings.plot_targets}):
-        pairs = compare_at_reduction(model, layers, moments, evaluator, target, settings, example_input)
+        pairs = compare_at_reduction(
+            model, layers, moments, evaluator, target, settings, example_input, extra_variants=[recommended]
+        )
         if target in settings.targets:
             models = {"unpruned": model, **{row.method: pruned for row, pruned in pairs}}
             per_batch = {
@@ -864,6 +1016,19 @@ def run_benchmark(
         comparison.extend(row for row, _ in pairs)
         best = max((row for row, _ in pairs), key=lambda r: r.test_acc)
         log(f"target -{target:.0%}: best {best.method} at {best.test_acc:.4f}")
+
+    # table 2 tests with trainer.test, table 3 with a plain forward: the same settings must give the same numbers
+    grid_accuracy = {
+        (f"ours ({Variant(r.statistic, r.compensate, r.normalize).label})", r.target): r.test_acc for r, _ in grid
+    }
+    mismatches = [
+        f"{row.method} at -{row.target:.0%}: {row.test_acc} vs {grid_accuracy[row.method, row.target]}"
+        for row in comparison
+        if (row.method, row.target) in grid_accuracy
+        and abs(row.test_acc - grid_accuracy[row.method, row.target]) > 1e-6
+    ]
+    if mismatches:
+        log(f"WARNING: tables 2 and 3 disagree: {'; '.join(mismatches)}")
 
     speed_models: dict[str, nn.Module] = {"unpruned": model}
     speed_params: dict[str, int] = {"unpruned": before}
@@ -911,6 +1076,9 @@ def run_benchmark(
         "seed_table": seed_rows,
         "marked": marked,
         "comparison": [dataclasses.asdict(row) for row in comparison],
+        "grid": [dataclasses.asdict(row) for row, _ in grid],
+        "choice": choice,
+        "table_mismatches": mismatches,
         "speed": speed,
         "cost": cost,
         "test_evaluations": evaluator.calls,
@@ -963,6 +1131,103 @@ def _mb(size: float) -> str:
 
 def _widths(widths: Mapping[str, int] | None) -> str:
     return "-" if not widths else " / ".join(str(w) for w in widths.values())
+
+
+def _grid_lines(results: Mapping[str, Any]) -> list[str]:
+    """Table 3: every setting of our options at every target, the best per column, and the rule's choice."""
+    settings, choice = results["settings"], results["choice"]
+    targets = [str(t) for t in settings["targets"]]
+    variants = choice["variants"]
+    best_per_target = {t: max(v["test_acc"][t] for v in variants) for t in targets}
+    best_mean = max(v["mean_test_acc"] for v in variants)
+    rank = {v["label"]: i + 1 for i, v in enumerate(sorted(variants, key=lambda v: -v["mean_test_acc"]))}
+    z = choice["z"]
+
+    def cell(value: float, best: float) -> str:
+        return f"**{_acc(value)}**" if round(100 * value, 2) == round(100 * best, 2) else _acc(value)
+
+    def yes(flag: bool) -> str:
+        return "yes" if flag else "no"
+
+    lines = [
+        "### 3. Choosing the defaults: each statistic ± compensation ± normalize, at equal reduction",
+        "",
+        f"Every setting of `statistic` × `compensate` × `normalize` ({len(variants)} settings) at each target: λ from"
+        " `threshold_for_reduction` on a `ThresholdEvaluator` with those options (with `normalize`, λ is in"
+        " standard deviations of the layer's scores and may be negative), the plan applied to a deep copy of the"
+        " trained model, test accuracy in %. **Bold**: the best of the column. *mean*: the accuracy averaged over"
+        f" the {len(targets)} targets. *below best*: how far that mean is below the best setting's, in points, ± one"
+        f" paired standard error over the {choice['test_examples']:,} test examples (each example counts the targets"
+        " at which one setting got it"
+        " right and the other did not; this is the test-set sampling noise of one trained model, not the noise of"
+        " another training seed). The Torch-Pruning rows at the bottom are for reference (`mean`'s widths per"
+        " target, as in table 2, with and without `plan_from_kept(..., compensate=True)`); they are not options of"
+        " the callback.",
+        "",
+        f"**Rule for the defaults**: {choice['rule']}.",
+        "",
+        "| rank | statistic | compensate | normalize | "
+        + " | ".join(f"−{float(t):.0%}" for t in targets)
+        + " | mean | below best (± SE) |",
+        "| ---: | :--- | :---: | :---: | " + " | ".join("---:" for _ in targets) + " | ---: | ---: |",
+    ]
+    for v in variants:
+        label = v["label"]
+        marks = [
+            word for word, name in (("best", choice["best"]), ("recommended", choice["recommended"])) if name == label
+        ]
+        flag = f" ◀ **{', '.join(marks)}**" if marks else ""
+        below = "-" if label == choice["best"] else f"{100 * v['below_best']:.2f} ± {100 * v['below_best_se']:.2f}"
+        if not v["within_noise"]:
+            below += " *"
+        lines.append(
+            f"| {rank[label]} | `{v['statistic']}`{flag} | {yes(v['compensate'])} | {yes(v['normalize'])} | "
+            + " | ".join(cell(v["test_acc"][t], best_per_target[t]) for t in targets)
+            + f" | {cell(v['mean_test_acc'], best_mean)} | {below} |"
+        )
+    reference: dict[str, dict[str, float]] = defaultdict(dict)
+    for row in results["comparison"]:
+        if row["family"] == "magnitude" and str(row["target"]) in targets:
+            reference[row["method"]][str(row["target"])] = row["test_acc"]
+    for method, accuracy in reference.items():
+        lines.append(
+            f"| - | {method} | {yes(method.endswith('compensate'))} | - | "
+            + " | ".join(_acc(accuracy[t]) for t in targets)
+            + f" | {_acc(stats.fmean(accuracy[t] for t in targets))} | - |"
+        )
+    chosen = next(v for v in variants if v["label"] == choice["recommended"])
+    best = next(v for v in variants if v["label"] == choice["best"])
+    seed = next((v for v in variants if v["label"] == choice["seed"]), None)
+    # ties share the better rank
+    per_target_rank = [1 + sum(w["test_acc"][t] > chosen["test_acc"][t] for w in variants) for t in targets]
+    lines += [
+        "",
+        f"\\* more than {z:g} standard errors below the best. Unpruned: {_acc(results['baseline']['test_acc'])}%.",
+        "",
+        f"**Best mean over the targets: `{choice['best']}`**, {_acc(best['mean_test_acc'])}%."
+        + (
+            f" **Recommended by the rule: `{choice['recommended']}`**, {_acc(chosen['mean_test_acc'])}%"
+            f" ({100 * chosen['below_best']:.2f} ± {100 * chosen['below_best_se']:.2f} below the best)."
+            if choice["recommended"] != choice["best"]
+            else " It is also the rule's choice."
+        )
+        + (
+            f" Against the seed's `{choice['seed']}` ({_acc(seed['mean_test_acc'])}%):"
+            f" {100 * chosen['over_seed']:+.2f} ± {100 * chosen['over_seed_se']:.2f} points on the mean."
+            if seed is not None and seed is not chosen
+            else ""
+        )
+        + f" Its rank per target ({', '.join(f'−{float(t):.0%}' for t in targets)}): "
+        + ", ".join(f"{r} of {len(variants)}" for r in per_target_rank)
+        + "."
+        + "".join(
+            f" At −{float(t):.0%} it is {100 * gap['gap']:.2f} ± {100 * gap['se']:.2f} points below `{gap['best']}`."
+            for t, gap in chosen["below_target_best"].items()
+            if gap["best"] != chosen["label"]
+        ),
+        "",
+    ]
+    return lines
 
 
 def render_markdown(results: Mapping[str, Any]) -> str:
@@ -1036,7 +1301,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         "- **ours (statistic)**: the package's plain functions; λ per target from its `threshold_for_reduction`"
         " (bisection on the pruned model's parameter count: the first λ that removes at least the target), in the"
         " statistic's own unit. **ours (mean, compensate)**: the same neurons as `mean`, with each removed neuron's"
-        " mean validation activation folded into its consumer's bias (`plan_pruning(..., compensate=True)`).",
+        " mean validation activation folded into its consumer's bias (`plan_pruning(..., compensate=True)`)."
+        f" **ours ({results['choice']['recommended']})**: the setting table 3 recommends.",
         "- **ModelPruning l1_unstructured**: Lightning's callback, global over every Linear weight and bias, zeroing"
         " as many values as ours (`mean`) removed. **ln_structured**: the same callback on the same hidden layers,"
         " zeroing the rows of the same number of neurons per layer (L2 norm); the bias and the next layer's"
@@ -1045,7 +1311,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         ' parameter count, file and latency do not change (the columns say so); "nonzero" is what they reduce.',
         "- **Torch-Pruning magnitude L1/L2**: `tp.importance.GroupMagnitudeImportance(p)` over each neuron's group"
         " (its row and its column in the next layer); the same per-layer widths as ours (`mean`); the"
-        " lowest-importance neurons are removed with the same surgery.",
+        " lowest-importance neurons are removed with the same surgery. **+ compensate**: the same neurons, with"
+        " their mean activations folded into the next layer's bias (`plan_from_kept(..., compensate=True)`).",
         "- **random**: the same widths, neurons drawn at random; mean ± std over"
         f" {len(settings['random_seeds'])} seeds (the size/latency columns are seed 0's model).",
         "- Latency: median ms per forward (`torch.inference_mode`), all models of one target measured side by side"
@@ -1080,6 +1347,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         "",
         "![test accuracy vs parameters kept](docs/benchmark_accuracy_vs_params.png)",
         "",
+        *_grid_lines(results),
     ]
     cost = results["cost"]
     median = cost["median_seconds"]
@@ -1088,7 +1356,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     extra_mb = (memory["statistics"] - memory["plain"]) / 1e6
     analysis = median["analysis_plan_surgery"]
     lines += [
-        "### 3. Cost of pruning",
+        "### 4. Cost of pruning",
         "",
         f"One process, {cost['repeats']} rounds in rotating order, medians; a Trainer whose `fit` ran (zero"
         " epochs, so its validation data are the fit's), the trained weights, the validation set"
@@ -1111,14 +1379,13 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         "",
         f"Memory of the statistics: the metric states hold **{sum(state_bytes.values()):,} bytes** in all ("
         + ", ".join(f"`{k}` {v:,}" for k, v in state_bytes.items())
-        + "; four float64 sums per input feature of every Linear, and a count). The transient peak is larger:"
+        + "; four float64 sums per input feature of every measured layer, and a count). The transient peak is larger:"
         f" over one validation batch of {memory['batch']:,}, the most memory held through PyTorch's allocator"
         f" (torch.profiler allocation events) is {memory['plain'] / 1e6:.1f} MB for the plain forward and"
-        f" {memory['statistics'] / 1e6:.1f} MB with the recorder, **+{extra_mb:.1f} MB** (the float64 copy of each"
-        " layer input and its temporaries). The process RSS does not show it: the allocator reuses freed memory"
-        " between passes.",
+        f" {memory['statistics'] / 1e6:.1f} MB with the recorder, **+{extra_mb:.1f} MB** (the recorder's per-batch"
+        " temporaries). The process RSS does not show it: the allocator reuses freed memory between passes.",
         "",
-        "### 4. Speed of the pruned model",
+        "### 5. Speed of the pruned model",
         "",
         f"Median of {settings['speed_rounds']} rounds, models measured side by side; ratios are pruned / unpruned"
         " for latency (lower is better) and throughput (higher is better), next to the parameter ratio.",
@@ -1149,7 +1416,7 @@ def write_markdown(path: Path, generated: str) -> None:
 PALETTE = {
     "ours": ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:olive", "navy", "gold"],
     "masked": ["tab:brown", "tab:pink"],
-    "magnitude": ["tab:cyan", "teal"],
+    "magnitude": ["tab:cyan", "teal", "deepskyblue", "darkslategray"],
     "random": ["gray"],
 }
 STYLE = {"ours": ("-", "o"), "masked": (":", "x"), "magnitude": ("--", "s"), "random": ("-.", "v")}
