@@ -119,7 +119,7 @@ def main(out: Path) -> None:
 
     pl.seed_everything(0)
     seen: dict[str, Any] = {}
-    pruning = ActivationPruning(threshold=THRESHOLD, monitor="val_acc", sweep=SWEEP)
+    pruning = ActivationPruning(threshold=THRESHOLD, statistic="mean", monitor="val_acc", sweep=SWEEP)
     model = Classifier(MLPModule())
     trainer = trainer_for(out, Record(seen), pruning)
     trainer.fit(model, *loaders())

@@ -108,7 +108,7 @@ def test_fit_leaves_trainer_state_as_fit_does(tmp_path):
 def test_summary_is_printed_once_with_layer_counts(tmp_path, caplog):
     pl.seed_everything(0)
     train, val = loaders((8,))
-    trainer = trainer_for(tmp_path, ActivationPruning(threshold=0.2))
+    trainer = trainer_for(tmp_path, ActivationPruning(threshold=0.2, statistic="mean"))
     with caplog.at_level("INFO"):
         trainer.fit(Classifier(ARCHITECTURES["mlp_modules"]()), train, val)
     text = caplog.text
@@ -157,11 +157,13 @@ def test_unknown_monitor_leaves_model_unchanged(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"threshold": -0.1}, r"`threshold` must be a finite number >= 0; got -0.1"),
-        ({"threshold": float("nan")}, r"`threshold` must be a finite number >= 0; got nan"),
-        ({"threshold": float("inf")}, r"`threshold` must be a finite number >= 0; got inf"),
-        ({"threshold": "0.4"}, r"`threshold` must be a finite number >= 0; got '0.4'"),
-        ({"threshold": True}, r"`threshold` must be a finite number >= 0; got True"),
+        ({"threshold": -0.1, "statistic": "mean"}, r"`threshold` must be a finite number >= 0; got -0.1"),
+        ({"threshold": float("nan"), "statistic": "mean"}, r"`threshold` must be a finite number >= 0; got nan"),
+        ({"threshold": float("inf"), "normalize": False}, r"`threshold` must be a finite number >= 0; got inf"),
+        ({"threshold": "0.4", "statistic": "rms"}, r"`threshold` must be a finite number >= 0; got '0.4'"),
+        ({"threshold": True, "statistic": "std"}, r"`threshold` must be a finite number >= 0; got True"),
+        ({"threshold": float("nan")}, r"`threshold` must be a finite number; got nan"),  # normalised: any sign
+        ({"threshold": 0.1, "normalize": "yes"}, r"`normalize` must be True, False or None \(automatic\); got 'yes'"),
         (
             {"threshold": 0.1, "statistic": "median"},
             r"`statistic` can be one of mean, mean_abs, rms, nonzero_fraction, std, fluctuation; got 'median'",
@@ -184,7 +186,7 @@ def test_unknown_monitor_leaves_model_unchanged(tmp_path):
         ({"target_params_reduction": 0}, r"`target_params_reduction` must be in \(0, 1\); got 0"),
         ({"threshold": 0.1, "mode": "maximize"}, r"`mode` can be one of max, min; got 'maximize'"),
         ({"threshold": 0.1, "sweep": []}, r"`sweep` must be a non-empty list of thresholds; got \[\]"),
-        ({"threshold": 0.1, "sweep": [0.1, -1]}, r"`sweep` must be a finite number >= 0; got -1"),
+        ({"threshold": 0.1, "sweep": [0.1, -1], "statistic": "mean"}, r"`sweep` must be a finite number >= 0; got -1"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):
@@ -218,8 +220,11 @@ def test_compensate_through_the_callback_matches_the_mean_oracle(tmp_path):
 
 
 def test_normalize_allows_a_negative_threshold_and_only_then():
-    assert ActivationPruning(threshold=-0.5, normalize=True).threshold == -0.5
+    assert ActivationPruning(threshold=-0.5, statistic="mean", normalize=True).threshold == -0.5
+    assert ActivationPruning(threshold=-0.5).threshold == -0.5  # the default fluctuation is normalised
     with pytest.raises(ActivationPruningError, match=r"`threshold` must be a finite number >= 0; got -0.5"):
-        ActivationPruning(threshold=-0.5)
+        ActivationPruning(threshold=-0.5, statistic="mean")
+    with pytest.raises(ActivationPruningError, match=r"`threshold` must be a finite number >= 0; got -0.5"):
+        ActivationPruning(threshold=-0.5, normalize=False)
     with pytest.raises(ActivationPruningError, match=r"`compensate` must be True or False; got 1"):
         ActivationPruning(threshold=0.1, compensate=1)

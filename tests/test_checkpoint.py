@@ -103,7 +103,7 @@ def pruned(tmp_path_factory):
     pl.seed_everything(0)
     train, val = loaders((8,))
     model = EvalClassifier(MLPModule())
-    pruning = ActivationPruning(threshold=0.2, min_neurons=2)
+    pruning = ActivationPruning(threshold=0.2, statistic="mean", min_neurons=2)
     checkpoint = ModelCheckpoint(dirpath=root / "ckpt", monitor="val_acc", mode="max", save_last=True)
     trainer = fit_trainer(root, pruning, checkpoint)
     trainer.fit(model, train, val)
