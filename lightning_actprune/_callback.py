@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -341,7 +342,15 @@ class ActivationPruning(Callback):
             raise ActivationPruningError(f"`monitor={self.monitor!r}` is not a validation metric; logged: {logged}.")
         moments = reduced_moments(trainer, recorder)  # summed over every rank's shard, the same on every rank
         recorder.check_finite()
-        layers = find_prunable_layers(pl_module, self._example_inputs(pl_module, recorder), self.layers, self.exclude)
+        with warnings.catch_warnings(record=True) as skipped:  # re-issued once, on rank zero
+            warnings.simplefilter("always")
+            layers = find_prunable_layers(
+                pl_module, self._example_inputs(pl_module, recorder), self.layers, self.exclude
+            )
+        for warning in skipped:
+            rank_zero_warn(str(warning.message))
+        if getattr(trainer, "fast_dev_run", False):  # set by the Trainer at init, not declared on the class
+            rank_zero_info("ActivationPruning: `fast_dev_run` validates one batch; the statistics come from it alone.")
         if not layers:
             rank_zero_info(f"ActivationPruning: {type(pl_module).__name__} has no prunable layer; nothing changed.")
             return None

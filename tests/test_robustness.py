@@ -308,11 +308,13 @@ def test_interrupted_fit_prunes_nothing(tmp_path):
 # --- trainer settings ----------------------------------------------------------------------------------------------
 
 
-def test_fast_dev_run_prunes_on_its_one_batch_and_logger_false_does_not_crash():
+def test_fast_dev_run_prunes_on_its_one_batch_and_logger_false_does_not_crash(caplog):
     from tests.helpers import MLPModule
 
     model, pruning = Classifier(MLPModule()), ActivationPruning(threshold=0.2)
-    run(model, pruning, fast_dev_run=True)
+    with caplog.at_level("INFO"):
+        run(model, pruning, fast_dev_run=True)
+    assert "`fast_dev_run` validates one batch; the statistics come from it alone" in caplog.text
     assert pruning.result is not None
     assert pruning.result.plan.neurons_after <= pruning.result.plan.neurons_before
 
@@ -412,3 +414,21 @@ def test_compiled_submodule_is_pruned_as_the_eager_module_with_a_notice():
     assert pruning.result.params_after < pruning.result.params_before
     keep.model.net = keep.model.net._orig_mod  # the copy taken before pruning is still compiled
     assert_oracle(model, keep, pruning, VAL_X)
+
+
+def test_keyboard_interrupt_prunes_nothing_and_writes_nothing(tmp_path):
+    from tests.helpers import MLPModule
+
+    class Interrupted(Classifier):
+        def training_step(self, batch, batch_idx):
+            if self.current_epoch == 1:
+                raise KeyboardInterrupt
+            return super().training_step(batch, batch_idx)
+
+    model, pruning = Interrupted(MLPModule()), ActivationPruning(threshold=0.2)
+    with pytest.raises(SystemExit):  # Lightning's graceful shutdown on Ctrl+C
+        run(model, pruning, default_root_dir=tmp_path)
+    assert pruning.result is None
+    assert model.net.net[0].out_features == 16
+    assert not list(tmp_path.rglob("pruned.ckpt"))
+    assert not list(tmp_path.rglob("actprune*"))
