@@ -34,10 +34,9 @@ def fit(tmp_path, pruning, architecture="mlp_functional", **kwargs):
         accelerator="cpu",
         logger=[CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")],
         enable_checkpointing=False,
-        enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[counter, pruning],
-        **kwargs,
+        **{"enable_progress_bar": False, **kwargs},
     )
     model = Classifier(ARCHITECTURES[architecture](), lr=0.2)
     train, val = loaders((8,))
@@ -138,3 +137,17 @@ def test_threshold_for_reduction_is_minimal_and_models_are_restored_between_thre
         assert torch.equal(tensor, state[name]), name
     with pytest.raises(ValueError, match=r"`target_params_reduction=0.999` is out of reach"):
         threshold_for_reduction(evaluator, 0.999)
+
+
+@pytest.mark.parametrize("progress_bar", [True, False])
+def test_sweep_says_which_threshold_of_how_many_unless_the_progress_bar_is_off(tmp_path, caplog, progress_bar):
+    pruning = ActivationPruning(threshold=0.1, statistic="mean", sweep=[0.0, 0.1, 0.3])
+    with caplog.at_level("INFO"):
+        fit(tmp_path, pruning, enable_progress_bar=progress_bar)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ActivationPruning sweep:")]
+    expected = [
+        "ActivationPruning sweep: λ=0 (1/3)",
+        "ActivationPruning sweep: λ=0.1 (2/3)",
+        "ActivationPruning sweep: λ=0.3 (3/3)",
+    ]
+    assert lines == (expected if progress_bar else [])
