@@ -49,7 +49,7 @@ from lightning_actprune._report import (
     plot_sweep,
     write_sweep_files,
 )
-from lightning_actprune._statistics import MEASURED_TYPES, STATISTICS, ActivationRecorder, Statistic
+from lightning_actprune._statistics import MEASURED_TYPES, ActivationRecorder, Statistic, _check_statistic
 from lightning_actprune._surgery import ModuleSnapshot, apply_plan
 from lightning_actprune._sweep import (
     ThresholdEvaluator,
@@ -95,7 +95,7 @@ class ActivationPruning(Callback):
 
     λ is chosen in exactly one of three ways: ``threshold`` applies the given λ; ``max_metric_drop`` applies the
     λ with the largest parameter reduction whose ``monitor`` got worse by at most that much (among ``sweep``, or
-    found by bisection over the distinct scores in ``1 + ceil(log2(neurons))`` validation passes);
+    found by bisection over the distinct scores in at most ``1 + ceil(log2(neurons + 1))`` validation passes);
     ``target_params_reduction`` applies the smallest λ that removes at least that fraction of the parameters,
     found from the statistics alone. With ``sweep``, every λ listed is evaluated (one validation pass each, the
     statistics are gathered once) and the table is printed, written as ``actprune_sweep.csv``/``.json``/``.png``
@@ -186,8 +186,7 @@ class ActivationPruning(Callback):
                 raise ActivationPruningError(f"`sweep` must be a non-empty list of thresholds; got {sweep!r}.")
             for value in sweep:
                 _check_number("sweep", value, minimum=-math.inf if normalized else 0)
-        if statistic not in STATISTICS:
-            raise ActivationPruningError(f"`statistic` can be one of {', '.join(STATISTICS)}; got {statistic!r}.")
+        _check_statistic(statistic)
         if monitor is not None and not isinstance(monitor, str):
             raise ActivationPruningError(f"`monitor` must be a metric name or None; got {monitor!r}.")
         _check_patterns("layers", layers)
@@ -280,10 +279,23 @@ class ActivationPruning(Callback):
             return
         self.result = result
         _record_pruning(pl_module, result.plan)  # the module remembers its plan: every checkpoint of it carries it
-        self._report(trainer, result)
+        # the model is pruned and validated: a failure to report or save is a warning, never an undone pruning
+        try:
+            self._report(trainer, result)
+        except Exception as error:
+            rank_zero_warn(
+                f"ActivationPruning: the model is pruned, but reporting failed: {type(error).__name__}: {error}"
+            )
         if self.pruned_checkpoint is not None:
-            self.pruned_checkpoint_path = _save_pruned_checkpoint(trainer, pl_module, self.pruned_checkpoint)
-            rank_zero_info(f"ActivationPruning: saved the pruned model to {self.pruned_checkpoint_path}")
+            try:
+                self.pruned_checkpoint_path = _save_pruned_checkpoint(trainer, pl_module, self.pruned_checkpoint)
+            except Exception as error:
+                rank_zero_warn(
+                    f"ActivationPruning: the model is pruned, but saving `pruned_checkpoint={self.pruned_checkpoint!r}`"
+                    f" failed: {type(error).__name__}: {error}"
+                )
+            else:
+                rank_zero_info(f"ActivationPruning: saved the pruned model to {self.pruned_checkpoint_path}")
 
     @override
     def on_save_checkpoint(
@@ -324,19 +336,31 @@ class ActivationPruning(Callback):
         ckpt_path = self._best_checkpoint(trainer)
         # loading the best checkpoint overwrites the last weights in place: keep them to restore on failure
         last_weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()} if ckpt_path else None
-        compiled = _uncompile(pl_module)
         try:
-            return self._prune(trainer, pl_module, ckpt_path)
+            if ckpt_path is not None:  # before any `torch.compile` wrapper is removed: the keys were saved with it
+                pl_module.load_state_dict(trainer.strategy.load_checkpoint(ckpt_path)["state_dict"])
+            compiled = _uncompile(pl_module)
+            try:
+                result = self._prune(trainer, pl_module)
+            except BaseException:
+                _recompile(compiled)
+                raise
+            if result is None:  # nothing pruned: the model goes back as it was, compiled
+                _recompile(compiled)
         except BaseException:
-            for parent, name, wrapper in compiled:
-                setattr(parent, name, wrapper)
             if last_weights is not None:
                 pl_module.load_state_dict(last_weights)
             raise
+        if result is not None and compiled:
+            rank_zero_warn(
+                f"ActivationPruning: {', '.join(name for _, name, _ in compiled)} was compiled with `torch.compile`;"
+                " it is pruned as the eager module it wraps and left uncompiled: compile the pruned model again."
+            )
+        return result
 
-    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ckpt_path: str | None) -> PruningResult | None:
+    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PruningResult | None:
         with ActivationRecorder(pl_module) as recorder:
-            metrics_before = _validate(trainer, pl_module, ckpt_path=ckpt_path)
+            metrics_before = _validate(trainer, pl_module)
         if self.monitor is not None and self.monitor not in metrics_before:
             logged = ", ".join(metrics_before) or "(none)"
             raise ActivationPruningError(f"`monitor={self.monitor!r}` is not a validation metric; logged: {logged}.")
@@ -370,12 +394,12 @@ class ActivationPruning(Callback):
         at_floor = [layer.name for layer in plan.layers if len(layer.kept) == self.min_neurons < layer.neurons]
         if at_floor:
             rank_zero_warn(
-                f"ActivationPruning: λ={threshold:g} selects every neuron of {', '.join(at_floor)};"
-                f" keeping the {self.min_neurons} most active (`min_neurons`)."
+                f"ActivationPruning: λ={threshold:g} leaves {', '.join(at_floor)} with only"
+                f" `min_neurons={self.min_neurons}` neuron(s), the most active; a lower λ keeps more."
             )
         params_before, size_before = count_parameters(pl_module), model_size_mb(pl_module)
         check_same_on_every_rank(trainer, plan.to_dict(), "the pruning plans")  # before any rank cuts
-        snapshot = ModuleSnapshot(pl_module, (o.module for o in plan.operations))
+        snapshot = ModuleSnapshot(pl_module, plan.touched_modules)
         apply_plan(pl_module, plan)
         try:
             # a λ of the table was validated on this very pruned model: its metrics are the "after" ones
@@ -504,12 +528,13 @@ def _uncompile(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
             if isinstance(child, optimized):
                 setattr(parent, name, child._orig_mod)
                 swapped.append((parent, name, child))
-    if swapped:
-        rank_zero_warn(
-            f"ActivationPruning: {', '.join(name for _, name, _ in swapped)} was compiled with `torch.compile`; it is"
-            " pruned as the eager module it wraps and left uncompiled: compile the pruned model again for inference."
-        )
     return swapped
+
+
+def _recompile(swapped: list[tuple[nn.Module, str, nn.Module]]) -> None:
+    """Undo :func:`_uncompile`."""
+    for parent, name, wrapper in swapped:
+        setattr(parent, name, wrapper)
 
 
 def _data_source(loop: object) -> Any:
@@ -540,6 +565,8 @@ def _trainer_state_kept(trainer: pl.Trainer) -> Iterator[None]:
     loggers = trainer.loggers
     connector = trainer._logger_connector
     callback_metrics = dict(connector._callback_metrics)
+    logged_metrics = dict(connector._logged_metrics)
+    progress_bar_metrics = dict(connector._progress_bar_metrics)
     loops = (
         trainer.fit_loop,
         trainer.fit_loop.epoch_loop.val_loop,
@@ -556,6 +583,8 @@ def _trainer_state_kept(trainer: pl.Trainer) -> Iterator[None]:
         trainer.loggers = loggers
         trainer.state.status, trainer.state.fn, trainer.state.stage = state.status, state.fn, state.stage
         connector._callback_metrics = callback_metrics
+        connector._logged_metrics = logged_metrics
+        connector._progress_bar_metrics = progress_bar_metrics
         for loop, source in zip(loops, sources, strict=False):
             _data_source(loop).instance = source
         trainer._checkpoint_connector._ckpt_path = ckpt_path

@@ -199,7 +199,7 @@ def _fit_to_state(
             f"cannot load {source} into this {name}: it was already pruned differently ({shown}). Load it into a"
             f" fresh, full-size {name}."
         )
-    snapshot = ModuleSnapshot(module, [*(o.module for o in plan.operations), *(b.module for b in plan.bias_updates)])
+    snapshot = ModuleSnapshot(module, plan.touched_modules)
     try:
         apply_plan(module, plan)
     except ActivationPruningError as error:
@@ -374,8 +374,19 @@ def load_pruned(
         if not state_dict:
             raise ActivationPruningError(f"`submodule` {submodule!r} matches no weight in {source}.")
         plan = _relative(plan, submodule) if plan is not None else None
-    _fit_to_state(module, plan, state_dict, source)
-    module.load_state_dict(state_dict, strict=strict)
+    # all or nothing: a load that fails after the shrinking leaves the module as it came
+    remembered = module.__dict__.get(_ATTRIBUTE)
+    snapshot = ModuleSnapshot(module, plan.touched_modules) if plan is not None else None
+    try:
+        _fit_to_state(module, plan, state_dict, source)
+        module.load_state_dict(state_dict, strict=strict)
+    except BaseException:
+        if snapshot is not None:
+            snapshot.restore()
+        module.__dict__.pop(_ATTRIBUTE, None)
+        if remembered is not None:
+            module.__dict__[_ATTRIBUTE] = remembered
+        raise
     return module
 
 

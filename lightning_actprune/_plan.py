@@ -143,6 +143,11 @@ class PruningPlan:
     normalize: bool = False
 
     @property
+    def touched_modules(self) -> tuple[str, ...]:
+        """Every module the surgery changes (pruned or given a new bias), each once."""
+        return tuple(dict.fromkeys([*(o.module for o in self.operations), *(b.module for b in self.bias_updates)]))
+
+    @property
     def neurons_before(self) -> int:
         """Neurons in all prunable layers before pruning."""
         return sum(layer.neurons for layer in self.layers)
@@ -255,7 +260,8 @@ def find_prunable_layers(
         The prunable layers, in the model's module order.
 
     Raises:
-        ActivationPruningError: a pattern matches no prunable layer, or the selection leaves nothing to prune.
+        ActivationPruningError: a ``layers`` pattern matches no prunable layer, or the selection leaves nothing to
+            prune.
     """
     names = {m: n for n, m in reversed(list(model.named_modules(remove_duplicate=False)))}
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
@@ -266,7 +272,8 @@ def find_prunable_layers(
         root = model.get_submodule(root_name) if root_name else model
         # inputs recorded under inference mode cannot enter autograd; a clone made here can
         args, kwargs = map_tensors(Tensor.clone, inputs[root_name])
-        found.extend(_layers_of_root(root, args, kwargs, names, order, shared))
+        candidates = list(_layers_of_root(root, args, kwargs, names, order, shared))
+        found.extend(_keep_independent(model, root, args, kwargs, candidates))
     found.sort(key=lambda layer: order[layer.producers[0]])
     return _select(found, layers, exclude)
 
@@ -325,6 +332,99 @@ def _layers_of_root(
         yield PrunableLayer(name=name, neurons=neurons, producers=tuple(producers), slices=tuple(slices))
 
 
+def _output_tensors(output: Any) -> list[Tensor]:
+    tensors: list[Tensor] = []
+
+    def collect(tensor: Tensor) -> Tensor:
+        tensors.append(tensor)
+        return tensor
+
+    map_tensors(collect, output)
+    return tensors
+
+
+def _same_outputs(pruned: list[Tensor], reference: list[Tensor]) -> bool:
+    if len(pruned) != len(reference):
+        return False
+    for a, b in zip(pruned, reference, strict=True):
+        if a.shape != b.shape:
+            return False
+        if not b.is_floating_point():
+            if not torch.equal(a, b):
+                return False
+            continue
+        scale = float(b.detach().abs().max()) if b.numel() else 0.0
+        if not torch.allclose(a, b, rtol=1e-4, atol=1e-5 * max(1.0, scale), equal_nan=True):
+            return False
+    return True
+
+
+def _zero_at_consumers(model: nn.Module, plan: PruningPlan) -> list[torch.utils.hooks.RemovableHandle]:
+    """Force the planned neurons' activations to zero where their consumers read them (the pruning oracle)."""
+    handles = []
+    for operation in plan.operations:
+        module = model.get_submodule(operation.module)
+        if operation.dim != "in" or not isinstance(module, MEASURED_TYPES):
+            continue
+        index = torch.tensor(operation.indices)
+
+        def zero(consumer: nn.Module, args: tuple[Any, ...], index: Tensor = index) -> tuple[Any, ...]:
+            inputs = args[0].clone()
+            if isinstance(consumer, nn.Linear):
+                inputs[..., index.to(inputs.device)] = 0
+            else:
+                inputs[:, index.to(inputs.device)] = 0
+            return (inputs, *args[1:])
+
+        handles.append(module.register_forward_pre_hook(zero))
+    return handles
+
+
+def _keep_independent(
+    model: nn.Module, root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], layers: list[PrunableLayer]
+) -> list[PrunableLayer]:
+    """Keep the layers whose pruning really equals zeroing their neurons, checked on the example batch.
+
+    Torch-Pruning calls every operation it does not know "element-wise", including functional ones that mix the
+    neurons of a layer (``F.softmax``, ``F.layer_norm``, subtracting the mean over features). For each layer, every
+    other neuron is removed for real and the outputs are compared with the unpruned model whose removed neurons are
+    zeroed at their consumers; a layer where they differ is skipped with a warning.
+    """
+    from lightning_actprune._surgery import ModuleSnapshot, apply_plan  # _surgery imports this module
+
+    independent = []
+    with _traceable(root), torch.no_grad():
+        for layer in layers:
+            if layer.neurons < 2:
+                independent.append(layer)
+                continue
+            plan = plan_from_kept([layer], {layer.name: range(1, layer.neurons, 2)})
+            snapshot = ModuleSnapshot(model, plan.touched_modules)
+            try:
+                apply_plan(model, plan)
+                pruned: list[Tensor] | None = _output_tensors(root(*args, **kwargs))
+            except Exception:
+                pruned = None
+            finally:
+                snapshot.restore()
+            handles = _zero_at_consumers(model, plan)
+            try:
+                reference = _output_tensors(root(*args, **kwargs))
+            finally:
+                for handle in handles:
+                    handle.remove()
+            if pruned is not None and _same_outputs(pruned, reference):
+                independent.append(layer)
+            else:
+                warnings.warn(
+                    f"lightning_actprune: not pruning {layer.name}: removing its neurons does not equal zeroing them"
+                    " (an operation between it and its consumers mixes its neurons, e.g. softmax or a normalisation"
+                    " over them).",
+                    stacklevel=4,
+                )
+    return independent
+
+
 def _modules_sharing_parameters(model: nn.Module) -> set[nn.Module]:
     owners: dict[int, list[nn.Module]] = defaultdict(list)
     for module in model.modules():
@@ -335,7 +435,8 @@ def _modules_sharing_parameters(model: nn.Module) -> set[nn.Module]:
 
 def _select(found: list[PrunableLayer], layers: Sequence[str] | None, exclude: Sequence[str]) -> list[PrunableLayer]:
     candidates = sorted({p for layer in found for p in layer.producers})
-    for argument, patterns in (("layers", layers or ()), ("exclude", exclude)):
+    # an `exclude` pattern that matches no prunable layer (the output layer, a skipped one) is harmless
+    for argument, patterns in (("layers", layers or ()),):
         for pattern in patterns:
             if not fnmatch.filter(candidates, pattern):
                 raise ActivationPruningError(

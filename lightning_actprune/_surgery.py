@@ -13,6 +13,13 @@ from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._plan import PruningPlan
 
 
+def _submodule(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ActivationPruningError(f"the plan prunes {name!r}, which {type(model).__name__} does not have.") from None
+
+
 class ModuleSnapshot:
     """The exact state of some modules (parameter and buffer objects, size attributes), to restore on failure.
 
@@ -27,7 +34,7 @@ class ModuleSnapshot:
     def __init__(self, model: nn.Module, names: Iterable[str]) -> None:
         self._saved: list[tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any]]] = []
         for name in dict.fromkeys(names):
-            module = model.get_submodule(name)
+            module = _submodule(model, name)
             attributes = {k: v for k, v in vars(module).items() if not k.startswith("_")}
             self._saved.append((module, dict(module._parameters), dict(module._buffers), attributes))
 
@@ -81,12 +88,7 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> None:
         (torch.Size([2, 3]), torch.Size([2, 2]))
     """
     for operation in plan.operations:
-        try:
-            module = model.get_submodule(operation.module)
-        except AttributeError:
-            raise ActivationPruningError(
-                f"the plan prunes {operation.module!r}, which {type(model).__name__} does not have."
-            ) from None
+        module = _submodule(model, operation.module)
         size = _size_along(module, operation.dim)
         if size is None:
             raise ActivationPruningError(f"cannot prune {operation.module!r} ({type(module).__name__}).")
@@ -98,7 +100,7 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> None:
             )
 
     for update in plan.bias_updates:
-        module = model.get_submodule(update.module)
+        module = _submodule(model, update.module)
         outputs = _size_along(module, "out")
         if outputs != len(update.delta):
             raise ActivationPruningError(
@@ -106,8 +108,7 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> None:
                 f" {outputs} outputs: was the model already pruned, or built with other sizes?"
             )
 
-    touched = [*(o.module for o in plan.operations), *(b.module for b in plan.bias_updates)]
-    snapshot = ModuleSnapshot(model, touched)
+    snapshot = ModuleSnapshot(model, plan.touched_modules)
     current = "the model"
     try:
         # biases first, on the full-size consumers: the surgery then keeps the entries of the outputs that stay

@@ -53,7 +53,6 @@ class ThresholdEvaluator:
         self.compensate = compensate
         self.normalize = normalize
         self.params_before = count_parameters(model)
-        self.validations = 0
 
     def plan(self, threshold: float) -> PruningPlan:
         """The plan at λ."""
@@ -82,7 +81,7 @@ class ThresholdEvaluator:
 
     def _pruned(self, threshold: float, validate: bool) -> SweepRow:
         plan = self.plan(threshold)
-        snapshot = ModuleSnapshot(self.model, (o.module for o in plan.operations))
+        snapshot = ModuleSnapshot(self.model, plan.touched_modules)
         apply_plan(self.model, plan)
         try:
             params = count_parameters(self.model)
@@ -91,7 +90,6 @@ class ThresholdEvaluator:
                 if self.validate is None:
                     raise ActivationPruningError("evaluating a threshold needs a `validate` function.")
                 metrics = dict(self.validate())
-                self.validations += 1
             return SweepRow(
                 threshold=threshold,
                 params=params,
@@ -158,7 +156,7 @@ def search_within_drop(
     """Bisection over the distinct λ for the largest one whose metric drop stays within ``max_drop``.
 
     Assumes the metric worsens as λ grows (true in the large; a non-monotone metric can make it stop early, never
-    pick a λ over budget). It costs ``1 + ceil(log2(n))`` validation passes for ``n`` distinct scores.
+    pick a λ over budget). It costs at most ``1 + ceil(log2(n + 1))`` validation passes for ``n`` distinct scores.
 
     Returns:
         Every row it evaluated, ascending in λ.

@@ -444,3 +444,30 @@ def test_ddp_spawn_is_refused_at_setup_before_training(tmp_path):
         callback.setup(trainer, model, "fit")
     callback.teardown(trainer, model, "fit")
     assert trainer.global_step == 0
+
+
+def test_load_pruned_that_fails_after_shrinking_leaves_the_module_as_it_came(tmp_path, pruned):
+    from lightning_actprune import export_pruned, pruning_plan_of
+
+    export_pruned(pruned.model, tmp_path / "model.pt")
+
+    class WithExtraBuffer(EvalClassifier):
+        def __init__(self):
+            super().__init__(MLPModule())
+            self.register_buffer("extra", torch.zeros(1))  # the file lacks it: the strict load fails
+
+    fresh = WithExtraBuffer()
+    weights = [p for p in fresh.parameters()]
+    with pytest.raises(RuntimeError, match="extra"):
+        load_pruned(fresh, tmp_path / "model.pt")
+    assert [p for p in fresh.parameters()] == weights
+    assert fresh.net.net[0].out_features == 16
+    assert pruning_plan_of(fresh) is None
+
+
+def test_load_pruned_into_a_model_without_the_planned_layers_names_them(tmp_path, pruned):
+    from lightning_actprune import export_pruned
+
+    export_pruned(pruned.model, tmp_path / "model.pt")
+    with pytest.raises(ActivationPruningError, match=r"the plan prunes 'net.net.0', which Sequential does not have"):
+        load_pruned(nn.Sequential(nn.Linear(8, 3)), tmp_path / "model.pt")

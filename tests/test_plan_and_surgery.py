@@ -1,4 +1,5 @@
 import copy
+import warnings
 
 import pytest
 import torch
@@ -114,13 +115,18 @@ def test_threshold_zero_removes_nothing_and_plan_round_trips():
     ("layers", "exclude", "message"),
     [
         (["nope*"], (), r"`layers` pattern 'nope\*' matches no prunable layer; prunable layers are: net.0, net.2"),
-        (None, ["x.*"], r"`exclude` pattern 'x.\*' matches no prunable layer"),
         (None, ["net.*"], r"leave no layer to prune; prunable layers are: net.0, net.2"),
     ],
 )
 def test_layer_selection_errors(layers, exclude, message):
     with pytest.raises(ActivationPruningError, match=message):
         find_prunable_layers(ARCHITECTURES["mlp_modules"](), torch.randn(2, 8), layers=layers, exclude=exclude)
+
+
+def test_excluding_a_layer_that_is_never_pruned_is_harmless():
+    model = ARCHITECTURES["mlp_modules"]()
+    names = [layer.name for layer in find_prunable_layers(model, torch.randn(2, 8), exclude=["net.4", "x.*"])]
+    assert names == ["net.0", "net.2"]
 
 
 def test_layer_selection_with_patterns():
@@ -333,3 +339,37 @@ def test_plan_from_kept_builds_the_surgery_and_compensation_for_any_criterion():
         plan_from_kept(layers, {"fc2": [0, 12]})
     with pytest.raises(ActivationPruningError, match=r"`compensate=True` needs the model and the moments"):
         plan_from_kept(layers, kept, compensate=True)
+
+
+class MixesNeurons(nn.Module):
+    """A functional operation between two Linears: Torch-Pruning calls them all "element-wise"."""
+
+    def __init__(self, operation):
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(6, 8), nn.Linear(8, 5), nn.Linear(5, 3)
+        self.operation = operation
+
+    def forward(self, x):
+        return self.out(torch.relu(self.fc2(self.operation(torch.relu(self.fc1(x))))))
+
+
+@pytest.mark.parametrize(
+    ("operation", "mixes"),
+    [
+        (lambda h: torch.softmax(h, -1), True),
+        (lambda h: torch.nn.functional.layer_norm(h, (8,)), True),
+        (lambda h: h - h.mean(-1, keepdim=True), True),
+        (lambda h: torch.sigmoid(h) * 2 + 1, False),
+        (lambda h: torch.nn.functional.dropout(h, 0.5, training=False), False),
+    ],
+    ids=["softmax", "layer_norm", "centering", "scalar_ops", "dropout"],
+)
+def test_functional_operations_that_mix_neurons_are_skipped_with_a_warning(operation, mixes):
+    model = MixesNeurons(operation)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        names = [layer.name for layer in find_prunable_layers(model, torch.randn(10, 6))]
+    skipped = [str(w.message) for w in caught if "removing its neurons does not equal zeroing them" in str(w.message)]
+    assert names == (["fc2"] if mixes else ["fc1", "fc2"])
+    assert len(skipped) == (1 if mixes else 0)
+    assert all("not pruning fc1" in message for message in skipped)

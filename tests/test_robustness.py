@@ -396,7 +396,7 @@ def test_threshold_above_every_neuron_keeps_min_neurons_and_warns():
     from tests.helpers import MLPModule
 
     model, pruning = Classifier(MLPModule()), ActivationPruning(threshold=1e6, min_neurons=2)
-    with pytest.warns(UserWarning, match=r"λ=1e\+06 selects every neuron of net.net.0, net.net.2; keeping the 2 most"):
+    with pytest.warns(UserWarning, match=r"λ=1e\+06 leaves net.net.0, net.net.2 with only `min_neurons=2` neuron\(s\)"):
         run(model, pruning)
     assert [len(layer.kept) for layer in pruning.result.plan.layers] == [2, 2]
     assert model.net.net[0].out_features == 2
@@ -432,3 +432,41 @@ def test_keyboard_interrupt_prunes_nothing_and_writes_nothing(tmp_path):
     assert model.net.net[0].out_features == 16
     assert not list(tmp_path.rglob("pruned.ckpt"))
     assert not list(tmp_path.rglob("actprune*"))
+
+
+def test_a_failing_report_warns_and_keeps_the_pruned_model(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from tests.helpers import MLPModule
+
+    logger = CSVLogger(tmp_path, name="csv", version=0)
+    (tmp_path / "csv" / "version_0" / "actprune_sweep.csv").mkdir(parents=True)  # the table cannot be written
+    model, pruning = Classifier(MLPModule()), ActivationPruning(threshold=0.2, statistic="mean", sweep=[0.1, 0.2])
+    with pytest.warns(UserWarning, match=r"the model is pruned, but reporting failed: IsADirectoryError"):
+        run(model, pruning, logger=logger)
+    assert pruning.result is not None
+    assert model.net.net[0].out_features < 16
+    assert (tmp_path / "csv" / "version_0" / "pruned.ckpt").is_file()
+
+
+def test_compiled_model_with_nothing_to_prune_stays_compiled():
+    model = Classifier(nn.Sequential(nn.Linear(8, NUM_CLASSES)))
+    model.net = torch.compile(model.net, backend="eager")
+    pruning = ActivationPruning(threshold=0.2)
+    run(model, pruning)
+    assert pruning.result is None
+    assert isinstance(model.net, torch._dynamo.eval_frame.OptimizedModule)
+
+
+def test_prune_best_on_a_compiled_submodule(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.helpers import MLPModule
+
+    model = Classifier(MLPModule())
+    model.net = torch.compile(model.net, backend="eager")
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=1)
+    pruning = ActivationPruning(threshold=0.2, statistic="mean", prune_best=True)
+    run(model, pruning, max_epochs=3, enable_checkpointing=True, callbacks_extra=[checkpoint])
+    assert pruning.result is not None
+    assert pruning.result.metrics_before["val_loss"] == pytest.approx(float(checkpoint.best_model_score))
