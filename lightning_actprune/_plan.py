@@ -271,7 +271,7 @@ def find_prunable_layers(
     for root_name in _trace_roots(inputs):
         root = model.get_submodule(root_name) if root_name else model
         # inputs recorded under inference mode cannot enter autograd; a clone made here can
-        args, kwargs = map_tensors(Tensor.clone, inputs[root_name])
+        args, kwargs = map_tensors(Tensor.clone, _few_samples(root, inputs[root_name]))
         candidates = list(_layers_of_root(root, args, kwargs, names, order, shared))
         found.extend(_keep_independent(model, root, args, kwargs, candidates))
     found.sort(key=lambda layer: order[layer.producers[0]])
@@ -330,6 +330,27 @@ def _layers_of_root(
             continue
         neurons = len(group[0].root_idxs)
         yield PrunableLayer(name=name, neurons=neurons, producers=tuple(producers), slices=tuple(slices))
+
+
+def _few_samples(
+    root: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]], size: int = 8
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The first ``size`` samples of an example batch: tracing and checking need the shapes, not the data.
+
+    Every tensor whose first dimension is the batch's is cut; if the module then fails to run, the batch is used
+    whole.
+    """
+    tensors = [t for t in _output_tensors(inputs) if t.dim() > 0]
+    if not tensors or tensors[0].shape[0] <= size:
+        return inputs
+    batch = tensors[0].shape[0]
+    small = map_tensors(lambda t: t[:size] if t.dim() > 0 and t.shape[0] == batch else t, inputs)
+    try:
+        with _traceable(root), torch.no_grad():
+            root(*small[0], **small[1])
+    except Exception:
+        return inputs
+    return small
 
 
 def _output_tensors(output: Any) -> list[Tensor]:
