@@ -373,3 +373,23 @@ def test_functional_operations_that_mix_neurons_are_skipped_with_a_warning(opera
     assert names == (["fc2"] if mixes else ["fc1", "fc2"])
     assert len(skipped) == (1 if mixes else 0)
     assert all("not pruning fc1" in message for message in skipped)
+
+
+class NeedsTheWholeBatch(nn.Module):
+    """Reshapes with the batch size baked in: tracing on a few samples fails, so the whole batch is used."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.out = nn.Linear(8, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.fc1(x.reshape(32, 8))))
+
+
+def test_tracing_uses_a_few_samples_and_falls_back_to_the_whole_batch():
+    from lightning_actprune._plan import _few_samples
+
+    model = ARCHITECTURES["cnn"]()
+    (images,), _ = _few_samples(model, ((torch.randn(40, 1, 8, 8),), {}))
+    assert images.shape == (8, 1, 8, 8)
+    assert [layer.name for layer in find_prunable_layers(NeedsTheWholeBatch(), torch.randn(32, 8))] == ["fc1"]
