@@ -118,7 +118,7 @@ def export(cli: LightningCLI) -> None:
         str(directory / "pruned.onnx"),
         input_names=["x"],
         output_names=["logits"],
-        dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
+        dynamic_shapes=({0: torch.export.Dim("batch")},),  # any batch size
         external_data=False,  # one file: the weights are small
     )
     print(f"Saved the pruned network as ONNX to {directory / 'pruned.onnx'}")

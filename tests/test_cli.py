@@ -100,6 +100,7 @@ def test_example_exports_an_ordinary_dense_network_to_onnx(tmp_path):
     cli = LightningCLI(DigitsMLP, DigitsDataModule, args=["fit", "--config", str(path)])
     export(cli)
     graph = onnx.load(str(tmp_path / "pruned.onnx")).graph
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a symbolic batch size
     shapes = sorted(tuple(i.dims) for i in graph.initializer if len(i.dims) == 2)
     expected = sorted(tuple(p.shape) for n, p in cli.model.net.named_parameters() if n.endswith("weight"))
     assert shapes == expected
