@@ -48,15 +48,13 @@ class ModuleSnapshot:
             vars(module).update(attributes)
 
 
-def _pruner_call(module: nn.Module, dim: str) -> Any:
-    pruner = tp.pruner.function.PrunerBox.get(tp.ops.module2type(module))
-    if pruner is None:
-        raise ActivationPruningError(f"no pruner for {type(module).__name__}.")
-    return pruner.prune_out_channels if dim == "out" else pruner.prune_in_channels
+def _pruner(module: nn.Module) -> Any:
+    """Torch-Pruning's pruner for this kind of layer, or None."""
+    return tp.pruner.function.PrunerBox.get(tp.ops.module2type(module))
 
 
 def _size_along(module: nn.Module, dim: str) -> int | None:
-    pruner = tp.pruner.function.PrunerBox.get(tp.ops.module2type(module))
+    pruner = _pruner(module)
     if pruner is None:
         return None
     size = pruner.get_out_channels(module) if dim == "out" else pruner.get_in_channels(module)
@@ -119,7 +117,9 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> None:
             current = repr(operation.module)
             module = model.get_submodule(operation.module)
             flags = {name: p.requires_grad for name, p in module.named_parameters(recurse=False)}
-            _pruner_call(module, operation.dim)(module, list(operation.indices))
+            pruner = _pruner(module)  # exists: every operation was checked above
+            prune = pruner.prune_out_channels if operation.dim == "out" else pruner.prune_in_channels
+            prune(module, list(operation.indices))
             for name, p in module.named_parameters(recurse=False):
                 p.requires_grad_(flags.get(name, True))
     except Exception as error:
