@@ -365,7 +365,7 @@ class ActivationPruning(Callback):
             logged = ", ".join(metrics_before) or "(none)"
             raise ActivationPruningError(f"`monitor={self.monitor!r}` is not a validation metric; logged: {logged}.")
         moments = reduced_moments(trainer, recorder)  # summed over every rank's shard, the same on every rank
-        recorder.check_finite()
+        recorder.check_finite(moments)
         with warnings.catch_warnings(record=True) as skipped:  # re-issued once, on rank zero
             warnings.simplefilter("always")
             layers = find_prunable_layers(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal, NamedTuple, get_args
 
 import torch
@@ -267,10 +267,15 @@ class ActivationRecorder:
         """The moments of every measured layer input (reduced across processes when distributed)."""
         return {name: _as_vectors(metric.compute()) for name, metric in self.metrics.items()}
 
-    def check_finite(self) -> None:
-        """Raise if any layer saw NaN or Inf activations (in any process), naming the layers."""
+    def check_finite(self, moments: Mapping[str, ActivationMoments] | None = None) -> None:
+        """Raise if any layer saw NaN or Inf activations (in any process), naming the layers.
+
+        Args:
+            moments: the result of :meth:`moments`, when already computed (it is not computed and synced again).
+        """
         # the reduced moments: every process must come to the same decision, or the others would wait for it
-        bad = [name for name, m in self.moments().items() if not bool(torch.isfinite(m.mean_square).all())]
+        moments = self.moments() if moments is None else moments
+        bad = [name for name, m in moments.items() if not bool(torch.isfinite(m.mean_square).all())]
         if bad:
             raise ActivationPruningError(
                 f"activations contain NaN or Inf at the input of {', '.join(bad)}; refusing to prune on them."
