@@ -634,15 +634,46 @@ def plan_pruning(
         >>> plan.neurons_after
         1
     """
+    scores = _all_scores(layers, moments, statistic, model, normalize)
+    return _plan_at(layers, scores, threshold, statistic, min_neurons, moments, model, compensate, normalize)
+
+
+def _all_scores(
+    layers: Sequence[PrunableLayer],
+    moments: Mapping[str, ActivationMoments],
+    statistic: str,
+    model: nn.Module | None,
+    normalize: bool,
+) -> dict[str, Tensor]:
+    """Every layer's scores, on the CPU; they do not depend on λ, so one computation serves every λ."""
+    scores = {}
+    for layer in layers:
+        values = layer_scores(layer, moments, statistic, model, normalize).cpu()
+        if not bool(torch.isfinite(values).all()):
+            raise ActivationPruningError(f"the {statistic} of {layer.name} contains NaN or Inf; cannot prune on it.")
+        scores[layer.name] = values
+    return scores
+
+
+def _plan_at(
+    layers: Sequence[PrunableLayer],
+    scores: Mapping[str, Tensor],
+    threshold: float,
+    statistic: str,
+    min_neurons: int,
+    moments: Mapping[str, ActivationMoments],
+    model: nn.Module | None,
+    compensate: bool,
+    normalize: bool,
+) -> PruningPlan:
+    """The plan at λ from scores already computed by :func:`_all_scores`."""
     kept: dict[str, Sequence[int]] = {}
     for layer in layers:
-        scores = layer_scores(layer, moments, statistic, model, normalize).cpu()
-        if not bool(torch.isfinite(scores).all()):
-            raise ActivationPruningError(f"the {statistic} of {layer.name} contains NaN or Inf; cannot prune on it.")
-        keep = scores >= threshold
+        values = scores[layer.name]
+        keep = values >= threshold
         floor = min(min_neurons, layer.neurons)
         if int(keep.sum()) < floor:
-            order = sorted(range(layer.neurons), key=lambda i: (-float(scores[i]), i))
+            order = sorted(range(layer.neurons), key=lambda i: (-float(values[i]), i))
             keep[order[:floor]] = True
         kept[layer.name] = [int(i) for i in torch.nonzero(keep).flatten()]
     plan = plan_from_kept(layers, kept, moments=moments, model=model, compensate=compensate)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lightning_actprune._errors import ActivationPruningError
-from lightning_actprune._plan import PrunableLayer, PruningPlan, layer_scores, plan_pruning
+from lightning_actprune._plan import PrunableLayer, PruningPlan, _all_scores, _plan_at
 from lightning_actprune._report import SweepRow, count_parameters, model_size_mb
 from lightning_actprune._statistics import ActivationMoments
 from lightning_actprune._surgery import ModuleSnapshot, apply_plan
@@ -53,18 +53,21 @@ class ThresholdEvaluator:
         self.compensate = compensate
         self.normalize = normalize
         self.params_before = count_parameters(model)
+        # the scores do not depend on λ: computed once here, not again for every λ of a table or bisection
+        self._scores = _all_scores(layers, moments, statistic, model, normalize)
 
     def plan(self, threshold: float) -> PruningPlan:
-        """The plan at λ."""
-        return plan_pruning(
+        """The plan at λ (the same as :func:`plan_pruning` with these settings)."""
+        return _plan_at(
             self.layers,
-            self.moments,
+            self._scores,
             threshold,
             self.statistic,
             self.min_neurons,
-            model=self.model,
-            compensate=self.compensate,
-            normalize=self.normalize,
+            self.moments,
+            self.model,
+            self.compensate,
+            self.normalize,
         )
 
     def candidates(self) -> list[float]:
@@ -73,8 +76,7 @@ class ThresholdEvaluator:
         The lowest legal λ (0, or the lowest score when scores are normalised), then just above each distinct
         score above it.
         """
-        per_layer = [layer_scores(x, self.moments, self.statistic, self.model, self.normalize) for x in self.layers]
-        scores = torch.cat(per_layer).cpu()
+        scores = torch.cat(list(self._scores.values()))
         lowest = float(scores.min()) if self.normalize else 0.0
         distinct = sorted({float(s) for s in scores.tolist() if s >= lowest})
         return [lowest] + [math.nextafter(s, math.inf) for s in distinct]
