@@ -7,7 +7,7 @@ import fnmatch
 import math
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
@@ -478,34 +478,35 @@ def _select(found: list[PrunableLayer], layers: Sequence[str] | None, exclude: S
     return chosen
 
 
+def _by_input(module: nn.Module, over_kernel: Callable[[Tensor], Tensor]) -> Tensor:
+    """``over_kernel`` of the weights joining each input feature to each output, ``(in, out)``.
+
+    A grouped conv joins an input only to its own group's outputs: the other entries are zero.
+    """
+    weight = module.get_parameter("weight").detach()
+    per_pair = over_kernel(weight.flatten(2) if weight.dim() > 2 else weight.unsqueeze(-1))  # (out, in/groups)
+    groups = getattr(module, "groups", 1)
+    out_channels, in_per_group = per_pair.shape
+    out_per_group = out_channels // groups
+    joined = torch.zeros(in_per_group * groups, out_channels, dtype=weight.dtype, device=weight.device)
+    for g in range(groups):
+        rows = slice(g * out_per_group, (g + 1) * out_per_group)
+        joined[g * in_per_group : (g + 1) * in_per_group, rows] = per_pair[rows].t()
+    return joined
+
+
 def input_columns(module: nn.Module) -> Tensor:
     """Each input feature's weight column of a ``Linear``/``Conv``, summed over the kernel: ``(in, out)``.
 
     What one unit of constant activation at input ``f`` adds to each output: ``W[:, f]`` for a Linear, the kernel
     sum ``Σ_k W[:, f, k]`` for a Conv (grouped convs only reach their own group's outputs).
     """
-    weight = module.get_parameter("weight").detach()
-    if isinstance(module, nn.Linear):
-        return weight.t()
-    groups = getattr(module, "groups", 1)
-    out_channels, in_per_group = weight.shape[0], weight.shape[1]
-    summed = weight.flatten(2).sum(-1)  # (out, in/groups)
-    columns = torch.zeros(in_per_group * groups, out_channels, dtype=weight.dtype, device=weight.device)
-    out_per_group = out_channels // groups
-    for g in range(groups):
-        rows = slice(g * out_per_group, (g + 1) * out_per_group)
-        columns[g * in_per_group : (g + 1) * in_per_group, rows] = summed[rows].t()
-    return columns
+    return _by_input(module, lambda kernel: kernel.sum(-1))
 
 
 def _squared_column_norms(module: nn.Module) -> Tensor:
-    weight = module.get_parameter("weight").detach()
-    if isinstance(module, nn.Linear):
-        return weight.square().sum(0)
-    groups = getattr(module, "groups", 1)
-    per_input = weight.square().flatten(2).sum(-1)  # (out, in/groups)
-    out_per_group = weight.shape[0] // groups
-    return torch.cat([per_input[g * out_per_group : (g + 1) * out_per_group].sum(0) for g in range(groups)])
+    """``‖W[:, f]‖²`` for each input feature ``f``, over every output and kernel position."""
+    return _by_input(module, lambda kernel: kernel.square().sum(-1)).sum(1)
 
 
 def layer_scores(

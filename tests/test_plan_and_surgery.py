@@ -393,3 +393,25 @@ def test_tracing_uses_a_few_samples_and_falls_back_to_the_whole_batch():
     (images,), _ = _few_samples(model, ((torch.randn(40, 1, 8, 8),), {}))
     assert images.shape == (8, 1, 8, 8)
     assert [layer.name for layer in find_prunable_layers(NeedsTheWholeBatch(), torch.randn(32, 8))] == ["fc1"]
+
+
+@pytest.mark.parametrize(
+    "module",
+    [nn.Linear(5, 3), nn.Conv2d(4, 6, 3), nn.Conv2d(4, 6, 3, groups=2), nn.Conv1d(6, 6, 3, groups=6)],
+    ids=["linear", "conv", "grouped_conv", "depthwise_conv"],
+)
+def test_weight_columns_per_input_against_a_loop_reference(module):
+    from lightning_actprune._plan import _squared_column_norms, input_columns
+
+    weight = module.weight.detach()
+    groups = getattr(module, "groups", 1)
+    outputs, per_group = weight.shape[0], weight.shape[1]
+    columns, norms = torch.zeros(per_group * groups, outputs), torch.zeros(per_group * groups)
+    for feature in range(per_group * groups):
+        group = feature // per_group
+        rows = slice(group * (outputs // groups), (group + 1) * (outputs // groups))
+        joining = weight[rows, feature % per_group]  # every weight from this input to its group's outputs
+        columns[feature, rows] = joining.reshape(joining.shape[0], -1).sum(-1)
+        norms[feature] = joining.square().sum()
+    torch.testing.assert_close(input_columns(module), columns)
+    torch.testing.assert_close(_squared_column_norms(module), norms)
