@@ -153,16 +153,8 @@ class Backbone(nn.Module):
         return self.layers(x)
 
 
-class NoForward(pl.LightningModule):
-    """``validation_step`` calls the submodules; the LightningModule's own ``forward`` never runs."""
-
-    def __init__(self):
-        super().__init__()
-        self.backbone, self.head = Backbone(), nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 3))
-
-    def step(self, batch):
-        x, y = batch
-        return F.cross_entropy(self.head(self.backbone(x)), y)
+class LossModule(pl.LightningModule):
+    """Trains and validates on ``self.step(batch)``, the loss; subclasses say how a batch reaches the model."""
 
     def training_step(self, batch, batch_idx):
         return self.step(batch)
@@ -172,6 +164,18 @@ class NoForward(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class NoForward(LossModule):
+    """``validation_step`` calls the submodules; the LightningModule's own ``forward`` never runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone, self.head = Backbone(), nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 3))
+
+    def step(self, batch):
+        x, y = batch
+        return F.cross_entropy(self.head(self.backbone(x)), y)
 
 
 def test_validation_step_that_calls_submodules():
@@ -199,7 +203,7 @@ class DictData(Dataset):
         return {"image": self.x[i], "side": self.x2[i], "label": self.y[i], "id": i}
 
 
-class TwoInputs(pl.LightningModule):
+class TwoInputs(LossModule):
     """Dict batches with extra items, and a forward with two inputs joined by a concatenation."""
 
     def __init__(self):
@@ -213,15 +217,6 @@ class TwoInputs(pl.LightningModule):
 
     def step(self, batch):
         return F.cross_entropy(self(batch["image"], side=batch["side"]), batch["label"])
-
-    def training_step(self, batch, batch_idx):
-        return self.step(batch)
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val_loss", self.step(batch))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 def test_dict_batches_and_two_inputs_with_concatenation():
