@@ -39,8 +39,9 @@ from lightning_actprune._distributed import (
     unrepeated_val_dataloaders,
 )
 from lightning_actprune._errors import ActivationPruningError
-from lightning_actprune._plan import ExampleInputs, find_prunable_layers
+from lightning_actprune._plan import ExampleInputs, PruningPlan, find_prunable_layers
 from lightning_actprune._report import (
+    NONE_CHOSEN,
     PruningResult,
     SweepRow,
     count_parameters,
@@ -49,14 +50,20 @@ from lightning_actprune._report import (
     plot_sweep,
     write_sweep_files,
 )
-from lightning_actprune._statistics import MEASURED_TYPES, ActivationRecorder, Statistic, _check_statistic
+from lightning_actprune._statistics import (
+    MEASURED_TYPES,
+    SIGNED_STATISTICS,
+    ActivationRecorder,
+    Statistic,
+    _check_statistic,
+)
 from lightning_actprune._surgery import ModuleSnapshot, apply_plan
 from lightning_actprune._sweep import (
     ThresholdEvaluator,
     choose_within_drop,
     metric_drop,
+    plan_for_reduction,
     search_within_drop,
-    threshold_for_reduction,
 )
 
 OnError = Literal["raise", "warn"]
@@ -65,12 +72,24 @@ Mode = Literal["max", "min"]
 _MODES = ("max", "min")
 
 
-def _check_number(name: str, value: object, minimum: float, integer: bool = False) -> None:
+def _resolve_statistic(statistic: str | None, user_lambda: bool) -> str:
+    """The rule for ``statistic=None``: a λ the user writes is a mean activation; one the callback picks is not."""
+    if statistic is not None:
+        return statistic
+    return "mean" if user_lambda else "fluctuation"
+
+
+def _never_negative(statistic: str) -> str:
+    return f" (the {statistic} is never negative: a negative λ would remove nothing)"
+
+
+def _check_number(name: str, value: object, minimum: float, integer: bool = False, why: str = "") -> None:
     allowed = "an int" if integer else "a finite number"
     allowed += f" >= {minimum:g}" if math.isfinite(minimum) else ""
+    why = why if math.isfinite(minimum) else ""
     number_types = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, number_types) or not math.isfinite(value) or value < minimum:
-        raise ActivationPruningError(f"`{name}` must be {allowed}; got {value!r}.")
+        raise ActivationPruningError(f"`{name}` must be {allowed}; got {value!r}{why}.")
 
 
 def _check_patterns(name: str, value: object) -> None:
@@ -96,22 +115,30 @@ class ActivationPruning(Callback):
     λ is chosen in exactly one of three ways: ``threshold`` applies the given λ; ``max_metric_drop`` applies the
     λ with the largest parameter reduction whose ``monitor`` got worse by at most that much (among ``sweep``, or
     found by bisection over the distinct scores in at most ``1 + ceil(log2(neurons + 1))`` validation passes);
-    ``target_params_reduction`` applies the smallest λ that removes at least that fraction of the parameters,
-    found from the statistics alone. With ``sweep``, every λ listed is evaluated (one validation pass each, the
+    ``target_params_reduction`` removes the fewest neurons, lowest scores first (ties broken one neuron at a time),
+    that take away at least that fraction of the parameters, found from the statistics alone. When no λ qualifies
+    (no λ within ``max_metric_drop``, a target out of reach) the trained model is left as it is, a warning says
+    why, and the table is still reported. With ``sweep``, every λ listed is evaluated (one validation pass each, the
     statistics are gathered once) and the table is printed, written as ``actprune_sweep.csv``/``.json``/``.png``
     into the log directory and sent to the loggers.
 
+    Units: unless ``statistic`` is set, a λ you write (``threshold``, ``sweep``) is a mean activation, the
+    seed's units, and a λ the callback picks (``target_params_reduction``, or ``max_metric_drop`` without
+    ``sweep``) is in standard deviations of the per-layer standardised ``fluctuation``. The summary says which.
+
     Args:
-        threshold: λ, ``>= 0``; neurons whose statistic is strictly below it are removed.
-        statistic: ``"fluctuation"`` (default; FLAP: variance × squared norm of the consumer's weight column, in
-            squared output units), or ``"mean"`` (the seed's), ``"mean_abs"``, ``"rms"``, ``"std"`` (activation
-            units), ``"nonzero_fraction"`` (1 − APoZ, in [0, 1]), each over every sample and position. The default
-            was chosen from the benchmark (BENCHMARKS.md): the best accuracy averaged over 50-90% reduction.
-            ``statistic="mean"`` alone gives the seed's behaviour.
+        threshold: λ; neurons whose statistic is strictly below it are removed. It may be negative for ``mean``
+            (GELU/SiLU/tanh means can be) and for standardised scores, and must be ``>= 0`` otherwise.
+        statistic: ``"mean"`` (the seed's), ``"mean_abs"``, ``"rms"``, ``"std"`` (activation units),
+            ``"nonzero_fraction"`` (1 − APoZ, in [0, 1]) or ``"fluctuation"`` (FLAP: variance × squared norm of
+            the consumer's weight column, in squared output units), each over every sample and position. ``None``
+            (default): ``"mean"`` for a λ you write, ``"fluctuation"`` (standardised) when the callback picks λ;
+            fluctuation won the benchmark (BENCHMARKS.md) at equal reduction. For signed activations (GELU, SiLU,
+            tanh), a mean near 0 does not mean "silent": use ``"std"``, ``"rms"`` or ``"fluctuation"``.
         monitor: a validation metric to highlight in the summary and the plot, and the one ``max_metric_drop``
             watches; it must be logged by ``validation_step``.
         mode: ``"max"`` if a larger ``monitor`` is better (accuracy), ``"min"`` if smaller is (loss).
-        sweep: λ values to evaluate and report as a table (each ``>= 0``).
+        sweep: λ values to evaluate and report as a table (same units and signs as ``threshold``).
         max_metric_drop: the most ``monitor`` may get worse (absolute, ``>= 0``); needs ``monitor``.
         target_params_reduction: the fraction of parameters to remove, in (0, 1).
         compensate: fold each removed neuron's mean activation into its consumers' biases (created where a
@@ -142,7 +169,7 @@ class ActivationPruning(Callback):
     def __init__(
         self,
         threshold: float | None = None,
-        statistic: Statistic = "fluctuation",
+        statistic: Statistic | None = None,
         monitor: str | None = None,
         mode: Mode = "max",
         sweep: list[float] | None = None,
@@ -164,11 +191,15 @@ class ActivationPruning(Callback):
             raise ActivationPruningError(
                 f"set exactly one of `threshold`, `max_metric_drop`, `target_params_reduction`; got {given}."
             )
+        if statistic is not None:
+            _check_statistic(statistic)
+        resolved = _resolve_statistic(statistic, user_lambda=threshold is not None or sweep is not None)
         # `normalize=None`: standardise the statistic whose raw scale differs between layers (fluctuation)
-        normalized = statistic == "fluctuation" if normalize is None else normalize
+        normalized = resolved == "fluctuation" if normalize is None else normalize
+        # standardised scores and the mean of GELU/SiLU/tanh outputs can be negative; the other statistics cannot
+        signed = normalized or resolved in SIGNED_STATISTICS
         if threshold is not None:
-            # standardised scores are centred on 0: a negative λ is meaningful only when they are normalised
-            _check_number("threshold", threshold, minimum=-math.inf if normalized else 0)
+            _check_number("threshold", threshold, minimum=-math.inf if signed else 0, why=_never_negative(resolved))
         if max_metric_drop is not None:
             _check_number("max_metric_drop", max_metric_drop, minimum=0)
             if monitor is None:
@@ -185,8 +216,7 @@ class ActivationPruning(Callback):
             if not isinstance(sweep, (list, tuple)) or not sweep:
                 raise ActivationPruningError(f"`sweep` must be a non-empty list of thresholds; got {sweep!r}.")
             for value in sweep:
-                _check_number("sweep", value, minimum=-math.inf if normalized else 0)
-        _check_statistic(statistic)
+                _check_number("sweep", value, minimum=-math.inf if signed else 0, why=_never_negative(resolved))
         if monitor is not None and not isinstance(monitor, str):
             raise ActivationPruningError(f"`monitor` must be a metric name or None; got {monitor!r}.")
         _check_patterns("layers", layers)
@@ -203,7 +233,8 @@ class ActivationPruning(Callback):
         if pruned_checkpoint is not None and (not isinstance(pruned_checkpoint, str) or not pruned_checkpoint):
             raise ActivationPruningError(f"`pruned_checkpoint` must be a file path or None; got {pruned_checkpoint!r}.")
         self.threshold = float(threshold) if threshold is not None else None
-        self.statistic: str = statistic
+        self.statistic = statistic
+        self._statistic: str = resolved
         self.monitor = monitor
         self.mode: str = mode
         self.compensate = compensate
@@ -222,6 +253,11 @@ class ActivationPruning(Callback):
         self.pruned_checkpoint_path: str | None = None
         """Where the last pruned checkpoint was written."""
         self._load_hook: RemovableHandle | None = None
+
+    @property
+    def effective_statistic(self) -> str:
+        """The statistic λ is compared against: ``statistic``, or the one the rule picks when it is ``None``."""
+        return self._statistic
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -278,6 +314,9 @@ class ActivationPruning(Callback):
         if result is None:
             return
         self.result = result
+        if not result.pruned:  # no λ qualified: nothing was cut, only the table and the metrics are reported
+            self._report(trainer, result)
+            return
         _record_pruning(pl_module, result.plan)  # the module remembers its plan: every checkpoint of it carries it
         # the model is pruned and validated: a failure to report or save is a warning, never an undone pruning
         try:
@@ -382,47 +421,65 @@ class ActivationPruning(Callback):
             pl_module,
             layers,
             moments,
-            self.statistic,
+            self._statistic,
             self.min_neurons,
             validate=lambda: _validate(trainer, pl_module),
             compensate=self.compensate,
             normalize=self._normalized,
         )
         rows = {row.threshold: row for row in self._sweep(trainer, evaluator)}
-        threshold, chosen_by = self._choose(evaluator, metrics_before, rows)
-        plan = evaluator.plan(threshold)
+        plan, chosen_by = self._choose(evaluator, metrics_before, rows)
+        params_before, size_before = count_parameters(pl_module), model_size_mb(pl_module)
+        if plan is None:  # no λ qualified: the model stays as it is, the table is still reported
+            plan, metrics_after = dataclasses.replace(evaluator.plan_removing(0), threshold=math.nan), metrics_before
+            chosen_by = NONE_CHOSEN
+        else:
+            metrics_after = self._apply(trainer, pl_module, plan, rows, params_before)
+        return PruningResult(
+            plan=plan,
+            params_before=params_before,
+            params_after=count_parameters(pl_module),
+            size_mb_before=size_before,
+            size_mb_after=model_size_mb(pl_module),
+            metrics_before=metrics_before,
+            metrics_after=metrics_after,
+            sweep=tuple(rows[t] for t in sorted(rows)),
+            chosen_by=chosen_by,
+        )
+
+    def _apply(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        plan: PruningPlan,
+        rows: dict[float, SweepRow],
+        params_before: int,
+    ) -> dict[str, float]:
+        """Cut the model to ``plan`` and return its validation metrics; the table gets its row."""
+        threshold = plan.threshold
         at_floor = [layer.name for layer in plan.layers if len(layer.kept) == self.min_neurons < layer.neurons]
         if at_floor:
             rank_zero_warn(
                 f"ActivationPruning: λ={threshold:g} leaves {', '.join(at_floor)} with only"
                 f" `min_neurons={self.min_neurons}` neuron(s), the most active; a lower λ keeps more."
             )
-        params_before, size_before = count_parameters(pl_module), model_size_mb(pl_module)
+        neurons = {layer.name: len(layer.kept) for layer in plan.layers}
+        validated = rows.get(threshold)
+        validated = validated if validated is not None and dict(validated.neurons) == neurons else None
         check_same_on_every_rank(trainer, plan.to_dict(), "the pruning plans")  # before any rank cuts
         snapshot = ModuleSnapshot(pl_module, plan.touched_modules)
         apply_plan(pl_module, plan)
         try:
             # a λ of the table was validated on this very pruned model: its metrics are the "after" ones
-            metrics_after = rows[threshold].metrics if threshold in rows else _validate(trainer, pl_module)
+            metrics_after = dict(validated.metrics) if validated is not None else _validate(trainer, pl_module)
         except BaseException:
             snapshot.restore()
             raise
-        params_after, size_after = count_parameters(pl_module), model_size_mb(pl_module)
-        if rows and threshold not in rows:
-            neurons = {layer.name: len(layer.kept) for layer in plan.layers}
+        if rows and validated is None:
+            params_after, size_after = count_parameters(pl_module), model_size_mb(pl_module)
             kept = params_after / params_before
             rows[threshold] = SweepRow(threshold, params_after, kept, size_after, neurons, metrics_after)
-        return PruningResult(
-            plan=plan,
-            params_before=params_before,
-            params_after=params_after,
-            size_mb_before=size_before,
-            size_mb_after=size_after,
-            metrics_before=metrics_before,
-            metrics_after=metrics_after,
-            sweep=tuple(rows[t] for t in sorted(rows)),
-            chosen_by=chosen_by,
-        )
+        return metrics_after
 
     def _sweep(self, trainer: pl.Trainer, evaluator: ThresholdEvaluator) -> list[SweepRow]:
         thresholds = self.sweep or []
@@ -435,11 +492,23 @@ class ActivationPruning(Callback):
 
     def _choose(
         self, evaluator: ThresholdEvaluator, metrics_before: dict[str, float], rows: dict[float, SweepRow]
-    ) -> tuple[float, str]:
+    ) -> tuple[PruningPlan | None, str]:
+        """The plan to apply and how it was chosen; ``None`` when no λ qualifies (the model stays as it is)."""
         if self.threshold is not None:
-            return self.threshold, "threshold"
+            return evaluator.plan(self.threshold), "threshold"
         if self.target_params_reduction is not None:
-            return threshold_for_reduction(evaluator, self.target_params_reduction), "target_params_reduction"
+            choice = plan_for_reduction(evaluator, self.target_params_reduction)
+            if choice.note is not None:
+                rank_zero_warn(f"ActivationPruning: {choice.note}")
+            if choice.plan is None:
+                rank_zero_warn("ActivationPruning: the trained model is left unpruned; lower the target.")
+            elif choice.tied is not None:
+                removed, tied = choice.tied
+                rank_zero_info(
+                    f"ActivationPruning: λ={choice.plan.threshold:g} splits {tied} neurons with equal scores:"
+                    f" {removed} of them go (ties broken by RMS activation, then by the next layers' weight norm)."
+                )
+            return choice.plan, "target_params_reduction"
         monitor, max_drop = str(self.monitor), float(self.max_metric_drop or 0.0)  # both set: checked in __init__
         before = metrics_before[monitor]
         if not rows:
@@ -447,12 +516,14 @@ class ActivationPruning(Callback):
             rows.update({row.threshold: row for row in searched})
         chosen = choose_within_drop(list(rows.values()), monitor, before, max_drop, self.mode)
         if chosen is None:
-            worst = min(metric_drop(before, r.metrics[monitor], self.mode) for r in rows.values())
-            raise ActivationPruningError(
-                f"no λ keeps `{monitor}` within `max_metric_drop={max_drop:g}`: the smallest drop"
-                f" among the λ evaluated ({', '.join(f'{t:g}' for t in sorted(rows))}) is {worst:.4g}."
+            smallest = min(metric_drop(before, r.metrics[monitor], self.mode) for r in rows.values())
+            rank_zero_warn(
+                f"ActivationPruning: no λ keeps `{monitor}` within `max_metric_drop={max_drop:g}`: the smallest drop"
+                f" among the λ evaluated ({', '.join(f'{t:g}' for t in sorted(rows))}) is {smallest:.4g}; the"
+                " trained model is left unpruned (the table is still written)."
             )
-        return chosen.threshold, "max_metric_drop"
+            return None, "max_metric_drop"
+        return evaluator.plan(chosen.threshold), "max_metric_drop"
 
     def _best_checkpoint(self, trainer: pl.Trainer) -> str | None:
         if not self.prune_best:

@@ -86,7 +86,7 @@ class PrunableLayer:
         return tuple(s for s in self.slices if s.dim == "in")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class LayerPlan:
     """What happens to one :class:`PrunableLayer`.
 
@@ -106,6 +106,9 @@ class LayerPlan:
         kept = set(self.kept)
         return tuple(i for i in range(self.neurons) if i not in kept)
 
+    def __repr__(self) -> str:
+        return f"LayerPlan({self.name!r}, {self.neurons} -> {len(self.kept)})"
+
 
 class ModulePruning(NamedTuple):
     """The surgery on one module: remove ``indices`` along its output (``"out"``) or input (``"in"``)."""
@@ -122,7 +125,7 @@ class BiasUpdate(NamedTuple):
     delta: tuple[float, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class PruningPlan:
     """Which neurons go, and the resulting operations on each module, as plain data.
 
@@ -156,6 +159,15 @@ class PruningPlan:
     def neurons_after(self) -> int:
         """Neurons in all prunable layers after pruning."""
         return sum(len(layer.kept) for layer in self.layers)
+
+    def __repr__(self) -> str:
+        """A few lines: λ and the width of each layer, never the kept indices."""
+        widths = ", ".join(f"{x.name} {x.neurons} -> {len(x.kept)}" for x in self.layers)
+        return (
+            f"PruningPlan(threshold={self.threshold:g}, statistic={self.statistic!r}, normalize={self.normalize},"
+            f" neurons {self.neurons_before} -> {self.neurons_after}: {widths or 'no layers'};"
+            f" {len(self.operations)} module operations, {len(self.bias_updates)} bias updates)"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain ints, floats, strings and lists: safe for ``torch.load(weights_only=True)`` and JSON."""
@@ -507,6 +519,22 @@ def input_columns(module: nn.Module) -> Tensor:
 def _squared_column_norms(module: nn.Module) -> Tensor:
     """``‖W[:, f]‖²`` for each input feature ``f``, over every output and kernel position."""
     return _by_input(module, lambda kernel: kernel.square().sum(-1)).sum(1)
+
+
+def consumer_weight_energy(layer: PrunableLayer, model: nn.Module) -> Tensor:
+    """``Σ ‖W[:, f]‖²`` per neuron, over every consumer weight column (and kernel position) that reads it.
+
+    How strongly the next layers listen to a neuron: the tie-break between neurons whose activation statistics
+    are equal (e.g. neurons that never fire).
+
+    Returns:
+        A float64 CPU tensor with one value per neuron.
+    """
+    energy = torch.zeros(layer.neurons, dtype=torch.float64)
+    for consumer in layer.consumers:
+        norms = _squared_column_norms(model.get_submodule(consumer.module)).detach().cpu().to(torch.float64)
+        energy.index_add_(0, torch.tensor(consumer.neurons), norms[torch.tensor(consumer.indices)])
+    return energy
 
 
 def layer_scores(

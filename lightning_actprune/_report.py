@@ -13,8 +13,12 @@ from typing import Any
 from torch import nn
 
 from lightning_actprune._plan import PruningPlan
+from lightning_actprune._statistics import describe_threshold
 
 PREFIX = "actprune/"
+
+NONE_CHOSEN = "none"
+"""``PruningResult.chosen_by`` when no λ qualified and the model was left as it was."""
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -65,7 +69,7 @@ class SweepRow:
         return row
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class PruningResult:
     """The outcome of one pruning: the plan, the sizes and every validation metric before and after.
 
@@ -78,7 +82,8 @@ class PruningResult:
         metrics_before: validation metrics of the unpruned model.
         metrics_after: validation metrics of the pruned model.
         sweep: the λ table, when one was evaluated (ascending λ).
-        chosen_by: how λ was chosen: ``"threshold"``, ``"max_metric_drop"`` or ``"target_params_reduction"``.
+        chosen_by: how λ was chosen: ``"threshold"``, ``"max_metric_drop"`` or ``"target_params_reduction"``;
+            ``"none"`` when no λ qualified: the model is unchanged and ``plan.threshold`` is NaN.
     """
 
     plan: PruningPlan
@@ -95,6 +100,24 @@ class PruningResult:
     def params_reduction(self) -> float:
         """``1 - params_after / params_before``."""
         return 1.0 - self.params_after / self.params_before if self.params_before else 0.0
+
+    @property
+    def pruned(self) -> bool:
+        """Whether a λ was chosen and applied (``False``: no λ qualified, the model is unchanged)."""
+        return self.chosen_by != NONE_CHOSEN
+
+    def __repr__(self) -> str:
+        """A few lines: λ, sizes, metrics and per-layer widths; never the kept indices."""
+        metrics = ", ".join(
+            f"{name} {before:.4g} -> {self.metrics_after[name]:.4g}"
+            for name, before in self.metrics_before.items()
+            if name in self.metrics_after
+        )
+        return (
+            f"PruningResult(chosen_by={self.chosen_by!r}, params {self.params_before:,} -> {self.params_after:,}"
+            f" (-{self.params_reduction:.1%}), {metrics or 'no metrics'}, {len(self.sweep)} sweep rows,\n"
+            f"  plan={self.plan!r})"
+        )
 
     def to_metrics(self) -> dict[str, float]:
         """The numbers under the ``actprune/`` keys that every logger receives."""
@@ -118,8 +141,16 @@ class PruningResult:
 
     def summary(self) -> str:
         """A short human-readable summary with the per-layer neuron counts."""
+        if not self.pruned:
+            lines = [
+                f"Activation pruning chose no λ ({self.plan.statistic}): the model is unchanged, "
+                f"parameters {self.params_before:,}, neurons {self.plan.neurons_before:,}"
+            ]
+            lines += [f"  {name}: {value:.4f}" for name, value in self.metrics_before.items()]
+            return "\n".join(lines)
+        threshold = describe_threshold(self.plan.threshold, self.plan.statistic, self.plan.normalize)
         lines = [
-            f"Activation pruning ({self.plan.statistic} < {self.plan.threshold:g}): "
+            f"Activation pruning, {threshold}: "
             f"parameters {self.params_before:,} -> {self.params_after:,} (-{self.params_reduction:.1%}), "
             f"size {self.size_mb_before:.3f} MB -> {self.size_mb_after:.3f} MB, "
             f"neurons {self.plan.neurons_before:,} -> {self.plan.neurons_after:,}",
@@ -158,7 +189,8 @@ def format_sweep_table(result: PruningResult) -> str:
         for mark, row in zip(marks, cells, strict=True):
             lines.append(f"{mark:1} " + "  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
         return "\n".join(lines)
-    table = Table(title=f"ActivationPruning λ sweep ({result.plan.statistic}); * = applied")
+    unit = "std of standardised " if result.plan.normalize else ""
+    table = Table(title=f"ActivationPruning λ sweep ({unit}{result.plan.statistic}); * = applied")
     table.add_column("")
     for column in columns:
         table.add_column(column, justify="right")
@@ -198,8 +230,9 @@ def write_sweep_files(result: PruningResult, directory: str | Path, monitor: str
     json_path = directory / "actprune_sweep.json"
     payload = {
         "statistic": result.plan.statistic,
-        "chosen_threshold": result.plan.threshold,
+        "chosen_threshold": result.plan.threshold if result.pruned else None,
         "chosen_by": result.chosen_by,
+        "normalize": result.plan.normalize,
         "params_before": result.params_before,
         "metrics_before": dict(result.metrics_before),
         "rows": records,
@@ -237,7 +270,8 @@ def plot_sweep(result: PruningResult, monitor: str | None = None) -> Any:
     thresholds = [row.threshold for row in rows]
     figure, left = plt.subplots(figsize=(6.4, 4.0))
     left.plot(thresholds, [row.metrics.get(metric, float("nan")) for row in rows], "o-", color="tab:blue")
-    left.set_xlabel(f"λ ({result.plan.statistic})")
+    unit = "std of standardised " if result.plan.normalize else ""
+    left.set_xlabel(f"λ ({unit}{result.plan.statistic})")
     left.set_ylabel(metric, color="tab:blue")
     if metric in result.metrics_before:
         left.axhline(result.metrics_before[metric], color="tab:blue", linestyle=":", label=f"{metric} unpruned")
@@ -245,9 +279,11 @@ def plot_sweep(result: PruningResult, monitor: str | None = None) -> Any:
     right.plot(thresholds, [100 * row.params_kept for row in rows], "s--", color="tab:orange")
     right.set_ylabel("parameters kept (%)", color="tab:orange")
     right.set_ylim(0, 105)
-    left.axvline(result.plan.threshold, color="gray", linestyle="--")
-    left.annotate(f"applied λ={result.plan.threshold:.3g}", (result.plan.threshold, 0.02),
-                  xycoords=("data", "axes fraction"), rotation=90, va="bottom", ha="right", color="gray")  # fmt: skip
-    left.set_title("Activation pruning: λ sweep")
+    if result.pruned:
+        threshold = result.plan.threshold
+        left.axvline(threshold, color="gray", linestyle="--")
+        left.annotate(f"applied λ={threshold:.3g}", (threshold, 0.02), xycoords=("data", "axes fraction"),
+                      rotation=90, va="bottom", ha="right", color="gray")  # fmt: skip
+    left.set_title("Activation pruning: λ sweep" + ("" if result.pruned else " (no λ qualified: nothing applied)"))
     figure.tight_layout()
     return figure

@@ -16,6 +16,31 @@ Statistic = Literal["mean", "mean_abs", "rms", "nonzero_fraction", "std", "fluct
 
 STATISTICS: tuple[str, ...] = get_args(Statistic)
 
+SIGNED_STATISTICS: tuple[str, ...] = ("mean",)
+"""Statistics that can be negative (the mean of GELU, SiLU, hardswish or tanh outputs): λ may be too."""
+
+_UNITS = {
+    "mean": "mean activation",
+    "mean_abs": "mean |activation|",
+    "rms": "RMS activation",
+    "std": "activation std",
+    "nonzero_fraction": "fraction of non-zero activations",
+    "fluctuation": "fluctuation, squared output units",
+}
+
+
+def describe_threshold(threshold: float, statistic: str, normalize: bool) -> str:
+    """λ with its statistic and unit, for people: ``"λ = 0.2 (mean activation)"``.
+
+    Example:
+        >>> describe_threshold(-0.7612, "fluctuation", normalize=True)
+        'λ = -0.7612 std of standardised fluctuation per layer'
+    """
+    if normalize:
+        return f"λ = {threshold:.4g} std of standardised {statistic} per layer"
+    return f"λ = {threshold:.4g} ({_UNITS.get(statistic, statistic)})"
+
+
 MEASURED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 """Layers whose *inputs* are measured: a neuron's activation is what its consumers receive."""
 

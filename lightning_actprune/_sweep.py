@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from lightning_actprune._errors import ActivationPruningError
-from lightning_actprune._plan import PrunableLayer, PruningPlan, _all_scores, _plan_at
+from lightning_actprune._plan import (
+    PrunableLayer,
+    PruningPlan,
+    _all_scores,
+    _plan_at,
+    consumer_weight_energy,
+    layer_scores,
+    plan_from_kept,
+)
 from lightning_actprune._report import SweepRow, count_parameters, model_size_mb
 from lightning_actprune._statistics import ActivationMoments
 from lightning_actprune._surgery import ModuleSnapshot, apply_plan
@@ -55,6 +65,7 @@ class ThresholdEvaluator:
         self.params_before = count_parameters(model)
         # the scores do not depend on λ: computed once here, not again for every λ of a table or bisection
         self._scores = _all_scores(layers, moments, statistic, model, normalize)
+        self._order: list[tuple[float, str, int]] | None = None
 
     def plan(self, threshold: float) -> PruningPlan:
         """The plan at λ (the same as :func:`plan_pruning` with these settings)."""
@@ -73,16 +84,58 @@ class ThresholdEvaluator:
     def candidates(self) -> list[float]:
         """Every λ at which the plan changes, ascending.
 
-        The lowest legal λ (0, or the lowest score when scores are normalised), then just above each distinct
-        score above it.
+        A λ that removes nothing (0, or the lowest score when scores can be negative: normalised scores, or the
+        mean of GELU/SiLU/tanh outputs), then just above each distinct score above it.
         """
         scores = torch.cat(list(self._scores.values()))
-        lowest = float(scores.min()) if self.normalize else 0.0
+        lowest = min(float(scores.min()), 0.0) if not self.normalize else float(scores.min())
         distinct = sorted({float(s) for s in scores.tolist() if s >= lowest})
         return [lowest] + [math.nextafter(s, math.inf) for s in distinct]
 
-    def _pruned(self, threshold: float, validate: bool) -> SweepRow:
-        plan = self.plan(threshold)
+    def removal_order(self) -> list[tuple[float, str, int]]:
+        """Every neuron that may go, in the order a growing λ removes them: ``(score, layer, index)``.
+
+        Ascending score; neurons with equal scores (e.g. every neuron that never fires) are ordered by their RMS
+        activation, then by how strongly the next layers read them (:func:`consumer_weight_energy`), then by layer
+        and index, so a target can be met one neuron at a time instead of a whole tied block at once. The
+        ``min_neurons`` neurons each layer keeps (the last in this order) are not listed.
+        """
+        if self._order is None:
+            keyed = []
+            for position, layer in enumerate(self.layers):
+                rms = layer_scores(layer, self.moments, "rms").cpu()
+                energy = consumer_weight_energy(layer, self.model)
+                keys = [
+                    (float(self._scores[layer.name][i]), float(rms[i]), float(energy[i]), position, i)
+                    for i in range(layer.neurons)
+                ]
+                keys.sort()
+                keyed += keys[: max(layer.neurons - self.min_neurons, 0)]
+            keyed.sort()
+            self._order = [(score, self.layers[position].name, i) for score, _, _, position, i in keyed]
+        return self._order
+
+    def plan_removing(self, count: int) -> PruningPlan:
+        """The plan removing the first ``count`` neurons of :meth:`removal_order`.
+
+        Its ``threshold`` lies between the last removed neuron's score and the next one's (the lowest candidate
+        when ``count`` is 0); where ``count`` splits a block of equal scores, it is that score: the neurons below
+        it go, and the first of those at it.
+        """
+        order = self.removal_order()
+        removed: dict[str, set[int]] = {layer.name: set() for layer in self.layers}
+        for _, name, index in order[:count]:
+            removed[name].add(index)
+        kept = {layer.name: [i for i in range(layer.neurons) if i not in removed[layer.name]] for layer in self.layers}
+        plan = plan_from_kept(self.layers, kept, self.moments, self.model, self.compensate)
+        threshold = self.candidates()[0] if not count else order[count - 1][0]
+        following = order[count][0] if count < len(order) else math.inf
+        if count and following != threshold:
+            threshold = (threshold + following) / 2 if math.isfinite(following) else math.nextafter(threshold, math.inf)
+        return dataclasses.replace(plan, threshold=threshold, statistic=self.statistic, normalize=self.normalize)
+
+    def _pruned(self, threshold: float | PruningPlan, validate: bool) -> SweepRow:
+        plan = threshold if isinstance(threshold, PruningPlan) else self.plan(threshold)
         snapshot = ModuleSnapshot(self.model, plan.touched_modules)
         apply_plan(self.model, plan)
         try:
@@ -93,7 +146,7 @@ class ThresholdEvaluator:
                     raise ActivationPruningError("evaluating a threshold needs a `validate` function.")
                 metrics = dict(self.validate())
             return SweepRow(
-                threshold=threshold,
+                threshold=plan.threshold,
                 params=params,
                 params_kept=params / self.params_before if self.params_before else 1.0,
                 size_mb=model_size_mb(self.model),
@@ -103,12 +156,12 @@ class ThresholdEvaluator:
         finally:
             snapshot.restore()
 
-    def size(self, threshold: float) -> SweepRow:
-        """Sizes after pruning at λ, without validation; the model is restored."""
+    def size(self, threshold: float | PruningPlan) -> SweepRow:
+        """Sizes after pruning at λ (or with the given plan), without validation; the model is restored."""
         return self._pruned(threshold, validate=False)
 
-    def evaluate(self, threshold: float) -> SweepRow:
-        """Sizes and validation metrics after pruning at λ; the model is restored."""
+    def evaluate(self, threshold: float | PruningPlan) -> SweepRow:
+        """Sizes and validation metrics after pruning at λ (or with the plan); the model is restored."""
         return self._pruned(threshold, validate=True)
 
 
@@ -129,14 +182,81 @@ def threshold_for_reduction(evaluator: ThresholdEvaluator, target: float) -> flo
             f"`target_params_reduction={target:g}` is out of reach: removing every prunable neuron"
             f" (keeping `min_neurons`) reduces the parameters by {best:.4f}."
         )
-    low, high = 0, len(candidates) - 1  # reduction(high) >= target
+    return candidates[_first_reaching(reduction, len(candidates) - 1, target)]
+
+
+def _first_reaching(reduction: Callable[[int], float], last: int, target: float) -> int:
+    """The smallest index in ``[0, last]`` whose ``reduction`` is at least ``target`` (it is at ``last``)."""
+    low, high = 0, last
     while low < high:
         middle = (low + high) // 2
         if reduction(middle) >= target:
             high = middle
         else:
             low = middle + 1
-    return candidates[high]
+    return high
+
+
+@dataclass(frozen=True)
+class ReductionChoice:
+    """What :func:`plan_for_reduction` found.
+
+    Attributes:
+        plan: the plan that meets the target with the fewest neurons removed; ``None`` when out of reach.
+        reduction: the fraction of parameters ``plan`` removes (the most any plan can remove, when out of reach).
+        note: why the target is missed by more than :data:`REDUCTION_TOLERANCE`, or ``None``.
+        tied: ``(removed, tied)`` when the last λ splits a block of neurons with equal scores, else ``None``.
+    """
+
+    plan: PruningPlan | None
+    reduction: float
+    note: str | None = None
+    tied: tuple[int, int] | None = None
+
+
+REDUCTION_TOLERANCE = 0.02
+"""How far above ``target_params_reduction`` a result may land without a warning."""
+
+
+def plan_for_reduction(evaluator: ThresholdEvaluator, target: float) -> ReductionChoice:
+    """The fewest neurons that remove at least ``target`` of the parameters, by bisection on the plan's size.
+
+    Neurons go in :meth:`ThresholdEvaluator.removal_order`; no validation pass is spent.
+
+    Ties in the score are broken one neuron at a time, so the result lands within one neuron's parameters of the
+    target; a larger miss (one neuron of a wide coupled group) is explained in ``note``. Out of reach (the
+    ``min_neurons`` floors and the layers that cannot be pruned hold too many parameters): ``plan`` is ``None``.
+    """
+    order = evaluator.removal_order()
+
+    def reduction(count: int) -> float:
+        return 1.0 - evaluator.size(evaluator.plan_removing(count)).params_kept
+
+    most = reduction(len(order))
+    if most < target:
+        return ReductionChoice(
+            None,
+            most,
+            f"`target_params_reduction={target:g}` is out of reach: removing every prunable neuron"
+            f" (keeping `min_neurons={evaluator.min_neurons}` per layer) reduces the parameters by {most:.4f};"
+            " the rest is in layers that are not pruned (the output layer, excluded or unprunable groups).",
+        )
+    high = _first_reaching(reduction, len(order), target)
+    achieved = reduction(high)
+    note = None
+    if achieved - target > REDUCTION_TOLERANCE:
+        _, name, _ = order[high - 1]
+        note = (
+            f"`target_params_reduction={target:g}` removed {achieved:.4f} of the parameters: the last neuron"
+            f" removed (of {name}) takes {achieved - reduction(high - 1):.4f} of them with it (coupled layers)."
+        )
+    tied = None
+    if high:
+        last = order[high - 1][0]
+        equal = [score for score, _, _ in order if score == last]
+        removed = sum(1 for score, _, _ in order[:high] if score == last)
+        tied = (removed, len(equal)) if removed < len(equal) else None
+    return ReductionChoice(evaluator.plan_removing(high), achieved, note, tied)
 
 
 def metric_drop(before: float, after: float, mode: str) -> float:

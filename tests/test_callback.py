@@ -116,7 +116,7 @@ def test_summary_is_printed_once_with_layer_counts(tmp_path, caplog):
     with caplog.at_level("INFO"):
         trainer.fit(Classifier(ARCHITECTURES["mlp_modules"]()), train, val)
     text = caplog.text
-    assert text.count("Activation pruning (mean < 0.2)") == 1
+    assert text.count("Activation pruning, λ = 0.2 (mean activation): parameters") == 1
     assert "net.0" in text
     assert "16 ->" in text
     assert "val_acc:" in text
@@ -161,12 +161,20 @@ def test_unknown_monitor_leaves_model_unchanged(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"threshold": -0.1, "statistic": "mean"}, r"`threshold` must be a finite number >= 0; got -0.1"),
-        ({"threshold": float("nan"), "statistic": "mean"}, r"`threshold` must be a finite number >= 0; got nan"),
-        ({"threshold": float("inf"), "normalize": False}, r"`threshold` must be a finite number >= 0; got inf"),
+        (
+            {"threshold": -0.1, "statistic": "mean_abs"},
+            r"`threshold` must be a finite number >= 0; got -0.1 \(the mean_abs is never negative: a negative λ would",
+        ),
+        ({"threshold": float("nan"), "statistic": "rms"}, r"`threshold` must be a finite number >= 0; got nan"),
+        ({"threshold": float("nan"), "statistic": "mean"}, r"`threshold` must be a finite number; got nan"),
+        (
+            {"threshold": float("inf"), "statistic": "fluctuation", "normalize": False},
+            r"`threshold` must be a finite number >= 0; got inf",
+        ),
+        ({"threshold": float("inf")}, r"`threshold` must be a finite number; got inf"),  # a mean: any sign
         ({"threshold": "0.4", "statistic": "rms"}, r"`threshold` must be a finite number >= 0; got '0.4'"),
         ({"threshold": True, "statistic": "std"}, r"`threshold` must be a finite number >= 0; got True"),
-        ({"threshold": float("nan")}, r"`threshold` must be a finite number; got nan"),  # normalised: any sign
+        ({"threshold": float("nan"), "statistic": "fluctuation"}, r"`threshold` must be a finite number; got nan"),
         ({"threshold": 0.1, "normalize": "yes"}, r"`normalize` must be True, False or None \(automatic\); got 'yes'"),
         (
             {"threshold": 0.1, "statistic": "median"},
@@ -190,7 +198,7 @@ def test_unknown_monitor_leaves_model_unchanged(tmp_path):
         ({"target_params_reduction": 0}, r"`target_params_reduction` must be in \(0, 1\); got 0"),
         ({"threshold": 0.1, "mode": "maximize"}, r"`mode` can be one of max, min; got 'maximize'"),
         ({"threshold": 0.1, "sweep": []}, r"`sweep` must be a non-empty list of thresholds; got \[\]"),
-        ({"threshold": 0.1, "sweep": [0.1, -1], "statistic": "mean"}, r"`sweep` must be a finite number >= 0; got -1"),
+        ({"threshold": 0.1, "sweep": [0.1, -1], "statistic": "std"}, r"`sweep` must be a finite number >= 0; got -1"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):
@@ -223,12 +231,14 @@ def test_compensate_through_the_callback_matches_the_mean_oracle(tmp_path):
         torch.testing.assert_close(model(x), keep.model(x), rtol=1e-5, atol=1e-5)
 
 
-def test_normalize_allows_a_negative_threshold_and_only_then():
-    assert ActivationPruning(threshold=-0.5, statistic="mean", normalize=True).threshold == -0.5
-    assert ActivationPruning(threshold=-0.5).threshold == -0.5  # the default fluctuation is normalised
+def test_a_negative_threshold_is_allowed_for_signed_scores_and_only_then():
+    assert ActivationPruning(threshold=-0.5, statistic="rms", normalize=True).threshold == -0.5
+    assert ActivationPruning(threshold=-0.5, statistic="fluctuation").threshold == -0.5  # normalised by default
+    assert ActivationPruning(threshold=-0.5).threshold == -0.5  # a mean activation: GELU/SiLU/tanh means are < 0
+    assert ActivationPruning(sweep=[-0.2, 0.0], threshold=0.0, statistic="mean").sweep == [-0.2, 0.0]
     with pytest.raises(ActivationPruningError, match=r"`threshold` must be a finite number >= 0; got -0.5"):
-        ActivationPruning(threshold=-0.5, statistic="mean")
+        ActivationPruning(threshold=-0.5, statistic="nonzero_fraction")
     with pytest.raises(ActivationPruningError, match=r"`threshold` must be a finite number >= 0; got -0.5"):
-        ActivationPruning(threshold=-0.5, normalize=False)
+        ActivationPruning(threshold=-0.5, statistic="fluctuation", normalize=False)
     with pytest.raises(ActivationPruningError, match=r"`compensate` must be True or False; got 1"):
         ActivationPruning(threshold=0.1, compensate=1)

@@ -39,7 +39,8 @@ def test_issue_snippet_parses(tmp_path):
     callback = pruning_callback(parse(config))
     assert callback.threshold == 0.4
     assert callback.monitor == "val_acc"
-    assert callback.statistic == "fluctuation"  # the default, chosen from the benchmark
+    assert callback.statistic is None  # not named: a λ the user writes is a mean activation
+    assert callback.effective_statistic == "mean"
     assert callback.normalize is None
 
 
@@ -66,7 +67,7 @@ def test_bad_value_in_yaml_names_the_argument(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(
         "trainer:\n  callbacks:\n    - class_path: lightning_actprune.ActivationPruning\n"
-        "      init_args: {threshold: -1, statistic: mean}\n"
+        "      init_args: {threshold: -1, statistic: rms}\n"
     )
     with pytest.raises(ValueError, match=r"`threshold` must be a finite number >= 0; got -1"):
         parse(config)
