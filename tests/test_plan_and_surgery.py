@@ -16,7 +16,7 @@ from lightning_actprune import (
     layer_scores,
     plan_pruning,
 )
-from tests.helpers import ARCHITECTURES, input_shape, zero_removed_inputs
+from tests.helpers import ARCHITECTURES, input_shape, replace_removed_by_means, zero_removed_inputs
 
 
 def record(model: nn.Module, x: torch.Tensor) -> ActivationRecorder:
@@ -186,28 +186,6 @@ def test_frozen_parameters_stay_frozen():
 
 
 # --- bias compensation and fluctuation ------------------------------------------------------------------------------
-
-
-def replace_removed_by_means(model, plan, moments):
-    """Oracle for ``compensate``: removed neurons' activations replaced by their means at every consumer."""
-    handles = []
-    for op in plan.operations:
-        module = model.get_submodule(op.module)
-        if op.dim != "in" or not isinstance(module, (nn.Linear, nn.Conv2d)):
-            continue
-        index = torch.tensor(op.indices)
-        means = moments[op.module].mean.float()[index]
-
-        def hook(mod, args, index=index, means=means):
-            x = args[0].clone()
-            if isinstance(mod, nn.Linear):
-                x[..., index] = means
-            else:
-                x[:, index] = means.view(-1, 1, 1)
-            return (x, *args[1:])
-
-        handles.append(module.register_forward_pre_hook(hook))
-    return handles
 
 
 @pytest.mark.parametrize("architecture", ["mlp_modules", "mlp_functional", "mlp_batchnorm_dropout", "residual"])
