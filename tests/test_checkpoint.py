@@ -344,6 +344,10 @@ def test_compensated_plan_round_trips_with_the_biases_it_creates(tmp_path):
     assert any(update.module == "2" for update in plan.bias_updates)
     apply_plan(model, plan)
     assert model[2].bias is not None
+    # the created bias is the compensation alone (the consumer had none), at the neurons layer "2" keeps
+    (update,) = [update for update in plan.bias_updates if update.module == "2"]
+    kept = next((list(layer.kept) for layer in plan.layers if layer.name == "2"), list(range(12)))
+    torch.testing.assert_close(model[2].bias.detach(), torch.tensor(update.delta, dtype=torch.float32)[kept])
     export_pruned(model, tmp_path / "model.pt", plan=plan)
     fresh = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 12, bias=False), nn.ReLU(), nn.Linear(12, 3))
     load_pruned(fresh, tmp_path / "model.pt")  # strict: the created bias is expected

@@ -6,9 +6,11 @@ import torch
 from torch import nn
 
 from lightning_actprune import (
+    ActivationMoments,
     ActivationPruningError,
     ActivationRecorder,
     ModulePruning,
+    PrunableLayer,
     PruningPlan,
     apply_plan,
     count_parameters,
@@ -26,6 +28,12 @@ def record(model: nn.Module, x: torch.Tensor) -> ActivationRecorder:
     return recorder
 
 
+def measure(model: nn.Module, x: torch.Tensor) -> tuple[list[PrunableLayer], dict[str, ActivationMoments]]:
+    """The prunable layers of ``model`` and their statistics over ``x``."""
+    recorder = record(model, x)
+    return find_prunable_layers(model, recorder.example_inputs), recorder.moments()
+
+
 def median_threshold(layers, moments, statistic="mean") -> float:
     scores = torch.cat([layer_scores(layer, moments, statistic) for layer in layers])
     return float(scores.median())
@@ -37,9 +45,7 @@ def test_oracle_pruned_equals_original_with_removed_inputs_zeroed(architecture, 
     torch.manual_seed(0)
     model = ARCHITECTURES[architecture]().eval()
     x = torch.randn(20, *input_shape(model))
-    recorder = record(model, x)
-    layers = find_prunable_layers(model, recorder.example_inputs)
-    moments = recorder.moments()
+    layers, moments = measure(model, x)
     plan = plan_pruning(layers, moments, median_threshold(layers, moments, statistic), statistic)
     assert 0 < plan.neurons_after < plan.neurons_before
 
@@ -91,9 +97,7 @@ def test_flattened_conv_channels_map_to_their_positions():
 def test_min_neurons_keeps_the_most_active():
     model = ARCHITECTURES["mlp_modules"]().eval()
     x = torch.randn(30, 8)
-    recorder = record(model, x)
-    layers = find_prunable_layers(model, x)
-    moments = recorder.moments()
+    layers, moments = measure(model, x)
     plan = plan_pruning(layers, moments, threshold=1e9, min_neurons=3)
     for layer, layer_plan in zip(layers, plan.layers, strict=False):
         top3 = torch.topk(layer_scores(layer, moments, "mean"), 3).indices.sort().values.tolist()
@@ -176,9 +180,7 @@ def test_frozen_parameters_stay_frozen():
     model = ARCHITECTURES["mlp_modules"]().eval()
     model.net[0].requires_grad_(False)
     x = torch.randn(16, 8)
-    recorder = record(model, x)
-    layers = find_prunable_layers(model, recorder.example_inputs)
-    moments = recorder.moments()
+    layers, moments = measure(model, x)
     apply_plan(model, plan_pruning(layers, moments, median_threshold(layers, moments)))
     assert not model.net[0].weight.requires_grad
     assert model.net[2].weight.requires_grad
@@ -195,9 +197,7 @@ def test_compensation_oracle_is_exact_for_linear_and_unpadded_consumers(architec
     if architecture == "residual":  # make every conv consumer unpadded-equivalent: 1x1 kernels
         model = Residual1x1().eval()
     x = torch.randn(20, *input_shape(model))
-    recorder = record(model, x)
-    layers = find_prunable_layers(model, recorder.example_inputs)
-    moments = recorder.moments()
+    layers, moments = measure(model, x)
     plan = plan_pruning(layers, moments, median_threshold(layers, moments), model=model, compensate=True)
     assert plan.bias_updates
     original = copy.deepcopy(model)
@@ -227,9 +227,7 @@ def test_compensation_into_a_conv_is_exact_where_no_padding_is_read(padding):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=padding, bias=False)).eval()
     x = torch.randn(16, 1, 10, 10)
-    recorder = record(model, x)
-    layers = find_prunable_layers(model, x)
-    moments = recorder.moments()
+    layers, moments = measure(model, x)
     plan = plan_pruning(layers, moments, median_threshold(layers, moments), model=model, compensate=True)
     original = copy.deepcopy(model)
     apply_plan(model, plan)
@@ -302,9 +300,7 @@ def test_plan_from_kept_builds_the_surgery_and_compensation_for_any_criterion():
     torch.manual_seed(0)
     model = ARCHITECTURES["mlp_functional"]().eval()
     x = torch.randn(40, 8)
-    recorder = record(model, x)
-    layers = find_prunable_layers(model, x)
-    moments = recorder.moments()
+    layers, moments = measure(model, x)
     threshold_plan = plan_pruning(layers, moments, 0.2, model=model, compensate=True)
     kept = {layer.name: layer.kept for layer in threshold_plan.layers}
     plan = plan_from_kept(layers, kept, moments=moments, model=model, compensate=True)
