@@ -83,7 +83,6 @@ def test_fit_prunes_physically_and_logs_everywhere(tmp_path, architecture):
     assert event.value == pytest.approx(result.params_reduction)
 
 
-@pytest.mark.slow
 def test_fit_leaves_trainer_state_as_fit_does(tmp_path):
     states = []
     for callbacks in ([], [ActivationPruning(threshold=0.1, sweep=[0.0, 0.5, 1.0])]):
