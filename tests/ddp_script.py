@@ -20,16 +20,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lightning_actprune import ActivationPruning, ActivationPruningError, ActivationRecorder
-from tests.helpers import Classifier, MLPModule, make_data
+from tests.helpers import Classifier, MLPModule, make_data, quiet_trainer
 
 VAL_SIZE = 33
 VAL_BATCH_SIZE = 16
@@ -62,17 +60,6 @@ class Record(Callback):
             self.seen["samples_per_pass"][-1].append(len(batch[0]))
 
 
-class SyncedClassifier(Classifier):
-    """Logs ``val_loss`` with ``sync_dist=True``: one collective per validation epoch, on every rank."""
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
-        logits = self(x)
-        self.val_acc(logits, y)
-        self.log("val_loss", F.cross_entropy(logits, y), sync_dist=True)
-        self.log("val_acc", self.val_acc)
-
-
 class RankDependentPruning(ActivationPruning):
     """Makes every rank choose another λ: the plans differ, which the callback must refuse before any surgery."""
 
@@ -94,16 +81,14 @@ def spy_on_statistics(captured: list[Any]) -> None:
 
 
 def trainer_for(out: Path, *callbacks: Callback) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
+    return quiet_trainer(
+        out,
+        *callbacks,
         devices=2,
         strategy=DDPStrategy(timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S)),  # a hang becomes an error
         max_epochs=3,
         logger=CSVLogger(out, name="csv"),
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=list(callbacks),
     )
 
 
@@ -133,7 +118,7 @@ def main(out: Path) -> None:
 
     pl.seed_everything(0)
     disagreeing: dict[str, Any] = {}
-    model = SyncedClassifier(MLPModule())
+    model = Classifier(MLPModule(), sync_dist=True)  # one collective per validation epoch, on every rank
     train, val = loaders()
     data = pl.LightningDataModule.from_datasets(train.dataset, val.dataset, batch_size=VAL_BATCH_SIZE)
     trainer = trainer_for(out / "disagree", Record(disagreeing), RankDependentPruning(threshold=0.1))

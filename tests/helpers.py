@@ -1,16 +1,26 @@
-"""Tiny real models, real data and the zero-the-removed-inputs oracle shared by the tests."""
+"""Tiny real models, real data, a quiet Trainer and the zero-the-removed-inputs oracle shared by the tests.
+
+Plain code, importable outside pytest (``tests/ddp_script.py`` runs in subprocesses); the fixtures built on it
+are in ``conftest.py``.
+"""
 
 from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_actprune import PruningPlan
+from lightning_actprune import ActivationMoments, PruningPlan
 
+ROOT = Path(__file__).resolve().parent.parent
 NUM_CLASSES = 3
 
 
@@ -104,12 +114,13 @@ def make_data(shape: tuple[int, ...], n: int = 96, seed: int = 0) -> TensorDatas
 
 
 class Classifier(pl.LightningModule):
-    """Wraps any ``net``; logs ``val_loss`` and ``val_acc`` (a torchmetrics accuracy)."""
+    """Wraps any ``net``; logs ``val_loss`` (with ``sync_dist`` as given) and ``val_acc`` (a torchmetrics accuracy)."""
 
-    def __init__(self, net: nn.Module, lr: float = 0.05) -> None:
+    def __init__(self, net: nn.Module, lr: float = 0.05, sync_dist: bool = False) -> None:
         super().__init__()
         self.net = net
         self.lr = lr
+        self.sync_dist = sync_dist
         self.val_acc = MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
 
     def forward(self, x: Tensor) -> Tensor:
@@ -123,7 +134,7 @@ class Classifier(pl.LightningModule):
         x, y = batch
         logits = self(x)
         self.val_acc(logits, y)
-        self.log("val_loss", F.cross_entropy(logits, y))
+        self.log("val_loss", F.cross_entropy(logits, y), sync_dist=self.sync_dist)
         self.log("val_acc", self.val_acc)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -136,22 +147,66 @@ def loaders(shape: tuple[int, ...], batch_size: int = 32) -> tuple[DataLoader, D
     return train, val
 
 
+def quiet_trainer(root: str | Path, *callbacks: Callback, **kwargs: Any) -> pl.Trainer:
+    """A CPU Trainer that writes under ``root`` and prints no progress bar or summary; ``kwargs`` override."""
+    options = {
+        "accelerator": "cpu",
+        "default_root_dir": root,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "callbacks": list(callbacks),
+    }
+    return pl.Trainer(**{**options, **kwargs})
+
+
+class KeepUnpruned(Callback):
+    """Placed before ActivationPruning: copies the trained model (in eval mode) and its weights as fit leaves them."""
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.model = copy.deepcopy(pl_module).eval()
+        self.state = copy.deepcopy(pl_module.state_dict())
+
+
 def zero_removed_inputs(model: nn.Module, plan: PruningPlan) -> list[torch.utils.hooks.RemovableHandle]:
     """The oracle: on the *unpruned* model, force the removed neurons' activations to zero at every consumer."""
+    return _replace_removed_inputs(model, plan, None)
+
+
+def replace_removed_by_means(
+    model: nn.Module, plan: PruningPlan, moments: dict[str, ActivationMoments]
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Oracle for ``compensate``: removed neurons' activations replaced by their means at every consumer."""
+    return _replace_removed_inputs(model, plan, moments)
+
+
+def _replace_removed_inputs(
+    model: nn.Module, plan: PruningPlan, moments: dict[str, ActivationMoments] | None
+) -> list[torch.utils.hooks.RemovableHandle]:
     handles = []
     for op in plan.operations:
         module = model.get_submodule(op.module)
         if op.dim != "in" or not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             continue
         index = torch.tensor(op.indices)
+        values = torch.zeros(len(index)) if moments is None else moments[op.module].mean.float()[index]
 
-        def hook(mod: nn.Module, args: tuple[Tensor, ...], index: Tensor = index) -> tuple[Tensor, ...]:
+        def hook(
+            mod: nn.Module, args: tuple[Tensor, ...], index: Tensor = index, values: Tensor = values
+        ) -> tuple[Tensor, ...]:
             x = args[0].clone()
             if isinstance(mod, nn.Linear):
-                x[..., index] = 0
-            else:
-                x[:, index] = 0
+                x[..., index] = values.to(x)
+            else:  # channels at dim 1, one value per channel over every position
+                x[:, index] = values.to(x).view(-1, *[1] * (x.dim() - 2))
             return (x, *args[1:])
 
         handles.append(module.register_forward_pre_hook(hook))
     return handles
+
+
+def assert_matches_oracle(pruned: nn.Module, unpruned: nn.Module, plan: PruningPlan, *inputs: Any) -> None:
+    """The pruned model's outputs equal the unpruned model's with the removed neurons zeroed at their consumers."""
+    zero_removed_inputs(unpruned, plan)
+    pruned.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(*inputs), unpruned(*inputs))

@@ -1,15 +1,23 @@
-import copy
 import csv
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_actprune import ActivationPruning, ActivationPruningError
-from tests.helpers import ARCHITECTURES, Classifier, input_shape, loaders, zero_removed_inputs
+from tests.helpers import (
+    ARCHITECTURES,
+    Classifier,
+    KeepUnpruned,
+    assert_matches_oracle,
+    input_shape,
+    loaders,
+    quiet_trainer,
+    replace_removed_by_means,
+)
 
 SUMMARY_KEYS = {
     "actprune/threshold",
@@ -24,25 +32,10 @@ SUMMARY_KEYS = {
 METRIC_KEYS = {f"actprune/{m}_{w}" for m in ("val_acc", "val_loss") for w in ("before", "after", "change")}
 
 
-class KeepUnpruned(Callback):
-    """Placed before ActivationPruning: copies the trained model as fit leaves it."""
-
-    def on_fit_end(self, trainer, pl_module):
-        self.model = copy.deepcopy(pl_module).eval()
-
-
 def trainer_for(tmp_path, *callbacks, **kwargs) -> pl.Trainer:
     loggers = [CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")]
-    options = {
-        "max_epochs": 3,
-        "accelerator": "cpu",
-        "logger": loggers,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "callbacks": list(callbacks),
-    }
-    return pl.Trainer(**{**options, **kwargs})
+    options = {"max_epochs": 3, "logger": loggers, "enable_checkpointing": False}
+    return quiet_trainer(tmp_path, *callbacks, **{**options, **kwargs})
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -63,11 +56,7 @@ def test_fit_prunes_physically_and_logs_everywhere(tmp_path, architecture):
     assert set(result.metrics_before) == {"val_acc", "val_loss"} == set(result.metrics_after)
 
     # oracle: the pruned model is the original with the removed neurons' activations forced to zero
-    x = torch.cat([batch[0] for batch in val])
-    zero_removed_inputs(keep.model, result.plan)
-    model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), keep.model(x))
+    assert_matches_oracle(model, keep.model, result.plan, torch.cat([batch[0] for batch in val]))
 
     # the before numbers are the unpruned model's validation; the after numbers the pruned model's
     reference = Classifier(ARCHITECTURES[architecture]())
@@ -207,8 +196,6 @@ def test_bad_arguments_are_named(kwargs, message):
 
 
 def test_compensate_through_the_callback_matches_the_mean_oracle(tmp_path):
-    from tests.test_plan_and_surgery import replace_removed_by_means
-
     pl.seed_everything(0)
     net = ARCHITECTURES["mlp_functional"]()
     model = Classifier(net)

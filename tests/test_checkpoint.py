@@ -28,7 +28,7 @@ from lightning_actprune import (
 )
 from lightning_actprune._checkpoint import _compose
 from lightning_actprune._plan import BiasUpdate
-from tests.helpers import ARCHITECTURES, Classifier, MLPModule, input_shape, loaders
+from tests.helpers import ARCHITECTURES, Classifier, MLPModule, input_shape, loaders, quiet_trainer
 
 
 class EvalClassifier(Classifier):
@@ -60,27 +60,11 @@ def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def evaluation_trainer(tmp_path, *callbacks) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=list(callbacks),
-    )
+    return quiet_trainer(tmp_path, *callbacks, logger=False, enable_checkpointing=False)
 
 
 def fit_trainer(root, *callbacks, **kwargs) -> pl.Trainer:
-    options = {
-        "max_epochs": 2,
-        "accelerator": "cpu",
-        "logger": CSVLogger(root, name="csv"),
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "callbacks": list(callbacks),
-    }
-    return pl.Trainer(**{**options, **kwargs})
+    return quiet_trainer(root, *callbacks, **{"max_epochs": 2, "logger": CSVLogger(root, name="csv"), **kwargs})
 
 
 def assert_plain(value, where="checkpoint"):
@@ -360,6 +344,10 @@ def test_compensated_plan_round_trips_with_the_biases_it_creates(tmp_path):
     assert any(update.module == "2" for update in plan.bias_updates)
     apply_plan(model, plan)
     assert model[2].bias is not None
+    # the created bias is the compensation alone (the consumer had none), at the neurons layer "2" keeps
+    (update,) = [update for update in plan.bias_updates if update.module == "2"]
+    kept = next((list(layer.kept) for layer in plan.layers if layer.name == "2"), list(range(12)))
+    torch.testing.assert_close(model[2].bias.detach(), torch.tensor(update.delta, dtype=torch.float32)[kept])
     export_pruned(model, tmp_path / "model.pt", plan=plan)
     fresh = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 12, bias=False), nn.ReLU(), nn.Linear(12, 3))
     load_pruned(fresh, tmp_path / "model.pt")  # strict: the created bias is expected
@@ -431,10 +419,8 @@ def test_bad_pruned_checkpoint_is_named(value):
         ActivationPruning(threshold=0.1, pruned_checkpoint=value)
 
 
-def test_ddp_spawn_is_refused_at_setup_before_training(tmp_path):
-    trainer = pl.Trainer(
-        strategy="ddp_spawn", accelerator="cpu", devices=2, logger=False, enable_progress_bar=False, max_epochs=1
-    )
+def test_ddp_spawn_is_refused_at_setup_before_training(make_trainer):
+    trainer = make_trainer(strategy="ddp_spawn", devices=2, logger=False, max_epochs=1)
     model = EvalClassifier(MLPModule())
     train, val = loaders((8,))
     # what `trainer.fit` does before it spawns the workers, where setup would run

@@ -10,10 +10,10 @@ import yaml
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_actprune import ActivationPruning
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
-from digits import DigitsDataModule, DigitsMLP  # noqa: E402
+from digits import DigitsDataModule, DigitsMLP
 
 
 def readme_yaml_blocks() -> list[str]:
@@ -73,6 +73,7 @@ def test_bad_value_in_yaml_names_the_argument(tmp_path):
         parse(config)
 
 
+@pytest.mark.slow
 def test_cli_fit_runs_the_example_end_to_end(tmp_path):
     config = yaml.safe_load((ROOT / "examples" / "digits.yaml").read_text())
     config["trainer"].update(max_epochs=2, enable_progress_bar=False, enable_model_summary=False)
@@ -89,6 +90,7 @@ def test_cli_fit_runs_the_example_end_to_end(tmp_path):
     assert list(tmp_path.glob("digits/version_*/events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_example_exports_an_ordinary_dense_network_to_onnx(tmp_path):
     onnx = pytest.importorskip("onnx")  # in the `examples` extra
     from digits import export

@@ -1,4 +1,3 @@
-import copy
 import csv
 import os
 import subprocess
@@ -8,7 +7,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
 from lightning_actprune import (
@@ -23,9 +21,8 @@ from lightning_actprune import (
 )
 from lightning_actprune._distributed import check_same_on_every_rank, check_strategy, fingerprint, synced_metrics
 from tests import ddp_script
-from tests.helpers import Classifier, MLPModule, make_data, zero_removed_inputs
+from tests.helpers import ROOT, Classifier, KeepUnpruned, MLPModule, assert_matches_oracle, make_data
 
-ROOT = Path(__file__).resolve().parent.parent
 DDP_TIMEOUT_S = 240  # the run takes ~10 s on 2 CPU cores; a hang must not block the suite forever
 
 
@@ -45,19 +42,13 @@ def ddp_run(tmp_path_factory):
     return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
 
 
-class KeepUnpruned(Callback):
-    """Placed before ActivationPruning: copies the trained model as fit leaves it."""
-
-    def on_fit_end(self, trainer, pl_module):
-        self.model = copy.deepcopy(pl_module).eval()
-
-
 def reference_model(state_dict):
     model = Classifier(MLPModule())
     model.load_state_dict(state_dict)
     return model.eval()
 
 
+@pytest.mark.slow
 def test_ddp_statistics_equal_one_process_and_every_rank_prunes_the_same(ddp_run):
     zero, one = ranks = ddp_run
     assert zero["distributed_at_fit_end"]  # torchmetrics can sync the statistics
@@ -117,6 +108,7 @@ def test_ddp_statistics_equal_one_process_and_every_rank_prunes_the_same(ddp_run
     assert {p.name for p in log_dir.glob("actprune_sweep.*")} >= {"actprune_sweep.csv", "actprune_sweep.json"}
 
 
+@pytest.mark.slow
 def test_ddp_ranks_that_plan_differently_fail_before_any_surgery(ddp_run):
     ranks = ddp_run
     # the statistics pass ran (from a datamodule, with `sync_dist=True` logging, uneven batches) and was exact
@@ -130,8 +122,8 @@ def test_ddp_ranks_that_plan_differently_fail_before_any_surgery(ddp_run):
             assert torch.equal(disagreeing["after"][name], tensor), name
 
 
-def test_one_process_helpers_are_no_ops(tmp_path):
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path)
+def test_one_process_helpers_are_no_ops(make_trainer):
+    trainer = make_trainer(devices=1, logger=False)
     check_same_on_every_rank(trainer, {"anything": torch.arange(3)}, "values")
     assert synced_metrics(trainer, {"val_acc": 0.5}) == {"val_acc": 0.5}
 
@@ -178,19 +170,17 @@ def test_strategies_that_cannot_prune_are_refused_by_name(make_strategy, message
         check_strategy(make_strategy())
 
 
-def test_ddp_spawn_fails_at_setup_before_training(tmp_path):
+@pytest.mark.slow
+def test_ddp_spawn_fails_at_setup_before_training(make_trainer):
     # with one spawned worker to stay fast: the worker's error reaches the main process
     model = Classifier(MLPModule())
     train, val = (torch.utils.data.DataLoader(make_data((8,), n=n), batch_size=16) for n in (32, 16))
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, strategy="ddp_spawn", logger=False, default_root_dir=tmp_path,
-        callbacks=[ActivationPruning(threshold=0.1)], enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
+    trainer = make_trainer(ActivationPruning(threshold=0.1), devices=1, strategy="ddp_spawn", logger=False)
     with pytest.raises(Exception, match="with spawned processes"):
         trainer.fit(model, train, val)
 
 
-def test_bf16_mixed_accumulates_in_float64_and_prunes(tmp_path, monkeypatch):
+def test_bf16_mixed_accumulates_in_float64_and_prunes(make_trainer, monkeypatch):
     seen_dtypes, moments = set(), []
     update, compute = ActivationStatistics.update, ActivationRecorder.moments
     monkeypatch.setattr(ActivationStatistics, "update", lambda self, a: (seen_dtypes.add(a.dtype), update(self, a))[1])
@@ -201,10 +191,9 @@ def test_bf16_mixed_accumulates_in_float64_and_prunes(tmp_path, monkeypatch):
     train = torch.utils.data.DataLoader(make_data((8,), n=96, seed=0), batch_size=16, shuffle=True)
     val = torch.utils.data.DataLoader(make_data((8,), n=50, seed=1), batch_size=16)
     keep, pruning = KeepUnpruned(), ActivationPruning(threshold=0.1, pruned_checkpoint=None)
-    trainer = pl.Trainer(
-        accelerator="cpu", precision="bf16-mixed", max_epochs=3, logger=False, default_root_dir=tmp_path,
-        callbacks=[keep, pruning], enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
+    trainer = make_trainer(
+        keep, pruning, precision="bf16-mixed", max_epochs=3, logger=False, enable_checkpointing=False
+    )
     trainer.fit(model, train, val)
 
     assert torch.bfloat16 in seen_dtypes  # the hidden activations really were bf16
@@ -214,7 +203,4 @@ def test_bf16_mixed_accumulates_in_float64_and_prunes(tmp_path, monkeypatch):
     assert 0 < pruning.result.plan.neurons_after < pruning.result.plan.neurons_before
     assert sum(p.numel() for p in model.parameters()) == pruning.result.params_after
     # the pruned model is the trained one with the removed activations zeroed (in float32, outside autocast)
-    zero_removed_inputs(keep.model, pruning.result.plan)
-    x = val.dataset.tensors[0]
-    with torch.no_grad():
-        torch.testing.assert_close(model.eval()(x), keep.model(x))
+    assert_matches_oracle(model, keep.model, pruning.result.plan, val.dataset.tensors[0])

@@ -6,9 +6,11 @@ import torch
 from torch import nn
 
 from lightning_actprune import (
+    ActivationMoments,
     ActivationPruningError,
     ActivationRecorder,
     ModulePruning,
+    PrunableLayer,
     PruningPlan,
     apply_plan,
     count_parameters,
@@ -16,7 +18,7 @@ from lightning_actprune import (
     layer_scores,
     plan_pruning,
 )
-from tests.helpers import ARCHITECTURES, input_shape, zero_removed_inputs
+from tests.helpers import ARCHITECTURES, input_shape, replace_removed_by_means, zero_removed_inputs
 
 
 def record(model: nn.Module, x: torch.Tensor) -> ActivationRecorder:
@@ -24,6 +26,12 @@ def record(model: nn.Module, x: torch.Tensor) -> ActivationRecorder:
     with ActivationRecorder(model) as recorder, torch.no_grad():
         model(x)
     return recorder
+
+
+def measure(model: nn.Module, x: torch.Tensor) -> tuple[list[PrunableLayer], dict[str, ActivationMoments]]:
+    """The prunable layers of ``model`` and their statistics over ``x``."""
+    recorder = record(model, x)
+    return find_prunable_layers(model, recorder.example_inputs), recorder.moments()
 
 
 def median_threshold(layers, moments, statistic="mean") -> float:
@@ -37,9 +45,7 @@ def test_oracle_pruned_equals_original_with_removed_inputs_zeroed(architecture, 
     torch.manual_seed(0)
     model = ARCHITECTURES[architecture]().eval()
     x = torch.randn(20, *input_shape(model))
-    recorder = record(model, x)
-    layers = find_prunable_layers(model, recorder.example_inputs)
-    moments = recorder.moments()
+    layers, moments = measure(model, x)
     plan = plan_pruning(layers, moments, median_threshold(layers, moments, statistic), statistic)
     assert 0 < plan.neurons_after < plan.neurons_before
 
@@ -91,9 +97,7 @@ def test_flattened_conv_channels_map_to_their_positions():
 def test_min_neurons_keeps_the_most_active():
     model = ARCHITECTURES["mlp_modules"]().eval()
     x = torch.randn(30, 8)
-    recorder = record(model, x)
-    layers = find_prunable_layers(model, x)
-    moments = recorder.moments()
+    layers, moments = measure(model, x)
     plan = plan_pruning(layers, moments, threshold=1e9, min_neurons=3)
     for layer, layer_plan in zip(layers, plan.layers, strict=False):
         top3 = torch.topk(layer_scores(layer, moments, "mean"), 3).indices.sort().values.tolist()
@@ -176,9 +180,7 @@ def test_frozen_parameters_stay_frozen():
     model = ARCHITECTURES["mlp_modules"]().eval()
     model.net[0].requires_grad_(False)
     x = torch.randn(16, 8)
-    recorder = record(model, x)
-    layers = find_prunable_layers(model, recorder.example_inputs)
-    moments = recorder.moments()
+    layers, moments = measure(model, x)
     apply_plan(model, plan_pruning(layers, moments, median_threshold(layers, moments)))
     assert not model.net[0].weight.requires_grad
     assert model.net[2].weight.requires_grad
@@ -188,28 +190,6 @@ def test_frozen_parameters_stay_frozen():
 # --- bias compensation and fluctuation ------------------------------------------------------------------------------
 
 
-def replace_removed_by_means(model, plan, moments):
-    """Oracle for ``compensate``: removed neurons' activations replaced by their means at every consumer."""
-    handles = []
-    for op in plan.operations:
-        module = model.get_submodule(op.module)
-        if op.dim != "in" or not isinstance(module, (nn.Linear, nn.Conv2d)):
-            continue
-        index = torch.tensor(op.indices)
-        means = moments[op.module].mean.float()[index]
-
-        def hook(mod, args, index=index, means=means):
-            x = args[0].clone()
-            if isinstance(mod, nn.Linear):
-                x[..., index] = means
-            else:
-                x[:, index] = means.view(-1, 1, 1)
-            return (x, *args[1:])
-
-        handles.append(module.register_forward_pre_hook(hook))
-    return handles
-
-
 @pytest.mark.parametrize("architecture", ["mlp_modules", "mlp_functional", "mlp_batchnorm_dropout", "residual"])
 def test_compensation_oracle_is_exact_for_linear_and_unpadded_consumers(architecture):
     torch.manual_seed(0)
@@ -217,9 +197,7 @@ def test_compensation_oracle_is_exact_for_linear_and_unpadded_consumers(architec
     if architecture == "residual":  # make every conv consumer unpadded-equivalent: 1x1 kernels
         model = Residual1x1().eval()
     x = torch.randn(20, *input_shape(model))
-    recorder = record(model, x)
-    layers = find_prunable_layers(model, recorder.example_inputs)
-    moments = recorder.moments()
+    layers, moments = measure(model, x)
     plan = plan_pruning(layers, moments, median_threshold(layers, moments), model=model, compensate=True)
     assert plan.bias_updates
     original = copy.deepcopy(model)
@@ -249,9 +227,7 @@ def test_compensation_into_a_conv_is_exact_where_no_padding_is_read(padding):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=padding, bias=False)).eval()
     x = torch.randn(16, 1, 10, 10)
-    recorder = record(model, x)
-    layers = find_prunable_layers(model, x)
-    moments = recorder.moments()
+    layers, moments = measure(model, x)
     plan = plan_pruning(layers, moments, median_threshold(layers, moments), model=model, compensate=True)
     original = copy.deepcopy(model)
     apply_plan(model, plan)
@@ -324,9 +300,7 @@ def test_plan_from_kept_builds_the_surgery_and_compensation_for_any_criterion():
     torch.manual_seed(0)
     model = ARCHITECTURES["mlp_functional"]().eval()
     x = torch.randn(40, 8)
-    recorder = record(model, x)
-    layers = find_prunable_layers(model, x)
-    moments = recorder.moments()
+    layers, moments = measure(model, x)
     threshold_plan = plan_pruning(layers, moments, 0.2, model=model, compensate=True)
     kept = {layer.name: layer.kept for layer in threshold_plan.layers}
     plan = plan_from_kept(layers, kept, moments=moments, model=model, compensate=True)

@@ -1,55 +1,54 @@
 """Odd models, odd data and failures: the model is pruned correctly, skipped with a notice, or left untouched."""
 
-import copy
 import re
-import tempfile
 import warnings
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_actprune import ActivationPruning, ActivationPruningError, ActivationRecorder
-from tests.helpers import NUM_CLASSES, Classifier, loaders, make_data, zero_removed_inputs
+from lightning_actprune import (
+    ActivationPruning,
+    ActivationPruningError,
+    ActivationRecorder,
+    find_prunable_layers,
+    plan_pruning,
+)
+from tests.helpers import (
+    NUM_CLASSES,
+    Classifier,
+    KeepUnpruned,
+    MLPModule,
+    assert_matches_oracle,
+    loaders,
+    make_data,
+    zero_removed_inputs,
+)
 
 
-class KeepUnpruned(Callback):
-    def on_fit_end(self, trainer, pl_module):
-        self.model = copy.deepcopy(pl_module).eval()
-        self.state = copy.deepcopy(pl_module.state_dict())
+@pytest.fixture
+def run(make_trainer):
+    """``run(model, pruning, ...)``: fit under this test's ``tmp_path`` with the callback after a KeepUnpruned."""
 
+    def run(model, pruning, train=None, val=None, keep=None, callbacks_extra=(), **trainer_kwargs):
+        pl.seed_everything(0)
+        keep = keep or KeepUnpruned()
+        options = {"max_epochs": 2, "logger": False, "enable_checkpointing": False}  # pruned.ckpt goes to tmp_path
+        trainer = make_trainer(keep, pruning, *callbacks_extra, **{**options, **trainer_kwargs})
+        if train is None:
+            train, val = loaders((8,))
+        trainer.fit(model, train, val)
+        return keep
 
-def run(model, pruning, train=None, val=None, keep=None, callbacks_extra=(), **trainer_kwargs):
-    """Fit with the callback after a KeepUnpruned; returns the keeper."""
-    pl.seed_everything(0)
-    keep = keep or KeepUnpruned()
-    options = {
-        "max_epochs": 2,
-        "accelerator": "cpu",
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": tempfile.mkdtemp(),  # where pruned.ckpt goes without a logger
-    }
-    options.update(trainer_kwargs)
-    trainer = pl.Trainer(callbacks=[keep, pruning, *callbacks_extra], **options)
-    if train is None:
-        train, val = loaders((8,))
-    trainer.fit(model, train, val)
-    return keep
+    return run
 
 
 def assert_oracle(model, keep, pruning, *inputs):
     """Pruned outputs == unpruned outputs with the removed neurons zeroed at their consumers."""
-    zero_removed_inputs(keep.model, pruning.result.plan)
-    model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(model(*inputs), keep.model(*inputs))
+    assert_matches_oracle(model, keep.model, pruning.result.plan, *inputs)
 
 
 def assert_unchanged(model, keep):
@@ -119,7 +118,7 @@ class NestedDict(nn.Module):
     ],
     ids=["shared_layer", "tied_weights", "sequential_in_moduledict"],
 )
-def test_odd_architectures_prune_correctly_or_skip_with_a_notice(net, pruned, skipped):
+def test_odd_architectures_prune_correctly_or_skip_with_a_notice(net, pruned, skipped, run):
     model = Classifier(net())
     pruning = ActivationPruning(threshold=0.1)
     with warnings.catch_warnings(record=True) as caught:
@@ -133,7 +132,7 @@ def test_odd_architectures_prune_correctly_or_skip_with_a_notice(net, pruned, sk
         assert model.net.h1.weight is model.net.h2.weight
 
 
-def test_frozen_layers_are_pruned_and_stay_frozen():
+def test_frozen_layers_are_pruned_and_stay_frozen(run):
     model = Classifier(NestedDict())
     model.net.blocks["encoder"][0].requires_grad_(False)
     pruning = ActivationPruning(threshold=0.1)
@@ -178,7 +177,7 @@ class NoForward(LossModule):
         return F.cross_entropy(self.head(self.backbone(x)), y)
 
 
-def test_validation_step_that_calls_submodules():
+def test_validation_step_that_calls_submodules(run):
     model = NoForward()
     pruning = ActivationPruning(threshold=0.05)
     keep = run(model, pruning)
@@ -219,7 +218,7 @@ class TwoInputs(LossModule):
         return F.cross_entropy(self(batch["image"], side=batch["side"]), batch["label"])
 
 
-def test_dict_batches_and_two_inputs_with_concatenation():
+def test_dict_batches_and_two_inputs_with_concatenation(run):
     model = TwoInputs()
     pruning = ActivationPruning(threshold=0.1)
     train, val = DataLoader(DictData(0), batch_size=16), DataLoader(DictData(1), batch_size=16)
@@ -247,9 +246,7 @@ class CrashesAfterPruning(Classifier):
 
 
 @pytest.mark.parametrize("on_error", ["raise", "warn"])
-def test_failed_revalidation_restores_the_model_exactly(on_error):
-    from tests.helpers import MLPModule
-
+def test_failed_revalidation_restores_the_model_exactly(on_error, run):
     model, keep = CrashesAfterPruning(MLPModule()), KeepUnpruned()
     parameters = list(model.parameters())
     pruning = ActivationPruning(threshold=0.3, on_error=on_error)
@@ -274,18 +271,14 @@ class NaNActivations(Classifier):
         return self.net(x)
 
 
-def test_nan_activations_are_refused_with_the_layer_named():
-    from tests.helpers import MLPModule
-
+def test_nan_activations_are_refused_with_the_layer_named(run):
     model = NaNActivations(MLPModule())
     with pytest.warns(UserWarning, match=r"activations contain NaN or Inf at the input of net.net.0"):
         keep = run(model, ActivationPruning(threshold=0.1, on_error="warn"))
     assert_unchanged(model, keep)
 
 
-def test_interrupted_fit_prunes_nothing(tmp_path):
-    from tests.helpers import MLPModule
-
+def test_interrupted_fit_prunes_nothing(tmp_path, run):
     class Fails(Classifier):
         def training_step(self, batch, batch_idx):
             if self.current_epoch == 1:
@@ -294,7 +287,7 @@ def test_interrupted_fit_prunes_nothing(tmp_path):
 
     model, pruning = Fails(MLPModule()), ActivationPruning(threshold=0.2)
     with pytest.raises(RuntimeError, match="disk full"):
-        run(model, pruning, default_root_dir=tmp_path)
+        run(model, pruning)
     assert pruning.result is None
     assert model.net.net[0].out_features == 16
     assert not list(tmp_path.rglob("actprune*"))
@@ -303,29 +296,32 @@ def test_interrupted_fit_prunes_nothing(tmp_path):
 # --- trainer settings ----------------------------------------------------------------------------------------------
 
 
-def test_fast_dev_run_prunes_on_its_one_batch_and_logger_false_does_not_crash(caplog):
-    from tests.helpers import MLPModule
-
+def test_fast_dev_run_prunes_on_its_one_batch_and_logger_false_does_not_crash(caplog, run):
     model, pruning = Classifier(MLPModule()), ActivationPruning(threshold=0.2)
     with caplog.at_level("INFO"):
-        run(model, pruning, fast_dev_run=True)
+        keep = run(model, pruning, fast_dev_run=True)
     assert "`fast_dev_run` validates one batch; the statistics come from it alone" in caplog.text
     assert pruning.result is not None
     assert pruning.result.plan.neurons_after <= pruning.result.plan.neurons_before
+    # the plan is the one made from the first validation batch alone, and the model is pruned by it
+    (first_batch, _), *_ = loaders((8,))[1]
+    with ActivationRecorder(keep.model) as recorder, torch.no_grad():
+        keep.model(first_batch)
+    layers = find_prunable_layers(keep.model, recorder.example_inputs)
+    expected = plan_pruning(layers, recorder.moments(), 0.2, "fluctuation", model=keep.model, normalize=True)
+    assert pruning.result.plan.to_dict() == expected.to_dict()
+    assert 0 < pruning.result.plan.neurons_after < pruning.result.plan.neurons_before
+    assert_oracle(model, keep, pruning, VAL_X)
 
 
-def test_limit_val_batches_zero_fails_before_training():
-    from tests.helpers import MLPModule
-
+def test_limit_val_batches_zero_fails_before_training(run):
     model = Classifier(MLPModule())
     with pytest.raises(ActivationPruningError, match=r"needs validation batches; got `Trainer\(limit_val_batches=0\)`"):
         run(model, ActivationPruning(threshold=0.2), limit_val_batches=0)
     assert model.global_step == 0
 
 
-def test_layer_pattern_matching_no_layer_fails_at_setup():
-    from tests.helpers import MLPModule
-
+def test_layer_pattern_matching_no_layer_fails_at_setup(run):
     model = Classifier(MLPModule())
     with pytest.raises(
         ActivationPruningError,
@@ -336,7 +332,7 @@ def test_layer_pattern_matching_no_layer_fails_at_setup():
     assert model.global_step == 0
 
 
-def test_model_without_prunable_layer_is_left_alone(caplog):
+def test_model_without_prunable_layer_is_left_alone(caplog, run):
     model = Classifier(nn.Linear(8, NUM_CLASSES))
     pruning = ActivationPruning(threshold=0.2)
     with caplog.at_level("INFO"):
@@ -359,10 +355,8 @@ def test_statistics_memory_does_not_grow_with_batches():
     assert state_bytes(1) == state_bytes(500) == 8 * (4 * 32 + 1)
 
 
-def test_failed_pruning_of_the_best_checkpoint_restores_the_last_weights(tmp_path):
+def test_failed_pruning_of_the_best_checkpoint_restores_the_last_weights(tmp_path, run):
     from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from tests.helpers import MLPModule
 
     model, keep = CrashesAfterPruning(MLPModule(), lr=0.5), KeepUnpruned()
     # mode="max" on a loss: the "best" checkpoint is an early epoch, so best and last weights differ
@@ -375,9 +369,7 @@ def test_failed_pruning_of_the_best_checkpoint_restores_the_last_weights(tmp_pat
     assert_unchanged(model, keep)
 
 
-def test_exclude_that_removes_every_prunable_layer_is_refused_before_pruning():
-    from tests.helpers import MLPModule
-
+def test_exclude_that_removes_every_prunable_layer_is_refused_before_pruning(run):
     model, keep = Classifier(MLPModule()), KeepUnpruned()
     pruning = ActivationPruning(threshold=0.2, exclude=["net.net.0", "net.net.2"])
     with pytest.raises(
@@ -387,9 +379,7 @@ def test_exclude_that_removes_every_prunable_layer_is_refused_before_pruning():
     assert_unchanged(model, keep)
 
 
-def test_threshold_above_every_neuron_keeps_min_neurons_and_warns():
-    from tests.helpers import MLPModule
-
+def test_threshold_above_every_neuron_keeps_min_neurons_and_warns(run):
     model, pruning = Classifier(MLPModule()), ActivationPruning(threshold=1e6, min_neurons=2)
     with pytest.warns(UserWarning, match=r"λ=1e\+06 leaves net.net.0, net.net.2 with only `min_neurons=2` neuron\(s\)"):
         run(model, pruning)
@@ -397,9 +387,7 @@ def test_threshold_above_every_neuron_keeps_min_neurons_and_warns():
     assert model.net.net[0].out_features == 2
 
 
-def test_compiled_submodule_is_pruned_as_the_eager_module_with_a_notice():
-    from tests.helpers import MLPModule
-
+def test_compiled_submodule_is_pruned_as_the_eager_module_with_a_notice(run):
     model = Classifier(MLPModule())
     model.net = torch.compile(model.net, backend="eager")  # the eager backend keeps the test fast
     pruning = ActivationPruning(threshold=0.1)
@@ -411,9 +399,7 @@ def test_compiled_submodule_is_pruned_as_the_eager_module_with_a_notice():
     assert_oracle(model, keep, pruning, VAL_X)
 
 
-def test_keyboard_interrupt_prunes_nothing_and_writes_nothing(tmp_path):
-    from tests.helpers import MLPModule
-
+def test_keyboard_interrupt_prunes_nothing_and_writes_nothing(tmp_path, run):
     class Interrupted(Classifier):
         def training_step(self, batch, batch_idx):
             if self.current_epoch == 1:
@@ -422,17 +408,15 @@ def test_keyboard_interrupt_prunes_nothing_and_writes_nothing(tmp_path):
 
     model, pruning = Interrupted(MLPModule()), ActivationPruning(threshold=0.2)
     with pytest.raises(SystemExit):  # Lightning's graceful shutdown on Ctrl+C
-        run(model, pruning, default_root_dir=tmp_path)
+        run(model, pruning)
     assert pruning.result is None
     assert model.net.net[0].out_features == 16
     assert not list(tmp_path.rglob("pruned.ckpt"))
     assert not list(tmp_path.rglob("actprune*"))
 
 
-def test_a_failing_report_warns_and_keeps_the_pruned_model(tmp_path):
+def test_a_failing_report_warns_and_keeps_the_pruned_model(tmp_path, run):
     from lightning.pytorch.loggers import CSVLogger
-
-    from tests.helpers import MLPModule
 
     logger = CSVLogger(tmp_path, name="csv", version=0)
     (tmp_path / "csv" / "version_0" / "actprune_sweep.csv").mkdir(parents=True)  # the table cannot be written
@@ -444,7 +428,7 @@ def test_a_failing_report_warns_and_keeps_the_pruned_model(tmp_path):
     assert (tmp_path / "csv" / "version_0" / "pruned.ckpt").is_file()
 
 
-def test_compiled_model_with_nothing_to_prune_stays_compiled():
+def test_compiled_model_with_nothing_to_prune_stays_compiled(run):
     model = Classifier(nn.Sequential(nn.Linear(8, NUM_CLASSES)))
     model.net = torch.compile(model.net, backend="eager")
     pruning = ActivationPruning(threshold=0.2)
@@ -453,10 +437,8 @@ def test_compiled_model_with_nothing_to_prune_stays_compiled():
     assert isinstance(model.net, torch._dynamo.eval_frame.OptimizedModule)
 
 
-def test_prune_best_on_a_compiled_submodule(tmp_path):
+def test_prune_best_on_a_compiled_submodule(tmp_path, run):
     from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from tests.helpers import MLPModule
 
     model = Classifier(MLPModule())
     model.net = torch.compile(model.net, backend="eager")

@@ -48,13 +48,33 @@ def test_states_are_float64_and_o_of_neurons_even_for_half_inputs():
     for _ in range(50):
         metric.update(torch.ones(10, 3, dtype=torch.bfloat16))
     assert all(state.dtype == torch.float64 and state.numel() <= 3 for state in metric.metric_state.values())
+    assert {name: tuple(state.shape) for name, state in metric.metric_state.items()} == {
+        "total": (3,),
+        "total_squares": (3,),
+        "total_abs": (3,),
+        "nonzero": (3,),
+        "count": (),
+    }
     torch.testing.assert_close(metric.compute().mean, torch.ones(3, dtype=torch.float64))
 
 
-def test_states_are_declared_with_sum_reduction():
-    metric = ActivationStatistics(num_neurons=2)
-    assert set(metric._reductions) == {"total", "total_squares", "total_abs", "nonzero", "count"}
-    assert {getattr(fx, "__name__", "") for fx in metric._reductions.values()} == {"dim_zero_sum"}
+def test_states_merge_across_processes_by_sum():
+    # `merge_state` reduces with each state's `dist_reduce_fx`, as the sync across DDP ranks does: two "ranks" that
+    # saw two halves of the data (of different sizes) hold together exactly the statistics of one that saw it all
+    g = torch.Generator().manual_seed(0)
+    halves = [torch.relu(torch.randn(n, 2, generator=g)) - 0.1 for n in (5, 3)]
+    rank_zero, rank_one, whole = (ActivationStatistics(num_neurons=2) for _ in range(3))
+    rank_zero.update(halves[0])
+    rank_one.update(halves[1])
+    whole.update(torch.cat(halves))
+    assert set(rank_zero.metric_state) == {"total", "total_squares", "total_abs", "nonzero", "count"}
+    rank_zero.merge_state(rank_one)
+    for name, state in whole.metric_state.items():
+        torch.testing.assert_close(rank_zero.metric_state[name], state, msg=name)
+    merged, expected = rank_zero.compute(), whole.compute()
+    assert merged.num_values.item() == 8
+    for statistic in STATISTICS:
+        torch.testing.assert_close(neuron_statistic(merged, statistic), neuron_statistic(expected, statistic))
 
 
 def test_units_on_known_activations():

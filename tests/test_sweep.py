@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lightning_actprune import ActivationPruning, ActivationRecorder, find_prunable_layers
 from lightning_actprune._sweep import ThresholdEvaluator, threshold_for_reduction
-from tests.helpers import ARCHITECTURES, Classifier, loaders
+from tests.helpers import ARCHITECTURES, Classifier, loaders, quiet_trainer
 
 SWEEP = [0.0, 0.05, 0.1, 0.2, 0.4]
 
@@ -29,14 +29,9 @@ class CountValidations(Callback):
 def fit(tmp_path, pruning, architecture="mlp_functional", **kwargs):
     pl.seed_everything(0)
     counter = CountValidations()
-    trainer = pl.Trainer(
-        max_epochs=3,
-        accelerator="cpu",
-        logger=[CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")],
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        callbacks=[counter, pruning],
-        **{"enable_progress_bar": False, **kwargs},
+    loggers = [CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")]
+    trainer = quiet_trainer(
+        tmp_path, counter, pruning, max_epochs=3, logger=loggers, enable_checkpointing=False, **kwargs
     )
     model = Classifier(ARCHITECTURES[architecture](), lr=0.2)
     train, val = loaders((8,))
