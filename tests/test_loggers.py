@@ -28,7 +28,10 @@ def test_wandb_run_holds_the_sweep_table_and_plot(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     from lightning.pytorch.loggers import WandbLogger
 
-    for name, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}.items():
+    # offline, quiet, and every file W&B writes (run, cache, settings) inside tmp_path
+    for name in ["WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"]:
+        monkeypatch.setenv(name, str(tmp_path))
+    for name, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off"}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     logger = WandbLogger(save_dir=tmp_path, offline=True, project="actprune-test")
