@@ -39,6 +39,7 @@ def test_wandb_run_holds_the_sweep_table_and_plot(tmp_path, monkeypatch):
         trainer, result = fit_with(logger, tmp_path)
     finally:
         wandb.finish()
+        wandb.teardown()  # stops W&B's service process: the run's record is complete on disk only then
 
     (run_dir,) = tmp_path.glob("wandb/offline-run-*")
     (table_file,) = run_dir.glob("files/media/table/actprune/sweep_*.table.json")
