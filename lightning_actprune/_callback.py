@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger
+from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
@@ -48,6 +48,8 @@ from lightning_actprune._report import (
     format_sweep_table,
     model_size_mb,
     plot_sweep,
+    sweep_columns,
+    sweep_records,
     write_sweep_files,
 )
 from lightning_actprune._statistics import (
@@ -572,7 +574,10 @@ class ActivationPruning(Callback):
 
 
 def _send_sweep(logger: Logger, result: PruningResult, paths: list[Path], monitor: str | None, step: int) -> None:
-    """TensorBoard gets the figure and the table as text; MLflow the files as artifacts; others only the keys."""
+    """TensorBoard gets the figure and the table as text; MLflow the files as artifacts; W&B a table and the plot.
+
+    Other loggers get only the keys.
+    """
     if isinstance(logger, TensorBoardLogger):
         figure = plot_sweep(result, monitor)
         if figure is not None:
@@ -582,6 +587,19 @@ def _send_sweep(logger: Logger, result: PruningResult, paths: list[Path], monito
     elif isinstance(logger, MLFlowLogger):
         for path in paths:
             logger.experiment.log_artifact(logger.run_id, str(path))
+    elif isinstance(logger, WandbLogger):
+        _send_sweep_to_wandb(logger, result, paths, step)
+
+
+def _send_sweep_to_wandb(logger: WandbLogger, result: PruningResult, paths: list[Path], step: int) -> None:
+    """The λ table as a ``wandb.Table`` and the written plot as an image, both under ``actprune/sweep``."""
+    records = sweep_records(result)
+    columns = sweep_columns(records)
+    logger.log_table("actprune/sweep", columns=columns, data=[[r.get(c) for c in columns] for r in records], step=step)
+    images = [str(path) for path in paths if path.suffix == ".png"]
+    if images:
+        caption = f"applied λ={result.plan.threshold:.4g} ({result.plan.statistic})"
+        logger.log_image("actprune/sweep_plot", images=images, step=step, caption=[caption])
 
 
 def _uncompile(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:

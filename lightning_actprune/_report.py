@@ -172,6 +172,11 @@ def sweep_records(result: PruningResult) -> list[dict[str, Any]]:
     ]
 
 
+def sweep_columns(records: list[dict[str, Any]]) -> list[str]:
+    """Every column of the records, in first-seen order (a row may lack a metric another row has)."""
+    return list(dict.fromkeys(column for record in records for column in record))
+
+
 def format_sweep_table(result: PruningResult) -> str:
     """The λ table, aligned, the applied row marked with ``*``; rich's table when rich is installed."""
     records = sweep_records(result)
@@ -221,7 +226,7 @@ def write_sweep_files(result: PruningResult, directory: str | Path, monitor: str
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     records = sweep_records(result)
-    columns = list(dict.fromkeys(c for record in records for c in record))
+    columns = sweep_columns(records)
     csv_path = directory / "actprune_sweep.csv"
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)

@@ -1,0 +1,53 @@
+"""The wheel's metadata, as the build backend writes it from a copy of the project: license, URLs, history."""
+
+import re
+import shutil
+from email.parser import Parser
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def dist_info(tmp_path_factory):
+    build_meta = pytest.importorskip("setuptools.build_meta")
+    project = tmp_path_factory.mktemp("project")
+    for name in ["pyproject.toml", "README.md", "LICENSE", "MANIFEST.in"]:
+        shutil.copy(ROOT / name, project)
+    shutil.copytree(ROOT / "lightning_actprune", project / "lightning_actprune")
+    out = project / "metadata"
+    out.mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(project)  # the backend builds the current directory
+        name = build_meta.prepare_metadata_for_build_wheel(str(out))
+    return out / name
+
+
+def test_wheel_carries_the_license_and_complete_metadata(dist_info):
+    metadata = Parser().parsestr((dist_info / "METADATA").read_text())
+    assert metadata["License-Expression"] == "Apache-2.0"
+    assert metadata.get_all("License-File") == ["LICENSE"]
+    assert (dist_info / "licenses" / "LICENSE").read_text() == (ROOT / "LICENSE").read_text()
+    assert "Apache License" in (ROOT / "LICENSE").read_text()
+    urls = dict(url.split(", ", 1) for url in metadata.get_all("Project-URL"))
+    assert set(urls) == {"Homepage", "Repository", "Issues", "Changelog"}
+    assert urls["Changelog"].endswith("/CHANGELOG.md")
+    classifiers = metadata.get_all("Classifier")
+    assert "Typing :: Typed" in classifiers
+    python = re.fullmatch(r">=3\.(\d+)", metadata["Requires-Python"])
+    assert python is not None
+    assert f"Programming Language :: Python :: 3.{python[1]}" in classifiers
+    assert "pruning" in metadata["Keywords"].split(",")
+
+
+def test_changelog_follows_keep_a_changelog_from_the_current_version(dist_info):
+    version = Parser().parsestr((dist_info / "METADATA").read_text())["Version"]
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    releases = re.findall(r"^## \[([^\]]+)\]", changelog, flags=re.MULTILINE)
+    assert releases[0] == "Unreleased"
+    assert version in releases
+    assert "0.1.0" in releases
+    for release in releases:  # every heading has its compare/tag link at the bottom
+        assert re.search(rf"^\[{re.escape(release)}\]: https://", changelog, flags=re.MULTILINE), release
