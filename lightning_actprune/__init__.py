@@ -1,15 +1,17 @@
-"""Remove the neurons that barely fire: a Lightning callback and the plain functions behind it.
+"""Remove the neurons that barely fire: a Lightning callback that prunes a trained model at the end of ``fit``.
 
-The callback composes four steps that also work on a plain ``nn.Module``:
-
-1. statistics: :class:`ActivationRecorder` / :class:`ActivationStatistics`;
-2. plan: :func:`find_prunable_layers` and :func:`plan_pruning`;
-3. surgery: :func:`apply_plan`;
-4. report: :class:`PruningResult`;
-
-and the λ table: :class:`ThresholdEvaluator`, :func:`threshold_for_reduction`, :func:`write_sweep_files`.
+The names here are what a Lightning user needs: the callback (:class:`ActivationPruning`), its report and plan
+(:class:`PruningResult`, :class:`PruningPlan`), the helpers that load and export pruned checkpoints
+(:func:`load_pruned`, :func:`export_pruned`, …), and the statistics it can prune by (:data:`STATISTICS`, gathered
+by the torchmetrics ``Metric`` :class:`ActivationStatistics`). The plain-PyTorch building blocks (statistics →
+plan → surgery → report, no Lightning) live in :mod:`lightning_actprune.core`.
 """
 
+import importlib
+import warnings
+from typing import Any
+
+from lightning_actprune import core
 from lightning_actprune._callback import ActivationPruning
 from lightning_actprune._checkpoint import (
     PrunedCheckpointMixin,
@@ -19,71 +21,48 @@ from lightning_actprune._checkpoint import (
     shrink_to_checkpoint,
 )
 from lightning_actprune._errors import ActivationPruningError
-from lightning_actprune._plan import (
-    BiasUpdate,
-    LayerPlan,
-    ModulePruning,
-    ModuleSlice,
-    PrunableLayer,
-    PruningPlan,
-    find_prunable_layers,
-    layer_scores,
-    plan_from_kept,
-    plan_pruning,
-)
-from lightning_actprune._report import (
-    PruningResult,
-    SweepRow,
-    count_parameters,
-    format_sweep_table,
-    model_size_mb,
-    plot_sweep,
-    write_sweep_files,
-)
-from lightning_actprune._statistics import (
-    STATISTICS,
-    ActivationMoments,
-    ActivationRecorder,
-    ActivationStatistics,
-    neuron_statistic,
-    pool_moments,
-)
-from lightning_actprune._surgery import ModuleSnapshot, apply_plan
-from lightning_actprune._sweep import ThresholdEvaluator, threshold_for_reduction
+from lightning_actprune._plan import PruningPlan
+from lightning_actprune._report import PruningResult
+from lightning_actprune._statistics import STATISTICS, ActivationStatistics
 
 __all__ = [
     "STATISTICS",
-    "ActivationMoments",
     "ActivationPruning",
     "ActivationPruningError",
-    "ActivationRecorder",
     "ActivationStatistics",
-    "BiasUpdate",
-    "LayerPlan",
-    "ModulePruning",
-    "ModuleSlice",
-    "ModuleSnapshot",
-    "PrunableLayer",
     "PrunedCheckpointMixin",
     "PruningPlan",
     "PruningResult",
-    "SweepRow",
-    "ThresholdEvaluator",
-    "apply_plan",
-    "count_parameters",
     "export_pruned",
-    "find_prunable_layers",
-    "format_sweep_table",
-    "layer_scores",
     "load_pruned",
-    "model_size_mb",
-    "neuron_statistic",
-    "plan_from_kept",
-    "plan_pruning",
-    "plot_sweep",
-    "pool_moments",
     "pruning_plan_of",
     "shrink_to_checkpoint",
-    "threshold_for_reduction",
-    "write_sweep_files",
 ]
+
+# Names 0.1.0 exported here (and the rest of `core`), and the module that holds each now; they still resolve, with a
+# DeprecationWarning.
+_MOVED = {
+    **dict.fromkeys(sorted(set(core.__all__) - set(__all__)), "lightning_actprune.core"),
+    "ModuleSlice": "lightning_actprune._plan",
+    "SweepRow": "lightning_actprune._report",
+    "format_sweep_table": "lightning_actprune._report",
+    "plot_sweep": "lightning_actprune._report",
+    "pool_moments": "lightning_actprune._statistics",
+    "ModuleSnapshot": "lightning_actprune._surgery",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Resolve the names 0.1.0 exported from the package top level, warning where they live now."""
+    module = _MOVED.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightning_actprune' has no attribute {name!r}")
+    where = (
+        f"import it from `{module}`"
+        if module == "lightning_actprune.core"
+        else "it is internal and will stop being importable from here"
+    )
+    warnings.warn(
+        f"`lightning_actprune.{name}` left the top-level API after 0.1.0: {where}.", DeprecationWarning, stacklevel=2
+    )
+    return getattr(importlib.import_module(module), name)

@@ -26,7 +26,8 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 
-from lightning_actprune import ActivationPruning, ActivationPruningError, ActivationRecorder
+from lightning_actprune import ActivationPruning, ActivationPruningError
+from lightning_actprune.core import ActivationRecorder
 from tests.helpers import Classifier, MLPModule, make_data, quiet_trainer
 
 VAL_SIZE = 33

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_actprune import ActivationMoments, PruningPlan
+from lightning_actprune import PruningPlan
+from lightning_actprune.core import ActivationMoments
 
 ROOT = Path(__file__).resolve().parent.parent
 NUM_CLASSES = 3

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from lightning_actprune import count_parameters, layer_scores
+from lightning_actprune.core import count_parameters, layer_scores
 
 ROOT = Path(__file__).resolve().parent.parent
 

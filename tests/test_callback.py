@@ -207,7 +207,7 @@ def test_compensate_through_the_callback_matches_the_mean_oracle(tmp_path):
     assert plan.bias_updates
     x = torch.cat([batch[0] for batch in val])
     # the statistics pass saw exactly these inputs: its means are the ones the biases absorbed
-    from lightning_actprune import ActivationRecorder
+    from lightning_actprune.core import ActivationRecorder
 
     with ActivationRecorder(keep.model) as recorder, torch.no_grad():
         for batch in val:

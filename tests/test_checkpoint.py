@@ -14,20 +14,16 @@ from torch import nn
 from lightning_actprune import (
     ActivationPruning,
     ActivationPruningError,
-    ActivationRecorder,
-    ModulePruning,
     PrunedCheckpointMixin,
     PruningPlan,
-    apply_plan,
     export_pruned,
-    find_prunable_layers,
     load_pruned,
-    plan_pruning,
     pruning_plan_of,
     shrink_to_checkpoint,
 )
 from lightning_actprune._checkpoint import _compose
 from lightning_actprune._plan import BiasUpdate
+from lightning_actprune.core import ActivationRecorder, ModulePruning, apply_plan, find_prunable_layers, plan_pruning
 from tests.helpers import ARCHITECTURES, Classifier, MLPModule, input_shape, loaders, quiet_trainer
 
 

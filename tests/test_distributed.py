@@ -9,17 +9,9 @@ import pytest
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
-from lightning_actprune import (
-    ActivationPruning,
-    ActivationPruningError,
-    ActivationRecorder,
-    ActivationStatistics,
-    PruningPlan,
-    apply_plan,
-    find_prunable_layers,
-    plan_pruning,
-)
+from lightning_actprune import ActivationPruning, ActivationPruningError, ActivationStatistics, PruningPlan
 from lightning_actprune._distributed import check_same_on_every_rank, check_strategy, fingerprint, synced_metrics
+from lightning_actprune.core import ActivationRecorder, apply_plan, find_prunable_layers, plan_pruning
 from tests import ddp_script
 from tests.helpers import ROOT, Classifier, KeepUnpruned, MLPModule, assert_matches_oracle, make_data
 

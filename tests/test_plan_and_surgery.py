@@ -5,13 +5,12 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_actprune import (
+from lightning_actprune import ActivationPruningError, PruningPlan
+from lightning_actprune.core import (
     ActivationMoments,
-    ActivationPruningError,
     ActivationRecorder,
     ModulePruning,
     PrunableLayer,
-    PruningPlan,
     apply_plan,
     count_parameters,
     find_prunable_layers,
@@ -295,7 +294,7 @@ def test_a_layer_with_a_single_neuron_can_be_planned_and_pruned_again():
 
 
 def test_plan_from_kept_builds_the_surgery_and_compensation_for_any_criterion():
-    from lightning_actprune import plan_from_kept
+    from lightning_actprune.core import plan_from_kept
 
     torch.manual_seed(0)
     model = ARCHITECTURES["mlp_functional"]().eval()

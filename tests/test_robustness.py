@@ -10,13 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_actprune import (
-    ActivationPruning,
-    ActivationPruningError,
-    ActivationRecorder,
-    find_prunable_layers,
-    plan_pruning,
-)
+from lightning_actprune import ActivationPruning, ActivationPruningError
+from lightning_actprune.core import ActivationRecorder, find_prunable_layers, plan_pruning
 from tests.helpers import (
     NUM_CLASSES,
     Classifier,

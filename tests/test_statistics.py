@@ -3,14 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_actprune import (
-    STATISTICS,
-    ActivationMoments,
-    ActivationRecorder,
-    ActivationStatistics,
-    neuron_statistic,
-    pool_moments,
-)
+from lightning_actprune import STATISTICS, ActivationStatistics
+from lightning_actprune._statistics import pool_moments
+from lightning_actprune.core import ActivationMoments, ActivationRecorder, neuron_statistic
 
 
 def numpy_statistic(values: np.ndarray, statistic: str) -> np.ndarray:

@@ -10,8 +10,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_actprune import ActivationPruning, ActivationRecorder, find_prunable_layers
+from lightning_actprune import ActivationPruning
 from lightning_actprune._sweep import ThresholdEvaluator, threshold_for_reduction
+from lightning_actprune.core import ActivationRecorder, find_prunable_layers
 from tests.helpers import ARCHITECTURES, Classifier, loaders, quiet_trainer
 
 SWEEP = [0.0, 0.05, 0.1, 0.2, 0.4]

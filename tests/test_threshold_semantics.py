@@ -13,7 +13,8 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from lightning_actprune import ActivationPruning, count_parameters
+from lightning_actprune import ActivationPruning
+from lightning_actprune.core import count_parameters
 from tests.helpers import NUM_CLASSES, Classifier, loaders
 
 
