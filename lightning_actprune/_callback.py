@@ -24,6 +24,7 @@ from typing_extensions import override
 
 from lightning_actprune._checkpoint import (
     _add_plan,
+    _legacy_state,
     _record_pruning,
     _result_from_state,
     _result_state,
@@ -338,11 +339,28 @@ class ActivationPruning(Callback):
             else:
                 rank_zero_info(f"ActivationPruning: saved the pruned model to {self.pruned_checkpoint_path}")
 
+    @property
+    @override
+    def state_key(self) -> str:
+        """The key of this instance's state in a checkpoint: instances that prune different layers keep theirs apart.
+
+        λ is not part of it, so a run resumed with another λ still finds its state (and reports the change).
+        """
+        return self._generate_state_key(layers=self.layers, exclude=self.exclude, statistic=self._statistic)
+
     @override
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         _add_plan(checkpoint, trainer, pl_module)
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        legacy = _legacy_state(self, trainer, checkpoint)
+        if legacy is not None:
+            self.load_state_dict(legacy)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

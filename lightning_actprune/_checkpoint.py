@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -450,6 +451,24 @@ def _watch_loading(
     if register is None:  # torch < 2.3
         return pl_module._register_load_state_dict_pre_hook(before_load, with_module=True)
     return register(before_load)
+
+
+def _legacy_state(callback: Callback, trainer: pl.Trainer, checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The state 0.1.0 saved under the class name, if it is ``callback``'s and its own key holds none.
+
+    Lightning looks only under :attr:`Callback.state_key` (its fallback, ``_legacy_state_key``, is the class object
+    of checkpoints older than 1.5). The old entry belongs to ``callback`` when it is the only instance of its class on
+    the Trainer, or else when it was written with the same ``layers`` and ``exclude``.
+    """
+    states = checkpoint.get("callbacks") or {}
+    state = states.get(type(callback).__qualname__)
+    if callback.state_key in states or not isinstance(state, dict):
+        return None
+    # `Trainer.callbacks` is public but set in `__init__` without an annotation
+    alone = sum(type(other) is type(callback) for other in getattr(trainer, "callbacks", [])) == 1
+    layers, exclude = getattr(callback, "layers", None), getattr(callback, "exclude", [])
+    same = state.get("layers") == layers and (state.get("exclude") or []) == exclude
+    return state if alone or same else None
 
 
 def _settings_state(callback: object) -> dict[str, Any]:

@@ -276,7 +276,7 @@ def test_bad_files_are_named(tmp_path, pruned):
 def test_resume_fit_from_a_checkpoint_taken_before_pruning(tmp_path, pruned):
     last = pruned.checkpoint.last_model_path
     saved = torch.load(last, weights_only=True)
-    assert saved["callbacks"]["ActivationPruning"]["plan"] is None
+    assert saved["callbacks"][pruned.pruning.state_key]["plan"] is None
     pruning = ActivationPruning(threshold=0.2, pruned_checkpoint=None)  # None: no pruned checkpoint
     trainer = fit_trainer(tmp_path, pruning, max_epochs=3, enable_checkpointing=False)
     model = EvalClassifier(MLPModule())
@@ -453,3 +453,48 @@ def test_load_pruned_into_a_model_without_the_planned_layers_names_them(tmp_path
     export_pruned(pruned.model, tmp_path / "model.pt")
     with pytest.raises(ActivationPruningError, match=r"the plan prunes 'net.net.0', which Sequential does not have"):
         load_pruned(nn.Sequential(nn.Linear(8, 3)), tmp_path / "model.pt")
+
+
+def test_two_instances_with_different_layers_keep_their_own_state(tmp_path):
+    pl.seed_everything(0)
+    train, val = loaders((8,))
+
+    def both() -> tuple[ActivationPruning, ActivationPruning]:
+        first = ActivationPruning(threshold=0.2, layers=["net.net.0"], pruned_checkpoint=None)
+        second = ActivationPruning(threshold=1e9, layers=["net.net.2"], min_neurons=3, pruned_checkpoint=None)
+        return first, second
+
+    first, second = both()
+    trainer = fit_trainer(tmp_path, first, second, enable_checkpointing=False)
+    trainer.fit(EvalClassifier(MLPModule()), train, val)
+    assert [layer.name for layer in first.result.plan.layers] == ["net.net.0"]
+    assert [(layer.name, len(layer.kept)) for layer in second.result.plan.layers] == [("net.net.2", 3)]
+    path = tmp_path / "both.ckpt"
+    trainer.save_checkpoint(path)
+    states = torch.load(path, weights_only=True)["callbacks"]
+    assert first.state_key != second.state_key
+    assert {first.state_key, second.state_key} <= set(states)
+    assert states[first.state_key]["plan"] == first.result.plan.to_dict()
+    assert states[second.state_key]["plan"] == second.result.plan.to_dict()
+
+    # a new Trainer with the same two callbacks gives each its own result back
+    restored = both()
+    evaluation_trainer(tmp_path, *restored).validate(EvalClassifier(MLPModule()), val, ckpt_path=path, verbose=False)
+    assert restored[0].result == first.result
+    assert restored[1].result == second.result
+
+    # 0.1.0 saved the state under the class name: the instance it belongs to still finds it
+    old = torch.load(path, weights_only=True)
+    old["callbacks"] = {"ActivationPruning": old["callbacks"][second.state_key]}
+    torch.save(old, tmp_path / "old.ckpt")
+    restored = both()
+    evaluation_trainer(tmp_path, *restored).validate(
+        EvalClassifier(MLPModule()), val, ckpt_path=tmp_path / "old.ckpt", verbose=False
+    )
+    assert restored[0].result is None  # written by the instance with the other layers
+    assert restored[1].result == second.result
+    alone = ActivationPruning(threshold=0.3)  # the only instance: the old state is its, whatever its settings
+    evaluation_trainer(tmp_path, alone).validate(
+        EvalClassifier(MLPModule()), val, ckpt_path=tmp_path / "old.ckpt", verbose=False
+    )
+    assert alone.result == second.result
