@@ -3,8 +3,9 @@
 The names here are what a Lightning user needs: the callback (:class:`ActivationPruning`), its report and plan
 (:class:`PruningResult`, :class:`PruningPlan`), the helpers that load and export pruned checkpoints
 (:func:`load_pruned`, :func:`export_pruned`, …), and the statistics it can prune by (:data:`STATISTICS`, gathered
-by the torchmetrics ``Metric`` :class:`ActivationStatistics`). The plain-PyTorch building blocks (statistics →
-plan → surgery → report, no Lightning) live in :mod:`lightning_actprune.core`.
+by the torchmetrics ``Metric`` :class:`ActivationStatistics`), or :class:`NeuronScorer` to write your own. The
+plain-PyTorch building blocks (statistics → plan → surgery → report, no Lightning) live in
+:mod:`lightning_actprune.core`.
 """
 
 import importlib
@@ -23,6 +24,7 @@ from lightning_actprune._checkpoint import (
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._plan import PruningPlan
 from lightning_actprune._report import PruningResult
+from lightning_actprune._scoring import NeuronScorer
 from lightning_actprune._statistics import STATISTICS, ActivationStatistics
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "ActivationPruning",
     "ActivationPruningError",
     "ActivationStatistics",
+    "NeuronScorer",
     "PrunedCheckpointMixin",
     "PruningPlan",
     "PruningResult",

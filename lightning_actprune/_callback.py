@@ -53,12 +53,12 @@ from lightning_actprune._report import (
     sweep_records,
     write_sweep_files,
 )
+from lightning_actprune._scoring import NeuronScorer, as_scorer
 from lightning_actprune._statistics import (
     MEASURED_TYPES,
-    SIGNED_STATISTICS,
+    STATISTICS,
     ActivationRecorder,
     Statistic,
-    _check_statistic,
 )
 from lightning_actprune._surgery import ModuleSnapshot, apply_plan
 from lightning_actprune._sweep import (
@@ -75,7 +75,7 @@ Mode = Literal["max", "min"]
 _MODES = ("max", "min")
 
 
-def _resolve_statistic(statistic: str | None, user_lambda: bool) -> str:
+def _resolve_statistic(statistic: object, user_lambda: bool) -> object:
     """The rule for ``statistic=None``: a λ the user writes is a mean activation; one the callback picks is not."""
     if statistic is not None:
         return statistic
@@ -83,6 +83,8 @@ def _resolve_statistic(statistic: str | None, user_lambda: bool) -> str:
 
 
 def _never_negative(statistic: str) -> str:
+    if statistic not in STATISTICS:  # a user's NeuronScorer
+        return f" ({statistic} has `signed = False`: its scores are never negative, a negative λ would remove nothing)"
     return f" (the {statistic} is never negative: a negative λ would remove nothing)"
 
 
@@ -137,7 +139,9 @@ class ActivationPruning(Callback):
             the consumer's weight column, in squared output units), each over every sample and position. ``None``
             (default): ``"mean"`` for a λ you write, ``"fluctuation"`` (standardised) when the callback picks λ;
             fluctuation won the benchmark (BENCHMARKS.md) at equal reduction. For signed activations (GELU, SiLU,
-            tanh), a mean near 0 does not mean "silent": use ``"std"``, ``"rms"`` or ``"fluctuation"``.
+            tanh), a mean near 0 does not mean "silent": use ``"std"``, ``"rms"`` or ``"fluctuation"``. Or your
+            own criterion, a :class:`NeuronScorer` (in YAML: ``class_path`` and ``init_args``): its ``signed`` says
+            whether λ may be negative, and its scores are standardised only with ``normalize=True``.
         monitor: a validation metric to highlight in the summary and the plot, and the one ``max_metric_drop``
             watches; it must be logged by ``validation_step``.
         mode: ``"max"`` if a larger ``monitor`` is better (accuracy), ``"min"`` if smaller is (loss).
@@ -172,7 +176,7 @@ class ActivationPruning(Callback):
     def __init__(
         self,
         threshold: float | None = None,
-        statistic: Statistic | None = None,
+        statistic: Statistic | NeuronScorer | None = None,
         monitor: str | None = None,
         mode: Mode = "max",
         sweep: list[float] | None = None,
@@ -194,13 +198,12 @@ class ActivationPruning(Callback):
             raise ActivationPruningError(
                 f"set exactly one of `threshold`, `max_metric_drop`, `target_params_reduction`; got {given}."
             )
-        if statistic is not None:
-            _check_statistic(statistic)
-        resolved = _resolve_statistic(statistic, user_lambda=threshold is not None or sweep is not None)
+        scorer = as_scorer(_resolve_statistic(statistic, user_lambda=threshold is not None or sweep is not None))
+        resolved = scorer.name
         # `normalize=None`: standardise the statistic whose raw scale differs between layers (fluctuation)
         normalized = resolved == "fluctuation" if normalize is None else normalize
         # standardised scores and the mean of GELU/SiLU/tanh outputs can be negative; the other statistics cannot
-        signed = normalized or resolved in SIGNED_STATISTICS
+        signed = normalized or scorer.signed
         if threshold is not None:
             _check_number("threshold", threshold, minimum=-math.inf if signed else 0, why=_never_negative(resolved))
         if max_metric_drop is not None:
@@ -238,6 +241,7 @@ class ActivationPruning(Callback):
         self.threshold = float(threshold) if threshold is not None else None
         self.statistic = statistic
         self._statistic: str = resolved
+        self._scorer = scorer
         self.monitor = monitor
         self.mode: str = mode
         self.compensate = compensate
@@ -441,7 +445,7 @@ class ActivationPruning(Callback):
             pl_module,
             layers,
             moments,
-            self._statistic,
+            self._scorer,
             self.min_neurons,
             validate=lambda: _validate(trainer, pl_module),
             compensate=self.compensate,

@@ -32,6 +32,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._plan import BiasUpdate, LayerPlan, ModulePruning, PruningPlan
 from lightning_actprune._report import PruningResult, SweepRow
+from lightning_actprune._scoring import NeuronScorer
 from lightning_actprune._surgery import ModuleSnapshot, apply_plan
 
 PLAN_KEY = "actprune_plan"
@@ -472,9 +473,10 @@ def _legacy_state(callback: Callback, trainer: pl.Trainer, checkpoint: Mapping[s
 
 
 def _settings_state(callback: object) -> dict[str, Any]:
-    """Every constructor argument, read from the attribute of the same name (plain values)."""
+    """Every constructor argument, read from the attribute of the same name (plain values: a scorer by its name)."""
     names = [n for n in inspect.signature(type(callback).__init__).parameters if n != "self"]
-    return {name: getattr(callback, name, None) for name in names}
+    values = {name: getattr(callback, name, None) for name in names}
+    return {name: value.name if isinstance(value, NeuronScorer) else value for name, value in values.items()}
 
 
 def _floats(values: Mapping[str, Any]) -> dict[str, float]:

@@ -7,7 +7,7 @@ import fnmatch
 import math
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
@@ -17,13 +17,11 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from lightning_actprune._errors import ActivationPruningError
+from lightning_actprune._scoring import MomentStatistic, NeuronScorer, _squared_column_norms, as_scorer, input_columns
 from lightning_actprune._statistics import (
     MEASURED_TYPES,
     ActivationMoments,
-    _check_statistic,
     map_tensors,
-    neuron_statistic,
-    pool_moments,
 )
 
 ExampleInputs = Mapping[str, tuple[tuple[Any, ...], dict[str, Any]]]
@@ -490,37 +488,6 @@ def _select(found: list[PrunableLayer], layers: Sequence[str] | None, exclude: S
     return chosen
 
 
-def _by_input(module: nn.Module, over_kernel: Callable[[Tensor], Tensor]) -> Tensor:
-    """``over_kernel`` of the weights joining each input feature to each output, ``(in, out)``.
-
-    A grouped conv joins an input only to its own group's outputs: the other entries are zero.
-    """
-    weight = module.get_parameter("weight").detach()
-    per_pair = over_kernel(weight.flatten(2) if weight.dim() > 2 else weight.unsqueeze(-1))  # (out, in/groups)
-    groups = getattr(module, "groups", 1)
-    out_channels, in_per_group = per_pair.shape
-    out_per_group = out_channels // groups
-    joined = torch.zeros(in_per_group * groups, out_channels, dtype=weight.dtype, device=weight.device)
-    for g in range(groups):
-        rows = slice(g * out_per_group, (g + 1) * out_per_group)
-        joined[g * in_per_group : (g + 1) * in_per_group, rows] = per_pair[rows].t()
-    return joined
-
-
-def input_columns(module: nn.Module) -> Tensor:
-    """Each input feature's weight column of a ``Linear``/``Conv``, summed over the kernel: ``(in, out)``.
-
-    What one unit of constant activation at input ``f`` adds to each output: ``W[:, f]`` for a Linear, the kernel
-    sum ``Σ_k W[:, f, k]`` for a Conv (grouped convs only reach their own group's outputs).
-    """
-    return _by_input(module, lambda kernel: kernel.sum(-1))
-
-
-def _squared_column_norms(module: nn.Module) -> Tensor:
-    """``‖W[:, f]‖²`` for each input feature ``f``, over every output and kernel position."""
-    return _by_input(module, lambda kernel: kernel.square().sum(-1)).sum(1)
-
-
 def consumer_weight_energy(layer: PrunableLayer, model: nn.Module) -> Tensor:
     """``Σ ‖W[:, f]‖²`` per neuron, over every consumer weight column (and kernel position) that reads it.
 
@@ -540,11 +507,11 @@ def consumer_weight_energy(layer: PrunableLayer, model: nn.Module) -> Tensor:
 def layer_scores(
     layer: PrunableLayer,
     moments: Mapping[str, ActivationMoments],
-    statistic: str,
+    statistic: str | NeuronScorer,
     model: nn.Module | None = None,
     normalize: bool = False,
 ) -> Tensor:
-    """The statistic of every neuron of ``layer``: the largest over the layers that consume it.
+    """The score of every neuron of ``layer``: its statistic, the largest over the layers that consume it.
 
     A neuron that reaches several consumers (a residual stream) stays when any of them sees it active: the
     group's score is the maximum over consumers. A conv channel flattened into a Linear is averaged over its
@@ -555,46 +522,28 @@ def layer_scores(
     Args:
         layer: a prunable layer.
         moments: the moments of every measured layer input, by module name.
-        statistic: one of :data:`lightning_actprune.STATISTICS`.
-        model: the model, needed for ``fluctuation`` (the consumers' weights).
+        statistic: one of :data:`lightning_actprune.STATISTICS`, or your own :class:`NeuronScorer`.
+        model: the model, needed for ``fluctuation`` and your own scorers (the weights).
         normalize: standardise the scores within the layer (``(s - mean) / std``), so one λ means the same in
             layers of different scales; λ is then in standard deviations and may be negative.
 
     Returns:
-        A float64 tensor with one score per neuron (on the moments' device).
+        A float64 tensor with one score per neuron (on the moments' device for the built-in statistics).
     """
-    _check_statistic(statistic)
-    if statistic == "fluctuation" and model is None:
-        raise ActivationPruningError("`statistic='fluctuation'` needs the model: its consumers' weights.")
-    scores: Tensor | None = None
-    for consumer in layer.consumers:
-        if consumer.module not in moments:
-            continue
-        feature_moments = moments[consumer.module]
-        index = torch.tensor(consumer.indices, device=feature_moments.mean.device)
-        neuron_index = torch.tensor(consumer.neurons, device=index.device)
-        selected = ActivationMoments(
-            mean=feature_moments.mean[index],
-            mean_abs=feature_moments.mean_abs[index],
-            mean_square=feature_moments.mean_square[index],
-            nonzero_fraction=feature_moments.nonzero_fraction[index],
-            num_values=feature_moments.num_values,
-        )
-        if statistic == "fluctuation":
-            assert model is not None
-            norms = _squared_column_norms(model.get_submodule(consumer.module)).to(index.device, torch.float64)
-            energy = neuron_statistic(selected, statistic) * norms[index]
-            score = torch.zeros(layer.neurons, dtype=torch.float64, device=index.device).index_add_(
-                0, neuron_index, energy
-            )
-        else:
-            score = neuron_statistic(pool_moments(selected, neuron_index, layer.neurons), statistic)
-        scores = score if scores is None else torch.maximum(scores, score)
-    if scores is None:
+    scorer = as_scorer(statistic)
+    if isinstance(scorer, MomentStatistic):
+        scores = scorer(layer, moments)
+    elif model is None:
+        raise ActivationPruningError(f"`statistic={scorer.name!r}` needs the model: the weights it reads.")
+    else:
+        scores = scorer(layer, moments, model)
+    if not isinstance(scores, Tensor) or tuple(scores.shape) != (layer.neurons,):
+        shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
         raise ActivationPruningError(
-            f"no activations were recorded for the consumers of {layer.name} "
-            f"({', '.join(c.module for c in layer.consumers)}): did the validation pass call them?"
+            f"`statistic={scorer.name!r}` must return one score per neuron, a tensor of shape ({layer.neurons},)"
+            f" for {layer.name}; got {shape}."
         )
+    scores = scores.detach().to(torch.float64)
     if normalize:
         spread = scores.std(unbiased=False)
         scores = (scores - scores.mean()) / spread if spread > 0 else torch.zeros_like(scores)
@@ -627,7 +576,7 @@ def plan_pruning(
     layers: Sequence[PrunableLayer],
     moments: Mapping[str, ActivationMoments],
     threshold: float,
-    statistic: str = "mean",
+    statistic: str | NeuronScorer = "mean",
     min_neurons: int = 1,
     model: nn.Module | None = None,
     compensate: bool = False,
@@ -639,9 +588,10 @@ def plan_pruning(
         layers: from :func:`find_prunable_layers`.
         moments: from :meth:`ActivationRecorder.moments`.
         threshold: λ.
-        statistic: one of :data:`lightning_actprune.STATISTICS`.
+        statistic: one of :data:`lightning_actprune.STATISTICS`, or your own :class:`NeuronScorer` (the plan records
+            its ``name``).
         min_neurons: the fewest neurons a layer keeps; the highest-scoring ones stay.
-        model: the model (needed for ``fluctuation`` and ``compensate``).
+        model: the model (needed for ``fluctuation``, your own scorers and ``compensate``).
         compensate: fold each removed neuron's mean activation into its consumers' biases, so a neuron that is
             nearly constant is removed almost without a trace.
         normalize: standardise scores per layer before comparing with λ (see :func:`layer_scores`).
@@ -664,13 +614,14 @@ def plan_pruning(
         1
     """
     scores = _all_scores(layers, moments, statistic, model, normalize)
-    return _plan_at(layers, scores, threshold, statistic, min_neurons, moments, model, compensate, normalize)
+    name = as_scorer(statistic).name
+    return _plan_at(layers, scores, threshold, name, min_neurons, moments, model, compensate, normalize)
 
 
 def _all_scores(
     layers: Sequence[PrunableLayer],
     moments: Mapping[str, ActivationMoments],
-    statistic: str,
+    statistic: str | NeuronScorer,
     model: nn.Module | None,
     normalize: bool,
 ) -> dict[str, Tensor]:
@@ -679,7 +630,8 @@ def _all_scores(
     for layer in layers:
         values = layer_scores(layer, moments, statistic, model, normalize).cpu()
         if not bool(torch.isfinite(values).all()):
-            raise ActivationPruningError(f"the {statistic} of {layer.name} contains NaN or Inf; cannot prune on it.")
+            name = as_scorer(statistic).name
+            raise ActivationPruningError(f"the {name} of {layer.name} contains NaN or Inf; cannot prune on it.")
         scores[layer.name] = values
     return scores
 

@@ -29,6 +29,11 @@ _UNITS = {
 }
 
 
+def register_unit(statistic: str, unit: str) -> None:
+    """Name the unit of a user's :class:`NeuronScorer` for :func:`describe_threshold` (its class declares it)."""
+    _UNITS.setdefault(statistic, unit)
+
+
 def describe_threshold(threshold: float, statistic: str, normalize: bool) -> str:
     """λ with its statistic and unit, for people: ``"λ = 0.2 (mean activation)"``.
 
@@ -84,16 +89,21 @@ def neuron_statistic(moments: ActivationMoments, statistic: str) -> Tensor:
         tensor([1.])
     """
     _check_statistic(statistic)
-    if statistic == "mean":
-        return moments.mean
-    if statistic == "mean_abs":
-        return moments.mean_abs
-    if statistic == "rms":
-        return moments.mean_square.sqrt()
-    if statistic == "nonzero_fraction":
-        return moments.nonzero_fraction
-    variance = (moments.mean_square - moments.mean.square()).clamp_min(0)
-    return variance if statistic == "fluctuation" else variance.sqrt()
+    return _OF_MOMENTS[statistic](moments)
+
+
+def _variance(moments: ActivationMoments) -> Tensor:
+    return (moments.mean_square - moments.mean.square()).clamp_min(0)
+
+
+_OF_MOMENTS: dict[str, Callable[[ActivationMoments], Tensor]] = {
+    "mean": lambda moments: moments.mean,
+    "mean_abs": lambda moments: moments.mean_abs,
+    "rms": lambda moments: moments.mean_square.sqrt(),
+    "nonzero_fraction": lambda moments: moments.nonzero_fraction,
+    "std": lambda moments: _variance(moments).sqrt(),
+    "fluctuation": _variance,
+}
 
 
 def pool_moments(moments: ActivationMoments, index: Tensor, size: int) -> ActivationMoments:

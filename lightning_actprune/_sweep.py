@@ -21,6 +21,7 @@ from lightning_actprune._plan import (
     plan_from_kept,
 )
 from lightning_actprune._report import SweepRow, count_parameters, model_size_mb
+from lightning_actprune._scoring import NeuronScorer, as_scorer
 from lightning_actprune._statistics import ActivationMoments
 from lightning_actprune._surgery import ModuleSnapshot, apply_plan
 
@@ -38,7 +39,7 @@ class ThresholdEvaluator:
         model: the module the layers were found in.
         layers: from :func:`find_prunable_layers`.
         moments: from :meth:`ActivationRecorder.moments`.
-        statistic: the statistic compared with λ.
+        statistic: the statistic compared with λ: a name of :data:`STATISTICS` or a :class:`NeuronScorer`.
         min_neurons: the fewest neurons a layer keeps.
         validate: one validation pass of ``model`` (only needed by :meth:`evaluate`).
     """
@@ -48,7 +49,7 @@ class ThresholdEvaluator:
         model: nn.Module,
         layers: Sequence[PrunableLayer],
         moments: Mapping[str, ActivationMoments],
-        statistic: str,
+        statistic: str | NeuronScorer,
         min_neurons: int,
         validate: Validate | None = None,
         compensate: bool = False,
@@ -57,7 +58,7 @@ class ThresholdEvaluator:
         self.model = model
         self.layers = layers
         self.moments = moments
-        self.statistic = statistic
+        self.statistic = as_scorer(statistic).name  # what the plans record
         self.min_neurons = min_neurons
         self.validate = validate
         self.compensate = compensate

@@ -8,8 +8,9 @@ any training loop. The callback composes them in this order.
    :class:`ActivationStatistics`); :func:`neuron_statistic` turns moments into one of :data:`STATISTICS`.
 2. Plan. :func:`find_prunable_layers` traces the model with Torch-Pruning and returns each layer whose output
    neurons can be removed (:class:`PrunableLayer`, with the coupled modules); :func:`layer_scores` scores the
-   neurons and :func:`plan_pruning` keeps those whose score reaches λ. The result is a :class:`PruningPlan`: plain
-   data (:class:`LayerPlan`, :class:`ModulePruning`, :class:`BiasUpdate`) that loads with ``weights_only=True``.
+   neurons (by a built-in statistic or your own :class:`NeuronScorer`) and :func:`plan_pruning` keeps those whose
+   score reaches λ. The result is a :class:`PruningPlan`: plain data (:class:`LayerPlan`, :class:`ModulePruning`,
+   :class:`BiasUpdate`) that loads with ``weights_only=True``.
    :func:`plan_from_kept` builds one from the indices you choose yourself.
 3. Surgery. :func:`apply_plan` removes the neurons in place, all or nothing.
 4. Report. :func:`count_parameters` and :func:`model_size_mb` measure the model; :class:`ThresholdEvaluator`
@@ -44,6 +45,7 @@ from lightning_actprune._plan import (
     plan_pruning,
 )
 from lightning_actprune._report import PruningResult, count_parameters, model_size_mb, write_sweep_files
+from lightning_actprune._scoring import NeuronScorer
 from lightning_actprune._statistics import (
     STATISTICS,
     ActivationMoments,
@@ -63,6 +65,7 @@ __all__ = [
     "BiasUpdate",
     "LayerPlan",
     "ModulePruning",
+    "NeuronScorer",
     "PrunableLayer",
     "PruningPlan",
     "PruningResult",

@@ -18,6 +18,7 @@ from tests.helpers import (
     quiet_trainer,
     replace_removed_by_means,
 )
+from tests.scorers import NoCall, OutputWeightNorm
 
 SUMMARY_KEYS = {
     "actprune/threshold",
@@ -167,8 +168,19 @@ def test_unknown_monitor_leaves_model_unchanged(tmp_path):
         ({"threshold": 0.1, "normalize": "yes"}, r"`normalize` must be True, False or None \(automatic\); got 'yes'"),
         (
             {"threshold": 0.1, "statistic": "median"},
-            r"`statistic` can be one of mean, mean_abs, rms, nonzero_fraction, std, fluctuation; got 'median'",
+            r"`statistic` can be one of mean, mean_abs, rms, nonzero_fraction, std, fluctuation or a NeuronScorer"
+            r" instance; got 'median'",
         ),
+        ({"threshold": 0.1, "statistic": 3}, r"`statistic` can be one of mean, .* or a NeuronScorer instance; got 3"),
+        (
+            {"threshold": 0.1, "statistic": OutputWeightNorm},
+            r"`statistic` can be .* NeuronScorer instance; got <class 'tests.scorers.OutputWeightNorm'>",
+        ),
+        (
+            {"threshold": 0.1, "statistic": NoCall()},
+            r"`statistic` can be .* NeuronScorer instance that implements `__call__`; got NoCall\(\), which does not",
+        ),
+        ({"threshold": -0.1, "statistic": OutputWeightNorm()}, r"`threshold` must be a finite number >= 0; got -0.1"),
         ({"threshold": 0.1, "min_neurons": 0}, r"`min_neurons` must be an int >= 1; got 0"),
         ({"threshold": 0.1, "min_neurons": 1.5}, r"`min_neurons` must be an int >= 1; got 1.5"),
         ({"threshold": 0.1, "layers": "net.0"}, r"`layers` must be a list of module-name glob patterns; got 'net.0'"),

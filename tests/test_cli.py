@@ -6,11 +6,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_actprune import ActivationPruning
-from tests.helpers import ROOT
+from tests.helpers import ROOT, KeepUnpruned
+from tests.scorers import OutputWeightNorm
 
 sys.path.insert(0, str(ROOT / "examples"))
 from digits import DigitsDataModule, DigitsMLP
@@ -108,3 +110,32 @@ def test_example_exports_an_ordinary_dense_network_to_onnx(tmp_path):
     expected = sorted(tuple(p.shape) for n, p in cli.model.net.named_parameters() if n.endswith("weight"))
     assert shapes == expected
     assert shapes != [(256, 64), (256, 256), (10, 256)]  # really pruned: not the full-size network
+
+
+def test_own_scorer_from_yaml_prunes_what_a_hand_computation_predicts(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "seed_everything: 0\n"
+        "trainer:\n"
+        "  max_epochs: 1\n  logger: false\n  enable_checkpointing: false\n  enable_progress_bar: false\n"
+        f"  default_root_dir: {tmp_path / 'run'}\n"
+        "  callbacks:\n"
+        "    - class_path: tests.helpers.KeepUnpruned\n"
+        "    - class_path: lightning_actprune.ActivationPruning\n"
+        "      init_args:\n"
+        "        threshold: 3.0\n"
+        "        statistic: {class_path: tests.scorers.OutputWeightNorm, init_args: {p: 1}}\n"
+        "        pruned_checkpoint: null\n"
+        "model: {hidden: 32}\n"
+    )
+    cli = parse(config)
+    pruning = pruning_callback(cli)
+    assert isinstance(pruning.statistic, OutputWeightNorm)
+    assert pruning.statistic.p == 1
+    (keep,) = [c for c in cli.trainer.callbacks if isinstance(c, KeepUnpruned)]
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    for layer in pruning.result.plan.layers:
+        l1_norms = keep.state[f"{layer.name}.weight"].abs().sum(1)
+        assert layer.kept == tuple(int(i) for i in torch.nonzero(l1_norms >= 3.0).flatten()), layer.name
+    assert 0 < pruning.result.plan.neurons_after < pruning.result.plan.neurons_before
+    assert pruning.result.plan.statistic == "tests.scorers.OutputWeightNorm"

@@ -1,0 +1,212 @@
+"""Neuron scorers: the criterion λ is compared against, as an object a user can replace with their own."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_actprune._errors import ActivationPruningError
+from lightning_actprune._statistics import (
+    SIGNED_STATISTICS,
+    STATISTICS,
+    ActivationMoments,
+    neuron_statistic,
+    pool_moments,
+    register_unit,
+)
+
+if TYPE_CHECKING:
+    from lightning_actprune._plan import ModuleSlice, PrunableLayer
+
+
+class NeuronScorer:
+    """The criterion a neuron is kept by: one score per neuron of a layer; neurons scoring below λ are removed.
+
+    Subclass it and implement :meth:`__call__` to prune by your own criterion; pass an instance as
+    ``ActivationPruning(statistic=...)`` or :func:`~lightning_actprune.core.plan_pruning`, or in a LightningCLI
+    YAML file as ``statistic: {class_path: mypackage.MyScorer, init_args: {...}}``. The built-in
+    :data:`~lightning_actprune.STATISTICS` are instances of it.
+
+    Attributes:
+        name: recorded in the plan (``PruningPlan.statistic``) and the summary; by default the class path.
+        signed: whether scores can be negative, so that λ may be too (a negative λ is refused otherwise).
+        unit: the scores' unit, for the summary (by default the name is shown).
+
+    Example:
+        >>> from lightning_actprune.core import find_prunable_layers, plan_pruning
+        >>> class OutputWeightNorm(NeuronScorer):
+        ...     '''The L2 norm of the weight row that produces each neuron (needs no activations).'''
+        ...     unit = "weight L2 norm"
+        ...     def __call__(self, layer, moments, model):
+        ...         (producer,) = layer.producers
+        ...         return model.get_submodule(producer).weight.detach().norm(dim=1)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+        >>> with torch.no_grad():
+        ...     _ = model[0].weight.copy_(torch.tensor([[3.0, 4.0], [0.1, 0.0], [1.0, 0.0]]))
+        >>> layers = find_prunable_layers(model, torch.randn(4, 2))
+        >>> plan = plan_pruning(layers, {}, threshold=0.5, statistic=OutputWeightNorm(), model=model)
+        >>> plan.layers[0].kept
+        (0, 2)
+    """
+
+    name: str = ""
+    signed: bool = False
+    unit: str = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.__dict__.get("name"):
+            cls.name = f"{cls.__module__}.{cls.__qualname__}"
+        if cls.unit:
+            register_unit(cls.name, cls.unit)
+
+    def __call__(self, layer: PrunableLayer, moments: Mapping[str, ActivationMoments], model: nn.Module) -> Tensor:
+        """One score per neuron of ``layer`` (higher is kept), a tensor of shape ``(layer.neurons,)``.
+
+        Args:
+            layer: the neurons to score, with the modules that produce (``layer.producers``) and read
+                (``layer.consumers``) them.
+            moments: the activation moments measured at the input of every ``Linear``/``Conv``, by module name; a
+                neuron's are at ``moments[consumer.module]`` entries ``consumer.indices`` (see :class:`ModuleSlice`).
+            model: the model, to read weights from.
+        """
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _over_consumers(
+    layer: PrunableLayer,
+    moments: Mapping[str, ActivationMoments],
+    score: Callable[[ModuleSlice, ActivationMoments, Tensor, Tensor], Tensor],
+) -> Tensor:
+    """``score(consumer, moments of the neuron's inputs, feature index, neuron index)``, the largest over consumers.
+
+    A neuron that reaches several consumers (a residual stream) stays when any of them sees it active.
+    """
+    scores: Tensor | None = None
+    for consumer in layer.consumers:
+        if consumer.module not in moments:
+            continue
+        feature_moments = moments[consumer.module]
+        index = torch.tensor(consumer.indices, device=feature_moments.mean.device)
+        neuron_index = torch.tensor(consumer.neurons, device=index.device)
+        selected = ActivationMoments(
+            mean=feature_moments.mean[index],
+            mean_abs=feature_moments.mean_abs[index],
+            mean_square=feature_moments.mean_square[index],
+            nonzero_fraction=feature_moments.nonzero_fraction[index],
+            num_values=feature_moments.num_values,
+        )
+        value = score(consumer, selected, index, neuron_index)
+        scores = value if scores is None else torch.maximum(scores, value)
+    if scores is None:
+        raise ActivationPruningError(
+            f"no activations were recorded for the consumers of {layer.name} "
+            f"({', '.join(c.module for c in layer.consumers)}): did the validation pass call them?"
+        )
+    return scores
+
+
+class MomentStatistic(NeuronScorer):
+    """A statistic of each neuron's activations alone (:func:`neuron_statistic`), the largest over its consumers.
+
+    A conv channel flattened into a Linear is averaged over its positions.
+    """
+
+    def __init__(self, name: str, signed: bool = False) -> None:
+        self.name = name
+        self.signed = signed
+
+    def __call__(
+        self, layer: PrunableLayer, moments: Mapping[str, ActivationMoments], model: nn.Module | None = None
+    ) -> Tensor:
+        """The statistic of every neuron of ``layer``; ``model`` is not needed."""
+        return _over_consumers(
+            layer,
+            moments,
+            lambda consumer, selected, index, neuron_index: neuron_statistic(
+                pool_moments(selected, neuron_index, layer.neurons), self.name
+            ),
+        )
+
+    def __repr__(self) -> str:
+        return f"MomentStatistic({self.name!r})"
+
+
+class Fluctuation(NeuronScorer):
+    """FLAP's fluctuation: the activation variance times the squared norm of the consumer's weight column.
+
+    Summed over a neuron's positions: the energy the neuron's fluctuations put into the consumer's output, in
+    squared output units.
+    """
+
+    name = "fluctuation"
+
+    def __call__(self, layer: PrunableLayer, moments: Mapping[str, ActivationMoments], model: nn.Module) -> Tensor:
+        """The fluctuation of every neuron of ``layer``, from ``moments`` and the consumers' weights in ``model``."""
+
+        def energy(consumer: ModuleSlice, selected: ActivationMoments, index: Tensor, neuron_index: Tensor) -> Tensor:
+            norms = _squared_column_norms(model.get_submodule(consumer.module)).to(index.device, torch.float64)
+            values = neuron_statistic(selected, self.name) * norms[index]
+            return torch.zeros(layer.neurons, dtype=torch.float64, device=index.device).index_add_(
+                0, neuron_index, values
+            )
+
+        return _over_consumers(layer, moments, energy)
+
+
+SCORERS: dict[str, NeuronScorer] = {
+    name: Fluctuation() if name == "fluctuation" else MomentStatistic(name, signed=name in SIGNED_STATISTICS)
+    for name in STATISTICS
+}
+"""The built-in statistics, by name."""
+
+
+def as_scorer(statistic: object) -> NeuronScorer:
+    """``statistic`` as a scorer: one of :data:`STATISTICS` by name, or a :class:`NeuronScorer` as it is."""
+    allowed = f"one of {', '.join(STATISTICS)} or a NeuronScorer instance"
+    if isinstance(statistic, str) and statistic in SCORERS:
+        return SCORERS[statistic]
+    if not isinstance(statistic, NeuronScorer):
+        raise ActivationPruningError(f"`statistic` can be {allowed}; got {statistic!r}.")
+    if type(statistic).__call__ is NeuronScorer.__call__:
+        raise ActivationPruningError(
+            f"`statistic` can be {allowed} that implements `__call__`; got {statistic!r}, which does not."
+        )
+    return statistic
+
+
+def _by_input(module: nn.Module, over_kernel: Callable[[Tensor], Tensor]) -> Tensor:
+    """``over_kernel`` of the weights joining each input feature to each output, ``(in, out)``.
+
+    A grouped conv joins an input only to its own group's outputs: the other entries are zero.
+    """
+    weight = module.get_parameter("weight").detach()
+    per_pair = over_kernel(weight.flatten(2) if weight.dim() > 2 else weight.unsqueeze(-1))  # (out, in/groups)
+    groups = getattr(module, "groups", 1)
+    out_channels, in_per_group = per_pair.shape
+    out_per_group = out_channels // groups
+    joined = torch.zeros(in_per_group * groups, out_channels, dtype=weight.dtype, device=weight.device)
+    for g in range(groups):
+        rows = slice(g * out_per_group, (g + 1) * out_per_group)
+        joined[g * in_per_group : (g + 1) * in_per_group, rows] = per_pair[rows].t()
+    return joined
+
+
+def input_columns(module: nn.Module) -> Tensor:
+    """Each input feature's weight column of a ``Linear``/``Conv``, summed over the kernel: ``(in, out)``.
+
+    What one unit of constant activation at input ``f`` adds to each output: ``W[:, f]`` for a Linear, the kernel
+    sum ``Σ_k W[:, f, k]`` for a Conv (grouped convs only reach their own group's outputs).
+    """
+    return _by_input(module, lambda kernel: kernel.sum(-1))
+
+
+def _squared_column_norms(module: nn.Module) -> Tensor:
+    """``‖W[:, f]‖²`` for each input feature ``f``, over every output and kernel position."""
+    return _by_input(module, lambda kernel: kernel.square().sum(-1)).sum(1)
