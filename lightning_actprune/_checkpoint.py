@@ -472,6 +472,7 @@ def _result_state(result: PruningResult | None) -> dict[str, Any] | None:
         "size_mb_after": float(result.size_mb_after),
         "metrics_before": _floats(result.metrics_before),
         "metrics_after": _floats(result.metrics_after),
+        "metrics_pruned": _floats(result.metrics_pruned),
         "chosen_by": str(result.chosen_by),
         "sweep": [
             {
@@ -498,6 +499,7 @@ def _result_from_state(plan: Mapping[str, Any] | None, numbers: Mapping[str, Any
         size_mb_after=float(numbers["size_mb_after"]),
         metrics_before=_floats(numbers.get("metrics_before", {})),
         metrics_after=_floats(numbers.get("metrics_after", {})),
+        metrics_pruned=_floats(numbers.get("metrics_pruned", {})),
         sweep=tuple(SweepRow(**row) for row in numbers.get("sweep", ())),
         chosen_by=str(numbers.get("chosen_by", "threshold")),
     )

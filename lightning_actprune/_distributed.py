@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +30,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lightning_actprune._errors import ActivationPruningError
+from lightning_actprune._recalibration import batchnorm_layers
 from lightning_actprune._statistics import ActivationMoments, ActivationRecorder
 
 # Strategies that shard parameters (ModelParallelStrategy is new in Lightning 2.4; DeepSpeed's class imports without
@@ -210,3 +212,20 @@ def _feed(digest: Any, value: object) -> None:
         _feed(digest, (type(value).__name__, [getattr(value, f.name) for f in dataclasses.fields(value)]))
     else:
         digest.update(f"{type(value).__name__} {value!r};".encode())
+
+
+def average_batchnorm_statistics(trainer: pl.Trainer, model: torch.nn.Module) -> None:
+    """Make every rank's recalibrated BatchNorm statistics the pooled ones, identical on every rank.
+
+    Each rank recalibrated on its own shard of equally many batches: the pooled mean is the mean of the ranks'
+    means, the pooled variance the mean of their second moments minus the pooled mean squared.
+    """
+    if not is_distributed(trainer):
+        return
+    for layer in batchnorm_layers(model).values():
+        # tracked statistics (`batchnorm_layers` keeps only those): never None
+        mean, variance = typing.cast(Tensor, layer.running_mean), typing.cast(Tensor, layer.running_var)
+        pooled_mean = trainer.strategy.reduce(mean.clone(), reduce_op="mean")
+        second_moment = trainer.strategy.reduce(variance + mean.square(), reduce_op="mean")
+        mean.copy_(pooled_mean)
+        variance.copy_(second_moment - pooled_mean.square())
