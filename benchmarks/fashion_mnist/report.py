@@ -227,16 +227,16 @@ def render_markdown(results: BenchmarkResults) -> str:
             f"| −{target:.0%} | unpruned | - | - | {before:,} | {before:,} | {_mb(base.file_bytes)}"
             f" | {_acc(base_acc)} | - | {unpruned.get('1', math.nan):.3f} | {unpruned.get('256', math.nan):.2f} |"
         )
-        for row in (r for r in measured.comparison if r.target == target):
-            accuracy = _acc(row.test_acc)
-            if row.test_acc_std is not None:
-                accuracy += f" ± {100 * row.test_acc_std:.2f}"
-            threshold = "-" if row.threshold is None else f"{row.threshold:.4g}"
-            latency = row.latency_ms or {}
-            params = f"{row.params:,}" + (" (unchanged)" if row.family == "masked" else "")
+        for entry in (r for r in measured.comparison if r.target == target):
+            accuracy = _acc(entry.test_acc)
+            if entry.test_acc_std is not None:
+                accuracy += f" ± {100 * entry.test_acc_std:.2f}"
+            threshold = "-" if entry.threshold is None else f"{entry.threshold:.4g}"
+            latency = entry.latency_ms or {}
+            params = f"{entry.params:,}" + (" (unchanged)" if entry.family == "masked" else "")
             lines.append(
-                f"| −{target:.0%} | {row.method} | {threshold} | {_widths(row.widths)} | {params}"
-                f" | {row.nonzero:,} | {_mb(row.file_bytes)} | {accuracy} | {_delta(row.test_acc, base_acc)}"
+                f"| −{target:.0%} | {entry.method} | {threshold} | {_widths(entry.widths)} | {params}"
+                f" | {entry.nonzero:,} | {_mb(entry.file_bytes)} | {accuracy} | {_delta(entry.test_acc, base_acc)}"
                 f" | {latency.get('1', math.nan):.3f} | {latency.get('256', math.nan):.2f} |"
             )
     lines += [
@@ -291,10 +291,10 @@ def render_markdown(results: BenchmarkResults) -> str:
         "| model | batch | parameter ratio | latency ms | latency ratio | throughput /s | throughput ratio |",
         "| :--- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for row in measured.speed:
+    for speed in measured.speed:
         lines.append(
-            f"| {row.model} | {row.batch} | {row.param_ratio:.3f} | {row.latency_ms:.3f}"
-            f" | {row.latency_ratio:.3f} | {row.throughput_per_s:,.0f} | {row.throughput_ratio:.2f} |"
+            f"| {speed.model} | {speed.batch} | {speed.param_ratio:.3f} | {speed.latency_ms:.3f}"
+            f" | {speed.latency_ratio:.3f} | {speed.throughput_per_s:,.0f} | {speed.throughput_ratio:.2f} |"
         )
     lines.append("")
     return "\n".join(lines)

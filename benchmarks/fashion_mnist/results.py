@@ -281,7 +281,7 @@ def from_plain(kind: type[T], value: Any) -> T:
 def _from_plain(kind: Any, value: Any) -> Any:
     if value is None:
         return None
-    if dataclasses.is_dataclass(kind):
+    if isinstance(kind, type) and dataclasses.is_dataclass(kind):
         hints = typing.get_type_hints(kind)
         fields = [f.name for f in dataclasses.fields(kind) if f.init and f.name in value]
         return kind(**{name: _from_plain(hints[name], value[name]) for name in fields})
