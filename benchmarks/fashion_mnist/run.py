@@ -223,6 +223,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
 
     started = time.perf_counter()
+    try:
+        data_dir = locate_fashion_mnist(args.data_dir, install=args.install_data)
+    except FileNotFoundError as error:
+        raise SystemExit(f"error: {error}") from None
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -231,10 +235,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - started:7.1f}s] {message}", flush=True)
 
-    try:
-        data_dir = locate_fashion_mnist(args.data_dir, install=args.install_data)
-    except FileNotFoundError as error:
-        raise SystemExit(f"error: {error}") from None
     config = TrainConfig()
     train, val, test = load_fashion_mnist(data_dir, config.num_val)
     datamodule = SplitDataModule(train, val, test, batch_size=config.batch_size, seed=config.seed)
