@@ -26,6 +26,7 @@ import copy
 import dataclasses
 import gzip
 import hashlib
+import importlib.metadata
 import io
 import itertools
 import json
@@ -1108,7 +1109,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "lightning": lightning.__version__,
-        "torch_pruning": tp.__version__,
+        "torch_pruning": importlib.metadata.version("torch-pruning"),  # `tp.__version__` is new in 1.6.1
         "platform": platform.platform(),
     }
 
