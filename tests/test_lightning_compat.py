@@ -7,8 +7,10 @@ level: if a private import is gone the package cannot import, and ``test_private
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import lightning
@@ -17,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.trainer.states import RunningStage
+from packaging.version import Version
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler, TensorDataset
 
@@ -231,3 +234,14 @@ def test_loaded_checkpoint_is_the_one_being_restored(compat, fitted, tmp_path):
     assert model.loaded["tiny"] == "saved by the module", moved("trainer._checkpoint_connector._loaded_checkpoint")
     assert model.loaded["state_dict"].keys() == model.state_dict().keys()
     assert str(model.ckpt_path_while_loading) == str(path)
+
+
+def test_declared_floors_are_the_versions_ci_pins_for_its_lowest_run():
+    root = Path(__file__).parents[1]
+    block = re.search(r"^dependencies = \[(.*?)^\]", (root / "pyproject.toml").read_text(), re.MULTILINE | re.DOTALL)
+    assert block is not None, "pyproject.toml has no `dependencies = [...]` block"
+    floors = {name: Version(v) for name, v in re.findall(r'"([\w-]+)>=([\w.]+)', block.group(1))}
+    lines = (root / ".ci" / "lowest.txt").read_text().splitlines()
+    pins = {name: Version(v) for name, v in (line.split("==") for line in lines if line and not line.startswith("#"))}
+    assert floors == pins, "the floors in pyproject.toml and the pins in .ci/lowest.txt differ"
+    assert re.search(r'"lightning>=[\w.]+,<\d+\.\d+"', block.group(1)), "lightning needs an upper bound"
