@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from lightning_actprune import _lightning_compat as compat
 from lightning_actprune._checkpoint import (
     _add_plan,
     _record_pruning,
@@ -282,7 +283,7 @@ class ActivationPruning(Callback):
         self._load_hook = _watch_loading(trainer, pl_module, lambda: self.pruned_checkpoint_path)
         if stage != "fit":
             return
-        source = _data_source(trainer.fit_loop.epoch_loop.val_loop)
+        source = compat.data_source(trainer.fit_loop.epoch_loop.val_loop)
         if not is_overridden("validation_step", pl_module) or not source.is_defined():
             raise ActivationPruningError(
                 "ActivationPruning needs validation data: implement `validation_step` and pass `val_dataloaders`"
@@ -716,17 +717,12 @@ def _recompile(swapped: list[tuple[nn.Module, str, nn.Module]]) -> None:
         setattr(parent, name, wrapper)
 
 
-def _data_source(loop: object) -> Any:
-    # Lightning keeps where each loop's data comes from (a module, a datamodule or loaders) on the loop.
-    return loop._data_source  # type: ignore[attr-defined]
-
-
 def _validate(trainer: pl.Trainer, pl_module: pl.LightningModule, ckpt_path: str | None = None) -> dict[str, float]:
     """One validation pass through the Trainer (on its device, its precision), with the fit's data."""
-    source = _data_source(trainer.fit_loop.epoch_loop.val_loop).instance
+    source = compat.data_source(trainer.fit_loop.epoch_loop.val_loop).instance
     kwargs: dict[str, Any] = {}
     # several processes: shards that cover every sample exactly once, not Lightning's padded ones
-    unrepeated = unrepeated_val_dataloaders(trainer, _data_source(trainer.fit_loop.epoch_loop.val_loop))
+    unrepeated = unrepeated_val_dataloaders(trainer, compat.data_source(trainer.fit_loop.epoch_loop.val_loop))
     if unrepeated is not None:
         kwargs["dataloaders"] = unrepeated
     elif isinstance(source, pl.LightningDataModule):
@@ -742,10 +738,6 @@ def _trainer_state_kept(trainer: pl.Trainer) -> Iterator[None]:
     """Leave the Trainer as ``fit`` left it: state, loggers (not written to), metrics, data sources."""
     state = dataclasses.replace(trainer.state)
     loggers = trainer.loggers
-    connector = trainer._logger_connector
-    callback_metrics = dict(connector._callback_metrics)
-    logged_metrics = dict(connector._logged_metrics)
-    progress_bar_metrics = dict(connector._progress_bar_metrics)
     loops = (
         trainer.fit_loop,
         trainer.fit_loop.epoch_loop.val_loop,
@@ -753,17 +745,15 @@ def _trainer_state_kept(trainer: pl.Trainer) -> Iterator[None]:
         trainer.test_loop,
         trainer.predict_loop,
     )
-    sources = [_data_source(loop).instance for loop in loops]
-    ckpt_path = trainer._checkpoint_connector._ckpt_path
+    sources = [compat.data_source(loop).instance for loop in loops]
+    ckpt_path = trainer.ckpt_path
     trainer.loggers = []
     try:
-        yield
+        with compat.logger_metrics_kept(trainer):
+            yield
     finally:
         trainer.loggers = loggers
         trainer.state.status, trainer.state.fn, trainer.state.stage = state.status, state.fn, state.stage
-        connector._callback_metrics = callback_metrics
-        connector._logged_metrics = logged_metrics
-        connector._progress_bar_metrics = progress_bar_metrics
         for loop, source in zip(loops, sources, strict=False):
-            _data_source(loop).instance = source
-        trainer._checkpoint_connector._ckpt_path = ckpt_path
+            compat.data_source(loop).instance = source
+        compat.set_ckpt_path(trainer, ckpt_path)

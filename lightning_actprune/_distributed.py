@@ -20,15 +20,13 @@ import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSamplerWrapper
 from lightning.pytorch.strategies import Strategy
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
-from lightning.pytorch.trainer.connectors.data_connector import _request_dataloader
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
-from lightning.pytorch.utilities.data import _update_dataloader
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from lightning_actprune import _lightning_compat as compat
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._recalibration import batchnorm_layers
 from lightning_actprune._statistics import ActivationMoments, ActivationRecorder
@@ -52,7 +50,7 @@ def check_strategy(strategy: Strategy) -> None:
             that shards the parameters (FSDP, DeepSpeed, ``ModelParallelStrategy``).
     """
     name = type(strategy).__name__
-    if isinstance(strategy.launcher, _MultiProcessingLauncher):
+    if compat.launches_processes(strategy):
         raise ActivationPruningError(
             f"ActivationPruning does not support `strategy={name}` with spawned"
             " processes: the pruned model would stay in the worker processes. Use `strategy='ddp'`."
@@ -100,11 +98,11 @@ def unrepeated_val_dataloaders(trainer: pl.Trainer, source: Any) -> Any | None:
     instance = source.instance
     if isinstance(instance, pl.LightningDataModule) and any(is_overridden(h, instance) for h in _BATCH_HOOKS):
         return None
-    loaders = _request_dataloader(source)
+    loaders = compat.request_dataloader(source)
     replaced: list[DataLoader] = []
 
     def unrepeated(loader: DataLoader) -> DataLoader:
-        if not trainer._data_connector._requires_distributed_sampler(loader):
+        if not compat.requires_distributed_sampler(trainer, loader):
             return loader  # already sharded by the user, an iterable dataset, or `use_distributed_sampler=False`
         if len(loader.dataset) < trainer.world_size:  # type: ignore[arg-type]
             return loader  # a rank would get no batch at all
@@ -112,7 +110,7 @@ def unrepeated_val_dataloaders(trainer: pl.Trainer, source: Any) -> Any | None:
             loader.sampler, shuffle=False, **(trainer.distributed_sampler_kwargs or {})
         )
         replaced.append(loader)
-        return _update_dataloader(loader, sampler, mode=RunningStage.VALIDATING)
+        return compat.update_dataloader(loader, sampler, mode=RunningStage.VALIDATING)
 
     if isinstance(loaders, CombinedLoader):
         loaders.flattened = [

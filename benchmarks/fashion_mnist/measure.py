@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import io
 import os
 import platform
@@ -16,7 +17,6 @@ from pathlib import Path
 import lightning
 import lightning.pytorch as pl
 import torch
-import torch_pruning as tp
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
@@ -267,6 +267,6 @@ def machine_info() -> Machine:
         python=platform.python_version(),
         torch=torch.__version__,
         lightning=lightning.__version__,
-        torch_pruning=tp.__version__,
+        torch_pruning=importlib.metadata.version("torch-pruning"),  # tp.__version__ is new in 1.6.1
         platform=platform.platform(),
     )
