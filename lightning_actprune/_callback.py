@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import itertools
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +23,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from lightning_actprune import _lightning_compat as compat
 from lightning_actprune._checkpoint import (
     _add_plan,
     _legacy_state,
@@ -33,6 +35,7 @@ from lightning_actprune._checkpoint import (
     _watch_loading,
 )
 from lightning_actprune._distributed import (
+    average_batchnorm_statistics,
     check_same_on_every_rank,
     check_strategy,
     reduced_moments,
@@ -41,6 +44,7 @@ from lightning_actprune._distributed import (
 )
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._plan import ExampleInputs, PruningPlan, find_prunable_layers
+from lightning_actprune._recalibration import batchnorm_layers, recalibrating_batchnorm
 from lightning_actprune._report import (
     NONE_CHOSEN,
     PruningResult,
@@ -165,6 +169,13 @@ class ActivationPruning(Callback):
             checkpoint of the pruned model carries its plan under ``"actprune_plan"``, and with this callback on
             the Trainer, ``trainer.validate/test/predict(model, ckpt_path=...)`` shrinks a fresh full-size model
             to it before loading (see :class:`PrunedCheckpointMixin` and :func:`load_pruned` for the other paths).
+        recalibration_batches: BatchNorm recalibration: after the surgery, the running mean and variance of every
+            BatchNorm layer are re-estimated on this many *training* batches (forward passes of ``validation_step``
+            with BatchNorm in train mode, no gradients, no parameter change; the average over ranks under DDP),
+            because the layers before them now produce different activations. ``0`` turns it off; models without
+            BatchNorm skip it. The "after" metrics are then those of the recalibrated model, and the metrics right
+            after the surgery are reported too (``actprune/M_pruned``); the λ table and ``max_metric_drop`` judge
+            each λ recalibrated.
 
     Example::
 
@@ -190,6 +201,7 @@ class ActivationPruning(Callback):
         prune_best: bool = False,
         on_error: OnError = "raise",
         pruned_checkpoint: str | None = "pruned.ckpt",
+        recalibration_batches: int = 20,
     ) -> None:
         choices = {"threshold": threshold, "max_metric_drop": max_metric_drop}
         choices["target_params_reduction"] = target_params_reduction
@@ -228,6 +240,7 @@ class ActivationPruning(Callback):
         _check_patterns("layers", layers)
         _check_patterns("exclude", exclude)
         _check_number("min_neurons", min_neurons, minimum=1, integer=True)
+        _check_number("recalibration_batches", recalibration_batches, minimum=0, integer=True)
         if not isinstance(compensate, bool):
             raise ActivationPruningError(f"`compensate` must be True or False; got {compensate!r}.")
         if normalize is not None and not isinstance(normalize, bool):
@@ -256,10 +269,12 @@ class ActivationPruning(Callback):
         self.prune_best = prune_best
         self.on_error: str = on_error
         self.pruned_checkpoint = pruned_checkpoint
+        self.recalibration_batches = recalibration_batches
         self.result: PruningResult | None = None
         self.pruned_checkpoint_path: str | None = None
         """Where the last pruned checkpoint was written."""
         self._load_hook: RemovableHandle | None = None
+        self._train_loader: Any = None
 
     @property
     def effective_statistic(self) -> str:
@@ -273,7 +288,7 @@ class ActivationPruning(Callback):
         self._load_hook = _watch_loading(trainer, pl_module, lambda: self.pruned_checkpoint_path)
         if stage != "fit":
             return
-        source = _data_source(trainer.fit_loop.epoch_loop.val_loop)
+        source = compat.data_source(trainer.fit_loop.epoch_loop.val_loop)
         if not is_overridden("validation_step", pl_module) or not source.is_defined():
             raise ActivationPruningError(
                 "ActivationPruning needs validation data: implement `validation_step` and pass `val_dataloaders`"
@@ -408,6 +423,8 @@ class ActivationPruning(Callback):
             except BaseException:
                 _recompile(compiled)
                 raise
+            finally:
+                self._train_loader = None
             if result is None:  # nothing pruned: the model goes back as it was, compiled
                 _recompile(compiled)
         except BaseException:
@@ -422,6 +439,8 @@ class ActivationPruning(Callback):
         return result
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PruningResult | None:
+        # our own validation passes replace the fit's loaders: the recalibration's batches are taken now
+        self._train_loader = trainer.train_dataloader
         with ActivationRecorder(pl_module) as recorder:
             metrics_before = _validate(trainer, pl_module)
         if self.monitor is not None and self.monitor not in metrics_before:
@@ -447,18 +466,19 @@ class ActivationPruning(Callback):
             moments,
             self._scorer,
             self.min_neurons,
-            validate=lambda: _validate(trainer, pl_module),
+            validate=lambda: self._validate_recalibrated(trainer, pl_module),
             compensate=self.compensate,
             normalize=self._normalized,
         )
         rows = {row.threshold: row for row in self._sweep(trainer, evaluator)}
         plan, chosen_by = self._choose(evaluator, metrics_before, rows)
         params_before, size_before = count_parameters(pl_module), model_size_mb(pl_module)
+        metrics_pruned: dict[str, float] = {}
         if plan is None:  # no λ qualified: the model stays as it is, the table is still reported
             plan, metrics_after = dataclasses.replace(evaluator.plan_removing(0), threshold=math.nan), metrics_before
             chosen_by = NONE_CHOSEN
         else:
-            metrics_after = self._apply(trainer, pl_module, plan, rows, params_before)
+            metrics_after, metrics_pruned = self._apply(trainer, pl_module, plan, rows, params_before)
         return PruningResult(
             plan=plan,
             params_before=params_before,
@@ -469,6 +489,7 @@ class ActivationPruning(Callback):
             metrics_after=metrics_after,
             sweep=tuple(rows[t] for t in sorted(rows)),
             chosen_by=chosen_by,
+            metrics_pruned=metrics_pruned,
         )
 
     def _apply(
@@ -478,8 +499,11 @@ class ActivationPruning(Callback):
         plan: PruningPlan,
         rows: dict[float, SweepRow],
         params_before: int,
-    ) -> dict[str, float]:
-        """Cut the model to ``plan`` and return its validation metrics; the table gets its row."""
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """Cut the model to ``plan``; its metrics after recalibration and, if recalibrated, right after the cut.
+
+        The table gets the applied λ's row when it lacks it.
+        """
         threshold = plan.threshold
         at_floor = [layer.name for layer in plan.layers if len(layer.kept) == self.min_neurons < layer.neurons]
         if at_floor:
@@ -491,11 +515,19 @@ class ActivationPruning(Callback):
         validated = rows.get(threshold)
         validated = validated if validated is not None and dict(validated.neurons) == neurons else None
         check_same_on_every_rank(trainer, plan.to_dict(), "the pruning plans")  # before any rank cuts
-        snapshot = ModuleSnapshot(pl_module, plan.touched_modules)
+        recalibrates = self._recalibrates(pl_module)
+        snapshot = ModuleSnapshot(pl_module, [*plan.touched_modules, *batchnorm_layers(pl_module)])
         apply_plan(pl_module, plan)
+        metrics_pruned: dict[str, float] = {}
         try:
-            # a λ of the table was validated on this very pruned model: its metrics are the "after" ones
-            metrics_after = dict(validated.metrics) if validated is not None else _validate(trainer, pl_module)
+            if recalibrates:
+                metrics_pruned = _validate(trainer, pl_module)
+                recalibrates = self._recalibrate(trainer, pl_module)
+            if validated is not None and not recalibrates:
+                # a λ of the table was validated on this very pruned model: its metrics are the "after" ones
+                metrics_after = dict(validated.metrics)
+            else:
+                metrics_after = _validate(trainer, pl_module) if recalibrates or not metrics_pruned else metrics_pruned
         except BaseException:
             snapshot.restore()
             raise
@@ -503,7 +535,50 @@ class ActivationPruning(Callback):
             params_after, size_after = count_parameters(pl_module), model_size_mb(pl_module)
             kept = params_after / params_before
             rows[threshold] = SweepRow(threshold, params_after, kept, size_after, neurons, metrics_after)
-        return metrics_after
+        return metrics_after, metrics_pruned if recalibrates else {}
+
+    def _recalibrates(self, pl_module: pl.LightningModule) -> bool:
+        return self.recalibration_batches > 0 and bool(batchnorm_layers(pl_module))
+
+    def _recalibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Re-estimate BatchNorm statistics on the first training batches; ``False`` (with a warning) if it cannot.
+
+        The passes go through ``trainer.validate`` (the user's ``validation_step`` knows how to feed a batch to
+        the model) over the fit's training loader, with every BatchNorm layer in train mode.
+        """
+        loader = self._train_loader
+        if loader is None or isinstance(loader, (Mapping, list, tuple)):
+            why = "the fit has no training loader" if loader is None else "the fit has several training loaders"
+            rank_zero_warn(f"ActivationPruning: BatchNorm recalibration skipped: {why}.")
+            return False
+        snapshot = ModuleSnapshot(pl_module, batchnorm_layers(pl_module))
+        limit, trainer.limit_val_batches = trainer.limit_val_batches, 1.0  # our batch count, not the val limit
+        try:
+            with recalibrating_batchnorm(pl_module):
+                batches = _FirstBatches(loader, self.recalibration_batches)
+                trainer.validate(pl_module, dataloaders=batches, verbose=False)
+            average_batchnorm_statistics(trainer, pl_module)  # identical on every rank
+        except Exception as error:
+            snapshot.restore()
+            rank_zero_warn(
+                f"ActivationPruning: BatchNorm recalibration failed ({type(error).__name__}: {error}); the pruned"
+                " model keeps the running statistics from training."
+            )
+            return False
+        finally:
+            trainer.limit_val_batches = limit
+        return True
+
+    def _validate_recalibrated(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        """One validation pass of the model recalibrated; its BatchNorm statistics are put back afterwards."""
+        if not self._recalibrates(pl_module):
+            return _validate(trainer, pl_module)
+        snapshot = ModuleSnapshot(pl_module, batchnorm_layers(pl_module))
+        try:
+            self._recalibrate(trainer, pl_module)
+            return _validate(trainer, pl_module)
+        finally:
+            snapshot.restore()
 
     def _sweep(self, trainer: pl.Trainer, evaluator: ThresholdEvaluator) -> list[SweepRow]:
         thresholds = self.sweep or []
@@ -595,6 +670,22 @@ class ActivationPruning(Callback):
             rank_zero_info(f"ActivationPruning: the checkpoint was written with {', '.join(changed)}.")
 
 
+class _FirstBatches:
+    """The first ``count`` batches of a loader, as an iterable with a length (what ``trainer.validate`` takes)."""
+
+    def __init__(self, loader: Iterable[Any], count: int) -> None:
+        self.loader, self.count = loader, count
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.islice(iter(self.loader), self.count)
+
+    def __len__(self) -> int:
+        try:
+            return min(len(self.loader), self.count)  # type: ignore[arg-type]
+        except TypeError:
+            return self.count
+
+
 def _send_sweep(logger: Logger, result: PruningResult, paths: list[Path], monitor: str | None, step: int) -> None:
     """TensorBoard gets the figure and the table as text; MLflow the files as artifacts; W&B a table and the plot.
 
@@ -648,17 +739,12 @@ def _recompile(swapped: list[tuple[nn.Module, str, nn.Module]]) -> None:
         setattr(parent, name, wrapper)
 
 
-def _data_source(loop: object) -> Any:
-    # Lightning keeps where each loop's data comes from (a module, a datamodule or loaders) on the loop.
-    return loop._data_source  # type: ignore[attr-defined]
-
-
 def _validate(trainer: pl.Trainer, pl_module: pl.LightningModule, ckpt_path: str | None = None) -> dict[str, float]:
     """One validation pass through the Trainer (on its device, its precision), with the fit's data."""
-    source = _data_source(trainer.fit_loop.epoch_loop.val_loop).instance
+    source = compat.data_source(trainer.fit_loop.epoch_loop.val_loop).instance
     kwargs: dict[str, Any] = {}
     # several processes: shards that cover every sample exactly once, not Lightning's padded ones
-    unrepeated = unrepeated_val_dataloaders(trainer, _data_source(trainer.fit_loop.epoch_loop.val_loop))
+    unrepeated = unrepeated_val_dataloaders(trainer, compat.data_source(trainer.fit_loop.epoch_loop.val_loop))
     if unrepeated is not None:
         kwargs["dataloaders"] = unrepeated
     elif isinstance(source, pl.LightningDataModule):
@@ -674,10 +760,6 @@ def _trainer_state_kept(trainer: pl.Trainer) -> Iterator[None]:
     """Leave the Trainer as ``fit`` left it: state, loggers (not written to), metrics, data sources."""
     state = dataclasses.replace(trainer.state)
     loggers = trainer.loggers
-    connector = trainer._logger_connector
-    callback_metrics = dict(connector._callback_metrics)
-    logged_metrics = dict(connector._logged_metrics)
-    progress_bar_metrics = dict(connector._progress_bar_metrics)
     loops = (
         trainer.fit_loop,
         trainer.fit_loop.epoch_loop.val_loop,
@@ -685,17 +767,15 @@ def _trainer_state_kept(trainer: pl.Trainer) -> Iterator[None]:
         trainer.test_loop,
         trainer.predict_loop,
     )
-    sources = [_data_source(loop).instance for loop in loops]
-    ckpt_path = trainer._checkpoint_connector._ckpt_path
+    sources = [compat.data_source(loop).instance for loop in loops]
+    ckpt_path = trainer.ckpt_path
     trainer.loggers = []
     try:
-        yield
+        with compat.logger_metrics_kept(trainer):
+            yield
     finally:
         trainer.loggers = loggers
         trainer.state.status, trainer.state.fn, trainer.state.stage = state.status, state.fn, state.stage
-        connector._callback_metrics = callback_metrics
-        connector._logged_metrics = logged_metrics
-        connector._progress_bar_metrics = progress_bar_metrics
         for loop, source in zip(loops, sources, strict=False):
-            _data_source(loop).instance = source
-        trainer._checkpoint_connector._ckpt_path = ckpt_path
+            compat.data_source(loop).instance = source
+        compat.set_ckpt_path(trainer, ckpt_path)

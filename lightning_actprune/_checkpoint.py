@@ -29,6 +29,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_actprune import _lightning_compat as compat
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._plan import BiasUpdate, LayerPlan, ModulePruning, PruningPlan
 from lightning_actprune._report import PruningResult, SweepRow
@@ -416,7 +417,7 @@ def _save_pruned_checkpoint(trainer: pl.Trainer, pl_module: pl.LightningModule, 
     path = os.path.join(directory, filename)
     # `trainer.save_checkpoint(weights_only=True)` skips the callbacks' `on_save_checkpoint`, where the plan is
     # added; the optimizer states of the unpruned parameters are not worth saving.
-    checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=True)
+    checkpoint = compat.dump_checkpoint(trainer, weights_only=True)
     _add_plan(checkpoint, trainer, pl_module)
     trainer.strategy.save_checkpoint(checkpoint, path)  # writes on global rank zero only
     trainer.strategy.barrier("ActivationPruning.save_pruned_checkpoint")
@@ -433,12 +434,11 @@ def _watch_loading(
         trainer = trainer_ref()
         if prefix or trainer is None:
             return
-        connector = trainer._checkpoint_connector
-        checkpoint = connector._loaded_checkpoint
+        checkpoint = compat.loaded_checkpoint(trainer)
         saved = checkpoint.get("state_dict") if checkpoint else None
         if not isinstance(saved, Mapping) or saved.keys() != state_dict.keys():
             return  # not the Trainer restoring this checkpoint into the model
-        source = f"checkpoint {os.fspath(connector._ckpt_path)!r}" if connector._ckpt_path else "the checkpoint"
+        source = f"checkpoint {os.fspath(trainer.ckpt_path)!r}" if trainer.ckpt_path else "the checkpoint"
         plan = _plan_in(checkpoint, source)
         if plan is not None and trainer.state.fn == TrainerFn.FITTING and "optimizer_states" not in checkpoint:
             raise ActivationPruningError(
@@ -448,10 +448,7 @@ def _watch_loading(
             )
         _fit_to_state(module, plan, state_dict, source, pruned_checkpoint())
 
-    register = getattr(pl_module, "register_load_state_dict_pre_hook", None)
-    if register is None:  # torch < 2.3
-        return pl_module._register_load_state_dict_pre_hook(before_load, with_module=True)
-    return register(before_load)
+    return pl_module.register_load_state_dict_pre_hook(before_load)
 
 
 def _legacy_state(callback: Callback, trainer: pl.Trainer, checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -493,6 +490,7 @@ def _result_state(result: PruningResult | None) -> dict[str, Any] | None:
         "size_mb_after": float(result.size_mb_after),
         "metrics_before": _floats(result.metrics_before),
         "metrics_after": _floats(result.metrics_after),
+        "metrics_pruned": _floats(result.metrics_pruned),
         "chosen_by": str(result.chosen_by),
         "sweep": [
             {
@@ -519,6 +517,7 @@ def _result_from_state(plan: Mapping[str, Any] | None, numbers: Mapping[str, Any
         size_mb_after=float(numbers["size_mb_after"]),
         metrics_before=_floats(numbers.get("metrics_before", {})),
         metrics_after=_floats(numbers.get("metrics_after", {})),
+        metrics_pruned=_floats(numbers.get("metrics_pruned", {})),
         sweep=tuple(SweepRow(**row) for row in numbers.get("sweep", ())),
         chosen_by=str(numbers.get("chosen_by", "threshold")),
     )

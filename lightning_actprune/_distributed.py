@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,16 +20,15 @@ import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSamplerWrapper
 from lightning.pytorch.strategies import Strategy
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
-from lightning.pytorch.trainer.connectors.data_connector import _request_dataloader
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
-from lightning.pytorch.utilities.data import _update_dataloader
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from lightning_actprune import _lightning_compat as compat
 from lightning_actprune._errors import ActivationPruningError
+from lightning_actprune._recalibration import batchnorm_layers
 from lightning_actprune._statistics import ActivationMoments, ActivationRecorder
 
 # Strategies that shard parameters (ModelParallelStrategy is new in Lightning 2.4; DeepSpeed's class imports without
@@ -50,7 +50,7 @@ def check_strategy(strategy: Strategy) -> None:
             that shards the parameters (FSDP, DeepSpeed, ``ModelParallelStrategy``).
     """
     name = type(strategy).__name__
-    if isinstance(strategy.launcher, _MultiProcessingLauncher):
+    if compat.launches_processes(strategy):
         raise ActivationPruningError(
             f"ActivationPruning does not support `strategy={name}` with spawned"
             " processes: the pruned model would stay in the worker processes. Use `strategy='ddp'`."
@@ -98,11 +98,11 @@ def unrepeated_val_dataloaders(trainer: pl.Trainer, source: Any) -> Any | None:
     instance = source.instance
     if isinstance(instance, pl.LightningDataModule) and any(is_overridden(h, instance) for h in _BATCH_HOOKS):
         return None
-    loaders = _request_dataloader(source)
+    loaders = compat.request_dataloader(source)
     replaced: list[DataLoader] = []
 
     def unrepeated(loader: DataLoader) -> DataLoader:
-        if not trainer._data_connector._requires_distributed_sampler(loader):
+        if not compat.requires_distributed_sampler(trainer, loader):
             return loader  # already sharded by the user, an iterable dataset, or `use_distributed_sampler=False`
         if len(loader.dataset) < trainer.world_size:  # type: ignore[arg-type]
             return loader  # a rank would get no batch at all
@@ -110,7 +110,7 @@ def unrepeated_val_dataloaders(trainer: pl.Trainer, source: Any) -> Any | None:
             loader.sampler, shuffle=False, **(trainer.distributed_sampler_kwargs or {})
         )
         replaced.append(loader)
-        return _update_dataloader(loader, sampler, mode=RunningStage.VALIDATING)
+        return compat.update_dataloader(loader, sampler, mode=RunningStage.VALIDATING)
 
     if isinstance(loaders, CombinedLoader):
         loaders.flattened = [
@@ -210,3 +210,20 @@ def _feed(digest: Any, value: object) -> None:
         _feed(digest, (type(value).__name__, [getattr(value, f.name) for f in dataclasses.fields(value)]))
     else:
         digest.update(f"{type(value).__name__} {value!r};".encode())
+
+
+def average_batchnorm_statistics(trainer: pl.Trainer, model: torch.nn.Module) -> None:
+    """Make every rank's recalibrated BatchNorm statistics the pooled ones, identical on every rank.
+
+    Each rank recalibrated on its own shard of equally many batches: the pooled mean is the mean of the ranks'
+    means, the pooled variance the mean of their second moments minus the pooled mean squared.
+    """
+    if not is_distributed(trainer):
+        return
+    for layer in batchnorm_layers(model).values():
+        # tracked statistics (`batchnorm_layers` keeps only those): never None
+        mean, variance = typing.cast(Tensor, layer.running_mean), typing.cast(Tensor, layer.running_var)
+        pooled_mean = trainer.strategy.reduce(mean.clone(), reduce_op="mean")
+        second_moment = trainer.strategy.reduce(variance + mean.square(), reduce_op="mean")
+        mean.copy_(pooled_mean)
+        variance.copy_(second_moment - pooled_mean.square())

@@ -604,7 +604,7 @@ def plan_pruning(
 
     Example:
         >>> import torch
-        >>> from lightning_actprune import ActivationRecorder
+        >>> from lightning_actprune.core import ActivationRecorder
         >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
         >>> x = torch.randn(8, 3)
         >>> with ActivationRecorder(model) as rec, torch.no_grad():

@@ -84,6 +84,8 @@ class PruningResult:
         sweep: the λ table, when one was evaluated (ascending λ).
         chosen_by: how λ was chosen: ``"threshold"``, ``"max_metric_drop"`` or ``"target_params_reduction"``;
             ``"none"`` when no λ qualified: the model is unchanged and ``plan.threshold`` is NaN.
+        metrics_pruned: validation metrics right after the surgery, before BatchNorm recalibration (empty when
+            nothing was recalibrated: then ``metrics_after`` are those right after the surgery).
     """
 
     plan: PruningPlan
@@ -95,6 +97,7 @@ class PruningResult:
     metrics_after: Mapping[str, float] = field(default_factory=dict)
     sweep: tuple[SweepRow, ...] = ()
     chosen_by: str = "threshold"
+    metrics_pruned: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def params_reduction(self) -> float:
@@ -137,6 +140,8 @@ class PruningResult:
             if name in self.metrics_after:
                 metrics[f"{name}_after"] = self.metrics_after[name]
                 metrics[f"{name}_change"] = self.metrics_after[name] - before
+            if name in self.metrics_pruned:
+                metrics[f"{name}_pruned"] = self.metrics_pruned[name]
         return {PREFIX + k: float(v) for k, v in metrics.items()}
 
     def summary(self) -> str:
@@ -160,7 +165,12 @@ class PruningResult:
             lines.append(f"  {layer.name:<{width}}  {layer.neurons:>6} -> {len(layer.kept):>6}")
         for name, before in self.metrics_before.items():
             after = self.metrics_after.get(name)
-            if after is not None:
+            if after is None:
+                continue
+            if name in self.metrics_pruned:  # the surgery's step and the recalibration's step, each on its own
+                steps = f"{self.metrics_pruned[name]:.4f} after surgery -> {after:.4f} after BatchNorm recalibration"
+                lines.append(f"  {name}: {before:.4f} -> {steps} ({after - before:+.4f})")
+            else:
                 lines.append(f"  {name}: {before:.4f} -> {after:.4f} ({after - before:+.4f})")
         return "\n".join(lines)
 

@@ -78,7 +78,7 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> None:
 
     Example:
         >>> import torch
-        >>> from lightning_actprune import PruningPlan, ModulePruning
+        >>> from lightning_actprune.core import PruningPlan, ModulePruning
         >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
         >>> plan = PruningPlan(0.1, "mean", (), (ModulePruning("0", "out", (1, 2)), ModulePruning("2", "in", (1, 2))))
         >>> apply_plan(model, plan)

@@ -7,7 +7,9 @@ ranks by running the same command again. Every rank writes what it saw to ``OUT_
    and a λ table: the unpruned weights, the pruned weights, the plan, the statistics the callback planned from,
    the metrics before and after, whether the process group was up when ``on_fit_end`` ran;
 2. a fit from a datamodule, logging with ``sync_dist=True``, whose ranks are made to plan different prunings:
-   the error each rank raised, its weights before and after.
+   the error each rank raised, its weights before and after;
+3. a fit of a BatchNorm model with recalibration: each rank's own recalibrated statistics (before the ranks
+   pool them) and the pruned model's state.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 
+import lightning_actprune._callback as callback_module
 from lightning_actprune import ActivationPruning, ActivationPruningError
 from lightning_actprune.core import ActivationRecorder
-from tests.helpers import Classifier, MLPModule, make_data, quiet_trainer
+from tests.helpers import Classifier, MLPBatchNormDropout, MLPModule, make_data, quiet_trainer
 
 VAL_SIZE = 33
 VAL_BATCH_SIZE = 16
@@ -81,6 +84,17 @@ def spy_on_statistics(captured: list[Any]) -> None:
     ActivationRecorder.moments = spy  # type: ignore[method-assign]
 
 
+def spy_on_recalibration(captured: list[Any]) -> None:
+    """Keep each rank's recalibrated BatchNorm statistics as they are before the ranks pool them."""
+    average = callback_module.average_batchnorm_statistics
+
+    def spy(trainer: pl.Trainer, model: torch.nn.Module) -> None:
+        captured.append({k: v.clone() for k, v in model.state_dict().items() if "running" in k})
+        average(trainer, model)
+
+    callback_module.average_batchnorm_statistics = spy  # type: ignore[assignment]
+
+
 def trainer_for(out: Path, *callbacks: Callback) -> pl.Trainer:
     return quiet_trainer(
         out,
@@ -129,6 +143,19 @@ def main(out: Path) -> None:
         disagreeing["error"] = str(error)
     disagreeing["after"] = model.state_dict()
     seen["disagreeing"] = disagreeing
+
+    local: list[Any] = []
+    spy_on_recalibration(local)
+    pl.seed_everything(0)
+    model = Classifier(MLPBatchNormDropout())
+    pruning = ActivationPruning(threshold=THRESHOLD, recalibration_batches=2, pruned_checkpoint=None)
+    trainer_for(out / "batchnorm", pruning).fit(model, *loaders())
+    seen["batchnorm"] = {
+        "local": local[-1],
+        "pruned": model.state_dict(),
+        "metrics_pruned": dict(pruning.result.metrics_pruned),
+        "metrics_after": dict(pruning.result.metrics_after),
+    }
 
     torch.save(seen, out / f"rank{trainer.global_rank}.pt")
 

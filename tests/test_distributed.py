@@ -114,6 +114,27 @@ def test_ddp_ranks_that_plan_differently_fail_before_any_surgery(ddp_run):
             assert torch.equal(disagreeing["after"][name], tensor), name
 
 
+@pytest.mark.slow
+def test_ddp_batchnorm_recalibration_pools_the_ranks_statistics_identically(ddp_run):
+    zero, one = (rank["batchnorm"] for rank in ddp_run)
+    for name, tensor in zero["pruned"].items():
+        assert torch.equal(one["pruned"][name], tensor), name  # bit-identical ranks after recalibration
+    means = [k for k in zero["local"] if k.endswith("running_mean")]
+    assert means
+    for key in means:
+        variance = key.replace("running_mean", "running_var")
+        local_means = torch.stack([zero["local"][key], one["local"][key]])
+        local_variances = torch.stack([zero["local"][variance], one["local"][variance]])
+        assert not torch.equal(local_means[0], local_means[1])  # each rank recalibrated on its own shard
+        pooled = local_means.mean(0)
+        torch.testing.assert_close(zero["pruned"][key], pooled)
+        torch.testing.assert_close(
+            zero["pruned"][variance], (local_variances + local_means.square()).mean(0) - pooled.square()
+        )
+    assert zero["metrics_after"] == one["metrics_after"]
+    assert zero["metrics_pruned"] == one["metrics_pruned"]
+
+
 def test_one_process_helpers_are_no_ops(make_trainer):
     trainer = make_trainer(devices=1, logger=False)
     check_same_on_every_rank(trainer, {"anything": torch.arange(3)}, "values")

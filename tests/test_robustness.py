@@ -303,7 +303,7 @@ def test_fast_dev_run_prunes_on_its_one_batch_and_logger_false_does_not_crash(ca
     with ActivationRecorder(keep.model) as recorder, torch.no_grad():
         keep.model(first_batch)
     layers = find_prunable_layers(keep.model, recorder.example_inputs)
-    expected = plan_pruning(layers, recorder.moments(), 0.2, "fluctuation", model=keep.model, normalize=True)
+    expected = plan_pruning(layers, recorder.moments(), 0.2, "mean", model=keep.model)  # a written λ: a mean
     assert pruning.result.plan.to_dict() == expected.to_dict()
     assert 0 < pruning.result.plan.neurons_after < pruning.result.plan.neurons_before
     assert_oracle(model, keep, pruning, VAL_X)

@@ -1,0 +1,105 @@
+"""The classifier under test: a ReLU MLP trained once with Lightning, its weights cached between runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from .data import SplitDataModule
+from .results import TrainConfig, TrainingFacts, from_plain
+
+
+class MLPClassifier(pl.LightningModule):
+    """A ReLU MLP (``sizes`` = input, hidden…, classes) trained with Adam; logs ``val_acc`` and ``test_acc``."""
+
+    def __init__(self, sizes: Sequence[int] = (784, 1024, 1024, 10), lr: float = 1e-3) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        layers: list[nn.Module] = []
+        for width_in, width_out in itertools.pairwise(sizes[:-1]):
+            layers += [nn.Linear(width_in, width_out), nn.ReLU()]
+        self.net = nn.Sequential(*layers, nn.Linear(sizes[-2], sizes[-1]))
+        self.lr = lr
+        self.val_acc = MulticlassAccuracy(num_classes=sizes[-1], average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=sizes[-1], average="micro")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.val_acc(logits, y)
+        self.log("val_loss", F.cross_entropy(logits, y))
+        self.log("val_acc", self.val_acc)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.test_acc(self(x), y)
+        self.log("test_acc", self.test_acc)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def quiet_trainer(**kwargs: Any) -> pl.Trainer:
+    """A CPU Trainer that writes nothing: no logger, checkpoint, progress bar or model summary."""
+    options: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    }
+    return pl.Trainer(**{**options, **kwargs})
+
+
+def train_or_load(
+    datamodule: SplitDataModule, config: TrainConfig, cache_dir: Path, retrain: bool = False
+) -> tuple[MLPClassifier, TrainingFacts]:
+    """Train once with Lightning (fixed seeds) and cache the ``state_dict``; later runs load it.
+
+    Returns:
+        The trained model (eval mode) and facts about the training run (time, whether it came from the cache).
+    """
+    weights = cache_dir / f"mlp_{config.key()}.pt"
+    facts_path = weights.with_suffix(".json")
+    model = MLPClassifier(config.sizes, config.lr)
+    if weights.is_file() and facts_path.is_file() and not retrain:
+        model.load_state_dict(torch.load(weights, weights_only=True))
+        facts = from_plain(TrainingFacts, json.loads(facts_path.read_text()))
+        return model.eval(), dataclasses.replace(facts, cached=True)
+    pl.seed_everything(config.seed, workers=True, verbose=False)
+    model = MLPClassifier(config.sizes, config.lr)
+    trainer = quiet_trainer(max_epochs=config.epochs)
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule)
+    facts = TrainingFacts(
+        train_seconds=time.perf_counter() - start,
+        threads=torch.get_num_threads(),
+        config=config,
+        final_val_acc=float(trainer.callback_metrics["val_acc"]),
+    )
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), weights)
+    written = dataclasses.asdict(facts)
+    del written["cached"]  # a property of the run that reads the file, not of the training
+    facts_path.write_text(json.dumps(written, indent=2))
+    return model.eval(), facts

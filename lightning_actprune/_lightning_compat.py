@@ -1,0 +1,125 @@
+"""Every access to Lightning's private internals, in one place.
+
+Lightning's own callbacks get by with hooks and ``trainer.strategy``; ActivationPruning cannot: it re-validates
+with the fit's own data, shards that data without repeats, writes a weights-only checkpoint with the callbacks'
+state, and leaves the Trainer as ``fit`` left it. Each function below reaches one private object or attribute,
+says since which Lightning version it is known to exist, and has a test in ``tests/test_lightning_compat.py``
+that names what moved when a Lightning release moves it. ``pyproject.toml`` bounds ``lightning`` to the minor
+versions CI runs (the lowest declared and the newest).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from lightning.pytorch.trainer.connectors.data_connector import _DataLoaderSource, _request_dataloader
+from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities.data import _update_dataloader
+from torch.utils.data import DataLoader, Sampler
+
+__all__ = [
+    "data_source",
+    "dump_checkpoint",
+    "launches_processes",
+    "loaded_checkpoint",
+    "logger_metrics_kept",
+    "request_dataloader",
+    "requires_distributed_sampler",
+    "set_ckpt_path",
+    "update_dataloader",
+]
+
+
+def data_source(loop: object) -> _DataLoaderSource:
+    """Where a loop's data comes from: ``loop._data_source``, whose ``instance`` is a module, datamodule or loaders.
+
+    Reaches ``_DataLoaderSource`` on ``trainer.fit_loop``, ``fit_loop.epoch_loop.val_loop``, ``validate_loop``,
+    ``test_loop`` and ``predict_loop`` (Lightning >= 2.0).
+    """
+    return loop._data_source  # type: ignore[attr-defined]
+
+
+def request_dataloader(source: _DataLoaderSource) -> Any:
+    """The loaders ``source`` gives, as Lightning requests them: ``data_connector._request_dataloader`` (>= 2.0).
+
+    Lightning records the ``DataLoader`` constructor arguments while it calls the hook, so that
+    :func:`update_dataloader` can re-create a loader with another sampler.
+    """
+    return _request_dataloader(source)
+
+
+def requires_distributed_sampler(trainer: pl.Trainer, loader: DataLoader) -> bool:
+    """Whether Lightning would shard ``loader`` with a ``DistributedSampler``.
+
+    Reaches ``trainer._data_connector._requires_distributed_sampler`` (Lightning >= 2.0): true under a
+    distributed strategy with ``use_distributed_sampler=True``, unless the loader is already sharded or iterates
+    an ``IterableDataset``.
+    """
+    return bool(trainer._data_connector._requires_distributed_sampler(loader))
+
+
+def update_dataloader(loader: DataLoader, sampler: Sampler | Iterable, mode: RunningStage) -> DataLoader:
+    """``loader`` re-created with ``sampler``: ``lightning.pytorch.utilities.data._update_dataloader`` (>= 2.0)."""
+    return _update_dataloader(loader, sampler, mode=mode)
+
+
+def launches_processes(strategy: Strategy) -> bool:
+    """Whether ``strategy`` trains in spawned or forked workers (``ddp_spawn``, ``ddp_notebook``, XLA).
+
+    Reaches ``lightning.pytorch.strategies.launchers.multiprocessing._MultiProcessingLauncher`` (>= 2.0), the
+    base class of these launchers.
+    """
+    return isinstance(strategy.launcher, _MultiProcessingLauncher)
+
+
+@contextmanager
+def logger_metrics_kept(trainer: pl.Trainer) -> Iterator[None]:
+    """Restore, on exit, the metrics the Trainer holds: callback, logged and progress-bar metrics.
+
+    Reaches ``trainer._logger_connector._callback_metrics``, ``._logged_metrics`` and ``._progress_bar_metrics``
+    (Lightning >= 2.0). The public ``trainer.callback_metrics`` cannot stand in: reading it merges the running
+    results, and it cannot be set.
+    """
+    connector = trainer._logger_connector
+    callback_metrics = dict(connector._callback_metrics)
+    logged_metrics = dict(connector._logged_metrics)
+    progress_bar_metrics = dict(connector._progress_bar_metrics)
+    try:
+        yield
+    finally:
+        connector._callback_metrics = callback_metrics
+        connector._logged_metrics = logged_metrics
+        connector._progress_bar_metrics = progress_bar_metrics
+
+
+def set_ckpt_path(trainer: pl.Trainer, ckpt_path: str | Path | None) -> None:
+    """Set what ``trainer.ckpt_path`` returns, as ``fit``/``validate`` do, without the user-managed flag.
+
+    Reaches ``trainer._checkpoint_connector._ckpt_path`` (Lightning >= 2.0); the public setter would also mark
+    the path as the user's (``_user_managed``), which changes the next ``fit``'s choice of checkpoint.
+    """
+    trainer._checkpoint_connector._ckpt_path = ckpt_path
+
+
+def dump_checkpoint(trainer: pl.Trainer, weights_only: bool) -> dict[str, Any]:
+    """The checkpoint ``trainer.save_checkpoint`` would write, as a dict that can be added to before it is written.
+
+    Reaches ``trainer._checkpoint_connector.dump_checkpoint`` (Lightning >= 2.0). With ``weights_only=True`` it
+    holds the model's state and what the LightningModule's ``on_save_checkpoint`` adds, but neither the callbacks'
+    state nor the optimizers'.
+    """
+    return trainer._checkpoint_connector.dump_checkpoint(weights_only=weights_only)
+
+
+def loaded_checkpoint(trainer: pl.Trainer) -> dict[str, Any]:
+    """The checkpoint the Trainer is restoring (empty when none): ``trainer._checkpoint_connector._loaded_checkpoint``.
+
+    Known since Lightning 2.0; set while ``fit``/``validate``/``test``/``predict`` restore from ``ckpt_path``.
+    """
+    return trainer._checkpoint_connector._loaded_checkpoint
