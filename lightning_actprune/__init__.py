@@ -4,7 +4,7 @@ The callback composes four steps that also work on a plain ``nn.Module``:
 
 1. statistics: :class:`ActivationRecorder` / :class:`ActivationStatistics`;
 2. plan: :func:`find_prunable_layers` and :func:`plan_pruning`;
-3. surgery: :func:`apply_plan`;
+3. surgery: :func:`apply_plan` (:func:`apply_plan_with_optimizers` in the middle of training);
 4. report: :class:`PruningResult`;
 
 and the λ table: :class:`ThresholdEvaluator`, :func:`threshold_for_reduction`, :func:`write_sweep_files`.
@@ -19,6 +19,7 @@ from lightning_actprune._checkpoint import (
     shrink_to_checkpoint,
 )
 from lightning_actprune._errors import ActivationPruningError
+from lightning_actprune._optimizer import apply_plan_with_optimizers
 from lightning_actprune._plan import (
     BiasUpdate,
     LayerPlan,
@@ -70,6 +71,7 @@ __all__ = [
     "SweepRow",
     "ThresholdEvaluator",
     "apply_plan",
+    "apply_plan_with_optimizers",
     "count_parameters",
     "export_pruned",
     "find_prunable_layers",
