@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,30 +17,46 @@ from lightning_actprune._surgery import ModuleSnapshot, _pruner, _submodule, app
 _PLAIN_STATE = (int, float, bool, str, type(None))
 
 
-def _surviving_entries(model: nn.Module, plan: PruningPlan) -> dict[tuple[str, str], Tensor]:
-    """For every parameter the plan shrinks, the flat index of each old entry that survives, in the new shape.
+def _index_probe(module: nn.Module) -> nn.Module:
+    """A shallow copy of ``module`` whose parameters hold their own flat indices, for the pruners to slice.
 
-    The plan's operations are replayed on a copy of each module whose parameters hold their own flat indices
-    (``arange``, float64 on the CPU: exact up to 2**53), with the very pruners the surgery uses. Whatever those
-    pruners do (outputs, inputs, transposed or depthwise convs, several operations on one module), the copy's
-    parameters then say where each entry of the pruned parameter came from.
+    ``arange`` in float64 on the CPU (exact up to 2**53; the pruners wrap their results in ``nn.Parameter``, which
+    needs floats). The copy has its own parameter, buffer and attribute dicts, so the pruners' assignments
+    never reach the module; buffers and hooks are shared, not copied.
+    """
+    probe = copy.copy(module)
+    probe._parameters = {
+        name: None if p is None else nn.Parameter(torch.arange(p.numel(), dtype=torch.float64).reshape(p.shape))
+        for name, p in module._parameters.items()
+    }
+    probe._buffers = dict(module._buffers)
+    probe._modules = dict(module._modules)
+    return probe
+
+
+def _surviving_entries(model: nn.Module, plan: PruningPlan) -> dict[tuple[str, str], Tensor]:
+    """For every parameter the plan touches, the flat index of each old entry that survives, in the new shape.
+
+    The plan's operations are replayed on an index probe of each module with the very pruners the surgery uses:
+    whatever they do (outputs, inputs, transposed or depthwise convs, several operations on one module), the
+    probe's parameters then say where each entry of the pruned parameter came from.
     """
     surviving: dict[tuple[str, str], Tensor] = {}
     for name in plan.touched_modules:
         module = _submodule(model, name)
-        own = dict(module.named_parameters(recurse=False))
-        memo: dict[int, Any] = {
-            id(p): nn.Parameter(torch.arange(p.numel(), dtype=torch.float64).reshape(p.shape)) for p in own.values()
-        }
-        probe = copy.deepcopy(module, memo)
+        probe = _index_probe(module)
         pruner = _pruner(probe)
-        for operation in plan.operations:
-            if operation.module == name and pruner is not None:  # no pruner: apply_plan says so, clearly
-                prune = pruner.prune_out_channels if operation.dim == "out" else pruner.prune_in_channels
-                prune(probe, list(operation.indices))
+        try:
+            for operation in plan.operations:
+                if operation.module == name and pruner is not None:  # no pruner: apply_plan says so, clearly
+                    prune = pruner.prune_out_channels if operation.dim == "out" else pruner.prune_in_channels
+                    prune(probe, list(operation.indices))
+        except Exception as error:
+            raise ActivationPruningError(
+                f"cannot follow the optimizer state of {name!r} through the plan ({type(error).__name__}: {error})."
+            ) from error
         for parameter_name, p in probe.named_parameters(recurse=False):
-            if parameter_name in own:
-                surviving[(name, parameter_name)] = p.detach().long()
+            surviving[(name, parameter_name)] = p.detach().long()
     return surviving
 
 
@@ -61,18 +77,20 @@ def _carried_state(state: Mapping[str, Any], old: Tensor, entries: Tensor, label
     return carried
 
 
-def _as_optimizers(optimizers: Optimizer | Iterable[Optimizer]) -> list[Optimizer]:
-    found = [optimizers] if isinstance(optimizers, Optimizer) else list(optimizers)
+def _as_optimizers(optimizers: Optimizer | Sequence[Optimizer]) -> list[Optimizer]:
+    if isinstance(optimizers, Optimizer):
+        return [optimizers]
+    found: list[Any] = list(optimizers) if isinstance(optimizers, list | tuple) else [optimizers]
     for optimizer in found:
         if not isinstance(optimizer, Optimizer):
             raise ActivationPruningError(
-                f"`optimizers` must be a torch.optim.Optimizer or a sequence of them; got {type(optimizer).__name__}."
+                f"`optimizers` must be a torch.optim.Optimizer or a list of them; got {type(optimizer).__name__}."
             )
     return found
 
 
 def apply_plan_with_optimizers(
-    model: nn.Module, plan: PruningPlan, optimizers: Optimizer | Iterable[Optimizer]
+    model: nn.Module, plan: PruningPlan, optimizers: Optimizer | Sequence[Optimizer]
 ) -> None:
     """Prune ``model`` like :func:`apply_plan` and let the same optimizers train the smaller parameters.
 
@@ -84,6 +102,9 @@ def apply_plan_with_optimizers(
 
     All-or-nothing: when a state cannot be carried (a tensor neither scalar nor shaped like its parameter, as in
     ``Adafactor``'s factored moments or ``LBFGS``'s history), the model and the optimizers are restored exactly.
+
+    Call it between two optimizer steps. A ``GradScaler`` needs nothing; a ``DistributedDataParallel`` wrapper
+    still holds the old parameters and must be rebuilt.
 
     Args:
         model: the model being trained.

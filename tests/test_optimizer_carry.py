@@ -417,8 +417,11 @@ def test_lbfgs_history_cannot_be_carried() -> None:
 def test_bad_arguments_name_themselves() -> None:
     model, optimizer = trained_mlp()
     plan = plan_for(model, (6,), MLP_KEPT)
-    with pytest.raises(ActivationPruningError, match=r"`optimizers` must be a torch\.optim\.Optimizer .* got dict"):
-        apply_plan_with_optimizers(model, plan, [optimizer.state_dict()])  # type: ignore[list-item]
+    for bad, received in (([optimizer.state_dict()], "dict"), (None, "NoneType"), (model.parameters(), "generator")):
+        with pytest.raises(
+            ActivationPruningError, match=rf"`optimizers` must be a torch\.optim\.Optimizer .* got {received}"
+        ):
+            apply_plan_with_optimizers(model, plan, bad)  # type: ignore[arg-type]
     missing = PruningPlan(0.0, "mean", (), (*plan.operations[:1], plan.operations[0]._replace(module="nope")))
     saved = snapshot(model, [optimizer])
     with pytest.raises(ActivationPruningError, match="prunes 'nope'"):
