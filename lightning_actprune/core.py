@@ -12,7 +12,8 @@ any training loop. The callback composes them in this order.
    score reaches λ. The result is a :class:`PruningPlan`: plain data (:class:`LayerPlan`, :class:`ModulePruning`,
    :class:`BiasUpdate`) that loads with ``weights_only=True``.
    :func:`plan_from_kept` builds one from the indices you choose yourself.
-3. Surgery. :func:`apply_plan` removes the neurons in place, all or nothing.
+3. Surgery. :func:`apply_plan` removes the neurons in place, all or nothing
+   (:func:`apply_plan_with_optimizers` in the middle of training: the optimizers follow the parameters).
 4. Report. :func:`count_parameters` and :func:`model_size_mb` measure the model; :class:`ThresholdEvaluator`
    evaluates a list of λ (restoring the model between them), :func:`threshold_for_reduction` and
    :func:`plan_for_reduction` find λ for a parameter reduction, :func:`write_sweep_files` writes the λ table of a
@@ -33,6 +34,7 @@ Example:
 """
 
 from lightning_actprune._errors import ActivationPruningError
+from lightning_actprune._optimizer import apply_plan_with_optimizers
 from lightning_actprune._plan import (
     BiasUpdate,
     LayerPlan,
@@ -72,6 +74,7 @@ __all__ = [
     "ReductionChoice",
     "ThresholdEvaluator",
     "apply_plan",
+    "apply_plan_with_optimizers",
     "count_parameters",
     "find_prunable_layers",
     "layer_scores",
