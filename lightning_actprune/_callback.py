@@ -43,6 +43,7 @@ from lightning_actprune._distributed import (
     unrepeated_val_dataloaders,
 )
 from lightning_actprune._errors import ActivationPruningError
+from lightning_actprune._optimizer import OptimizerSnapshot, apply_plan_with_optimizers
 from lightning_actprune._plan import ExampleInputs, PruningPlan, find_prunable_layers
 from lightning_actprune._recalibration import batchnorm_layers, recalibrating_batchnorm
 from lightning_actprune._report import (
@@ -64,7 +65,7 @@ from lightning_actprune._statistics import (
     ActivationRecorder,
     Statistic,
 )
-from lightning_actprune._surgery import ModuleSnapshot, apply_plan
+from lightning_actprune._surgery import ModuleSnapshot
 from lightning_actprune._sweep import (
     ThresholdEvaluator,
     choose_within_drop,
@@ -176,6 +177,13 @@ class ActivationPruning(Callback):
             BatchNorm skip it. The "after" metrics are then those of the recalibrated model, and the metrics right
             after the surgery are reported too (``actprune/M_pruned``); the λ table and ``max_metric_drop`` judge
             each λ recalibrated.
+        recovery_epochs: ``0`` (default) prunes at the end of ``fit``. ``R > 0`` prunes at the end of epoch
+            ``max_epochs - R`` (after its validation) and lets the same ``fit`` train the smaller model for the last
+            ``R`` epochs with the same optimizer (its per-parameter state sliced like the parameters, its
+            hyper-parameters, schedulers and step counts kept); the report at the end of ``fit`` adds the metrics
+            after recovery (``actprune/M_recovered``). ``threshold`` and ``target_params_reduction`` mean what they
+            mean without recovery; ``max_metric_drop`` bounds the drop right after pruning (and recalibration),
+            before recovery. Single-process only for now; ``EarlyStopping`` restarts counting at the prune.
 
     Example::
 
@@ -202,6 +210,7 @@ class ActivationPruning(Callback):
         on_error: OnError = "raise",
         pruned_checkpoint: str | None = "pruned.ckpt",
         recalibration_batches: int = 20,
+        recovery_epochs: int = 0,
     ) -> None:
         choices = {"threshold": threshold, "max_metric_drop": max_metric_drop}
         choices["target_params_reduction"] = target_params_reduction
@@ -241,6 +250,12 @@ class ActivationPruning(Callback):
         _check_patterns("exclude", exclude)
         _check_number("min_neurons", min_neurons, minimum=1, integer=True)
         _check_number("recalibration_batches", recalibration_batches, minimum=0, integer=True)
+        _check_number("recovery_epochs", recovery_epochs, minimum=0, integer=True)
+        if recovery_epochs and prune_best:
+            raise ActivationPruningError(
+                "`prune_best=True` cannot be combined with `recovery_epochs`: the best weights were trained with"
+                " another optimizer state than the one training goes on with; prune the last weights instead."
+            )
         if not isinstance(compensate, bool):
             raise ActivationPruningError(f"`compensate` must be True or False; got {compensate!r}.")
         if normalize is not None and not isinstance(normalize, bool):
@@ -270,11 +285,15 @@ class ActivationPruning(Callback):
         self.on_error: str = on_error
         self.pruned_checkpoint = pruned_checkpoint
         self.recalibration_batches = recalibration_batches
+        self.recovery_epochs = recovery_epochs
         self.result: PruningResult | None = None
         self.pruned_checkpoint_path: str | None = None
         """Where the last pruned checkpoint was written."""
         self._load_hook: RemovableHandle | None = None
         self._train_loader: Any = None
+        self._in_fit = False  # pruning inside `fit` (recovery epochs follow) rather than at its end
+        self.pruned_at_epoch: int | None = None
+        """The epoch at whose end the model was pruned inside ``fit`` (``recovery_epochs > 0``), or None."""
 
     @property
     def effective_statistic(self) -> str:
@@ -302,6 +321,55 @@ class ActivationPruning(Callback):
         if self.prune_best and trainer.checkpoint_callback is None:
             raise ActivationPruningError("`prune_best=True` needs a `ModelCheckpoint` callback on the Trainer.")
         check_strategy(trainer.strategy)  # spawned workers and sharded parameters cannot be pruned in place
+        if self.recovery_epochs:
+            self._check_recovery(trainer)
+
+    def _check_recovery(self, trainer: pl.Trainer) -> None:
+        """Settings that recovery inside ``fit`` cannot work with fail before training, not at the prune."""
+        epochs = trainer.max_epochs
+        if epochs is None or epochs <= self.recovery_epochs or trainer.max_steps != -1:
+            raise ActivationPruningError(
+                f"`recovery_epochs={self.recovery_epochs}` prunes at the end of epoch `max_epochs - recovery_epochs`:"
+                f" it needs `Trainer(max_epochs)` > {self.recovery_epochs} and no `max_steps`; got"
+                f" max_epochs={epochs}, max_steps={trainer.max_steps}."
+            )
+        if trainer.world_size > 1:
+            raise ActivationPruningError(
+                f"`recovery_epochs` runs on one process for now; got {trainer.world_size} processes. Prune at the end"
+                " of fit (`recovery_epochs=0`) or fine-tune the pruned checkpoint in a second fit."
+            )
+        averaging = [type(c).__name__ for c in getattr(trainer, "callbacks", []) if _keeps_parameter_copies(c)]
+        if averaging:
+            raise ActivationPruningError(
+                f"`recovery_epochs` cannot be combined with {', '.join(averaging)}: it keeps its own copy of every"
+                " parameter, which pruning inside `fit` would leave at the old shapes."
+            )
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epochs = trainer.max_epochs or 0
+        if not self.recovery_epochs or trainer.current_epoch != epochs - self.recovery_epochs - 1:
+            return
+        if self.pruned_at_epoch is not None:  # resumed from a checkpoint written after the prune
+            return
+        self._in_fit = True
+        try:
+            result = self._guarded_prune(trainer, pl_module)
+        finally:
+            self._in_fit = False
+        self.pruned_at_epoch = trainer.current_epoch
+        if result is None:
+            return
+        self.result = result
+        if result.pruned:
+            _record_pruning(pl_module, result.plan)  # every checkpoint from now on carries the plan
+            for callback in trainer.early_stopping_callbacks:  # a new, smaller model: its patience starts afresh
+                callback.wait_count = 0
+                callback.best_score = torch.tensor(math.inf if callback.monitor_op == torch.lt else -math.inf)
+        rank_zero_info(
+            f"ActivationPruning: pruned at the end of epoch {trainer.current_epoch}; the last"
+            f" {self.recovery_epochs} epoch(s) train the smaller model."
+        )
 
     def _check_patterns(self, pl_module: pl.LightningModule) -> None:
         """Patterns that match no Linear/Conv at all fail before training, not after it."""
@@ -318,28 +386,24 @@ class ActivationPruning(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.interrupted:
             return
-        try:
-            with _trainer_state_kept(trainer):
-                result = self.prune(trainer, pl_module)
-        except ActivationPruningError as error:
-            if self.on_error == "raise":
-                raise
-            rank_zero_warn(f"Activation pruning failed, the trained model is unchanged: {error}")
-            return
-        except Exception as error:
-            if self.on_error == "raise":
-                raise ActivationPruningError(
-                    f"activation pruning failed, the trained model is unchanged: {type(error).__name__}: {error}"
-                ) from error
-            rank_zero_warn(f"Activation pruning failed, the trained model is unchanged: {error!r}")
-            return
+        recovered = self.recovery_epochs and self.pruned_at_epoch is not None
+        if recovered:
+            result = self._recovered(trainer, pl_module)
+        else:
+            if self.recovery_epochs:
+                rank_zero_warn(
+                    "ActivationPruning: `fit` ended before the prune epoch (`max_epochs - recovery_epochs`); the"
+                    " model is pruned now, at the end of fit, with no recovery epochs."
+                )
+            result = self._guarded_prune(trainer, pl_module)
         if result is None:
             return
         self.result = result
         if not result.pruned:  # no λ qualified: nothing was cut, only the table and the metrics are reported
             self._report(trainer, result)
             return
-        _record_pruning(pl_module, result.plan)  # the module remembers its plan: every checkpoint of it carries it
+        if not recovered:  # pruned inside fit, the plan is recorded already
+            _record_pruning(pl_module, result.plan)  # the module remembers its plan: every checkpoint carries it
         # the model is pruned and validated: a failure to report or save is a warning, never an undone pruning
         try:
             self._report(trainer, result)
@@ -388,6 +452,33 @@ class ActivationPruning(Callback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._remove_load_hook()
+
+    def _guarded_prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PruningResult | None:
+        """:meth:`prune` under ``on_error``: any failure leaves the trained model exactly as it was."""
+        try:
+            with _trainer_state_kept(trainer):
+                return self.prune(trainer, pl_module)
+        except ActivationPruningError as error:
+            if self.on_error == "raise":
+                raise
+            rank_zero_warn(f"Activation pruning failed, the trained model is unchanged: {error}")
+        except Exception as error:
+            if self.on_error == "raise":
+                raise ActivationPruningError(
+                    f"activation pruning failed, the trained model is unchanged: {type(error).__name__}: {error}"
+                ) from error
+            rank_zero_warn(f"Activation pruning failed, the trained model is unchanged: {error!r}")
+        return None
+
+    def _recovered(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PruningResult | None:
+        """The in-``fit`` result with the metrics after the recovery epochs (one validation pass)."""
+        if self.result is None:  # the prune inside fit failed (and warned) or found nothing prunable
+            return None
+        if not self.result.pruned:
+            return self.result
+        with _trainer_state_kept(trainer):
+            recovered = _validate(trainer, pl_module)
+        return dataclasses.replace(self.result, metrics_recovered=recovered)
 
     def _remove_load_hook(self) -> None:
         if self._load_hook is not None:
@@ -442,7 +533,7 @@ class ActivationPruning(Callback):
         # our own validation passes replace the fit's loaders: the recalibration's batches are taken now
         self._train_loader = trainer.train_dataloader
         with ActivationRecorder(pl_module) as recorder:
-            metrics_before = _validate(trainer, pl_module)
+            metrics_before = self._validation(trainer, pl_module)
         if self.monitor is not None and self.monitor not in metrics_before:
             logged = ", ".join(metrics_before) or "(none)"
             raise ActivationPruningError(f"`monitor={self.monitor!r}` is not a validation metric; logged: {logged}.")
@@ -517,19 +608,23 @@ class ActivationPruning(Callback):
         check_same_on_every_rank(trainer, plan.to_dict(), "the pruning plans")  # before any rank cuts
         recalibrates = self._recalibrates(pl_module)
         snapshot = ModuleSnapshot(pl_module, [*plan.touched_modules, *batchnorm_layers(pl_module)])
-        apply_plan(pl_module, plan)
+        optimizers = OptimizerSnapshot(trainer.optimizers if self._in_fit else [])
+        # inside fit, training goes on: the same optimizers follow the parameters to their new shapes
+        apply_plan_with_optimizers(pl_module, plan, optimizers.optimizers)
         metrics_pruned: dict[str, float] = {}
         try:
             if recalibrates:
-                metrics_pruned = _validate(trainer, pl_module)
+                metrics_pruned = self._validation(trainer, pl_module)
                 recalibrates = self._recalibrate(trainer, pl_module)
             if validated is not None and not recalibrates:
                 # a λ of the table was validated on this very pruned model: its metrics are the "after" ones
                 metrics_after = dict(validated.metrics)
             else:
-                metrics_after = _validate(trainer, pl_module) if recalibrates or not metrics_pruned else metrics_pruned
+                fresh = recalibrates or not metrics_pruned
+                metrics_after = self._validation(trainer, pl_module) if fresh else metrics_pruned
         except BaseException:
             snapshot.restore()
+            optimizers.restore()
             raise
         if rows and validated is None:
             params_after, size_after = count_parameters(pl_module), model_size_mb(pl_module)
@@ -556,7 +651,10 @@ class ActivationPruning(Callback):
         try:
             with recalibrating_batchnorm(pl_module):
                 batches = _FirstBatches(loader, self.recalibration_batches)
-                trainer.validate(pl_module, dataloaders=batches, verbose=False)
+                if self._in_fit:
+                    compat.validate_in_fit(trainer, batches)
+                else:
+                    trainer.validate(pl_module, dataloaders=batches, verbose=False)
             average_batchnorm_statistics(trainer, pl_module)  # identical on every rank
         except Exception as error:
             snapshot.restore()
@@ -569,14 +667,20 @@ class ActivationPruning(Callback):
             trainer.limit_val_batches = limit
         return True
 
+    def _validation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        """One validation pass with the fit's data: ``trainer.validate`` after ``fit``, the fit's loop inside it."""
+        if self._in_fit:
+            return synced_metrics(trainer, compat.validate_in_fit(trainer))
+        return _validate(trainer, pl_module)
+
     def _validate_recalibrated(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """One validation pass of the model recalibrated; its BatchNorm statistics are put back afterwards."""
         if not self._recalibrates(pl_module):
-            return _validate(trainer, pl_module)
+            return self._validation(trainer, pl_module)
         snapshot = ModuleSnapshot(pl_module, batchnorm_layers(pl_module))
         try:
             self._recalibrate(trainer, pl_module)
-            return _validate(trainer, pl_module)
+            return self._validation(trainer, pl_module)
         finally:
             snapshot.restore()
 
@@ -655,6 +759,7 @@ class ActivationPruning(Callback):
             "plan": self.result.plan.to_dict() if self.result is not None else None,
             "result": _result_state(self.result),
             "pruned_checkpoint_path": self.pruned_checkpoint_path,
+            "pruned_at_epoch": self.pruned_at_epoch,
         }
 
     @override
@@ -664,6 +769,7 @@ class ActivationPruning(Callback):
         if result is not None:
             self.result = result
         self.pruned_checkpoint_path = state_dict.get("pruned_checkpoint_path", self.pruned_checkpoint_path)
+        self.pruned_at_epoch = state_dict.get("pruned_at_epoch", self.pruned_at_epoch)
         current = _settings_state(self)
         changed = [f"{k}={v!r} (now {current[k]!r})" for k, v in state_dict.items() if k in current and v != current[k]]
         if changed:
@@ -684,6 +790,12 @@ class _FirstBatches:
             return min(len(self.loader), self.count)  # type: ignore[arg-type]
         except TypeError:
             return self.count
+
+
+def _keeps_parameter_copies(callback: Callback) -> bool:
+    """Lightning's weight averaging (``StochasticWeightAveraging``, ``WeightAveraging``/EMA) keeps parameter copies."""
+    names = {cls.__name__ for cls in type(callback).__mro__}
+    return bool(names & {"StochasticWeightAveraging", "WeightAveraging"})
 
 
 def _send_sweep(logger: Logger, result: PruningResult, paths: list[Path], monitor: str | None, step: int) -> None:

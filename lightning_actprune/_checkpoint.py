@@ -491,6 +491,7 @@ def _result_state(result: PruningResult | None) -> dict[str, Any] | None:
         "metrics_before": _floats(result.metrics_before),
         "metrics_after": _floats(result.metrics_after),
         "metrics_pruned": _floats(result.metrics_pruned),
+        "metrics_recovered": _floats(result.metrics_recovered),
         "chosen_by": str(result.chosen_by),
         "sweep": [
             {
@@ -518,6 +519,7 @@ def _result_from_state(plan: Mapping[str, Any] | None, numbers: Mapping[str, Any
         metrics_before=_floats(numbers.get("metrics_before", {})),
         metrics_after=_floats(numbers.get("metrics_after", {})),
         metrics_pruned=_floats(numbers.get("metrics_pruned", {})),
+        metrics_recovered=_floats(numbers.get("metrics_recovered", {})),
         sweep=tuple(SweepRow(**row) for row in numbers.get("sweep", ())),
         chosen_by=str(numbers.get("chosen_by", "threshold")),
     )

@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.trainer.connectors.data_connector import _DataLoaderSource, _request_dataloader
-from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.data import _update_dataloader
 from torch.utils.data import DataLoader, Sampler
 
@@ -33,6 +33,7 @@ __all__ = [
     "requires_distributed_sampler",
     "set_ckpt_path",
     "update_dataloader",
+    "validate_in_fit",
 ]
 
 
@@ -123,3 +124,40 @@ def loaded_checkpoint(trainer: pl.Trainer) -> dict[str, Any]:
     Known since Lightning 2.0; set while ``fit``/``validate``/``test``/``predict`` restore from ``ckpt_path``.
     """
     return trainer._checkpoint_connector._loaded_checkpoint
+
+
+def validate_in_fit(trainer: pl.Trainer, dataloaders: Any = None) -> dict[str, float]:
+    """One pass of the fit's own validation loop in the middle of ``fit``, invisible to everything else.
+
+    ``trainer.validate`` cannot run inside ``fit``; this runs ``trainer.fit_loop.epoch_loop.val_loop`` (public
+    attributes, Lightning >= 2.0) with the Trainer's ``state.fn`` set to ``VALIDATING``, so that callbacks which act
+    on validation while fitting (``ModelCheckpoint``, ``EarlyStopping``) skip this pass, with no logger attached,
+    and with the logger connector's metrics (``_callback_metrics``, ``_logged_metrics``, ``_progress_bar_metrics``),
+    the loop's ``batch_progress`` and, when ``dataloaders`` replaces the data, the loop's private
+    ``_combined_loader`` (Lightning >= 2.0) put back afterwards.
+
+    Args:
+        trainer: a Trainer inside ``fit``.
+        dataloaders: an iterable of batches to validate on instead of the fit's validation data.
+
+    Returns:
+        The metrics logged by ``validation_step``, by name.
+    """
+    loop = trainer.fit_loop.epoch_loop.val_loop
+    progress = loop.batch_progress.state_dict()
+    fn, stage, loggers = trainer.state.fn, trainer.state.stage, trainer.loggers
+    source = data_source(loop)
+    instance, combined = source.instance, loop._combined_loader
+    with logger_metrics_kept(trainer):
+        trainer.state.fn = TrainerFn.VALIDATING
+        trainer.loggers = []
+        if dataloaders is not None:
+            source.instance, loop._combined_loader = dataloaders, None
+        try:
+            outputs = loop.run()
+        finally:
+            trainer.state.fn, trainer.state.stage, trainer.loggers = fn, stage, loggers
+            loop.batch_progress.load_state_dict(progress)
+            if dataloaders is not None:
+                source.instance, loop._combined_loader = instance, combined
+    return {name: float(value) for output in outputs for name, value in output.items()}

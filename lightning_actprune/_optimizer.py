@@ -127,23 +127,41 @@ def apply_plan_with_optimizers(
         >>> optimizer.state[model[0].weight]["exp_avg"].shape
         torch.Size([2, 3])
     """
-    optimizers = _as_optimizers(optimizers)
+    saved = OptimizerSnapshot(optimizers)
     surviving = _surviving_entries(model, plan)  # also checks every module exists
     before = {name: dict(_submodule(model, name).named_parameters(recurse=False)) for name in plan.touched_modules}
     snapshot = ModuleSnapshot(model, plan.touched_modules)
-    saved = [([list(g["params"]) for g in o.param_groups], dict(o.state)) for o in optimizers]
     apply_plan(model, plan)  # restores the model itself on failure
     try:
-        for optimizer in optimizers:
+        for optimizer in saved.optimizers:
             _carry(optimizer, model, before, surviving)
     except Exception:
         snapshot.restore()
-        for optimizer, (params, state) in zip(optimizers, saved, strict=True):
+        saved.restore()
+        raise
+
+
+class OptimizerSnapshot:
+    """Which parameters each optimizer's groups hold, and its state entries, to restore after a failed prune.
+
+    Like :class:`ModuleSnapshot`, it keeps references: a carry builds new state tensors and never writes into the
+    old ones.
+
+    Args:
+        optimizers: an optimizer or a list of them (may be empty).
+    """
+
+    def __init__(self, optimizers: Optimizer | Sequence[Optimizer]) -> None:
+        self.optimizers = _as_optimizers(optimizers)
+        self._saved = [([list(g["params"]) for g in o.param_groups], dict(o.state)) for o in self.optimizers]
+
+    def restore(self) -> None:
+        """Put every optimizer back as it was: the same parameter objects in its groups, the same state."""
+        for optimizer, (params, state) in zip(self.optimizers, self._saved, strict=True):
             for group, group_params in zip(optimizer.param_groups, params, strict=True):
                 group["params"][:] = group_params
             optimizer.state.clear()
             optimizer.state.update(state)
-        raise
 
 
 def _carry(

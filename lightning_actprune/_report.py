@@ -86,6 +86,8 @@ class PruningResult:
             ``"none"`` when no λ qualified: the model is unchanged and ``plan.threshold`` is NaN.
         metrics_pruned: validation metrics right after the surgery, before BatchNorm recalibration (empty when
             nothing was recalibrated: then ``metrics_after`` are those right after the surgery).
+        metrics_recovered: validation metrics at the end of ``fit``, after the recovery epochs that trained the
+            pruned model (empty without ``recovery_epochs``).
     """
 
     plan: PruningPlan
@@ -98,6 +100,7 @@ class PruningResult:
     sweep: tuple[SweepRow, ...] = ()
     chosen_by: str = "threshold"
     metrics_pruned: Mapping[str, float] = field(default_factory=dict)
+    metrics_recovered: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def params_reduction(self) -> float:
@@ -142,6 +145,8 @@ class PruningResult:
                 metrics[f"{name}_change"] = self.metrics_after[name] - before
             if name in self.metrics_pruned:
                 metrics[f"{name}_pruned"] = self.metrics_pruned[name]
+            if name in self.metrics_recovered:
+                metrics[f"{name}_recovered"] = self.metrics_recovered[name]
         return {PREFIX + k: float(v) for k, v in metrics.items()}
 
     def summary(self) -> str:
@@ -172,6 +177,9 @@ class PruningResult:
                 lines.append(f"  {name}: {before:.4f} -> {steps} ({after - before:+.4f})")
             else:
                 lines.append(f"  {name}: {before:.4f} -> {after:.4f} ({after - before:+.4f})")
+            if name in self.metrics_recovered:
+                recovered = self.metrics_recovered[name]
+                lines[-1] += f"; after recovery {recovered:.4f} ({recovered - before:+.4f})"
         return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from lightning_actprune import ActivationPruning
 from lightning_actprune._recalibration import recalibrating_batchnorm
 from lightning_actprune._surgery import apply_plan
-from tests.helpers import ARCHITECTURES, Classifier, KeepUnpruned, input_shape, make_data
+from tests.helpers import ARCHITECTURES, Classifier, KeepUnpruned, input_shape, make_data, quiet_trainer
 
 
 def reference_recalibration(model: nn.Module, batches: list[torch.Tensor]) -> None:
@@ -67,15 +67,8 @@ def fit(tmp_path, pruning, architecture="cnn", epochs=4):
     train = DataLoader(make_data(shape, n=128, seed=0), batch_size=16)  # not shuffled: the reference sees the same
     val = DataLoader(make_data(shape, n=64, seed=1), batch_size=32)
     keep = KeepUnpruned()
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=CSVLogger(tmp_path, name="csv"),
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
-        callbacks=[keep, pruning],
-    )
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = quiet_trainer(tmp_path, keep, pruning, max_epochs=epochs, logger=logger, enable_checkpointing=False)
     model = Classifier(ARCHITECTURES[architecture](), lr=0.1)
     trainer.fit(model, train, val)
     return model, keep.model, train
