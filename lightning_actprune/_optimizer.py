@@ -98,7 +98,8 @@ def apply_plan_with_optimizers(
     stepping); every pruned parameter is replaced in place in its group by the new, smaller one, and its state
     follows: each state tensor shaped like the parameter (Adam's ``exp_avg``, SGD's ``momentum_buffer``, …) keeps
     the entries that survive, scalar state (``step``) stays as it is. A bias that bias compensation creates joins
-    the group of its layer's weight, with empty state. Parameters in no optimizer (frozen ones) are just pruned.
+    the group of its layer's weight, right after it, with empty state. Parameters in no optimizer (frozen ones) are
+    just pruned.
 
     All-or-nothing: when a state cannot be carried (a tensor neither scalar nor shaped like its parameter, as in
     ``Adafactor``'s factored moments or ``LBFGS``'s history), the model and the optimizers are restored exactly.
@@ -174,7 +175,7 @@ def _carry(
     groups = {p: group for group in optimizer.param_groups for p in group["params"]}
     replaced: dict[Tensor, Tensor] = {}
     new_state: dict[Tensor, dict[str, Any]] = {}
-    created: list[tuple[dict[str, Any], Tensor]] = []
+    created: list[tuple[dict[str, Any], Tensor, Tensor]] = []
     for module_name, old_parameters in before.items():
         after = dict(model.get_submodule(module_name).named_parameters(recurse=False))
         for parameter_name, old in old_parameters.items():
@@ -187,7 +188,7 @@ def _carry(
             if previous is None:  # made by the surgery (a compensating bias): it trains along with its weight
                 weight = old_parameters.get("weight")
                 if weight is not None and weight in groups:
-                    created.append((groups[weight], new))
+                    created.append((groups[weight], after["weight"], new))
             elif previous is not new and previous in groups:
                 entries = surviving[(module_name, parameter_name)]
                 label = f"{module_name}.{parameter_name}"
@@ -205,5 +206,6 @@ def _carry(
     for replaced_parameter in replaced:
         optimizer.state.pop(replaced_parameter, None)
     optimizer.state.update(new_state)
-    for group, parameter in created:
-        group["params"].append(parameter)
+    for group, anchor, parameter in created:  # right after its weight: the order model.parameters() gives
+        position = next(i for i, member in enumerate(group["params"]) if member is anchor)  # not list.index: ==
+        group["params"].insert(position + 1, parameter)

@@ -330,7 +330,7 @@ def test_param_groups_stay_apart_and_frozen_parameters_are_left_out() -> None:
 def test_a_compensating_bias_joins_its_weights_group_and_trains() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 3, bias=False))
-    optimizer = torch.optim.Adam([{"params": [model[0].weight, model[0].bias]}, {"params": [model[2].weight]}])
+    optimizer = torch.optim.Adam([{"params": [model[0].weight]}, {"params": [model[2].weight, model[0].bias]}])
     x = torch.randn(32, 6)
     F.cross_entropy(model(x), torch.randint(0, 3, (32,))).backward()
     optimizer.step()
@@ -342,7 +342,7 @@ def test_a_compensating_bias_joins_its_weights_group_and_trains() -> None:
     apply_plan_with_optimizers(model, plan, optimizer)
 
     bias = model[2].bias
-    assert optimizer.param_groups[1]["params"] == [model[2].weight, bias]
+    assert optimizer.param_groups[1]["params"] == [model[2].weight, bias, model[0].bias]  # next to its weight
     assert bias not in optimizer.state
     before = bias.detach().clone()
     optimizer.zero_grad()
