@@ -39,6 +39,7 @@ from lightning_actprune._distributed import (
     check_same_on_every_rank,
     check_strategy,
     reduced_moments,
+    rewrap_after_pruning,
     synced_metrics,
     unrepeated_val_dataloaders,
 )
@@ -183,7 +184,8 @@ class ActivationPruning(Callback):
             hyper-parameters, schedulers and step counts kept); the report at the end of ``fit`` adds the metrics
             after recovery (``actprune/M_recovered``). ``threshold`` and ``target_params_reduction`` mean what they
             mean without recovery; ``max_metric_drop`` bounds the drop right after pruning (and recalibration),
-            before recovery. Single-process only for now; ``EarlyStopping`` restarts counting at the prune.
+            before recovery. Under DDP the wrapper is rebuilt around the smaller model; ``EarlyStopping``
+            restarts counting at the prune.
 
     Example::
 
@@ -333,11 +335,6 @@ class ActivationPruning(Callback):
                 f" it needs `Trainer(max_epochs)` > {self.recovery_epochs} and no `max_steps`; got"
                 f" max_epochs={epochs}, max_steps={trainer.max_steps}."
             )
-        if trainer.world_size > 1:
-            raise ActivationPruningError(
-                f"`recovery_epochs` runs on one process for now; got {trainer.world_size} processes. Prune at the end"
-                " of fit (`recovery_epochs=0`) or fine-tune the pruned checkpoint in a second fit."
-            )
         averaging = [type(c).__name__ for c in getattr(trainer, "callbacks", []) if _keeps_parameter_copies(c)]
         if averaging:
             raise ActivationPruningError(
@@ -363,6 +360,7 @@ class ActivationPruning(Callback):
         self.result = result
         if result.pruned:
             _record_pruning(pl_module, result.plan)  # every checkpoint from now on carries the plan
+            rewrap_after_pruning(trainer, pl_module)  # DDP: the wrapper must reduce the new parameters' gradients
             for callback in trainer.early_stopping_callbacks:  # a new, smaller model: its patience starts afresh
                 callback.wait_count = 0
                 callback.best_score = torch.tensor(math.inf if callback.monitor_op == torch.lt else -math.inf)

@@ -227,3 +227,18 @@ def average_batchnorm_statistics(trainer: pl.Trainer, model: torch.nn.Module) ->
         second_moment = trainer.strategy.reduce(variance + mean.square(), reduce_op="mean")
         mean.copy_(pooled_mean)
         variance.copy_(second_moment - pooled_mean.square())
+
+
+def rewrap_after_pruning(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Rebuild the ``DistributedDataParallel`` wrapper around a module pruned in the middle of ``fit``.
+
+    The wrapper's reducer holds the old parameters and their gradient buckets; a new one registers the smaller
+    parameters (and checks that every rank has the same shapes). ``strategy.model`` and ``configure_ddp`` are the
+    strategy's public API (Lightning >= 2.0).
+    """
+    strategy = trainer.strategy
+    if isinstance(strategy, strategies.DDPStrategy) and isinstance(
+        strategy.model, torch.nn.parallel.DistributedDataParallel
+    ):
+        strategy.model = pl_module
+        strategy.configure_ddp()

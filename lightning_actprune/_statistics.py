@@ -293,7 +293,9 @@ class ActivationRecorder:
 
     def _capture_hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if name not in self.example_inputs:
+            # a `forward` set on the instance redirects the call (Lightning's DDP wrapper calls `validation_step`
+            # through it): those are a step's arguments, not the module's; its submodules' calls are captured
+            if name not in self.example_inputs and "forward" not in vars(module):
                 self.example_inputs[name] = map_tensors(Tensor.detach, (args, kwargs))
 
         return hook

@@ -9,7 +9,9 @@ ranks by running the same command again. Every rank writes what it saw to ``OUT_
 2. a fit from a datamodule, logging with ``sync_dist=True``, whose ranks are made to plan different prunings:
    the error each rank raised, its weights before and after;
 3. a fit of a BatchNorm model with recalibration: each rank's own recalibrated statistics (before the ranks
-   pool them) and the pruned model's state.
+   pool them) and the pruned model's state;
+4. a fit with recovery epochs: pruned after epoch 1 of 4, the DDP wrapper rebuilt, two epochs of training on the
+   smaller model: its final weights and the training loss of every recovery step.
 """
 
 from __future__ import annotations
@@ -95,13 +97,13 @@ def spy_on_recalibration(captured: list[Any]) -> None:
     callback_module.average_batchnorm_statistics = spy  # type: ignore[assignment]
 
 
-def trainer_for(out: Path, *callbacks: Callback) -> pl.Trainer:
+def trainer_for(out: Path, *callbacks: Callback, max_epochs: int = 3) -> pl.Trainer:
     return quiet_trainer(
         out,
         *callbacks,
         devices=2,
         strategy=DDPStrategy(timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S)),  # a hang becomes an error
-        max_epochs=3,
+        max_epochs=max_epochs,
         logger=CSVLogger(out, name="csv"),
         enable_checkpointing=False,
     )
@@ -157,7 +159,35 @@ def main(out: Path) -> None:
         "metrics_after": dict(pruning.result.metrics_after),
     }
 
+    losses: list[float] = []
+    pl.seed_everything(0)
+    model = LossRecorder(MLPModule(), losses)
+    pruning = ActivationPruning(target_params_reduction=0.5, recovery_epochs=2, pruned_checkpoint=None)
+    recovery_trainer = trainer_for(out / "recovery", pruning, max_epochs=4)
+    recovery_trainer.fit(model, *loaders())
+    seen["recovery"] = {
+        "final": model.state_dict(),
+        "losses": losses,
+        "steps_per_epoch": recovery_trainer.num_training_batches,
+        "pruned_at_epoch": pruning.pruned_at_epoch,
+        "metrics_after": dict(pruning.result.metrics_after),
+        "metrics_recovered": dict(pruning.result.metrics_recovered),
+    }
+
     torch.save(seen, out / f"rank{trainer.global_rank}.pt")
+
+
+class LossRecorder(Classifier):
+    """Keeps every training step's loss (this rank's batch)."""
+
+    def __init__(self, net: torch.nn.Module, losses: list[float]) -> None:
+        super().__init__(net, lr=0.2)
+        self.losses = losses
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.losses.append(float(loss))
+        return loss
 
 
 if __name__ == "__main__":

@@ -135,6 +135,22 @@ def test_ddp_batchnorm_recalibration_pools_the_ranks_statistics_identically(ddp_
     assert zero["metrics_pruned"] == one["metrics_pruned"]
 
 
+@pytest.mark.slow
+def test_ddp_recovery_epochs_train_the_smaller_model_identically_on_every_rank(ddp_run):
+    zero, one = (rank["recovery"] for rank in ddp_run)
+    assert zero["pruned_at_epoch"] == one["pruned_at_epoch"] == 1
+    for name, tensor in zero["final"].items():
+        assert torch.equal(one["final"][name], tensor), name  # the gradients were all-reduced after the prune
+    assert zero["final"]["net.net.0.weight"].shape[0] < 16
+    steps = zero["steps_per_epoch"]
+    recovery = zero["losses"][2 * steps :]  # the two epochs after the prune
+    assert len(recovery) == 2 * steps
+    first, last = sum(recovery[:steps]) / steps, sum(recovery[steps:]) / steps
+    assert last < first  # the loss goes down while the smaller model trains
+    assert zero["metrics_recovered"] == one["metrics_recovered"]
+    assert zero["metrics_recovered"]["val_loss"] < zero["metrics_after"]["val_loss"]
+
+
 def test_one_process_helpers_are_no_ops(make_trainer):
     trainer = make_trainer(devices=1, logger=False)
     check_same_on_every_rank(trainer, {"anything": torch.arange(3)}, "values")
