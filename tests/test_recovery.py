@@ -231,3 +231,42 @@ def test_manual_optimization_with_two_optimizers_carries_both(tmp_path):
     ]
     assert second.state[model.net.net[2].weight]["momentum_buffer"].shape == model.net.net[2].weight.shape
     assert pruning.result.metrics_recovered
+
+
+def test_recovery_with_batchnorm_recalibration_and_max_metric_drop_over_a_sweep(tmp_path):
+    from tests.helpers import CNN
+
+    train = DataLoader(make_data(CNN.image, n=96, seed=0), batch_size=16)
+    val = DataLoader(make_data(CNN.image, n=48, seed=1), batch_size=24)
+    sweep = [0.0, 0.5, 1.0]
+    pruning = ActivationPruning(
+        max_metric_drop=1.0, monitor="val_loss", mode="min", sweep=sweep, statistic="fluctuation",
+        recalibration_batches=2, recovery_epochs=1, pruned_checkpoint=None,
+    )  # fmt: skip
+    pl.seed_everything(0)
+    model = SGDClassifier(CNN(), lr=0.05)
+    trainer = quiet_trainer(tmp_path, pruning, max_epochs=3, logger=False, enable_checkpointing=False)
+    trainer.fit(model, train, val)
+    result = pruning.result
+    assert pruning.pruned_at_epoch == 1
+    assert result.chosen_by == "max_metric_drop"
+    assert [row.threshold for row in result.sweep] == sweep
+    assert set(result.metrics_pruned) == set(result.metrics_after) == set(result.metrics_recovered)
+    assert result.params_after == sum(p.numel() for p in model.parameters()) < result.params_before
+    assert trainer.current_epoch == 3
+
+
+def test_a_checkpoint_from_before_the_prune_is_not_loaded_into_the_pruned_model_by_accident(tmp_path):
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)
+    pruning = ActivationPruning(threshold=0.1, recovery_epochs=RECOVERY, pruned_checkpoint=None)
+    trainer, model = fit(tmp_path, pruning, checkpoints, enable_checkpointing=True)
+    before_prune = tmp_path / "ckpt" / "epoch=0-step=6.ckpt"
+    pruned = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ActivationPruningError, match=r"epoch=0-step=6.ckpt.* (unpruned|full-size|was pruned)"):
+        trainer.validate(model, DataLoader(make_data((8,), n=50, seed=1), batch_size=25), ckpt_path=before_prune)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, pruned[name]), name
+    # into a fresh full-size model it loads as the unpruned model it is
+    fresh = SGDClassifier(MLPModule())
+    trainer.validate(fresh, DataLoader(make_data((8,), n=50, seed=1), batch_size=25), ckpt_path=before_prune)
+    assert fresh.net.net[0].weight.shape[0] == 16
