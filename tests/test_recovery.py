@@ -270,3 +270,23 @@ def test_a_checkpoint_from_before_the_prune_is_not_loaded_into_the_pruned_model_
     fresh = SGDClassifier(MLPModule())
     trainer.validate(fresh, DataLoader(make_data((8,), n=50, seed=1), batch_size=25), ckpt_path=before_prune)
     assert fresh.net.net[0].weight.shape[0] == 16
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"accumulate_grad_batches": 2}, {"precision": "bf16-mixed"}, {"compile": True}],
+    ids=["gradient-accumulation", "bf16-mixed", "torch-compile"],
+)
+def test_recovery_keeps_gradient_accumulation_mixed_precision_and_compiled_modules_working(tmp_path, options):
+    options = dict(options)
+    model = SGDClassifier(MLPModule(), lr=0.1)
+    if options.pop("compile", False):
+        model.net = torch.compile(model.net)
+    pruning = ActivationPruning(target_params_reduction=0.5, recovery_epochs=RECOVERY, pruned_checkpoint=None)
+    trainer, model = fit(tmp_path, pruning, model=model, **options)
+    result = pruning.result
+    assert pruning.pruned_at_epoch == MAX_EPOCHS - RECOVERY - 1
+    assert result.params_after == sum(p.numel() for p in model.parameters()) < result.params_before
+    assert result.metrics_recovered["val_loss"] < result.metrics_after["val_loss"]  # the recovery epochs trained it
+    (optimizer,) = trainer.optimizers
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
