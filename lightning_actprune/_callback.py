@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -31,9 +31,9 @@ from lightning_actprune._checkpoint import (
     _result_from_state,
     _result_state,
     _save_pruned_checkpoint,
-    _settings_state,
     _watch_loading,
 )
+from lightning_actprune._config import Mode, OnError, PruningSettings
 from lightning_actprune._distributed import (
     average_batchnorm_statistics,
     check_same_on_every_rank,
@@ -59,10 +59,9 @@ from lightning_actprune._report import (
     sweep_records,
     write_sweep_files,
 )
-from lightning_actprune._scoring import NeuronScorer, as_scorer
+from lightning_actprune._scoring import NeuronScorer
 from lightning_actprune._statistics import (
     MEASURED_TYPES,
-    STATISTICS,
     ActivationRecorder,
     Statistic,
 )
@@ -74,40 +73,6 @@ from lightning_actprune._sweep import (
     plan_for_reduction,
     search_within_drop,
 )
-
-OnError = Literal["raise", "warn"]
-_ON_ERROR = ("raise", "warn")
-Mode = Literal["max", "min"]
-_MODES = ("max", "min")
-
-
-def _resolve_statistic(statistic: object, user_lambda: bool) -> object:
-    """The rule for ``statistic=None``: a λ the user writes is a mean activation; one the callback picks is not."""
-    if statistic is not None:
-        return statistic
-    return "mean" if user_lambda else "fluctuation"
-
-
-def _never_negative(statistic: str) -> str:
-    if statistic not in STATISTICS:  # a user's NeuronScorer
-        return f" ({statistic} has `signed = False`: its scores are never negative, a negative λ would remove nothing)"
-    return f" (the {statistic} is never negative: a negative λ would remove nothing)"
-
-
-def _check_number(name: str, value: object, minimum: float, integer: bool = False, why: str = "") -> None:
-    allowed = "an int" if integer else "a finite number"
-    allowed += f" >= {minimum:g}" if math.isfinite(minimum) else ""
-    why = why if math.isfinite(minimum) else ""
-    number_types = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, number_types) or not math.isfinite(value) or value < minimum:
-        raise ActivationPruningError(f"`{name}` must be {allowed}; got {value!r}{why}.")
-
-
-def _check_patterns(name: str, value: object) -> None:
-    if value is None:
-        return
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise ActivationPruningError(f"`{name}` must be a list of module-name glob patterns; got {value!r}.")
 
 
 class ActivationPruning(Callback):
@@ -214,80 +179,26 @@ class ActivationPruning(Callback):
         recalibration_batches: int = 20,
         recovery_epochs: int = 0,
     ) -> None:
-        choices = {"threshold": threshold, "max_metric_drop": max_metric_drop}
-        choices["target_params_reduction"] = target_params_reduction
-        if sum(v is not None for v in choices.values()) != 1:
-            given = ", ".join(f"{k}={v!r}" for k, v in choices.items())
-            raise ActivationPruningError(
-                f"set exactly one of `threshold`, `max_metric_drop`, `target_params_reduction`; got {given}."
-            )
-        scorer = as_scorer(_resolve_statistic(statistic, user_lambda=threshold is not None or sweep is not None))
-        resolved = scorer.name
-        # `normalize=None`: standardise the statistic whose raw scale differs between layers (fluctuation)
-        normalized = resolved == "fluctuation" if normalize is None else normalize
-        # standardised scores and the mean of GELU/SiLU/tanh outputs can be negative; the other statistics cannot
-        signed = normalized or scorer.signed
-        if threshold is not None:
-            _check_number("threshold", threshold, minimum=-math.inf if signed else 0, why=_never_negative(resolved))
-        if max_metric_drop is not None:
-            _check_number("max_metric_drop", max_metric_drop, minimum=0)
-            if monitor is None:
-                raise ActivationPruningError("`max_metric_drop` needs `monitor`: the metric whose drop is bounded.")
-        if target_params_reduction is not None:
-            _check_number("target_params_reduction", target_params_reduction, minimum=0)
-            if not 0 < target_params_reduction < 1:
-                raise ActivationPruningError(
-                    f"`target_params_reduction` must be in (0, 1); got {target_params_reduction!r}."
-                )
-        if mode not in _MODES:
-            raise ActivationPruningError(f"`mode` can be one of {', '.join(_MODES)}; got {mode!r}.")
-        if sweep is not None:
-            if not isinstance(sweep, (list, tuple)) or not sweep:
-                raise ActivationPruningError(f"`sweep` must be a non-empty list of thresholds; got {sweep!r}.")
-            for value in sweep:
-                _check_number("sweep", value, minimum=-math.inf if signed else 0, why=_never_negative(resolved))
-        if monitor is not None and not isinstance(monitor, str):
-            raise ActivationPruningError(f"`monitor` must be a metric name or None; got {monitor!r}.")
-        _check_patterns("layers", layers)
-        _check_patterns("exclude", exclude)
-        _check_number("min_neurons", min_neurons, minimum=1, integer=True)
-        _check_number("recalibration_batches", recalibration_batches, minimum=0, integer=True)
-        _check_number("recovery_epochs", recovery_epochs, minimum=0, integer=True)
-        if recovery_epochs and prune_best:
-            raise ActivationPruningError(
-                "`prune_best=True` cannot be combined with `recovery_epochs`: the best weights were trained with"
-                " another optimizer state than the one training goes on with; prune the last weights instead."
-            )
-        if not isinstance(compensate, bool):
-            raise ActivationPruningError(f"`compensate` must be True or False; got {compensate!r}.")
-        if normalize is not None and not isinstance(normalize, bool):
-            raise ActivationPruningError(f"`normalize` must be True, False or None (automatic); got {normalize!r}.")
-        if not isinstance(prune_best, bool):
-            raise ActivationPruningError(f"`prune_best` must be True or False; got {prune_best!r}.")
-        if on_error not in _ON_ERROR:
-            raise ActivationPruningError(f"`on_error` can be one of {', '.join(_ON_ERROR)}; got {on_error!r}.")
-        if pruned_checkpoint is not None and (not isinstance(pruned_checkpoint, str) or not pruned_checkpoint):
-            raise ActivationPruningError(f"`pruned_checkpoint` must be a file path or None; got {pruned_checkpoint!r}.")
-        self.threshold = float(threshold) if threshold is not None else None
-        self.statistic = statistic
-        self._statistic: str = resolved
-        self._scorer = scorer
-        self.monitor = monitor
-        self.mode: str = mode
-        self.compensate = compensate
-        self.normalize = normalize
-        self._normalized = normalized
-        self.sweep = sorted({float(v) for v in sweep}) if sweep is not None else None
-        self.max_metric_drop = float(max_metric_drop) if max_metric_drop is not None else None
-        self.target_params_reduction = float(target_params_reduction) if target_params_reduction is not None else None
-        self.layers = list(layers) if layers is not None else None
-        self.exclude = list(exclude or [])
-        self.min_neurons = min_neurons
-        self.prune_best = prune_best
-        self.on_error: str = on_error
-        self.pruned_checkpoint = pruned_checkpoint
-        self.recalibration_batches = recalibration_batches
-        self.recovery_epochs = recovery_epochs
+        self.settings = PruningSettings(
+            threshold=threshold,
+            statistic=statistic,
+            monitor=monitor,
+            mode=mode,
+            sweep=sweep,
+            max_metric_drop=max_metric_drop,
+            target_params_reduction=target_params_reduction,
+            compensate=compensate,
+            normalize=normalize,
+            layers=layers,
+            exclude=exclude,
+            min_neurons=min_neurons,
+            prune_best=prune_best,
+            on_error=on_error,
+            pruned_checkpoint=pruned_checkpoint,
+            recalibration_batches=recalibration_batches,
+            recovery_epochs=recovery_epochs,
+        )
+        """The arguments, validated: read them here or as the callback's attributes of the same names."""
         self.result: PruningResult | None = None
         self.pruned_checkpoint_path: str | None = None
         """Where the last pruned checkpoint was written."""
@@ -300,7 +211,7 @@ class ActivationPruning(Callback):
     @property
     def effective_statistic(self) -> str:
         """The statistic λ is compared against: ``statistic``, or the one the rule picks when it is ``None``."""
-        return self._statistic
+        return self.settings.effective_statistic
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -320,19 +231,20 @@ class ActivationPruning(Callback):
                 "ActivationPruning needs validation batches; got `Trainer(limit_val_batches=0)`."
             )
         self._check_patterns(pl_module)
-        if self.prune_best and trainer.checkpoint_callback is None:
+        if self.settings.prune_best and trainer.checkpoint_callback is None:
             raise ActivationPruningError("`prune_best=True` needs a `ModelCheckpoint` callback on the Trainer.")
         check_strategy(trainer.strategy)  # spawned workers and sharded parameters cannot be pruned in place
-        if self.recovery_epochs:
+        if self.settings.recovery_epochs:
             self._check_recovery(trainer)
 
     def _check_recovery(self, trainer: pl.Trainer) -> None:
         """Settings that recovery inside ``fit`` cannot work with fail before training, not at the prune."""
         epochs = trainer.max_epochs
-        if epochs is None or epochs <= self.recovery_epochs or trainer.max_steps != -1:
+        recovery = self.settings.recovery_epochs
+        if epochs is None or epochs <= recovery or trainer.max_steps != -1:
             raise ActivationPruningError(
-                f"`recovery_epochs={self.recovery_epochs}` prunes at the end of epoch `max_epochs - recovery_epochs`:"
-                f" it needs `Trainer(max_epochs)` > {self.recovery_epochs} and no `max_steps`; got"
+                f"`recovery_epochs={recovery}` prunes at the end of epoch `max_epochs - recovery_epochs`:"
+                f" it needs `Trainer(max_epochs)` > {recovery} and no `max_steps`; got"
                 f" max_epochs={epochs}, max_steps={trainer.max_steps}."
             )
         averaging = [type(c).__name__ for c in getattr(trainer, "callbacks", []) if _keeps_parameter_copies(c)]
@@ -345,7 +257,7 @@ class ActivationPruning(Callback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epochs = trainer.max_epochs or 0
-        if not self.recovery_epochs or trainer.current_epoch != epochs - self.recovery_epochs - 1:
+        if not self.settings.recovery_epochs or trainer.current_epoch != epochs - self.settings.recovery_epochs - 1:
             return
         if self.pruned_at_epoch is not None:  # resumed from a checkpoint written after the prune
             return
@@ -366,13 +278,13 @@ class ActivationPruning(Callback):
                 callback.best_score = torch.tensor(math.inf if callback.monitor_op == torch.lt else -math.inf)
         rank_zero_info(
             f"ActivationPruning: pruned at the end of epoch {trainer.current_epoch}; the last"
-            f" {self.recovery_epochs} epoch(s) train the smaller model."
+            f" {self.settings.recovery_epochs} epoch(s) train the smaller model."
         )
 
     def _check_patterns(self, pl_module: pl.LightningModule) -> None:
         """Patterns that match no Linear/Conv at all fail before training, not after it."""
         names = [name for name, m in pl_module.named_modules() if isinstance(m, MEASURED_TYPES)]
-        for argument, patterns in (("layers", self.layers or []), ("exclude", self.exclude)):
+        for argument, patterns in (("layers", self.settings.layers or []), ("exclude", self.settings.exclude or [])):
             for pattern in patterns:
                 if not fnmatch.filter(names, pattern):
                     raise ActivationPruningError(
@@ -384,11 +296,11 @@ class ActivationPruning(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.interrupted:
             return
-        recovered = self.recovery_epochs and self.pruned_at_epoch is not None
+        recovered = self.settings.recovery_epochs and self.pruned_at_epoch is not None
         if recovered:
             result = self._recovered(trainer, pl_module)
         else:
-            if self.recovery_epochs:
+            if self.settings.recovery_epochs:
                 rank_zero_warn(
                     "ActivationPruning: `fit` ended before the prune epoch (`max_epochs - recovery_epochs`); the"
                     " model is pruned now, at the end of fit, with no recovery epochs."
@@ -409,12 +321,13 @@ class ActivationPruning(Callback):
             rank_zero_warn(
                 f"ActivationPruning: the model is pruned, but reporting failed: {type(error).__name__}: {error}"
             )
-        if self.pruned_checkpoint is not None:
+        filename = self.settings.pruned_checkpoint
+        if filename is not None:
             try:
-                self.pruned_checkpoint_path = _save_pruned_checkpoint(trainer, pl_module, self.pruned_checkpoint)
+                self.pruned_checkpoint_path = _save_pruned_checkpoint(trainer, pl_module, filename)
             except Exception as error:
                 rank_zero_warn(
-                    f"ActivationPruning: the model is pruned, but saving `pruned_checkpoint={self.pruned_checkpoint!r}`"
+                    f"ActivationPruning: the model is pruned, but saving `pruned_checkpoint={filename!r}`"
                     f" failed: {type(error).__name__}: {error}"
                 )
             else:
@@ -427,7 +340,10 @@ class ActivationPruning(Callback):
 
         λ is not part of it, so a run resumed with another λ still finds its state (and reports the change).
         """
-        return self._generate_state_key(layers=self.layers, exclude=self.exclude, statistic=self._statistic)
+        settings = self.settings
+        return self._generate_state_key(
+            layers=settings.layers, exclude=settings.exclude, statistic=settings.effective_statistic
+        )
 
     @override
     def on_save_checkpoint(
@@ -457,11 +373,11 @@ class ActivationPruning(Callback):
             with _trainer_state_kept(trainer):
                 return self.prune(trainer, pl_module)
         except ActivationPruningError as error:
-            if self.on_error == "raise":
+            if self.settings.on_error == "raise":
                 raise
             rank_zero_warn(f"Activation pruning failed, the trained model is unchanged: {error}")
         except Exception as error:
-            if self.on_error == "raise":
+            if self.settings.on_error == "raise":
                 raise ActivationPruningError(
                     f"activation pruning failed, the trained model is unchanged: {type(error).__name__}: {error}"
                 ) from error
@@ -494,9 +410,9 @@ class ActivationPruning(Callback):
         log_dir = trainer.log_dir  # a broadcast: every rank must ask, or rank zero waits forever
         if not trainer.is_global_zero:
             return
-        paths = write_sweep_files(result, log_dir or trainer.default_root_dir, self.monitor)
+        paths = write_sweep_files(result, log_dir or trainer.default_root_dir, self.settings.monitor)
         for logger in trainer.loggers:
-            _send_sweep(logger, result, paths, self.monitor, trainer.global_step)
+            _send_sweep(logger, result, paths, self.settings.monitor, trainer.global_step)
 
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PruningResult | None:
         """Gather statistics, choose λ, prune and re-validate; the model is restored if any step fails."""
@@ -532,15 +448,16 @@ class ActivationPruning(Callback):
         self._train_loader = trainer.train_dataloader
         with ActivationRecorder(pl_module) as recorder:
             metrics_before = self._validation(trainer, pl_module)
-        if self.monitor is not None and self.monitor not in metrics_before:
+        monitor = self.settings.monitor
+        if monitor is not None and monitor not in metrics_before:
             logged = ", ".join(metrics_before) or "(none)"
-            raise ActivationPruningError(f"`monitor={self.monitor!r}` is not a validation metric; logged: {logged}.")
+            raise ActivationPruningError(f"`monitor={monitor!r}` is not a validation metric; logged: {logged}.")
         moments = reduced_moments(trainer, recorder)  # summed over every rank's shard, the same on every rank
         recorder.check_finite(moments)
         with warnings.catch_warnings(record=True) as skipped:  # re-issued once, on rank zero
             warnings.simplefilter("always")
             layers = find_prunable_layers(
-                pl_module, self._example_inputs(pl_module, recorder), self.layers, self.exclude
+                pl_module, self._example_inputs(pl_module, recorder), self.settings.layers, self.settings.exclude or []
             )
         for warning in skipped:
             rank_zero_warn(str(warning.message))
@@ -553,11 +470,11 @@ class ActivationPruning(Callback):
             pl_module,
             layers,
             moments,
-            self._scorer,
-            self.min_neurons,
+            self.settings.scorer,
+            self.settings.min_neurons,
             validate=lambda: self._validate_recalibrated(trainer, pl_module),
-            compensate=self.compensate,
-            normalize=self._normalized,
+            compensate=self.settings.compensate,
+            normalize=self.settings.normalized,
         )
         rows = {row.threshold: row for row in self._sweep(trainer, evaluator)}
         plan, chosen_by = self._choose(evaluator, metrics_before, rows)
@@ -594,11 +511,11 @@ class ActivationPruning(Callback):
         The table gets the applied λ's row when it lacks it.
         """
         threshold = plan.threshold
-        at_floor = [layer.name for layer in plan.layers if len(layer.kept) == self.min_neurons < layer.neurons]
+        at_floor = [layer.name for layer in plan.layers if len(layer.kept) == self.settings.min_neurons < layer.neurons]
         if at_floor:
             rank_zero_warn(
                 f"ActivationPruning: λ={threshold:g} leaves {', '.join(at_floor)} with only"
-                f" `min_neurons={self.min_neurons}` neuron(s), the most active; a lower λ keeps more."
+                f" `min_neurons={self.settings.min_neurons}` neuron(s), the most active; a lower λ keeps more."
             )
         neurons = {layer.name: len(layer.kept) for layer in plan.layers}
         validated = rows.get(threshold)
@@ -631,7 +548,7 @@ class ActivationPruning(Callback):
         return metrics_after, metrics_pruned if recalibrates else {}
 
     def _recalibrates(self, pl_module: pl.LightningModule) -> bool:
-        return self.recalibration_batches > 0 and bool(batchnorm_layers(pl_module))
+        return self.settings.recalibration_batches > 0 and bool(batchnorm_layers(pl_module))
 
     def _recalibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         """Re-estimate BatchNorm statistics on the first training batches; ``False`` (with a warning) if it cannot.
@@ -648,7 +565,7 @@ class ActivationPruning(Callback):
         limit, trainer.limit_val_batches = trainer.limit_val_batches, 1.0  # our batch count, not the val limit
         try:
             with recalibrating_batchnorm(pl_module):
-                batches = _FirstBatches(loader, self.recalibration_batches)
+                batches = _FirstBatches(loader, self.settings.recalibration_batches)
                 if self._in_fit:
                     compat.validate_in_fit(trainer, batches)
                 else:
@@ -683,7 +600,7 @@ class ActivationPruning(Callback):
             snapshot.restore()
 
     def _sweep(self, trainer: pl.Trainer, evaluator: ThresholdEvaluator) -> list[SweepRow]:
-        thresholds = self.sweep or []
+        thresholds = self.settings.sweep or []
         rows = []
         for index, threshold in enumerate(thresholds, start=1):
             if trainer.progress_bar_callback is not None:
@@ -695,10 +612,10 @@ class ActivationPruning(Callback):
         self, evaluator: ThresholdEvaluator, metrics_before: dict[str, float], rows: dict[float, SweepRow]
     ) -> tuple[PruningPlan | None, str]:
         """The plan to apply and how it was chosen; ``None`` when no λ qualifies (the model stays as it is)."""
-        if self.threshold is not None:
-            return evaluator.plan(self.threshold), "threshold"
-        if self.target_params_reduction is not None:
-            choice = plan_for_reduction(evaluator, self.target_params_reduction)
+        if self.settings.threshold is not None:
+            return evaluator.plan(self.settings.threshold), "threshold"
+        if self.settings.target_params_reduction is not None:
+            choice = plan_for_reduction(evaluator, self.settings.target_params_reduction)
             if choice.note is not None:
                 rank_zero_warn(f"ActivationPruning: {choice.note}")
             if choice.plan is None:
@@ -710,14 +627,15 @@ class ActivationPruning(Callback):
                     f" {removed} of them go (ties broken by RMS activation, then by the next layers' weight norm)."
                 )
             return choice.plan, "target_params_reduction"
-        monitor, max_drop = str(self.monitor), float(self.max_metric_drop or 0.0)  # both set: checked in __init__
+        # both set: checked by the settings
+        monitor, max_drop = str(self.settings.monitor), float(self.settings.max_metric_drop or 0.0)
         before = metrics_before[monitor]
         if not rows:
-            searched = search_within_drop(evaluator, monitor, before, max_drop, self.mode)
+            searched = search_within_drop(evaluator, monitor, before, max_drop, self.settings.mode)
             rows.update({row.threshold: row for row in searched})
-        chosen = choose_within_drop(list(rows.values()), monitor, before, max_drop, self.mode)
+        chosen = choose_within_drop(list(rows.values()), monitor, before, max_drop, self.settings.mode)
         if chosen is None:
-            smallest = min(metric_drop(before, r.metrics[monitor], self.mode) for r in rows.values())
+            smallest = min(metric_drop(before, r.metrics[monitor], self.settings.mode) for r in rows.values())
             rank_zero_warn(
                 f"ActivationPruning: no λ keeps `{monitor}` within `max_metric_drop={max_drop:g}`: the smallest drop"
                 f" among the λ evaluated ({', '.join(f'{t:g}' for t in sorted(rows))}) is {smallest:.4g}; the"
@@ -727,7 +645,7 @@ class ActivationPruning(Callback):
         return evaluator.plan(chosen.threshold), "max_metric_drop"
 
     def _best_checkpoint(self, trainer: pl.Trainer) -> str | None:
-        if not self.prune_best:
+        if not self.settings.prune_best:
             return None
         path = getattr(trainer.checkpoint_callback, "best_model_path", "")
         if not path:
@@ -753,7 +671,7 @@ class ActivationPruning(Callback):
     def state_dict(self) -> dict[str, Any]:
         """Every constructor argument and the last result, as plain values."""
         return {
-            **_settings_state(self),
+            **self.settings.to_state(),
             "plan": self.result.plan.to_dict() if self.result is not None else None,
             "result": _result_state(self.result),
             "pruned_checkpoint_path": self.pruned_checkpoint_path,
@@ -768,10 +686,20 @@ class ActivationPruning(Callback):
             self.result = result
         self.pruned_checkpoint_path = state_dict.get("pruned_checkpoint_path", self.pruned_checkpoint_path)
         self.pruned_at_epoch = state_dict.get("pruned_at_epoch", self.pruned_at_epoch)
-        current = _settings_state(self)
+        current = self.settings.to_state()
         changed = [f"{k}={v!r} (now {current[k]!r})" for k, v in state_dict.items() if k in current and v != current[k]]
         if changed:
             rank_zero_info(f"ActivationPruning: the checkpoint was written with {', '.join(changed)}.")
+
+
+def _setting(name: str) -> property:
+    return property(lambda self: getattr(self.settings, name), doc=f"The ``{name}`` argument, as validated.")
+
+
+# the arguments read back as attributes (LightningCLI, `state_dict`, users); one place stores them: `settings`
+for _name in PruningSettings.__dataclass_fields__:
+    if PruningSettings.__dataclass_fields__[_name].init:
+        setattr(ActivationPruning, _name, _setting(_name))
 
 
 class _FirstBatches:
