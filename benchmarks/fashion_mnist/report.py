@@ -303,14 +303,17 @@ def render_markdown(results: BenchmarkResults) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(path: Path, generated: str) -> None:
-    """Put ``generated`` between the markers of ``path``, keeping the hand-written text around them."""
-    block = f"{BEGIN}\n{generated}\n{END}"
-    text = path.read_text() if path.is_file() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        text = text.rstrip("\n") + f"\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
+def write_markdown(path: Path, generated: str, begin: str = BEGIN, end: str = END) -> None:
+    """Put ``generated`` between the markers of ``path``, keeping the hand-written text around them.
+
+    Markers that are missing are appended at the end of the file (which is created if need be).
+    """
+    block = f"{begin}\n{generated}\n{end}"
+    text = path.read_text() if path.is_file() else f"# Benchmarks\n\n{begin}\n{end}\n"
+    if begin not in text or end not in text:
+        text = text.rstrip("\n") + f"\n\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
     path.write_text(head + block + tail)
 
 
