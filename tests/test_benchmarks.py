@@ -27,7 +27,7 @@ from benchmarks.fashion_mnist.report import plot, render_markdown, write_markdow
 from benchmarks.fashion_mnist.results import BenchmarkResults, GridRow, RunInfo, Settings, TrainConfig, TrainingFacts
 from benchmarks.fashion_mnist.run import main, run_benchmark
 from lightning_actprune import STATISTICS
-from lightning_actprune.core import count_parameters, layer_scores, plan_from_kept, plan_pruning
+from lightning_actprune.core import ThresholdEvaluator, count_parameters, layer_scores, plan_from_kept, plan_pruning
 
 STALE_MARKDOWN = (
     "# Benchmarks\n\nhand-written intro\n\n<!-- benchmark:begin -->\nSTALE TABLES\n<!-- benchmark:end -->\n\nend"
@@ -76,11 +76,11 @@ def test_equal_reduction_comparison_is_fair_and_masking_keeps_the_size(trained):
     for statistic in STATISTICS:
         row, _ = rows[f"ours ({statistic})"]
         assert row.params <= 0.5 * before
-        # bisection found the first plan that reaches the target: the next lower score's plan does not
-        scores = torch.cat([layer_scores(layer, moments, statistic, model=model) for layer in layers])
-        lower = float(scores[scores < row.threshold].max())
-        smaller = plan_pruning(layers, moments, lower, statistic, model=model)
-        assert count_parameters(pruned_copy(model, smaller)) > 0.5 * before
+        # the fewest neurons that reach the target, one at a time: one neuron fewer does not reach it
+        one_by_one = ThresholdEvaluator(model, layers, moments, statistic, min_neurons=1)
+        removed = sum(layer.neurons - row.widths[layer.name] for layer in layers)
+        assert count_parameters(pruned_copy(model, one_by_one.plan_removing(removed))) == row.params
+        assert count_parameters(pruned_copy(model, one_by_one.plan_removing(removed - 1))) > 0.5 * before
 
     magnitude = [f"Torch-Pruning magnitude L{norm}{suffix}" for norm in (1, 2) for suffix in ("", " + compensate")]
     for name in (*magnitude, "random (mean of 2 seeds)"):

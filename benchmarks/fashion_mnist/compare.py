@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_actprune import ActivationMoments, PrunableLayer, PruningPlan, count_parameters, plan_from_kept
+from lightning_actprune.core import ActivationMoments, PrunableLayer, PruningPlan, count_parameters, plan_from_kept
 
 from .measure import Evaluator, nonzero_parameters, state_dict_bytes
 from .methods import (

@@ -20,9 +20,9 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
-from lightning_actprune import (
+from lightning_actprune import ActivationPruning
+from lightning_actprune.core import (
     ActivationMoments,
-    ActivationPruning,
     ActivationRecorder,
     PrunableLayer,
     apply_plan,

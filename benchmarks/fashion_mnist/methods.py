@@ -16,15 +16,15 @@ import torch_pruning as tp
 from lightning.pytorch.callbacks import ModelPruning
 from torch import Tensor, nn
 
-from lightning_actprune import (
+from lightning_actprune._sweep import plan_for_reduction
+from lightning_actprune.core import (
     ActivationMoments,
+    ActivationPruningError,
     PrunableLayer,
     PruningPlan,
     ThresholdEvaluator,
     apply_plan,
     count_parameters,
-    plan_pruning,
-    threshold_for_reduction,
 )
 
 
@@ -49,24 +49,30 @@ def ours_at_reduction(
     compensate: bool = False,
     normalize: bool = False,
 ) -> tuple[float, PruningPlan, int]:
-    """Our plan that removes at least ``target`` of the parameters, with the first λ that does.
+    """Our plan that removes at least ``target`` of the parameters, as ``target_params_reduction`` chooses it.
 
-    λ comes from the package's :func:`lightning_actprune.threshold_for_reduction` on a
-    :class:`~lightning_actprune.ThresholdEvaluator` with the same options (bisection over the distinct scores,
-    pruning and restoring a copy of ``model`` at each step); the plan is then applied to another copy and its
-    parameters counted. ``compensate`` folds the removed neurons' mean activations into their consumers' biases (it
-    changes no parameter count, so λ is the same as without); ``normalize`` standardises the scores per layer (λ is
-    then in standard deviations and may be negative).
+    The plan is :func:`lightning_actprune._sweep.plan_for_reduction` on a
+    :class:`~lightning_actprune.ThresholdEvaluator` with the same options: neurons go one at a time in the
+    evaluator's removal order (ascending score; equal scores broken by RMS activation, then by the next layers'
+    weight norm), found by bisection on the plan's size, so the result lands within one neuron of the target. The
+    plan is then applied to another copy and its parameters counted. ``compensate`` folds the removed neurons' mean
+    activations into their consumers' biases (it changes no parameter count, so the plan removes the same neurons
+    as without); ``normalize`` standardises the scores per layer (λ is then in standard deviations and may be
+    negative).
 
     Returns:
-        λ, its plan and the pruned model's parameter count.
+        λ (the plan's ``threshold``), the plan and the pruned model's parameter count.
+
+    Raises:
+        ActivationPruningError: the target is out of reach (removing every prunable neuron is not enough).
     """
     evaluator = ThresholdEvaluator(
         copy.deepcopy(model), layers, moments, statistic, min_neurons=1, compensate=compensate, normalize=normalize
     )
-    threshold = threshold_for_reduction(evaluator, target)
-    plan = plan_pruning(layers, moments, threshold, statistic, model=model, compensate=compensate, normalize=normalize)
-    return threshold, plan, count_parameters(pruned_copy(model, plan))
+    choice = plan_for_reduction(evaluator, target)
+    if choice.plan is None:
+        raise ActivationPruningError(str(choice.note))
+    return choice.plan.threshold, choice.plan, count_parameters(pruned_copy(model, choice.plan))
 
 
 def _top(scores: Tensor, count: int) -> list[int]:

@@ -6,9 +6,9 @@ import dataclasses
 import itertools
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -20,22 +20,19 @@ from .data import SplitDataModule
 from .results import TrainConfig, TrainingFacts, from_plain
 
 
-class MLPClassifier(pl.LightningModule):
-    """A ReLU MLP (``sizes`` = input, hidden…, classes) trained with Adam; logs ``val_acc`` and ``test_acc``."""
+class Classifier(pl.LightningModule):
+    """Cross-entropy training with Adam; logs ``val_loss``, ``val_acc`` and ``test_acc``. Subclasses add ``forward``.
 
-    def __init__(self, sizes: Sequence[int] = (784, 1024, 1024, 10), lr: float = 1e-3) -> None:
+    Args:
+        num_classes: the number of classes.
+        lr: Adam's learning rate.
+    """
+
+    def __init__(self, num_classes: int, lr: float) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        layers: list[nn.Module] = []
-        for width_in, width_out in itertools.pairwise(sizes[:-1]):
-            layers += [nn.Linear(width_in, width_out), nn.ReLU()]
-        self.net = nn.Sequential(*layers, nn.Linear(sizes[-2], sizes[-1]))
         self.lr = lr
-        self.val_acc = MulticlassAccuracy(num_classes=sizes[-1], average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes=sizes[-1], average="micro")
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -55,6 +52,21 @@ class MLPClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+class MLPClassifier(Classifier):
+    """A ReLU MLP (``sizes`` = input, hidden…, classes) trained with Adam; logs ``val_acc`` and ``test_acc``."""
+
+    def __init__(self, sizes: Sequence[int] = (784, 1024, 1024, 10), lr: float = 1e-3) -> None:
+        super().__init__(sizes[-1], lr)
+        self.save_hyperparameters()
+        layers: list[nn.Module] = []
+        for width_in, width_out in itertools.pairwise(sizes[:-1]):
+            layers += [nn.Linear(width_in, width_out), nn.ReLU()]
+        self.net = nn.Sequential(*layers, nn.Linear(sizes[-2], sizes[-1]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
 
 
 def quiet_trainer(**kwargs: Any) -> pl.Trainer:
@@ -79,27 +91,53 @@ def train_or_load(
     Returns:
         The trained model (eval mode) and facts about the training run (time, whether it came from the cache).
     """
-    weights = cache_dir / f"mlp_{config.key()}.pt"
+    return train_cached(
+        lambda: MLPClassifier(config.sizes, config.lr),
+        datamodule,
+        config,
+        TrainingFacts,
+        cache_dir / f"mlp_{config.key()}.pt",
+        retrain,
+    )
+
+
+ModelT = TypeVar("ModelT", bound=Classifier)
+FactsT = TypeVar("FactsT")
+
+
+def train_cached(
+    build: Callable[[], ModelT],
+    datamodule: pl.LightningDataModule,
+    config: Any,
+    facts_type: type[FactsT],
+    weights: Path,
+    retrain: bool = False,
+) -> tuple[ModelT, FactsT]:
+    """Train ``build()`` for ``config.epochs`` (seeded with ``config.seed``) once; later runs load ``weights``.
+
+    The facts (``facts_type(train_seconds, threads, config, final_val_acc)``, with a ``cached`` flag) are stored
+    beside the weights, in JSON.
+    """
     facts_path = weights.with_suffix(".json")
-    model = MLPClassifier(config.sizes, config.lr)
     if weights.is_file() and facts_path.is_file() and not retrain:
+        model = build()
         model.load_state_dict(torch.load(weights, weights_only=True))
-        facts = from_plain(TrainingFacts, json.loads(facts_path.read_text()))
-        return model.eval(), dataclasses.replace(facts, cached=True)
+        facts = from_plain(facts_type, json.loads(facts_path.read_text()))
+        return model.eval(), dataclasses.replace(facts, cached=True)  # type: ignore[type-var]
     pl.seed_everything(config.seed, workers=True, verbose=False)
-    model = MLPClassifier(config.sizes, config.lr)
+    model = build()
     trainer = quiet_trainer(max_epochs=config.epochs)
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
-    facts = TrainingFacts(
-        train_seconds=time.perf_counter() - start,
+    facts = facts_type(
+        train_seconds=time.perf_counter() - start,  # type: ignore[call-arg]
         threads=torch.get_num_threads(),
         config=config,
         final_val_acc=float(trainer.callback_metrics["val_acc"]),
     )
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    weights.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), weights)
-    written = dataclasses.asdict(facts)
+    written = dataclasses.asdict(facts)  # type: ignore[call-overload]
     del written["cached"]  # a property of the run that reads the file, not of the training
     facts_path.write_text(json.dumps(written, indent=2))
     return model.eval(), facts

@@ -52,9 +52,10 @@ def _grid_lines(measured: Measurements) -> list[str]:
     lines = [
         "### 3. Choosing the defaults: each statistic ± compensation ± normalize, at equal reduction",
         "",
-        f"Every setting of `statistic` × `compensate` × `normalize` ({len(variants)} settings) at each target: λ from"
-        " `threshold_for_reduction` on a `ThresholdEvaluator` with those options (with `normalize`, λ is in"
-        " standard deviations of the layer's scores and may be negative), the plan applied to a deep copy of the"
+        f"Every setting of `statistic` × `compensate` × `normalize` ({len(variants)} settings) at each target: the plan"
+        " `target_params_reduction` picks (`plan_for_reduction` on a `ThresholdEvaluator` with those options: neurons"
+        " removed one at a time in its removal order; with `normalize`, λ is in standard deviations of the layer's"
+        " scores and may be negative), applied to a deep copy of the"
         " trained model, test accuracy in %. **Bold**: the best of the column. *mean*: the accuracy averaged over"
         f" the {len(targets)} targets. *below best*: how far that mean is below the best setting's, in points, ± one"
         f" paired standard error over the {choice.test_examples:,} test examples (each example counts the targets"
@@ -196,9 +197,11 @@ def render_markdown(results: BenchmarkResults) -> str:
         "",
         "### 2. Against the alternatives, at equal parameter reduction",
         "",
-        "- **ours (statistic)**: the package's plain functions; λ per target from its `threshold_for_reduction`"
-        " (bisection on the pruned model's parameter count: the first λ that removes at least the target), in the"
-        " statistic's own unit. **ours (mean, compensate)**: the same neurons as `mean`, with each removed neuron's"
+        "- **ours (statistic)**: the package's plain functions; the plan per target is what `target_params_reduction`"
+        " picks: `plan_for_reduction` removes neurons one at a time in ascending score (ties broken by RMS"
+        " activation, then by the next layers' weight norm) and bisects on the pruned model's parameter count for"
+        " the fewest that remove at least the target; λ is the plan's threshold, in the statistic's own unit."
+        " **ours (mean, compensate)**: the same neurons as `mean`, with each removed neuron's"
         " mean validation activation folded into its consumer's bias (`plan_pruning(..., compensate=True)`)."
         f" **ours ({measured.choice.recommended})**: the setting table 3 recommends.",
         "- **ModelPruning l1_unstructured**: Lightning's callback, global over every Linear weight and bias, zeroing"
@@ -300,14 +303,17 @@ def render_markdown(results: BenchmarkResults) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(path: Path, generated: str) -> None:
-    """Put ``generated`` between the markers of ``path``, keeping the hand-written text around them."""
-    block = f"{BEGIN}\n{generated}\n{END}"
-    text = path.read_text() if path.is_file() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        text = text.rstrip("\n") + f"\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
+def write_markdown(path: Path, generated: str, begin: str = BEGIN, end: str = END) -> None:
+    """Put ``generated`` between the markers of ``path``, keeping the hand-written text around them.
+
+    Markers that are missing are appended at the end of the file (which is created if need be).
+    """
+    block = f"{begin}\n{generated}\n{end}"
+    text = path.read_text() if path.is_file() else f"# Benchmarks\n\n{begin}\n{end}\n"
+    if begin not in text or end not in text:
+        text = text.rstrip("\n") + f"\n\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
     path.write_text(head + block + tail)
 
 

@@ -14,7 +14,7 @@ import types
 import typing
 from typing import Any, TypeVar
 
-from lightning_actprune import STATISTICS
+from lightning_actprune.core import STATISTICS
 
 T = TypeVar("T")
 

@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_actprune import count_parameters, layer_scores, model_size_mb, plan_pruning
+from lightning_actprune.core import count_parameters, layer_scores, model_size_mb, plan_pruning
 
 from .compare import compare_at_reduction, grid_at_reduction, summarize_grid
 from .data import INSTALL_COMMAND, SplitDataModule, load_fashion_mnist, locate_fashion_mnist
@@ -189,35 +189,59 @@ def run_benchmark(
     )
 
 
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every benchmark's command line has: data, cache, retraining, the Markdown, ``--report-only``."""
+    parser.add_argument("--data-dir", type=Path, default=None, help="a directory with the four IDX .gz files")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the trained weights go")
+    parser.add_argument("--retrain", action="store_true", help="ignore cached weights")
+    parser.add_argument("--markdown", type=Path, default=DEFAULT_MARKDOWN)
+    parser.add_argument(
+        "--report-only", action="store_true", help="re-render the report from the last run's JSON (no measurement)"
+    )
+
+
+def last_results(path: Path) -> str:
+    """The text of the last run's results, for ``--report-only``; exits with a message when there is none."""
+    if not path.is_file():
+        raise SystemExit(f"error: --report-only renders the results of a full run; {path} does not exist.")
+    return path.read_text()
+
+
+def quiet_run_log() -> Callable[[str], None]:
+    """Quiet Lightning's info logs and known harmless warnings; returns a logger that stamps the run's seconds."""
+    started = time.perf_counter()
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*")
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f}s] {message}", flush=True)
+
+    return log
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Train (or load) the model, run every measurement, write BENCHMARKS.md, the plot and the JSON."""
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.fashion_mnist",
         description="Benchmark ActivationPruning on Fashion-MNIST against the tools a user would pick instead.",
     )
-    parser.add_argument("--data-dir", type=Path, default=None, help="a directory with the four IDX .gz files")
+    add_common_arguments(parser)
     parser.add_argument(
         "--install-data",
         action="store_true",
         help=f"if Fashion-MNIST is missing, run `{INSTALL_COMMAND}` (as root or via sudo); off by default",
     )
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the trained weights go")
-    parser.add_argument("--retrain", action="store_true", help="ignore cached weights")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for every measurement")
     parser.add_argument("--train-threads", type=int, default=2, help="torch.set_num_threads while training")
-    parser.add_argument("--markdown", type=Path, default=DEFAULT_MARKDOWN)
     parser.add_argument("--plot", type=Path, default=DEFAULT_PLOT)
-    parser.add_argument(
-        "--report-only", action="store_true", help="re-render the Markdown and the plot from the last run's JSON"
-    )
     args = parser.parse_args(argv)
     if args.install_data and args.data_dir is not None:
         parser.error("--install-data installs the Debian package's directory; it cannot be combined with --data-dir")
     results_path = args.cache_dir / RESULTS_FILE
     if args.report_only:
-        if not results_path.is_file():
-            raise SystemExit(f"error: --report-only renders the results of a full run; {results_path} does not exist.")
-        results = BenchmarkResults.from_json(results_path.read_text())
+        results = BenchmarkResults.from_json(last_results(results_path))
         write_markdown(args.markdown, render_markdown(results))
         plot(results.measurements, args.plot)
         return
@@ -227,13 +251,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         data_dir = locate_fashion_mnist(args.data_dir, install=args.install_data)
     except FileNotFoundError as error:
         raise SystemExit(f"error: {error}") from None
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*")
-
-    def log(message: str) -> None:
-        print(f"[{time.perf_counter() - started:7.1f}s] {message}", flush=True)
+    log = quiet_run_log()
 
     config = TrainConfig()
     train, val, test = load_fashion_mnist(data_dir, config.num_val)

@@ -1,0 +1,130 @@
+"""Typed records of one CNN benchmark run and their JSON form (``benchmarks/.cache/fashion_cnn_results.json``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+from benchmarks.fashion_mnist.results import Machine, from_plain
+
+OURS, OURS_RECALIBRATED = "ours one-shot", "ours + BN recalibration"
+TP, TP_RECALIBRATED = "Torch-Pruning L2 one-shot", "Torch-Pruning L2 + BN recalibration"
+SCRATCH = "from scratch (ours' widths)"
+METHODS = (OURS, OURS_RECALIBRATED, TP, TP_RECALIBRATED, SCRATCH)
+"""The methods' names in :attr:`CNNRow.method`, in the report's order."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CNNTrainConfig:
+    """What the cached weights depend on."""
+
+    widths: tuple[int, ...] = (8, 16, 32)
+    lr: float = 1e-3
+    batch_size: int = 128
+    epochs: int = 2
+    seed: int = 0
+    num_val: int = 10_000
+
+    def key(self) -> str:
+        """A short hash of the configuration, for the cache file name."""
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclasses.dataclass(frozen=True)
+class CNNSettings:
+    """What the benchmark measures; the defaults are the published run."""
+
+    targets: tuple[float, ...] = (0.3, 0.5, 0.7)
+    statistic: str = "fluctuation"
+    normalize: bool = True
+    recalibration_batches: int = 20
+    cost_repeats: int = 3
+
+
+@dataclasses.dataclass
+class CNNTrainingFacts:
+    """How a network was trained, and whether this run loaded it from the cache."""
+
+    train_seconds: float
+    threads: int
+    config: CNNTrainConfig
+    final_val_acc: float | None = None
+    cached: bool = False
+
+
+@dataclasses.dataclass
+class CNNRow:
+    """One method at one target reduction.
+
+    ``threshold`` is our λ and ``pruning_ratio`` Torch-Pruning's (``None`` for the other methods); ``channels`` are
+    the channels each prunable group kept (or was built with, from scratch); ``recalibration_seconds`` and
+    ``train_seconds`` are set on the rows that recalibrated or trained.
+    """
+
+    target: float
+    method: str
+    params: int
+    reduction: float
+    test_acc: float
+    channels: dict[str, int]
+    threshold: float | None = None
+    pruning_ratio: float | None = None
+    recalibration_seconds: float | None = None
+    train_seconds: float | None = None
+
+
+@dataclasses.dataclass
+class RecalibrationCost:
+    """Seconds of one BatchNorm recalibration (median of the repeats) against one validation pass."""
+
+    batches: int
+    seconds: float
+    validation_seconds: float
+
+    @property
+    def ratio(self) -> float:
+        """Recalibration time / one validation pass over the validation split."""
+        return self.seconds / self.validation_seconds
+
+
+@dataclasses.dataclass
+class CNNMeasurements:
+    """Every number of one run."""
+
+    settings: CNNSettings
+    params_before: int
+    test_acc_before: float
+    groups: dict[str, int]
+    batchnorm_layers: int
+    rows: list[CNNRow]
+    recalibration: RecalibrationCost
+    benchmark_seconds: float
+
+
+@dataclasses.dataclass
+class CNNRunInfo:
+    """Where and how the run happened."""
+
+    machine: Machine
+    training: CNNTrainingFacts
+    command: str
+    total_seconds: float
+
+
+@dataclasses.dataclass
+class CNNBenchmarkResults:
+    """One run: the measurements and the run they come from; what the report renders."""
+
+    measurements: CNNMeasurements
+    run: CNNRunInfo
+
+    def to_json(self) -> str:
+        """The flat JSON object of both records (the format of the results cache)."""
+        return json.dumps(dataclasses.asdict(self.measurements) | dataclasses.asdict(self.run), indent=2, default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> CNNBenchmarkResults:
+        """The records back from :meth:`to_json`'s text."""
+        data = json.loads(text)
+        return cls(from_plain(CNNMeasurements, data), from_plain(CNNRunInfo, data))
