@@ -65,7 +65,7 @@ from lightning_actprune._statistics import (
     ActivationRecorder,
     Statistic,
 )
-from lightning_actprune._surgery import ModuleSnapshot
+from lightning_actprune._surgery import restoring
 from lightning_actprune._sweep import (
     ThresholdEvaluator,
     choose_within_drop,
@@ -522,30 +522,34 @@ class ActivationPruning(Callback):
         validated = validated if validated is not None and dict(validated.neurons) == neurons else None
         check_same_on_every_rank(trainer, plan.to_dict(), "the pruning plans")  # before any rank cuts
         recalibrates = self._recalibrates(pl_module)
-        snapshot = ModuleSnapshot(pl_module, [*plan.touched_modules, *batchnorm_layers(pl_module)])
         optimizers = OptimizerSnapshot(trainer.optimizers if self._in_fit else [])
-        # inside fit, training goes on: the same optimizers follow the parameters to their new shapes
-        apply_plan_with_optimizers(pl_module, plan, optimizers.optimizers)
         metrics_pruned: dict[str, float] = {}
         try:
-            if recalibrates:
-                metrics_pruned = self._validation(trainer, pl_module)
-                recalibrates = self._recalibrate(trainer, pl_module)
-            if validated is not None and not recalibrates:
-                # a λ of the table was validated on this very pruned model: its metrics are the "after" ones
-                metrics_after = dict(validated.metrics)
-            else:
-                fresh = recalibrates or not metrics_pruned
-                metrics_after = self._validation(trainer, pl_module) if fresh else metrics_pruned
+            with restoring(pl_module, [*plan.touched_modules, *batchnorm_layers(pl_module)]):
+                # inside fit, training goes on: the same optimizers follow the parameters to their new shapes
+                apply_plan_with_optimizers(pl_module, plan, optimizers.optimizers)
+                metrics_after, metrics_pruned = self._validate_pruned(trainer, pl_module, validated, recalibrates)
         except BaseException:
-            snapshot.restore()
             optimizers.restore()
             raise
         if rows and validated is None:
             params_after, size_after = count_parameters(pl_module), model_size_mb(pl_module)
             kept = params_after / params_before
             rows[threshold] = SweepRow(threshold, params_after, kept, size_after, neurons, metrics_after)
-        return metrics_after, metrics_pruned if recalibrates else {}
+        return metrics_after, metrics_pruned
+
+    def _validate_pruned(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, validated: SweepRow | None, recalibrates: bool
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """The pruned model's metrics after recalibration and, if it was recalibrated, right after the surgery."""
+        if recalibrates:
+            metrics_pruned = self._validation(trainer, pl_module)
+            if self._recalibrate(trainer, pl_module):
+                return self._validation(trainer, pl_module), metrics_pruned
+            return metrics_pruned, {}  # recalibration failed (and warned): the surgery's metrics are the last
+        if validated is not None:  # a λ of the table was validated on this very pruned model
+            return dict(validated.metrics), {}
+        return self._validation(trainer, pl_module), {}
 
     def _recalibrates(self, pl_module: pl.LightningModule) -> bool:
         return self.settings.recalibration_batches > 0 and bool(batchnorm_layers(pl_module))
@@ -561,18 +565,16 @@ class ActivationPruning(Callback):
             why = "the fit has no training loader" if loader is None else "the fit has several training loaders"
             rank_zero_warn(f"ActivationPruning: BatchNorm recalibration skipped: {why}.")
             return False
-        snapshot = ModuleSnapshot(pl_module, batchnorm_layers(pl_module))
         limit, trainer.limit_val_batches = trainer.limit_val_batches, 1.0  # our batch count, not the val limit
         try:
-            with recalibrating_batchnorm(pl_module):
+            with restoring(pl_module, batchnorm_layers(pl_module)), recalibrating_batchnorm(pl_module):
                 batches = _FirstBatches(loader, self.settings.recalibration_batches)
                 if self._in_fit:
                     compat.validate_in_fit(trainer, batches)
                 else:
                     trainer.validate(pl_module, dataloaders=batches, verbose=False)
-            average_batchnorm_statistics(trainer, pl_module)  # identical on every rank
+                average_batchnorm_statistics(trainer, pl_module)  # identical on every rank
         except Exception as error:
-            snapshot.restore()
             rank_zero_warn(
                 f"ActivationPruning: BatchNorm recalibration failed ({type(error).__name__}: {error}); the pruned"
                 " model keeps the running statistics from training."
@@ -592,12 +594,9 @@ class ActivationPruning(Callback):
         """One validation pass of the model recalibrated; its BatchNorm statistics are put back afterwards."""
         if not self._recalibrates(pl_module):
             return self._validation(trainer, pl_module)
-        snapshot = ModuleSnapshot(pl_module, batchnorm_layers(pl_module))
-        try:
+        with restoring(pl_module, batchnorm_layers(pl_module), always=True):
             self._recalibrate(trainer, pl_module)
             return self._validation(trainer, pl_module)
-        finally:
-            snapshot.restore()
 
     def _sweep(self, trainer: pl.Trainer, evaluator: ThresholdEvaluator) -> list[SweepRow]:
         thresholds = self.settings.sweep or []

@@ -34,7 +34,7 @@ from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._plan import BiasUpdate, LayerPlan, ModulePruning, PruningPlan
 from lightning_actprune._report import PruningResult, SweepRow
 from lightning_actprune._scoring import NeuronScorer
-from lightning_actprune._surgery import ModuleSnapshot, apply_plan
+from lightning_actprune._surgery import apply_plan, restoring
 
 PLAN_KEY = "actprune_plan"
 """The top-level checkpoint key that holds :meth:`PruningPlan.to_dict` of the model in the checkpoint."""
@@ -202,22 +202,21 @@ def _fit_to_state(
             f"cannot load {source} into this {name}: it was already pruned differently ({shown}). Load it into a"
             f" fresh, full-size {name}."
         )
-    snapshot = ModuleSnapshot(module, plan.touched_modules)
-    try:
-        apply_plan(module, plan)
-    except ActivationPruningError as error:
-        raise ActivationPruningError(
-            f"cannot shrink {name} to the pruning plan in {source}: {error} Load it into a fresh {name} built with"
-            " the same arguments as the model that was pruned."
-        ) from None
-    mismatches = _shape_mismatches(module, state_dict)
-    if mismatches:
-        snapshot.restore()
-        raise ActivationPruningError(
-            f"cannot load {source} into this {name}: its pruning plan does not give the model the checkpoint's"
-            f" shapes ({'; '.join(mismatches[:3])}). Was the model already pruned, or built with other arguments?"
-            f" Load it into a fresh {name} built like the one that was pruned."
-        )
+    with restoring(module, plan.touched_modules):  # the shrink stays only if it gives the checkpoint's shapes
+        try:
+            apply_plan(module, plan)
+        except ActivationPruningError as error:
+            raise ActivationPruningError(
+                f"cannot shrink {name} to the pruning plan in {source}: {error} Load it into a fresh {name} built"
+                " with the same arguments as the model that was pruned."
+            ) from None
+        mismatches = _shape_mismatches(module, state_dict)
+        if mismatches:
+            raise ActivationPruningError(
+                f"cannot load {source} into this {name}: its pruning plan does not give the model the checkpoint's"
+                f" shapes ({'; '.join(mismatches[:3])}). Was the model already pruned, or built with other"
+                f" arguments? Load it into a fresh {name} built like the one that was pruned."
+            )
     _remember(module, plan)
     return plan
 
@@ -379,13 +378,11 @@ def load_pruned(
         plan = _relative(plan, submodule) if plan is not None else None
     # all or nothing: a load that fails after the shrinking leaves the module as it came
     remembered = module.__dict__.get(_ATTRIBUTE)
-    snapshot = ModuleSnapshot(module, plan.touched_modules) if plan is not None else None
     try:
-        _fit_to_state(module, plan, state_dict, source)
-        module.load_state_dict(state_dict, strict=strict)
+        with restoring(module, plan.touched_modules if plan is not None else ()):
+            _fit_to_state(module, plan, state_dict, source)
+            module.load_state_dict(state_dict, strict=strict)
     except BaseException:
-        if snapshot is not None:
-            snapshot.restore()
         module.__dict__.pop(_ATTRIBUTE, None)
         if remembered is not None:
             module.__dict__[_ATTRIBUTE] = remembered

@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._plan import PruningPlan
-from lightning_actprune._surgery import ModuleSnapshot, _pruner, _submodule, apply_plan
+from lightning_actprune._surgery import _pruner, _submodule, apply_plan, restoring
 
 _PLAIN_STATE = (int, float, bool, str, type(None))
 
@@ -131,13 +131,12 @@ def apply_plan_with_optimizers(
     saved = OptimizerSnapshot(optimizers)
     surviving = _surviving_entries(model, plan)  # also checks every module exists
     before = {name: dict(_submodule(model, name).named_parameters(recurse=False)) for name in plan.touched_modules}
-    snapshot = ModuleSnapshot(model, plan.touched_modules)
-    apply_plan(model, plan)  # restores the model itself on failure
     try:
-        for optimizer in saved.optimizers:
-            _carry(optimizer, model, before, surviving)
+        with restoring(model, plan.touched_modules):
+            apply_plan(model, plan)
+            for optimizer in saved.optimizers:
+                _carry(optimizer, model, before, surviving)
     except Exception:
-        snapshot.restore()
         saved.restore()
         raise
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -46,6 +47,49 @@ class ModuleSnapshot:
             module._buffers.clear()
             module._buffers.update(buffers)
             vars(module).update(attributes)
+
+
+@contextmanager
+def restoring(model: nn.Module, names: Iterable[str], always: bool = False) -> Iterator[ModuleSnapshot]:
+    """Run a block that changes some modules; put them back exactly if it fails (or, with ``always``, in any case).
+
+    The one "change, then restore" primitive: a temporary prune, a surgery that must be all-or-nothing, a
+    BatchNorm recalibration that is only measured.
+
+    Args:
+        model: the model.
+        names: the modules the block may change.
+        always: restore after a successful block too.
+
+    Yields:
+        The snapshot (its :meth:`ModuleSnapshot.restore` may also be called inside the block).
+    """
+    snapshot = ModuleSnapshot(model, names)
+    try:
+        yield snapshot
+    except BaseException:
+        snapshot.restore()
+        raise
+    if always:
+        snapshot.restore()
+
+
+@contextmanager
+def pruned_temporarily(model: nn.Module, plan: PruningPlan) -> Iterator[None]:
+    """Inside the block ``model`` is pruned by ``plan``; afterwards it is exactly the model it was.
+
+    Example:
+        >>> from lightning_actprune._plan import ModulePruning
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> plan = PruningPlan(0.1, "mean", (), (ModulePruning("0", "out", (0,)), ModulePruning("2", "in", (0,))))
+        >>> with pruned_temporarily(net, plan):
+        ...     inside = net[0].out_features
+        >>> inside, net[0].out_features
+        (3, 4)
+    """
+    with restoring(model, plan.touched_modules, always=True):
+        apply_plan(model, plan)
+        yield
 
 
 def _pruner(module: nn.Module) -> Any:
@@ -106,24 +150,23 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> None:
                 f" {outputs} outputs: was the model already pruned, or built with other sizes?"
             )
 
-    snapshot = ModuleSnapshot(model, plan.touched_modules)
     current = "the model"
     try:
-        # biases first, on the full-size consumers: the surgery then keeps the entries of the outputs that stay
-        for update in plan.bias_updates:
-            current = repr(update.module)
-            _add_to_bias(model.get_submodule(update.module), update.delta)
-        for operation in plan.operations:
-            current = repr(operation.module)
-            module = model.get_submodule(operation.module)
-            flags = {name: p.requires_grad for name, p in module.named_parameters(recurse=False)}
-            pruner = _pruner(module)  # exists: every operation was checked above
-            prune = pruner.prune_out_channels if operation.dim == "out" else pruner.prune_in_channels
-            prune(module, list(operation.indices))
-            for name, p in module.named_parameters(recurse=False):
-                p.requires_grad_(flags.get(name, True))
+        with restoring(model, plan.touched_modules):
+            # biases first, on the full-size consumers: the surgery then keeps the entries of the outputs that stay
+            for update in plan.bias_updates:
+                current = repr(update.module)
+                _add_to_bias(model.get_submodule(update.module), update.delta)
+            for operation in plan.operations:
+                current = repr(operation.module)
+                module = model.get_submodule(operation.module)
+                flags = {name: p.requires_grad for name, p in module.named_parameters(recurse=False)}
+                pruner = _pruner(module)  # exists: every operation was checked above
+                prune = pruner.prune_out_channels if operation.dim == "out" else pruner.prune_in_channels
+                prune(module, list(operation.indices))
+                for name, p in module.named_parameters(recurse=False):
+                    p.requires_grad_(flags.get(name, True))
     except Exception as error:
-        snapshot.restore()
         raise ActivationPruningError(
             f"pruning {current} failed ({type(error).__name__}: {error}); the model was restored."
         ) from error

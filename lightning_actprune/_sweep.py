@@ -23,7 +23,7 @@ from lightning_actprune._plan import (
 from lightning_actprune._report import SweepRow, count_parameters, model_size_mb
 from lightning_actprune._scoring import NeuronScorer, as_scorer
 from lightning_actprune._statistics import ActivationMoments
-from lightning_actprune._surgery import ModuleSnapshot, apply_plan
+from lightning_actprune._surgery import pruned_temporarily
 
 Validate = Callable[[], Mapping[str, float]]
 """Runs one validation pass over the current model and returns its metrics."""
@@ -33,7 +33,7 @@ class ThresholdEvaluator:
     """Prunes a model at any λ and restores it exactly, from statistics gathered once.
 
     Each :meth:`size` costs one surgery and one restore; each :meth:`evaluate` adds one validation pass. The
-    unpruned parameters are kept by reference (:class:`ModuleSnapshot`), never copied.
+    unpruned parameters are kept by reference (:func:`pruned_temporarily`), never copied.
 
     Args:
         model: the module the layers were found in.
@@ -137,9 +137,7 @@ class ThresholdEvaluator:
 
     def _pruned(self, threshold: float | PruningPlan, validate: bool) -> SweepRow:
         plan = threshold if isinstance(threshold, PruningPlan) else self.plan(threshold)
-        snapshot = ModuleSnapshot(self.model, plan.touched_modules)
-        apply_plan(self.model, plan)
-        try:
+        with pruned_temporarily(self.model, plan):
             params = count_parameters(self.model)
             metrics: Mapping[str, float] = {}
             if validate:
@@ -154,8 +152,6 @@ class ThresholdEvaluator:
                 neurons={layer.name: len(layer.kept) for layer in plan.layers},
                 metrics=metrics,
             )
-        finally:
-            snapshot.restore()
 
     def size(self, threshold: float | PruningPlan) -> SweepRow:
         """Sizes after pruning at λ (or with the given plan), without validation; the model is restored."""
