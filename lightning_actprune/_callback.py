@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import itertools
 import math
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from torch import nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
@@ -41,9 +36,9 @@ from lightning_actprune._distributed import (
     reduced_moments,
     rewrap_after_pruning,
     synced_metrics,
-    unrepeated_val_dataloaders,
 )
 from lightning_actprune._errors import ActivationPruningError
+from lightning_actprune._loggers import report
 from lightning_actprune._optimizer import OptimizerSnapshot, apply_plan_with_optimizers
 from lightning_actprune._plan import ExampleInputs, PruningPlan, find_prunable_layers
 from lightning_actprune._recalibration import batchnorm_layers, recalibrating_batchnorm
@@ -52,12 +47,7 @@ from lightning_actprune._report import (
     PruningResult,
     SweepRow,
     count_parameters,
-    format_sweep_table,
     model_size_mb,
-    plot_sweep,
-    sweep_columns,
-    sweep_records,
-    write_sweep_files,
 )
 from lightning_actprune._scoring import NeuronScorer
 from lightning_actprune._statistics import (
@@ -72,6 +62,14 @@ from lightning_actprune._sweep import (
     metric_drop,
     plan_for_reduction,
     search_within_drop,
+)
+from lightning_actprune._trainer import (
+    FirstBatches,
+    keeps_parameter_copies,
+    recompile,
+    trainer_state_kept,
+    uncompile,
+    validate,
 )
 
 
@@ -247,7 +245,7 @@ class ActivationPruning(Callback):
                 f" it needs `Trainer(max_epochs)` > {recovery} and no `max_steps`; got"
                 f" max_epochs={epochs}, max_steps={trainer.max_steps}."
             )
-        averaging = [type(c).__name__ for c in getattr(trainer, "callbacks", []) if _keeps_parameter_copies(c)]
+        averaging = [type(c).__name__ for c in getattr(trainer, "callbacks", []) if keeps_parameter_copies(c)]
         if averaging:
             raise ActivationPruningError(
                 f"`recovery_epochs` cannot be combined with {', '.join(averaging)}: it keeps its own copy of every"
@@ -370,7 +368,7 @@ class ActivationPruning(Callback):
     def _guarded_prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PruningResult | None:
         """:meth:`prune` under ``on_error``: any failure leaves the trained model exactly as it was."""
         try:
-            with _trainer_state_kept(trainer):
+            with trainer_state_kept(trainer):
                 return self.prune(trainer, pl_module)
         except ActivationPruningError as error:
             if self.settings.on_error == "raise":
@@ -390,8 +388,8 @@ class ActivationPruning(Callback):
             return None
         if not self.result.pruned:
             return self.result
-        with _trainer_state_kept(trainer):
-            recovered = _validate(trainer, pl_module)
+        with trainer_state_kept(trainer):
+            recovered = validate(trainer, pl_module)
         return dataclasses.replace(self.result, metrics_recovered=recovered)
 
     def _remove_load_hook(self) -> None:
@@ -400,19 +398,7 @@ class ActivationPruning(Callback):
             self._load_hook = None
 
     def _report(self, trainer: pl.Trainer, result: PruningResult) -> None:
-        metrics = result.to_metrics()
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-        rank_zero_info(result.summary())
-        if not result.sweep:
-            return
-        rank_zero_info(format_sweep_table(result))
-        log_dir = trainer.log_dir  # a broadcast: every rank must ask, or rank zero waits forever
-        if not trainer.is_global_zero:
-            return
-        paths = write_sweep_files(result, log_dir or trainer.default_root_dir, self.settings.monitor)
-        for logger in trainer.loggers:
-            _send_sweep(logger, result, paths, self.settings.monitor, trainer.global_step)
+        report(trainer, result, self.settings.monitor)
 
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PruningResult | None:
         """Gather statistics, choose λ, prune and re-validate; the model is restored if any step fails."""
@@ -422,16 +408,16 @@ class ActivationPruning(Callback):
         try:
             if ckpt_path is not None:  # before any `torch.compile` wrapper is removed: the keys were saved with it
                 pl_module.load_state_dict(trainer.strategy.load_checkpoint(ckpt_path)["state_dict"])
-            compiled = _uncompile(pl_module)
+            compiled = uncompile(pl_module)
             try:
                 result = self._prune(trainer, pl_module)
             except BaseException:
-                _recompile(compiled)
+                recompile(compiled)
                 raise
             finally:
                 self._train_loader = None
             if result is None:  # nothing pruned: the model goes back as it was, compiled
-                _recompile(compiled)
+                recompile(compiled)
         except BaseException:
             if last_weights is not None:
                 pl_module.load_state_dict(last_weights)
@@ -568,7 +554,7 @@ class ActivationPruning(Callback):
         limit, trainer.limit_val_batches = trainer.limit_val_batches, 1.0  # our batch count, not the val limit
         try:
             with restoring(pl_module, batchnorm_layers(pl_module)), recalibrating_batchnorm(pl_module):
-                batches = _FirstBatches(loader, self.settings.recalibration_batches)
+                batches = FirstBatches(loader, self.settings.recalibration_batches)
                 if self._in_fit:
                     compat.validate_in_fit(trainer, batches)
                 else:
@@ -588,7 +574,7 @@ class ActivationPruning(Callback):
         """One validation pass with the fit's data: ``trainer.validate`` after ``fit``, the fit's loop inside it."""
         if self._in_fit:
             return synced_metrics(trainer, compat.validate_in_fit(trainer))
-        return _validate(trainer, pl_module)
+        return validate(trainer, pl_module)
 
     def _validate_recalibrated(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """One validation pass of the model recalibrated; its BatchNorm statistics are put back afterwards."""
@@ -699,120 +685,3 @@ def _setting(name: str) -> property:
 for _name in PruningSettings.__dataclass_fields__:
     if PruningSettings.__dataclass_fields__[_name].init:
         setattr(ActivationPruning, _name, _setting(_name))
-
-
-class _FirstBatches:
-    """The first ``count`` batches of a loader, as an iterable with a length (what ``trainer.validate`` takes)."""
-
-    def __init__(self, loader: Iterable[Any], count: int) -> None:
-        self.loader, self.count = loader, count
-
-    def __iter__(self) -> Iterator[Any]:
-        return itertools.islice(iter(self.loader), self.count)
-
-    def __len__(self) -> int:
-        try:
-            return min(len(self.loader), self.count)  # type: ignore[arg-type]
-        except TypeError:
-            return self.count
-
-
-def _keeps_parameter_copies(callback: Callback) -> bool:
-    """Lightning's weight averaging (``StochasticWeightAveraging``, ``WeightAveraging``/EMA) keeps parameter copies."""
-    names = {cls.__name__ for cls in type(callback).__mro__}
-    return bool(names & {"StochasticWeightAveraging", "WeightAveraging"})
-
-
-def _send_sweep(logger: Logger, result: PruningResult, paths: list[Path], monitor: str | None, step: int) -> None:
-    """TensorBoard gets the figure and the table as text; MLflow the files as artifacts; W&B a table and the plot.
-
-    Other loggers get only the keys.
-    """
-    if isinstance(logger, TensorBoardLogger):
-        figure = plot_sweep(result, monitor)
-        if figure is not None:
-            logger.experiment.add_figure("actprune/sweep", figure, global_step=step)
-        table = format_sweep_table(result)
-        logger.experiment.add_text("actprune/sweep", "    " + table.replace("\n", "\n    "), global_step=step)
-    elif isinstance(logger, MLFlowLogger):
-        for path in paths:
-            logger.experiment.log_artifact(logger.run_id, str(path))
-    elif isinstance(logger, WandbLogger):
-        _send_sweep_to_wandb(logger, result, paths, step)
-
-
-def _send_sweep_to_wandb(logger: WandbLogger, result: PruningResult, paths: list[Path], step: int) -> None:
-    """The λ table as a ``wandb.Table`` and the written plot as an image, both under ``actprune/sweep``."""
-    records = sweep_records(result)
-    columns = sweep_columns(records)
-    logger.log_table("actprune/sweep", columns=columns, data=[[r.get(c) for c in columns] for r in records], step=step)
-    images = [str(path) for path in paths if path.suffix == ".png"]
-    if images:
-        caption = f"applied λ={result.plan.threshold:.4g} ({result.plan.statistic})"
-        logger.log_image("actprune/sweep_plot", images=images, step=step, caption=[caption])
-
-
-def _uncompile(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
-    """Swap every ``torch.compile``'d submodule for the module it wraps: hooks and tracing need the eager module.
-
-    Returns:
-        ``(parent, attribute, compiled wrapper)`` for each swap, to undo it.
-    """
-    optimized = getattr(getattr(torch, "_dynamo", None), "OptimizedModule", None)
-    if optimized is None:
-        return []
-    swapped = []
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, optimized):
-                setattr(parent, name, child._orig_mod)
-                swapped.append((parent, name, child))
-    return swapped
-
-
-def _recompile(swapped: list[tuple[nn.Module, str, nn.Module]]) -> None:
-    """Undo :func:`_uncompile`."""
-    for parent, name, wrapper in swapped:
-        setattr(parent, name, wrapper)
-
-
-def _validate(trainer: pl.Trainer, pl_module: pl.LightningModule, ckpt_path: str | None = None) -> dict[str, float]:
-    """One validation pass through the Trainer (on its device, its precision), with the fit's data."""
-    source = compat.data_source(trainer.fit_loop.epoch_loop.val_loop).instance
-    kwargs: dict[str, Any] = {}
-    # several processes: shards that cover every sample exactly once, not Lightning's padded ones
-    unrepeated = unrepeated_val_dataloaders(trainer, compat.data_source(trainer.fit_loop.epoch_loop.val_loop))
-    if unrepeated is not None:
-        kwargs["dataloaders"] = unrepeated
-    elif isinstance(source, pl.LightningDataModule):
-        kwargs["datamodule"] = source
-    elif not isinstance(source, pl.LightningModule):
-        kwargs["dataloaders"] = source
-    results = trainer.validate(pl_module, ckpt_path=ckpt_path, verbose=False, **kwargs)
-    return synced_metrics(trainer, {name: float(value) for result in results for name, value in result.items()})
-
-
-@contextmanager
-def _trainer_state_kept(trainer: pl.Trainer) -> Iterator[None]:
-    """Leave the Trainer as ``fit`` left it: state, loggers (not written to), metrics, data sources."""
-    state = dataclasses.replace(trainer.state)
-    loggers = trainer.loggers
-    loops = (
-        trainer.fit_loop,
-        trainer.fit_loop.epoch_loop.val_loop,
-        trainer.validate_loop,
-        trainer.test_loop,
-        trainer.predict_loop,
-    )
-    sources = [compat.data_source(loop).instance for loop in loops]
-    ckpt_path = trainer.ckpt_path
-    trainer.loggers = []
-    try:
-        with compat.logger_metrics_kept(trainer):
-            yield
-    finally:
-        trainer.loggers = loggers
-        trainer.state.status, trainer.state.fn, trainer.state.stage = state.status, state.fn, state.stage
-        for loop, source in zip(loops, sources, strict=False):
-            compat.data_source(loop).instance = source
-        compat.set_ckpt_path(trainer, ckpt_path)

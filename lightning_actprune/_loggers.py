@@ -1,0 +1,68 @@
+"""What the loggers get beyond the ``actprune/*`` metrics: the λ table and its plot, in each logger's own form."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_actprune._report import (
+    PruningResult,
+    format_sweep_table,
+    plot_sweep,
+    sweep_columns,
+    sweep_records,
+    write_sweep_files,
+)
+
+
+def report(trainer: pl.Trainer, result: PruningResult, monitor: str | None) -> None:
+    """Report a result: the ``actprune/*`` numbers to every logger, the summary and the λ table to the console.
+
+    Rank zero also writes the table's files into the log directory, and each logger gets the table and the plot in
+    its own form (:func:`send_sweep`).
+    """
+    metrics = result.to_metrics()
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+    rank_zero_info(result.summary())
+    if not result.sweep:
+        return
+    rank_zero_info(format_sweep_table(result))
+    log_dir = trainer.log_dir  # a broadcast: every rank must ask, or rank zero waits forever
+    if not trainer.is_global_zero:
+        return
+    paths = write_sweep_files(result, log_dir or trainer.default_root_dir, monitor)
+    for logger in trainer.loggers:
+        send_sweep(logger, result, paths, monitor, trainer.global_step)
+
+
+def send_sweep(logger: Logger, result: PruningResult, paths: list[Path], monitor: str | None, step: int) -> None:
+    """TensorBoard gets the figure and the table as text; MLflow the files as artifacts; W&B a table and the plot.
+
+    Other loggers get only the keys.
+    """
+    if isinstance(logger, TensorBoardLogger):
+        figure = plot_sweep(result, monitor)
+        if figure is not None:
+            logger.experiment.add_figure("actprune/sweep", figure, global_step=step)
+        table = format_sweep_table(result)
+        logger.experiment.add_text("actprune/sweep", "    " + table.replace("\n", "\n    "), global_step=step)
+    elif isinstance(logger, MLFlowLogger):
+        for path in paths:
+            logger.experiment.log_artifact(logger.run_id, str(path))
+    elif isinstance(logger, WandbLogger):
+        __send_sweep_to_wandb(logger, result, paths, step)
+
+
+def __send_sweep_to_wandb(logger: WandbLogger, result: PruningResult, paths: list[Path], step: int) -> None:
+    """The λ table as a ``wandb.Table`` and the written plot as an image, both under ``actprune/sweep``."""
+    records = sweep_records(result)
+    columns = sweep_columns(records)
+    logger.log_table("actprune/sweep", columns=columns, data=[[r.get(c) for c in columns] for r in records], step=step)
+    images = [str(path) for path in paths if path.suffix == ".png"]
+    if images:
+        caption = f"applied λ={result.plan.threshold:.4g} ({result.plan.statistic})"
+        logger.log_image("actprune/sweep_plot", images=images, step=step, caption=[caption])
