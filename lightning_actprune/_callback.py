@@ -6,7 +6,6 @@ import dataclasses
 import fnmatch
 import math
 import warnings
-from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -30,18 +29,16 @@ from lightning_actprune._checkpoint import (
 )
 from lightning_actprune._config import Mode, OnError, PruningSettings
 from lightning_actprune._distributed import (
-    average_batchnorm_statistics,
     check_same_on_every_rank,
     check_strategy,
     reduced_moments,
     rewrap_after_pruning,
-    synced_metrics,
 )
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._loggers import report
 from lightning_actprune._optimizer import OptimizerSnapshot, apply_plan_with_optimizers
 from lightning_actprune._plan import ExampleInputs, PruningPlan, find_prunable_layers
-from lightning_actprune._recalibration import batchnorm_layers, recalibrating_batchnorm
+from lightning_actprune._recalibration import batchnorm_layers
 from lightning_actprune._report import (
     NONE_CHOSEN,
     PruningResult,
@@ -64,7 +61,7 @@ from lightning_actprune._sweep import (
     search_within_drop,
 )
 from lightning_actprune._trainer import (
-    FirstBatches,
+    ValidationPasses,
     keeps_parameter_copies,
     recompile,
     trainer_state_kept,
@@ -201,7 +198,6 @@ class ActivationPruning(Callback):
         self.pruned_checkpoint_path: str | None = None
         """Where the last pruned checkpoint was written."""
         self._load_hook: RemovableHandle | None = None
-        self._train_loader: Any = None
         self._in_fit = False  # pruning inside `fit` (recovery epochs follow) rather than at its end
         self.pruned_at_epoch: int | None = None
         """The epoch at whose end the model was pruned inside ``fit`` (``recovery_epochs > 0``), or None."""
@@ -414,8 +410,6 @@ class ActivationPruning(Callback):
             except BaseException:
                 recompile(compiled)
                 raise
-            finally:
-                self._train_loader = None
             if result is None:  # nothing pruned: the model goes back as it was, compiled
                 recompile(compiled)
         except BaseException:
@@ -430,10 +424,9 @@ class ActivationPruning(Callback):
         return result
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PruningResult | None:
-        # our own validation passes replace the fit's loaders: the recalibration's batches are taken now
-        self._train_loader = trainer.train_dataloader
+        passes = ValidationPasses(trainer, pl_module, self._in_fit, self.settings.recalibration_batches)
         with ActivationRecorder(pl_module) as recorder:
-            metrics_before = self._validation(trainer, pl_module)
+            metrics_before = passes.metrics()
         monitor = self.settings.monitor
         if monitor is not None and monitor not in metrics_before:
             logged = ", ".join(metrics_before) or "(none)"
@@ -458,7 +451,7 @@ class ActivationPruning(Callback):
             moments,
             self.settings.scorer,
             self.settings.min_neurons,
-            validate=lambda: self._validate_recalibrated(trainer, pl_module),
+            validate=passes.metrics_recalibrated,
             compensate=self.settings.compensate,
             normalize=self.settings.normalized,
         )
@@ -470,7 +463,7 @@ class ActivationPruning(Callback):
             plan, metrics_after = dataclasses.replace(evaluator.plan_removing(0), threshold=math.nan), metrics_before
             chosen_by = NONE_CHOSEN
         else:
-            metrics_after, metrics_pruned = self._apply(trainer, pl_module, plan, rows, params_before)
+            metrics_after, metrics_pruned = self._apply(trainer, pl_module, plan, rows, params_before, passes)
         return PruningResult(
             plan=plan,
             params_before=params_before,
@@ -491,6 +484,7 @@ class ActivationPruning(Callback):
         plan: PruningPlan,
         rows: dict[float, SweepRow],
         params_before: int,
+        passes: ValidationPasses,
     ) -> tuple[dict[str, float], dict[str, float]]:
         """Cut the model to ``plan``; its metrics after recalibration and, if recalibrated, right after the cut.
 
@@ -507,14 +501,13 @@ class ActivationPruning(Callback):
         validated = rows.get(threshold)
         validated = validated if validated is not None and dict(validated.neurons) == neurons else None
         check_same_on_every_rank(trainer, plan.to_dict(), "the pruning plans")  # before any rank cuts
-        recalibrates = self._recalibrates(pl_module)
         optimizers = OptimizerSnapshot(trainer.optimizers if self._in_fit else [])
         metrics_pruned: dict[str, float] = {}
         try:
             with restoring(pl_module, [*plan.touched_modules, *batchnorm_layers(pl_module)]):
                 # inside fit, training goes on: the same optimizers follow the parameters to their new shapes
                 apply_plan_with_optimizers(pl_module, plan, optimizers.optimizers)
-                metrics_after, metrics_pruned = self._validate_pruned(trainer, pl_module, validated, recalibrates)
+                metrics_after, metrics_pruned = passes.metrics_pruned(validated.metrics if validated else None)
         except BaseException:
             optimizers.restore()
             raise
@@ -523,66 +516,6 @@ class ActivationPruning(Callback):
             kept = params_after / params_before
             rows[threshold] = SweepRow(threshold, params_after, kept, size_after, neurons, metrics_after)
         return metrics_after, metrics_pruned
-
-    def _validate_pruned(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, validated: SweepRow | None, recalibrates: bool
-    ) -> tuple[dict[str, float], dict[str, float]]:
-        """The pruned model's metrics after recalibration and, if it was recalibrated, right after the surgery."""
-        if recalibrates:
-            metrics_pruned = self._validation(trainer, pl_module)
-            if self._recalibrate(trainer, pl_module):
-                return self._validation(trainer, pl_module), metrics_pruned
-            return metrics_pruned, {}  # recalibration failed (and warned): the surgery's metrics are the last
-        if validated is not None:  # a λ of the table was validated on this very pruned model
-            return dict(validated.metrics), {}
-        return self._validation(trainer, pl_module), {}
-
-    def _recalibrates(self, pl_module: pl.LightningModule) -> bool:
-        return self.settings.recalibration_batches > 0 and bool(batchnorm_layers(pl_module))
-
-    def _recalibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
-        """Re-estimate BatchNorm statistics on the first training batches; ``False`` (with a warning) if it cannot.
-
-        The passes go through ``trainer.validate`` (the user's ``validation_step`` knows how to feed a batch to
-        the model) over the fit's training loader, with every BatchNorm layer in train mode.
-        """
-        loader = self._train_loader
-        if loader is None or isinstance(loader, (Mapping, list, tuple)):
-            why = "the fit has no training loader" if loader is None else "the fit has several training loaders"
-            rank_zero_warn(f"ActivationPruning: BatchNorm recalibration skipped: {why}.")
-            return False
-        limit, trainer.limit_val_batches = trainer.limit_val_batches, 1.0  # our batch count, not the val limit
-        try:
-            with restoring(pl_module, batchnorm_layers(pl_module)), recalibrating_batchnorm(pl_module):
-                batches = FirstBatches(loader, self.settings.recalibration_batches)
-                if self._in_fit:
-                    compat.validate_in_fit(trainer, batches)
-                else:
-                    trainer.validate(pl_module, dataloaders=batches, verbose=False)
-                average_batchnorm_statistics(trainer, pl_module)  # identical on every rank
-        except Exception as error:
-            rank_zero_warn(
-                f"ActivationPruning: BatchNorm recalibration failed ({type(error).__name__}: {error}); the pruned"
-                " model keeps the running statistics from training."
-            )
-            return False
-        finally:
-            trainer.limit_val_batches = limit
-        return True
-
-    def _validation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-        """One validation pass with the fit's data: ``trainer.validate`` after ``fit``, the fit's loop inside it."""
-        if self._in_fit:
-            return synced_metrics(trainer, compat.validate_in_fit(trainer))
-        return validate(trainer, pl_module)
-
-    def _validate_recalibrated(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-        """One validation pass of the model recalibrated; its BatchNorm statistics are put back afterwards."""
-        if not self._recalibrates(pl_module):
-            return self._validation(trainer, pl_module)
-        with restoring(pl_module, batchnorm_layers(pl_module), always=True):
-            self._recalibrate(trainer, pl_module)
-            return self._validation(trainer, pl_module)
 
     def _sweep(self, trainer: pl.Trainer, evaluator: ThresholdEvaluator) -> list[SweepRow]:
         thresholds = self.settings.sweep or []

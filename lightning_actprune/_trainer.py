@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_actprune import _lightning_compat as compat
-from lightning_actprune._distributed import synced_metrics, unrepeated_val_dataloaders
+from lightning_actprune._distributed import average_batchnorm_statistics, synced_metrics, unrepeated_val_dataloaders
+from lightning_actprune._recalibration import batchnorm_layers, recalibrating_batchnorm
+from lightning_actprune._surgery import restoring
 
 
 class FirstBatches:
@@ -31,6 +34,94 @@ class FirstBatches:
             return min(len(self.loader), self.count)  # type: ignore[arg-type]
         except TypeError:
             return self.count
+
+
+class ValidationPasses:
+    """The validation passes of one prune, the same whether it runs at the end of ``fit`` or inside it.
+
+    After ``fit``, a pass is ``trainer.validate`` with the fit's data (:func:`validate`); inside ``fit`` (recovery
+    epochs follow), a run of the fit's own validation loop that nothing else sees
+    (:func:`~lightning_actprune._lightning_compat.validate_in_fit`). With BatchNorm in the model and
+    ``recalibration_batches > 0``, :meth:`recalibrate` re-estimates its statistics on the first training batches.
+
+    Args:
+        trainer: the Trainer.
+        pl_module: its module.
+        in_fit: whether ``fit`` goes on after the prune.
+        recalibration_batches: how many training batches recalibrate BatchNorm (0: never).
+    """
+
+    def __init__(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, in_fit: bool, recalibration_batches: int
+    ) -> None:
+        self.trainer, self.pl_module, self.in_fit = trainer, pl_module, in_fit
+        self.recalibration_batches = recalibration_batches
+        # our own validation passes replace the fit's loaders: the training batches are taken now
+        self.train_loader = trainer.train_dataloader
+
+    def metrics(self) -> dict[str, float]:
+        """One validation pass of the model as it is now."""
+        if self.in_fit:
+            return synced_metrics(self.trainer, compat.validate_in_fit(self.trainer))
+        return validate(self.trainer, self.pl_module)
+
+    @property
+    def recalibrates(self) -> bool:
+        """Whether the model has BatchNorm layers to recalibrate (and recalibration is on)."""
+        return self.recalibration_batches > 0 and bool(batchnorm_layers(self.pl_module))
+
+    def recalibrate(self) -> bool:
+        """Re-estimate BatchNorm statistics on the first training batches; ``False`` (with a warning) if it cannot.
+
+        The passes run the user's ``validation_step`` (which knows how to feed a batch to the model) over the fit's
+        training loader, with every BatchNorm layer in train mode; under DDP the ranks' statistics are pooled.
+        """
+        trainer, loader = self.trainer, self.train_loader
+        if loader is None or isinstance(loader, (Mapping, list, tuple)):
+            why = "the fit has no training loader" if loader is None else "the fit has several training loaders"
+            rank_zero_warn(f"ActivationPruning: BatchNorm recalibration skipped: {why}.")
+            return False
+        limit, trainer.limit_val_batches = trainer.limit_val_batches, 1.0  # our batch count, not the val limit
+        try:
+            with restoring(self.pl_module, batchnorm_layers(self.pl_module)), recalibrating_batchnorm(self.pl_module):
+                batches = FirstBatches(loader, self.recalibration_batches)
+                if self.in_fit:
+                    compat.validate_in_fit(trainer, batches)
+                else:
+                    trainer.validate(self.pl_module, dataloaders=batches, verbose=False)
+                average_batchnorm_statistics(trainer, self.pl_module)  # identical on every rank
+        except Exception as error:
+            rank_zero_warn(
+                f"ActivationPruning: BatchNorm recalibration failed ({type(error).__name__}: {error}); the pruned"
+                " model keeps the running statistics from training."
+            )
+            return False
+        finally:
+            trainer.limit_val_batches = limit
+        return True
+
+    def metrics_recalibrated(self) -> dict[str, float]:
+        """One validation pass of the model recalibrated; its BatchNorm statistics are put back afterwards."""
+        if not self.recalibrates:
+            return self.metrics()
+        with restoring(self.pl_module, batchnorm_layers(self.pl_module), always=True):
+            self.recalibrate()
+            return self.metrics()
+
+    def metrics_pruned(self, validated: Mapping[str, float] | None) -> tuple[dict[str, float], dict[str, float]]:
+        """After the surgery: the final metrics and, when BatchNorm was recalibrated, the metrics before that.
+
+        Args:
+            validated: the metrics of this very pruned model from the λ table, if it has them (no recalibration).
+        """
+        if self.recalibrates:
+            metrics_pruned = self.metrics()
+            if self.recalibrate():
+                return self.metrics(), metrics_pruned
+            return metrics_pruned, {}  # recalibration failed (and warned): the surgery's metrics are the last
+        if validated is not None:
+            return dict(validated), {}
+        return self.metrics(), {}
 
 
 def keeps_parameter_copies(callback: Callback) -> bool:

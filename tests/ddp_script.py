@@ -31,7 +31,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 
-import lightning_actprune._callback as callback_module
+import lightning_actprune._trainer as trainer_module
 from lightning_actprune import ActivationPruning, ActivationPruningError
 from lightning_actprune.core import ActivationRecorder
 from tests.helpers import Classifier, MLPBatchNormDropout, MLPModule, make_data, quiet_trainer
@@ -89,13 +89,13 @@ def spy_on_statistics(captured: list[Any]) -> None:
 
 def spy_on_recalibration(captured: list[Any]) -> None:
     """Keep each rank's recalibrated BatchNorm statistics as they are before the ranks pool them."""
-    average = callback_module.average_batchnorm_statistics
+    average = trainer_module.average_batchnorm_statistics
 
     def spy(trainer: pl.Trainer, model: torch.nn.Module) -> None:
         captured.append({k: v.clone() for k, v in model.state_dict().items() if "running" in k})
         average(trainer, model)
 
-    callback_module.average_batchnorm_statistics = spy  # type: ignore[assignment]
+    trainer_module.average_batchnorm_statistics = spy  # type: ignore[assignment]
 
 
 def trainer_for(out: Path, *callbacks: Callback, max_epochs: int = 3) -> pl.Trainer:
