@@ -275,7 +275,7 @@ def find_prunable_layers(
     """
     names = {m: n for n, m in reversed(list(model.named_modules(remove_duplicate=False)))}
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-    context = _TraceContext(names, order, _modules_sharing_parameters(model), _parameter_names(model))
+    context = _TraceContext(names, order, _modules_sharing_parameters(model), _parameter_owners(model))
     inputs = _as_example_inputs(example_inputs)
     found: list[PrunableLayer] = []
     skipped: list[_Skip] = []
@@ -305,7 +305,7 @@ class _TraceContext(NamedTuple):
     names: Mapping[nn.Module, str]
     order: Mapping[str, int]
     shared: set[nn.Module]
-    parameters: Mapping[int, str]
+    parameters: Mapping[int, tuple[str, nn.Module]]
 
 
 _MAX_NAMES = 3  # layers named per warning; the rest are counted
@@ -336,8 +336,20 @@ def _warn_skipped(skipped: Sequence[_Skip]) -> None:
         warnings.warn(f"lightning_actprune: not pruning {_listed(layers)}: {reason}", stacklevel=3)
 
 
-def _parameter_names(model: nn.Module) -> dict[int, str]:
-    return {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+def _parameter_owners(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:
+    """Each parameter's name and the module that holds it, by ``id``."""
+    owners = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for name, p in module.named_parameters(recurse=False):
+            owners[id(p)] = (f"{module_name}.{name}" if module_name else name, module)
+    return owners
+
+
+def _unsupported(module: nn.Module) -> bool:
+    """A layer with a matrix or kernel that this package does not prune (GPT-2's ``Conv1D``, ``ConvTranspose2d``)."""
+    weight = getattr(module, "weight", None)
+    known = (*MEASURED_TYPES, nn.Embedding, nn.RNNBase)
+    return isinstance(weight, Tensor) and weight.dim() >= 2 and not isinstance(module, known)
 
 
 def _recurrent_layers(root: nn.Module, names: Mapping[nn.Module, str]) -> Iterator[_Skip]:
@@ -415,8 +427,12 @@ _WORDS = {
 def _describe(module: Any, optype: tp.ops.OPTYPE, context: _TraceContext) -> str:
     """A node of Torch-Pruning's graph in a user's words: the layer's type and name, never the tracer's node name."""
     if isinstance(module, nn.Parameter):
-        name = context.parameters.get(id(module))
-        return f"the parameter {name} (used outside a layer)" if name else "a parameter used outside a layer"
+        if id(module) not in context.parameters:
+            return "a parameter used outside a layer"
+        name, owner = context.parameters[id(module)]
+        if _unsupported(owner):
+            return f"{type(owner).__name__} {context.names[owner]} (not supported)"
+        return f"the parameter {name} (used outside a layer)"
     if isinstance(module, nn.RNNBase):
         return f"{type(module).__name__} {context.names[module]} (recurrent layers are not pruned)"
     if isinstance(module, nn.Module) and module in context.names:
@@ -690,12 +706,13 @@ def _prunes_like_zeroing(
 
 
 def layer_inventory(model: nn.Module) -> str:
-    """``Conv1D ×24, LayerNorm ×13``: the types of the modules that hold parameters, to say what was found."""
-    kinds: dict[str, int] = defaultdict(int)
+    """``Conv1D ×24 (not supported), LayerNorm ×13``: the types of the modules that hold parameters."""
+    kinds: dict[tuple[str, str], int] = defaultdict(int)
     for module in model.modules():
         if any(True for _ in module.parameters(recurse=False)):
-            kinds[type(module).__name__] += 1
-    return ", ".join(f"{kind} ×{count}" for kind, count in sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0])))
+            kinds[(type(module).__name__, " (not supported)" if _unsupported(module) else "")] += 1
+    ranked = sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0]))
+    return ", ".join(f"{kind} ×{count}{note}" for (kind, note), count in ranked)
 
 
 def _modules_sharing_parameters(model: nn.Module) -> set[nn.Module]:

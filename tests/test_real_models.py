@@ -7,12 +7,14 @@ warning that names the layer and the reason; never a crash at the end of fit.
 import dataclasses
 import re
 import warnings
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_actprune import ActivationPruning
 from lightning_actprune.core import find_prunable_layers
@@ -254,3 +256,50 @@ def test_nothing_prunable_lists_the_layer_types_found(fit):
         "not pruning net.0: its neurons reach LayerNorm net.1, which cannot lose neurons here." in m for m in messages
     )
     assert_readable(messages)
+
+
+class TinyGPT2(pl.LightningModule):
+    """Hugging Face's GPT-2 (two blocks, 32 features, a 50-token vocabulary) trained as a language model."""
+
+    def __init__(self, use_cache: bool) -> None:
+        super().__init__()
+        transformers = pytest.importorskip("transformers")
+        config = transformers.GPT2Config(
+            n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16, use_cache=use_cache, bos_token_id=0,
+            eos_token_id=0,
+        )  # fmt: skip
+        self.model = transformers.GPT2LMHeadModel(config)
+
+    def forward(self, tokens: Tensor) -> Any:
+        return self.model(input_ids=tokens, labels=tokens)
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        return self(batch[0]).loss
+
+    def validation_step(self, batch: list[Tensor], batch_idx: int) -> None:
+        self.log("val_loss", self(batch[0]).loss)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no_cache"])
+def test_gpt2_ends_the_fit_without_a_crash_and_says_why_nothing_is_pruned(use_cache, make_trainer):
+    model = TinyGPT2(use_cache)
+    tokens = torch.randint(0, 50, (32, 10), generator=torch.Generator().manual_seed(0))
+    train = val = DataLoader(TensorDataset(tokens), batch_size=16)
+    pruning = ActivationPruning(target_params_reduction=0.3)
+    trainer = make_trainer(pruning, max_epochs=1, logger=False, enable_checkpointing=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, train, val)
+    messages = [str(w.message) for w in caught if re.match("lightning_actprune|ActivationPruning", str(w.message))]
+    assert pruning.result is None
+    assert_readable(messages)
+    (nothing,) = [m for m in messages if "has no prunable layer" in m]
+    assert "Found Conv1D ×8 (not supported), LayerNorm ×5" in nothing
+    if use_cache:  # the cache's concatenation with an empty tensor defeats Torch-Pruning's index mapping
+        assert any(
+            m.startswith("lightning_actprune: not pruning the layers inside TinyGPT2: tracing failed:")
+            for m in messages
+        )
