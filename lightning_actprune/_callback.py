@@ -37,7 +37,7 @@ from lightning_actprune._distributed import (
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._loggers import report
 from lightning_actprune._optimizer import OptimizerSnapshot, apply_plan_with_optimizers
-from lightning_actprune._plan import ExampleInputs, PruningPlan, find_prunable_layers
+from lightning_actprune._plan import ExampleInputs, PruningPlan, find_prunable_layers, layer_inventory
 from lightning_actprune._recalibration import batchnorm_layers
 from lightning_actprune._report import (
     NONE_CHOSEN,
@@ -443,7 +443,11 @@ class ActivationPruning(Callback):
         if getattr(trainer, "fast_dev_run", False):  # set by the Trainer at init, not declared on the class
             rank_zero_info("ActivationPruning: `fast_dev_run` validates one batch; the statistics come from it alone.")
         if not layers:
-            rank_zero_info(f"ActivationPruning: {type(pl_module).__name__} has no prunable layer; nothing changed.")
+            rank_zero_warn(
+                f"ActivationPruning: {type(pl_module).__name__} has no prunable layer; nothing changed. Found"
+                f" {layer_inventory(pl_module) or 'no layer with parameters'}; none is prunable: only a Linear/Conv"
+                " layer whose outputs feed another Linear/Conv layer is (the warnings above say why others are not)."
+            )
             return None
         evaluator = ThresholdEvaluator(
             pl_module,

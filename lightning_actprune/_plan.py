@@ -275,71 +275,295 @@ def find_prunable_layers(
     """
     names = {m: n for n, m in reversed(list(model.named_modules(remove_duplicate=False)))}
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-    shared = _modules_sharing_parameters(model)
+    context = _TraceContext(names, order, _modules_sharing_parameters(model), _parameter_owners(model))
     inputs = _as_example_inputs(example_inputs)
     found: list[PrunableLayer] = []
+    skipped: list[_Skip] = []
     for root_name in _trace_roots(inputs):
         root = model.get_submodule(root_name) if root_name else model
-        # inputs recorded under inference mode cannot enter autograd; a clone made here can
-        args, kwargs = map_tensors(Tensor.clone, _few_samples(root, inputs[root_name]))
-        candidates = list(_layers_of_root(root, args, kwargs, names, order, shared))
-        found.extend(_keep_independent(model, root, args, kwargs, candidates))
+        skipped.extend(_recurrent_layers(root, names))
+        try:
+            # inputs recorded under inference mode cannot enter autograd; a clone made here can
+            args, kwargs = map_tensors(Tensor.clone, _few_samples(root, inputs[root_name]))
+            candidates = list(_layers_of_root(root, args, kwargs, context, skipped))
+            found.extend(_keep_independent(model, root, args, kwargs, candidates, skipped))
+        except Exception as error:  # one root the tracer cannot handle must not stop the others, nor the fit
+            skipped.append(_Skip(f"the layers inside {root_name or type(root).__name__}", _failure("tracing", error)))
+    _warn_skipped(skipped)
     found.sort(key=lambda layer: order[layer.producers[0]])
     return _select(found, layers, exclude)
+
+
+class _Skip(NamedTuple):
+    """A layer (or a whole traced module) that is not pruned, and why, in words a user can act on."""
+
+    layer: str
+    reason: str
+
+
+class _TraceContext(NamedTuple):
+    names: Mapping[nn.Module, str]
+    order: Mapping[str, int]
+    shared: set[nn.Module]
+    parameters: Mapping[int, tuple[str, nn.Module]]
+
+
+_MAX_NAMES = 3  # layers named per warning; the rest are counted
+_MAX_DETAIL = 120  # characters of an exception's message quoted in a warning
+
+
+def _failure(step: str, error: Exception) -> str:
+    message = " ".join(str(error).split())
+    if len(message) > _MAX_DETAIL:
+        message = message[: _MAX_DETAIL - 1] + "…"
+    return f"{step} failed: {type(error).__name__}: {message}"
+
+
+def _listed(names: Sequence[str]) -> str:
+    """``a, b, c and 4 more``: a list that stays one short line however many names it holds."""
+    unique = list(dict.fromkeys(names))
+    if len(unique) <= _MAX_NAMES:
+        return ", ".join(unique)
+    return f"{', '.join(unique[:_MAX_NAMES])} and {len(unique) - _MAX_NAMES} more"
+
+
+def _warn_skipped(skipped: Sequence[_Skip]) -> None:
+    """One warning per reason, naming the layers it stops: many layers with one reason make one line."""
+    layers_by_reason: dict[str, list[str]] = defaultdict(list)
+    for skip in skipped:
+        layers_by_reason[skip.reason].append(skip.layer)
+    for reason, layers in layers_by_reason.items():
+        warnings.warn(f"lightning_actprune: not pruning {_listed(layers)}: {reason}", stacklevel=3)
+
+
+def _parameter_owners(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:
+    """Each parameter's name and the module that holds it, by ``id``."""
+    owners = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for name, p in module.named_parameters(recurse=False):
+            owners[id(p)] = (f"{module_name}.{name}" if module_name else name, module)
+    return owners
+
+
+def _unsupported(module: nn.Module) -> bool:
+    """A layer with a matrix or kernel that this package does not prune (GPT-2's ``Conv1D``, ``ConvTranspose2d``)."""
+    weight = getattr(module, "weight", None)
+    known = (*MEASURED_TYPES, nn.Embedding, nn.RNNBase)
+    return isinstance(weight, Tensor) and weight.dim() >= 2 and not isinstance(module, known)
+
+
+def _recurrent_layers(root: nn.Module, names: Mapping[nn.Module, str]) -> Iterator[_Skip]:
+    for module in root.modules():
+        if isinstance(module, nn.RNNBase):
+            name = f"the hidden size of {type(module).__name__} {names[module]}"
+            yield _Skip(name, "recurrent layers keep their sizes.")
+
+
+class _OpaqueRecurrent(tp.pruner.function.BasePruningFunc):
+    """Makes Torch-Pruning see a recurrent layer as one node (its own LSTM pruner is not exact, GRU/RNN crash).
+
+    The groups that reach such a node are skipped, so its prune functions are never called.
+    """
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        raise NotImplementedError("lightning_actprune does not prune recurrent layers")
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        raise NotImplementedError("lightning_actprune does not prune recurrent layers")
+
+    def get_out_channels(self, layer: nn.RNNBase) -> int:
+        return int(layer.hidden_size) * (2 if layer.bidirectional else 1)
+
+    def get_in_channels(self, layer: nn.RNNBase) -> int:
+        return int(layer.input_size)
+
+
+class _Opaque(torch.autograd.Function):
+    """``output`` as one autograd node whose only input is ``inputs``: the tracer does not walk inside the layer."""
+
+    @staticmethod
+    def forward(inputs: Tensor, output: Tensor) -> Tensor:
+        return output.clone()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor]:
+        return None, grad
+
+
+@contextmanager
+def _recurrent_layers_opaque(root: nn.Module) -> Iterator[None]:
+    """Recurrent layers seen as single nodes: some (GRU) record their time steps, which Torch-Pruning misreads."""
+
+    def opaque(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        if not (args and isinstance(args[0], Tensor) and isinstance(output, tuple) and isinstance(output[0], Tensor)):
+            return None  # a PackedSequence: left as it is
+        return map_tensors(lambda t: _Opaque.apply(args[0], t.detach()), output)
+
+    handles = [m.register_forward_hook(opaque) for m in root.modules() if isinstance(m, nn.RNNBase)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _tensors_with_grad(output: Any) -> list[Tensor]:
+    """What Torch-Pruning traces back from: the output's tensors that autograd produced, whatever holds them."""
+    return [t for t in _output_tensors(output) if t.grad_fn is not None]
+
+
+_WORDS = {
+    tp.ops.OPTYPE.UNBIND: "a torch.unbind of its features (e.g. splitting attention heads)",
+    tp.ops.OPTYPE.SLICE: "a slice of its features",
+    tp.ops.OPTYPE.EXPAND: "a torch.expand of its features",
+    tp.ops.OPTYPE.OUTPUT: "the model's output",
+}
+
+
+def _describe(module: Any, optype: tp.ops.OPTYPE, context: _TraceContext) -> str:
+    """A node of Torch-Pruning's graph in a user's words: the layer's type and name, never the tracer's node name."""
+    if isinstance(module, nn.Parameter):
+        if id(module) not in context.parameters:
+            return "a parameter used outside a layer"
+        name, owner = context.parameters[id(module)]
+        if _unsupported(owner):
+            return f"{type(owner).__name__} {context.names[owner]} (not supported)"
+        return f"the parameter {name} (used outside a layer)"
+    if isinstance(module, nn.RNNBase):
+        return f"{type(module).__name__} {context.names[module]} (recurrent layers are not pruned)"
+    if isinstance(module, nn.Module) and module in context.names:
+        return f"{type(module).__name__} {context.names[module]}"
+    return _WORDS.get(optype, f"a {optype.name.lower()} operation")
+
+
+def _groups(graph: tp.DependencyGraph, root: nn.Module) -> Iterator[tuple[nn.Module, Any]]:
+    """Like ``graph.get_all_groups``, but a group that fails to build is handed back as its exception."""
+    visited: set[nn.Module] = set()
+    for module in list(graph.module2node):
+        if not isinstance(module, MEASURED_TYPES) or module in visited:
+            continue
+        try:
+            pruner = graph.get_pruner_of_module(module)
+            channels = list(range(pruner.get_out_channels(module)))
+            group = graph.get_pruning_group(module, pruner.prune_out_channels, channels)
+        except Exception as error:
+            yield module, error
+            continue
+        visited.update(dep.target.module for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler))
+        yield module, group
+
+
+def _dependency_graph(root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tp.DependencyGraph:
+    """Torch-Pruning's graph of ``root``, with every recurrent layer one opaque node."""
+    recurrent = {type(m) for m in root.modules() if isinstance(m, nn.RNNBase)}
+    graph = tp.DependencyGraph()
+    with _traceable(root), _recurrent_layers_opaque(root):
+        graph.build_dependency(
+            _comparable_modules(root) if recurrent else root,
+            example_inputs=(args, kwargs),
+            forward_fn=lambda _, x: root(*x[0], **x[1]),
+            output_transform=_tensors_with_grad,
+            customized_pruners={kind: _OpaqueRecurrent() for kind in recurrent} or None,
+            verbose=False,
+        )
+    return graph
+
+
+def _comparable_modules(root: nn.Module) -> nn.Module:
+    """The modules of ``root`` Torch-Pruning may compare, gathered in a container that is never called.
+
+    With customized pruners, Torch-Pruning tests ``module in ignored_layers`` on every module, and a module whose
+    ``==`` answers with an object (torchmetrics' ``Metric`` builds a new metric) makes every module look ignored.
+    """
+
+    def compares(module: nn.Module) -> bool:
+        return type(module).__eq__ is not nn.Module.__eq__
+
+    container = nn.Module()
+    container.layers = nn.ModuleList(m for m in root.modules() if not any(compares(s) for s in m.modules()))
+    return container
 
 
 def _layers_of_root(
     root: nn.Module,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
-    names: Mapping[nn.Module, str],
-    order: Mapping[str, int],
-    shared: set[nn.Module],
+    context: _TraceContext,
+    skipped: list[_Skip],
 ) -> Iterator[PrunableLayer]:
     with _traceable(root):
-        graph = tp.DependencyGraph()
         _, counts = _call_counts(root, args, kwargs)
-        graph.build_dependency(
-            root, example_inputs=(args, kwargs), forward_fn=lambda m, x: m(*x[0], **x[1]), verbose=False
-        )
-    for group in graph.get_all_groups(root_module_types=MEASURED_TYPES):
-        slices: list[ModuleSlice] = []
-        unsafe: list[str] = []
-        producers: list[str] = []
-        has_consumer = False
-        for item in group:
-            dep, indices = item
-            module, optype = dep.target.module, dep.target.type
-            if optype not in _SAFE_TYPES:
-                unsafe.append(f"{names.get(module, dep.target.name)} ({type(module).__name__})")
-                continue
-            if not isinstance(module, nn.Module) or not any(True for _ in module.parameters(recurse=False)):
-                continue
-            name = names[module]
-            if counts.get(module, 0) > 1:
-                unsafe.append(f"{name} (called {counts[module]} times per forward)")
-            if module in shared:
-                unsafe.append(f"{name} (shares a parameter with another layer)")
-            dim: Literal["out", "in"] = "out" if graph.is_out_channel_pruning_fn(dep.handler) else "in"
-            if isinstance(module, MEASURED_TYPES):
-                if dim == "out":
-                    producers.append(name)
-                else:
-                    has_consumer = True
-            slices.append(ModuleSlice(name, dim, tuple(int(i) for i in indices), tuple(int(r) for r in item.root_idxs)))
-        if not has_consumer or not producers:
-            continue  # the output layer: its neurons are the model's outputs
-        producers = sorted(set(producers), key=order.__getitem__)
-        name = "+".join(producers)
-        if unsafe:
-            warnings.warn(
-                f"lightning_actprune: not pruning {name}: its neurons reach {', '.join(dict.fromkeys(unsafe))},"
-                " which cannot be pruned without changing the other neurons' outputs.",
-                stacklevel=3,
-            )
+    graph = _dependency_graph(root, args, kwargs)
+    for module, group in _groups(graph, root):
+        if isinstance(group, Exception):
+            skipped.append(_Skip(context.names[module], _failure("tracing its group", group)))
             continue
-        neurons = len(group[0].root_idxs)
-        yield PrunableLayer(name=name, neurons=neurons, producers=tuple(producers), slices=tuple(slices))
+        try:
+            layer = _layer_of_group(graph, group, counts, context, skipped)
+        except Exception as error:  # a group the tracer cannot describe is skipped, the others go on
+            skipped.append(_Skip(context.names[module], _failure("tracing its group", error)))
+            continue
+        if layer is not None:
+            yield layer
+
+
+def _layer_of_group(
+    graph: tp.DependencyGraph,
+    group: Any,
+    counts: Mapping[nn.Module, int],
+    context: _TraceContext,
+    skipped: list[_Skip],
+) -> PrunableLayer | None:
+    names = context.names
+    slices: list[ModuleSlice] = []
+    unsafe: list[str] = []  # operations that mix the neurons, and layers that cannot lose them
+    blocking = 0  # how many of them are operations or layers other than the Linear/Conv ones
+    producers: list[str] = []
+    has_consumer = reaches_output = False
+    for item in group:
+        dep, indices = item
+        module, optype = dep.target.module, dep.target.type
+        if optype == tp.ops.OPTYPE.OUTPUT:
+            reaches_output = True
+            continue
+        if optype not in _SAFE_TYPES:
+            unsafe.append(_describe(module, optype, context))
+            blocking += 1
+            continue
+        if not isinstance(module, nn.Module) or not any(True for _ in module.parameters(recurse=False)):
+            continue
+        name = names[module]
+        if counts.get(module, 0) > 1:
+            unsafe.append(f"{name} (called {counts[module]} times per forward)")
+        if module in context.shared:
+            unsafe.append(f"{name} (shares a parameter with another layer)")
+        dim: Literal["out", "in"] = "out" if graph.is_out_channel_pruning_fn(dep.handler) else "in"
+        if isinstance(module, MEASURED_TYPES):
+            if dim == "out":
+                producers.append(name)
+            else:
+                has_consumer = True
+        slices.append(ModuleSlice(name, dim, tuple(int(i) for i in indices), tuple(int(r) for r in item.root_idxs)))
+    if not producers or not (has_consumer or blocking):
+        return None  # the output layer: its neurons are the model's outputs
+    producers = sorted(set(producers), key=context.order.__getitem__)
+    name = "+".join(producers)
+    if reaches_output and has_consumer:
+        unsafe.append(_WORDS[tp.ops.OPTYPE.OUTPUT])
+    if unsafe:
+        skipped.append(
+            _Skip(
+                name,
+                f"its neurons reach {_listed(unsafe)}, which cannot lose neurons here.",
+            )
+        )
+        return None
+    neurons = len(group[0].root_idxs)
+    return PrunableLayer(name=name, neurons=neurons, producers=tuple(producers), slices=tuple(slices))
 
 
 def _few_samples(
@@ -364,14 +588,21 @@ def _few_samples(
 
 
 def _output_tensors(output: Any) -> list[Tensor]:
-    tensors: list[Tensor] = []
+    """Every tensor in ``output``: nested tuples, lists, dicts and dataclasses (``ModelOutput``).
 
-    def collect(tensor: Tensor) -> Tensor:
-        tensors.append(tensor)
-        return tensor
-
-    map_tensors(collect, output)
-    return tensors
+    Other objects (a cache, a string) hold none that the checks compare.
+    """
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        values: Any = output.values()
+    elif isinstance(output, (tuple, list)):
+        values = output
+    elif dataclasses.is_dataclass(output) and not isinstance(output, type):
+        values = [getattr(output, field.name) for field in dataclasses.fields(output)]
+    else:
+        return []
+    return [tensor for value in values for tensor in _output_tensors(value)]
 
 
 def _same_outputs(pruned: list[Tensor], reference: list[Tensor]) -> bool:
@@ -412,48 +643,76 @@ def _zero_at_consumers(model: nn.Module, plan: PruningPlan) -> list[torch.utils.
 
 
 def _keep_independent(
-    model: nn.Module, root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], layers: list[PrunableLayer]
+    model: nn.Module,
+    root: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    layers: list[PrunableLayer],
+    skipped: list[_Skip],
 ) -> list[PrunableLayer]:
     """Keep the layers whose pruning really equals zeroing their neurons, checked on the example batch.
 
     Torch-Pruning calls every operation it does not know "element-wise", including functional ones that mix the
     neurons of a layer (``F.softmax``, ``F.layer_norm``, subtracting the mean over features). For each layer, every
     other neuron is removed for real and the outputs are compared with the unpruned model whose removed neurons are
-    zeroed at their consumers; a layer where they differ is skipped with a warning.
+    zeroed at their consumers; a layer where they differ, or whose check fails, is added to ``skipped``.
     """
-    from lightning_actprune._surgery import ModuleSnapshot, apply_plan  # _surgery imports this module
-
     independent = []
     with _traceable(root), torch.no_grad():
         for layer in layers:
             if layer.neurons < 2:
                 independent.append(layer)
                 continue
-            plan = plan_from_kept([layer], {layer.name: range(1, layer.neurons, 2)})
-            snapshot = ModuleSnapshot(model, plan.touched_modules)
             try:
-                apply_plan(model, plan)
-                pruned: list[Tensor] | None = _output_tensors(root(*args, **kwargs))
-            except Exception:
-                pruned = None
-            finally:
-                snapshot.restore()
-            handles = _zero_at_consumers(model, plan)
-            try:
-                reference = _output_tensors(root(*args, **kwargs))
-            finally:
-                for handle in handles:
-                    handle.remove()
-            if pruned is not None and _same_outputs(pruned, reference):
+                same = _prunes_like_zeroing(model, root, args, kwargs, layer)
+            except Exception as error:  # the unpruned model failed with hooks on: this layer alone is skipped
+                skipped.append(_Skip(layer.name, _failure("checking it", error)))
+                continue
+            if same:
                 independent.append(layer)
             else:
-                warnings.warn(
-                    f"lightning_actprune: not pruning {layer.name}: removing its neurons does not equal zeroing them"
-                    " (an operation between it and its consumers mixes its neurons, e.g. softmax or a normalisation"
-                    " over them).",
-                    stacklevel=4,
+                skipped.append(
+                    _Skip(
+                        layer.name,
+                        "removing its neurons does not equal zeroing them (an operation between it and its consumers"
+                        " mixes its neurons, e.g. softmax or a normalisation over them).",
+                    )
                 )
     return independent
+
+
+def _prunes_like_zeroing(
+    model: nn.Module, root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], layer: PrunableLayer
+) -> bool:
+    """Whether removing every other neuron of ``layer`` gives the outputs that zeroing them gives."""
+    from lightning_actprune._surgery import ModuleSnapshot, apply_plan  # _surgery imports this module
+
+    plan = plan_from_kept([layer], {layer.name: range(1, layer.neurons, 2)})
+    snapshot = ModuleSnapshot(model, plan.touched_modules)
+    try:
+        apply_plan(model, plan)
+        pruned = _output_tensors(root(*args, **kwargs))
+    except Exception:
+        return False  # the pruned model does not run: its shapes do not follow the neurons
+    finally:
+        snapshot.restore()
+    handles = _zero_at_consumers(model, plan)
+    try:
+        reference = _output_tensors(root(*args, **kwargs))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return _same_outputs(pruned, reference)
+
+
+def layer_inventory(model: nn.Module) -> str:
+    """``Conv1D ×24 (not supported), LayerNorm ×13``: the types of the modules that hold parameters."""
+    kinds: dict[tuple[str, str], int] = defaultdict(int)
+    for module in model.modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            kinds[(type(module).__name__, " (not supported)" if _unsupported(module) else "")] += 1
+    ranked = sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0]))
+    return ", ".join(f"{kind} ×{count}{note}" for (kind, note), count in ranked)
 
 
 def _modules_sharing_parameters(model: nn.Module) -> set[nn.Module]:

@@ -1,0 +1,305 @@
+"""Models as people write them: recurrent layers, rich outputs, code the tracer cannot follow, transformers.
+
+Each either prunes exactly (checked against the zeroing oracle) or skips what it cannot prune with one short
+warning that names the layer and the reason; never a crash at the end of fit.
+"""
+
+import dataclasses
+import re
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_actprune import ActivationPruning
+from lightning_actprune.core import find_prunable_layers
+from tests.helpers import NUM_CLASSES, Classifier, KeepUnpruned, assert_matches_oracle, loaders, zero_removed_inputs
+
+SEQUENCE = (5, 8)  # time steps, features
+TRACER_INTERNALS = re.compile(r"UnwrappedParameter|_UnbindOp|Op_\d|_ElementWiseOp|grad_fn")
+
+
+@pytest.fixture
+def fit(make_trainer):
+    """``fit(model, shape)``: two epochs with ``ActivationPruning(target_params_reduction=0.3)``; the messages."""
+
+    def fit(model, shape=(8,), keep=None):
+        pl.seed_everything(0)
+        pruning = ActivationPruning(target_params_reduction=0.3)
+        keep = keep or KeepUnpruned()
+        trainer = make_trainer(keep, pruning, max_epochs=2, logger=False, enable_checkpointing=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(model, *loaders(shape, batch_size=16))
+        messages = [str(w.message) for w in caught if re.match("lightning_actprune|ActivationPruning", str(w.message))]
+        return pruning, keep, messages
+
+    return fit
+
+
+def assert_readable(messages):
+    """Every skip message is one short line in a user's words: module names, never the tracer's node names."""
+    for message in messages:
+        assert "\n" not in message
+        assert len(message) < 300, message
+        assert not TRACER_INTERNALS.search(message), message
+
+
+class Recurrent(nn.Module):
+    """Linear → ReLU → LSTM/GRU → last time step → Linear → ReLU → Linear (the prunable part)."""
+
+    def __init__(self, rnn: type[nn.RNNBase]) -> None:
+        super().__init__()
+        self.embed = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+        self.rnn = rnn(16, 12, batch_first=True)
+        self.head = nn.Sequential(nn.Linear(12, 64), nn.ReLU(), nn.Linear(64, NUM_CLASSES))
+
+    def forward(self, x: Tensor) -> Tensor:
+        steps, _ = self.rnn(self.embed(x))
+        return self.head(steps[:, -1])
+
+
+@pytest.mark.parametrize("rnn", [nn.GRU, nn.LSTM, nn.RNN])
+def test_a_linear_feeding_a_recurrent_layer_is_skipped_by_name_and_the_rest_is_pruned(rnn, fit):
+    model = Classifier(Recurrent(rnn))
+    pruning, keep, messages = fit(model, SEQUENCE)
+    kind = rnn.__name__
+    assert f"lightning_actprune: not pruning net.embed.0: its neurons reach {kind} net.rnn (recurrent" in "\n".join(
+        messages
+    )
+    assert any(
+        f"not pruning the hidden size of {kind} net.rnn: recurrent layers keep their sizes" in m for m in messages
+    )
+    assert_readable(messages)
+    assert [layer.name for layer in pruning.result.plan.layers] == ["net.head.0"]
+    assert model.net.head[0].out_features < 64
+    assert model.net.embed[0].out_features == 16
+    assert model.net.rnn.input_size == 16
+    x = torch.randn(6, *SEQUENCE)
+    assert_matches_oracle(model, keep.model, pruning.result.plan, x)
+
+
+class Cache:
+    """Not a tensor, not a container: what a key/value cache looks like to the tracer."""
+
+
+@dataclasses.dataclass
+class Output:
+    logits: Tensor
+    hidden: tuple[Tensor, ...]
+    cache: Cache
+
+
+class RichOutput(pl.LightningModule):
+    """``forward`` returns a dict or a dataclass holding the logits, nested tensors and a non-tensor object."""
+
+    def __init__(self, as_dataclass: bool) -> None:
+        super().__init__()
+        self.as_dataclass = as_dataclass
+        self.fc1, self.fc2, self.out = nn.Linear(8, 16), nn.Linear(16, 12), nn.Linear(12, NUM_CLASSES)
+
+    def forward(self, x: Tensor) -> Output | dict:
+        hidden = F.relu(self.fc2(F.relu(self.fc1(x))))
+        logits = self.out(hidden)
+        if self.as_dataclass:
+            return Output(logits, (logits.detach(),), Cache())
+        return {"logits": logits, "extra": [(Cache(), x.shape)], "cache": Cache()}
+
+    def logits(self, x: Tensor) -> Tensor:
+        output = self(x)
+        return output.logits if self.as_dataclass else output["logits"]
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return F.cross_entropy(self.logits(batch[0]), batch[1])
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.log("val_loss", F.cross_entropy(self.logits(batch[0]), batch[1]))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+@pytest.mark.parametrize("as_dataclass", [False, True], ids=["dict", "dataclass"])
+def test_outputs_holding_non_tensor_objects_are_pruned(as_dataclass, fit):
+    model = RichOutput(as_dataclass)
+    pruning, keep, _ = fit(model)
+    assert {layer.name for layer in pruning.result.plan.layers} == {"fc1", "fc2"}
+    assert pruning.result.params_after < pruning.result.params_before
+    x = torch.randn(6, 8)
+    zero_removed_inputs(keep.model, pruning.result.plan)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.logits(x), keep.model.logits(x))
+
+
+class NumpyHead(nn.Module):
+    """At inference, rounds its hidden activations with NumPy: fine in validation, impossible to trace with grad."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out = nn.Linear(12, 10), nn.Linear(10, NUM_CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.fc(x))
+        if not self.training:
+            h = torch.from_numpy(h.numpy().round(3))
+        return self.out(h)
+
+
+class BackboneAndHead(pl.LightningModule):
+    """``validation_step`` calls the backbone and the head one after the other: two traced roots."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU())
+        self.head = NumpyHead()
+
+    def step(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        return F.cross_entropy(self.head(self.backbone(batch[0])), batch[1])
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self.step(batch)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.log("val_loss", self.step(batch))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_a_module_the_tracer_cannot_run_is_skipped_by_name_and_the_rest_is_pruned(fit):
+    model = BackboneAndHead()
+    pruning, keep, messages = fit(model)
+    (skip,) = [m for m in messages if "tracing failed" in m]
+    assert re.fullmatch(
+        r"lightning_actprune: not pruning the layers inside head: tracing failed: RuntimeError: .*numpy.*", skip
+    ), skip
+    assert_readable(messages)
+    assert [layer.name for layer in pruning.result.plan.layers] == ["backbone.0"]
+    assert model.backbone[0].out_features < 16
+    assert model.head.fc.out_features == 10
+    x = torch.randn(6, 8)
+    zero_removed_inputs(keep.model, pruning.result.plan)
+    with torch.no_grad():
+        torch.testing.assert_close(model.backbone(x), keep.model.backbone(x))
+
+
+class Blocks(nn.Module):
+    """What transformer blocks do to a Linear's neurons: normalise them, scale them by a bare parameter, split them
+    into heads; each block's Linear is skipped, for its own reason."""
+
+    def __init__(self, depth: int = 5) -> None:
+        super().__init__()
+        self.fc = nn.ModuleList(nn.Linear(16, 16) for _ in range(depth))
+        self.norm = nn.ModuleList(nn.LayerNorm(16) for _ in range(depth))
+        self.qk, self.scale = nn.Linear(16, 16), nn.Parameter(torch.ones(8))
+        self.out = nn.Linear(8, NUM_CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.pad(x, (0, 8))
+        for fc, norm in zip(self.fc, self.norm, strict=True):
+            x = norm(F.relu(fc(x)))
+        q, k = self.qk(x).view(len(x), 2, 8).unbind(1)
+        return self.out(q * k * self.scale)
+
+
+def test_skip_messages_name_the_layers_and_the_reason_in_words():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert find_prunable_layers(Blocks(), torch.randn(6, 8)) == []
+    messages = [str(w.message) for w in caught if "actprune" in str(w.message)]
+    assert_readable(messages)
+    for i in range(5):
+        assert f"lightning_actprune: not pruning fc.{i}: its neurons reach LayerNorm norm.{i}," in "\n".join(messages)
+    assert any(
+        re.search(r"not pruning qk: its neurons reach .*(torch.unbind|the parameter scale)", m) for m in messages
+    )
+
+
+def test_many_layers_with_one_reason_make_one_short_warning():
+    model = nn.Sequential(*(nn.LSTM(8, 8, batch_first=True) for _ in range(6)))
+
+    class LastOutput(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers, self.out = model, nn.Linear(8, NUM_CLASSES)
+
+        def forward(self, x: Tensor) -> Tensor:
+            for layer in self.layers:
+                x, _ = layer(x)
+            return self.out(x[:, -1])
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert find_prunable_layers(LastOutput(), torch.randn(3, *SEQUENCE)) == []
+    (message,) = [str(w.message) for w in caught if "actprune" in str(w.message)]
+    assert message == (
+        "lightning_actprune: not pruning the hidden size of LSTM layers.0, the hidden size of LSTM layers.1, the hidden"
+        " size of LSTM layers.2 and 3 more: recurrent layers keep their sizes."
+    )
+
+
+def test_nothing_prunable_lists_the_layer_types_found(fit):
+    model = Classifier(nn.Sequential(nn.Linear(8, 12), nn.LayerNorm(12), nn.Linear(12, NUM_CLASSES)))
+    pruning, _, messages = fit(model)
+    assert pruning.result is None
+    assert any(
+        "Classifier has no prunable layer; nothing changed. Found Linear ×2, LayerNorm ×1; none is prunable" in m
+        for m in messages
+    ), messages
+    assert any(
+        "not pruning net.0: its neurons reach LayerNorm net.1, which cannot lose neurons here." in m for m in messages
+    )
+    assert_readable(messages)
+
+
+class TinyGPT2(pl.LightningModule):
+    """Hugging Face's GPT-2 (two blocks, 32 features, a 50-token vocabulary) trained as a language model."""
+
+    def __init__(self, use_cache: bool) -> None:
+        super().__init__()
+        transformers = pytest.importorskip("transformers")
+        config = transformers.GPT2Config(
+            n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16, use_cache=use_cache, bos_token_id=0,
+            eos_token_id=0,
+        )  # fmt: skip
+        self.model = transformers.GPT2LMHeadModel(config)
+
+    def forward(self, tokens: Tensor) -> Any:
+        return self.model(input_ids=tokens, labels=tokens)
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        return self(batch[0]).loss
+
+    def validation_step(self, batch: list[Tensor], batch_idx: int) -> None:
+        self.log("val_loss", self(batch[0]).loss)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no_cache"])
+def test_gpt2_ends_the_fit_without_a_crash_and_says_why_nothing_is_pruned(use_cache, make_trainer):
+    model = TinyGPT2(use_cache)
+    tokens = torch.randint(0, 50, (32, 10), generator=torch.Generator().manual_seed(0))
+    train = val = DataLoader(TensorDataset(tokens), batch_size=16)
+    pruning = ActivationPruning(target_params_reduction=0.3)
+    trainer = make_trainer(pruning, max_epochs=1, logger=False, enable_checkpointing=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, train, val)
+    messages = [str(w.message) for w in caught if re.match("lightning_actprune|ActivationPruning", str(w.message))]
+    assert pruning.result is None
+    assert_readable(messages)
+    (nothing,) = [m for m in messages if "has no prunable layer" in m]
+    assert "Found Conv1D ×8 (not supported), LayerNorm ×5" in nothing
+    if use_cache:  # the cache's concatenation with an empty tensor defeats Torch-Pruning's index mapping
+        assert any(
+            m.startswith("lightning_actprune: not pruning the layers inside TinyGPT2: tracing failed:")
+            for m in messages
+        )
