@@ -22,10 +22,9 @@ from lightning_actprune._checkpoint import (
     shrink_to_checkpoint,
 )
 from lightning_actprune._errors import ActivationPruningError
-from lightning_actprune._plan import PruningPlan
-from lightning_actprune._report import PruningResult
 from lightning_actprune._scoring import NeuronScorer
 from lightning_actprune._statistics import STATISTICS, ActivationStatistics
+from lightning_actprune._types import PruningPlan, PruningResult
 
 __all__ = [
     "STATISTICS",
@@ -46,8 +45,8 @@ __all__ = [
 # DeprecationWarning.
 _MOVED = {
     **dict.fromkeys(sorted(set(core.__all__) - set(__all__)), "lightning_actprune.core"),
-    "ModuleSlice": "lightning_actprune._plan",
-    "SweepRow": "lightning_actprune._report",
+    "ModuleSlice": "lightning_actprune._types",
+    "SweepRow": "lightning_actprune._types",
     "format_sweep_table": "lightning_actprune._report",
     "plot_sweep": "lightning_actprune._report",
     "pool_moments": "lightning_actprune._statistics",

@@ -37,15 +37,8 @@ from lightning_actprune._distributed import (
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._loggers import report
 from lightning_actprune._optimizer import OptimizerSnapshot, apply_plan_with_optimizers
-from lightning_actprune._plan import ExampleInputs, PruningPlan, find_prunable_layers, layer_inventory
+from lightning_actprune._plan import ExampleInputs, find_prunable_layers, layer_inventory
 from lightning_actprune._recalibration import batchnorm_layers
-from lightning_actprune._report import (
-    NONE_CHOSEN,
-    PruningResult,
-    SweepRow,
-    count_parameters,
-    model_size_mb,
-)
 from lightning_actprune._scoring import NeuronScorer
 from lightning_actprune._statistics import (
     MEASURED_TYPES,
@@ -68,6 +61,7 @@ from lightning_actprune._trainer import (
     uncompile,
     validate,
 )
+from lightning_actprune._types import NONE_CHOSEN, PruningPlan, PruningResult, SweepRow, count_parameters, model_size_mb
 
 
 class ActivationPruning(Callback):

@@ -31,10 +31,9 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_actprune import _lightning_compat as compat
 from lightning_actprune._errors import ActivationPruningError
-from lightning_actprune._plan import BiasUpdate, LayerPlan, ModulePruning, PruningPlan
-from lightning_actprune._report import PruningResult, SweepRow
 from lightning_actprune._scoring import NeuronScorer
 from lightning_actprune._surgery import apply_plan, restoring
+from lightning_actprune._types import BiasUpdate, LayerPlan, ModulePruning, PruningPlan, PruningResult, SweepRow
 
 PLAN_KEY = "actprune_plan"
 """The top-level checkpoint key that holds :meth:`PruningPlan.to_dict` of the model in the checkpoint."""

@@ -11,8 +11,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_actprune._errors import ActivationPruningError
-from lightning_actprune._plan import PruningPlan
 from lightning_actprune._surgery import _pruner, _submodule, apply_plan, restoring
+from lightning_actprune._types import PruningPlan
 
 _PLAIN_STATE = (int, float, bool, str, type(None))
 

@@ -9,7 +9,6 @@ import warnings
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -23,6 +22,8 @@ from lightning_actprune._statistics import (
     ActivationMoments,
     map_tensors,
 )
+from lightning_actprune._surgery import pruned_temporarily
+from lightning_actprune._types import BiasUpdate, LayerPlan, ModulePruning, ModuleSlice, PrunableLayer, PruningPlan
 
 ExampleInputs = Mapping[str, tuple[tuple[Any, ...], dict[str, Any]]]
 """Forward arguments by module name (``""`` is the model itself), as :class:`ActivationRecorder` captures them."""
@@ -41,159 +42,6 @@ _SAFE_TYPES = frozenset(
         tp.ops.OPTYPE.SPLIT,
     }
 )
-
-
-class ModuleSlice(NamedTuple):
-    """One module's share of a coupled group: which of its output or input indices carry which neuron.
-
-    Attributes:
-        module: the module's name in the model.
-        dim: ``"out"`` (the module produces the neurons) or ``"in"`` (it consumes them).
-        indices: the module's own channel/feature indices.
-        neurons: for each index, the neuron of the group it carries.
-    """
-
-    module: str
-    dim: Literal["out", "in"]
-    indices: tuple[int, ...]
-    neurons: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class PrunableLayer:
-    """A group of neurons that are removed together, with every module that holds a slice of them.
-
-    A plain ``Linear → ReLU → Linear`` gives one group per hidden layer; a residual addition ties the channels of
-    every layer that writes into it into one group.
-
-    Attributes:
-        name: the producing layers' names joined with ``+``.
-        neurons: how many neurons the group has.
-        producers: the ``Linear``/``Conv`` layers that output these neurons.
-        slices: the modules with parameters that shrink when a neuron goes.
-    """
-
-    name: str
-    neurons: int
-    producers: tuple[str, ...]
-    slices: tuple[ModuleSlice, ...]
-
-    @property
-    def consumers(self) -> tuple[ModuleSlice, ...]:
-        """The slices of the layers that read these neurons: where the activations are measured."""
-        return tuple(s for s in self.slices if s.dim == "in")
-
-
-@dataclass(frozen=True, repr=False)
-class LayerPlan:
-    """What happens to one :class:`PrunableLayer`.
-
-    Attributes:
-        name: the layer's name.
-        neurons: neurons before pruning.
-        kept: indices of the neurons that stay, ascending.
-    """
-
-    name: str
-    neurons: int
-    kept: tuple[int, ...]
-
-    @property
-    def removed(self) -> tuple[int, ...]:
-        """Indices of the neurons that go, ascending."""
-        kept = set(self.kept)
-        return tuple(i for i in range(self.neurons) if i not in kept)
-
-    def __repr__(self) -> str:
-        return f"LayerPlan({self.name!r}, {self.neurons} -> {len(self.kept)})"
-
-
-class ModulePruning(NamedTuple):
-    """The surgery on one module: remove ``indices`` along its output (``"out"``) or input (``"in"``)."""
-
-    module: str
-    dim: Literal["out", "in"]
-    indices: tuple[int, ...]
-
-
-class BiasUpdate(NamedTuple):
-    """Bias compensation on one consumer: ``delta`` is added to its (full-size) bias before the surgery."""
-
-    module: str
-    delta: tuple[float, ...]
-
-
-@dataclass(frozen=True, repr=False)
-class PruningPlan:
-    """Which neurons go, and the resulting operations on each module, as plain data.
-
-    Attributes:
-        threshold: λ; neurons whose statistic is below it were selected for removal.
-        statistic: the per-neuron statistic compared with λ.
-        layers: one entry per prunable layer.
-        operations: per module and direction, the indices to remove (merged across layers).
-        bias_updates: with ``compensate``, what each consumer's bias absorbs from the neurons it loses.
-        normalize: whether scores were standardised per layer before the comparison with λ.
-    """
-
-    threshold: float
-    statistic: str
-    layers: tuple[LayerPlan, ...]
-    operations: tuple[ModulePruning, ...]
-    bias_updates: tuple[BiasUpdate, ...] = ()
-    normalize: bool = False
-
-    @property
-    def touched_modules(self) -> tuple[str, ...]:
-        """Every module the surgery changes (pruned or given a new bias), each once."""
-        return tuple(dict.fromkeys([*(o.module for o in self.operations), *(b.module for b in self.bias_updates)]))
-
-    @property
-    def neurons_before(self) -> int:
-        """Neurons in all prunable layers before pruning."""
-        return sum(layer.neurons for layer in self.layers)
-
-    @property
-    def neurons_after(self) -> int:
-        """Neurons in all prunable layers after pruning."""
-        return sum(len(layer.kept) for layer in self.layers)
-
-    def __repr__(self) -> str:
-        """A few lines: λ and the width of each layer, never the kept indices."""
-        widths = ", ".join(f"{x.name} {x.neurons} -> {len(x.kept)}" for x in self.layers)
-        return (
-            f"PruningPlan(threshold={self.threshold:g}, statistic={self.statistic!r}, normalize={self.normalize},"
-            f" neurons {self.neurons_before} -> {self.neurons_after}: {widths or 'no layers'};"
-            f" {len(self.operations)} module operations, {len(self.bias_updates)} bias updates)"
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain ints, floats, strings and lists: safe for ``torch.load(weights_only=True)`` and JSON."""
-        return {
-            "threshold": float(self.threshold),
-            "statistic": self.statistic,
-            "layers": [{"name": x.name, "neurons": x.neurons, "kept": list(x.kept)} for x in self.layers],
-            "operations": [{"module": o.module, "dim": o.dim, "indices": list(o.indices)} for o in self.operations],
-            "bias_updates": [{"module": b.module, "delta": list(b.delta)} for b in self.bias_updates],
-            "normalize": self.normalize,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> PruningPlan:
-        """Rebuild a plan written by :meth:`to_dict`."""
-        return cls(
-            threshold=float(data["threshold"]),
-            statistic=str(data["statistic"]),
-            layers=tuple(LayerPlan(str(x["name"]), int(x["neurons"]), tuple(x["kept"])) for x in data["layers"]),
-            operations=tuple(
-                ModulePruning(str(o["module"]), o["dim"], tuple(int(i) for i in o["indices"]))
-                for o in data["operations"]
-            ),
-            bias_updates=tuple(
-                BiasUpdate(str(b["module"]), tuple(float(v) for v in b["delta"])) for b in data.get("bias_updates", [])
-            ),
-            normalize=bool(data.get("normalize", False)),
-        )
 
 
 def _as_example_inputs(example_inputs: Any) -> ExampleInputs:
@@ -685,17 +533,12 @@ def _prunes_like_zeroing(
     model: nn.Module, root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], layer: PrunableLayer
 ) -> bool:
     """Whether removing every other neuron of ``layer`` gives the outputs that zeroing them gives."""
-    from lightning_actprune._surgery import ModuleSnapshot, apply_plan  # _surgery imports this module
-
     plan = plan_from_kept([layer], {layer.name: range(1, layer.neurons, 2)})
-    snapshot = ModuleSnapshot(model, plan.touched_modules)
     try:
-        apply_plan(model, plan)
-        pruned = _output_tensors(root(*args, **kwargs))
+        with pruned_temporarily(model, plan):
+            pruned = _output_tensors(root(*args, **kwargs))
     except Exception:
         return False  # the pruned model does not run: its shapes do not follow the neurons
-    finally:
-        snapshot.restore()
     handles = _zero_at_consumers(model, plan)
     try:
         reference = _output_tensors(root(*args, **kwargs))

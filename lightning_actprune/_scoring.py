@@ -19,7 +19,7 @@ from lightning_actprune._statistics import (
 )
 
 if TYPE_CHECKING:
-    from lightning_actprune._plan import ModuleSlice, PrunableLayer
+    from lightning_actprune._types import ModuleSlice, PrunableLayer
 
 
 class NeuronScorer:

@@ -11,7 +11,7 @@ import torch_pruning as tp
 from torch import nn
 
 from lightning_actprune._errors import ActivationPruningError
-from lightning_actprune._plan import PruningPlan
+from lightning_actprune._types import PruningPlan
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module:
@@ -79,7 +79,7 @@ def pruned_temporarily(model: nn.Module, plan: PruningPlan) -> Iterator[None]:
     """Inside the block ``model`` is pruned by ``plan``; afterwards it is exactly the model it was.
 
     Example:
-        >>> from lightning_actprune._plan import ModulePruning
+        >>> from lightning_actprune._types import ModulePruning
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
         >>> plan = PruningPlan(0.1, "mean", (), (ModulePruning("0", "out", (0,)), ModulePruning("2", "in", (0,))))
         >>> with pruned_temporarily(net, plan):

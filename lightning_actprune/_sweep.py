@@ -12,18 +12,16 @@ from torch import nn
 
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._plan import (
-    PrunableLayer,
-    PruningPlan,
     _all_scores,
     _plan_at,
     consumer_weight_energy,
     layer_scores,
     plan_from_kept,
 )
-from lightning_actprune._report import SweepRow, count_parameters, model_size_mb
 from lightning_actprune._scoring import NeuronScorer, as_scorer
 from lightning_actprune._statistics import ActivationMoments
 from lightning_actprune._surgery import pruned_temporarily
+from lightning_actprune._types import PrunableLayer, PruningPlan, SweepRow, count_parameters, model_size_mb
 
 Validate = Callable[[], Mapping[str, float]]
 """Runs one validation pass over the current model and returns its metrics."""

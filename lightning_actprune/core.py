@@ -36,17 +36,12 @@ Example:
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._optimizer import apply_plan_with_optimizers
 from lightning_actprune._plan import (
-    BiasUpdate,
-    LayerPlan,
-    ModulePruning,
-    PrunableLayer,
-    PruningPlan,
     find_prunable_layers,
     layer_scores,
     plan_from_kept,
     plan_pruning,
 )
-from lightning_actprune._report import PruningResult, count_parameters, model_size_mb, write_sweep_files
+from lightning_actprune._report import write_sweep_files
 from lightning_actprune._scoring import NeuronScorer
 from lightning_actprune._statistics import (
     STATISTICS,
@@ -57,6 +52,16 @@ from lightning_actprune._statistics import (
 )
 from lightning_actprune._surgery import apply_plan
 from lightning_actprune._sweep import ReductionChoice, ThresholdEvaluator, plan_for_reduction, threshold_for_reduction
+from lightning_actprune._types import (
+    BiasUpdate,
+    LayerPlan,
+    ModulePruning,
+    PrunableLayer,
+    PruningPlan,
+    PruningResult,
+    count_parameters,
+    model_size_mb,
+)
 
 __all__ = [
     "STATISTICS",

@@ -22,7 +22,7 @@ from lightning_actprune import (
     shrink_to_checkpoint,
 )
 from lightning_actprune._checkpoint import _compose
-from lightning_actprune._plan import BiasUpdate
+from lightning_actprune._types import BiasUpdate
 from lightning_actprune.core import ActivationRecorder, ModulePruning, apply_plan, find_prunable_layers, plan_pruning
 from tests.helpers import ARCHITECTURES, Classifier, MLPModule, input_shape, loaders, quiet_trainer
 
