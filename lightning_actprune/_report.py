@@ -1,4 +1,4 @@
-"""What changed: sizes and metrics before and after pruning, as plain numbers and as text."""
+"""The report, for people: the λ table as records, aligned text, CSV/JSON files and a plot."""
 
 from __future__ import annotations
 
