@@ -268,8 +268,9 @@ _WORDS = {
     tp.ops.OPTYPE.UNBIND: "a torch.unbind of its features (e.g. splitting attention heads)",
     tp.ops.OPTYPE.SLICE: "a slice of its features",
     tp.ops.OPTYPE.EXPAND: "a torch.expand of its features",
-    tp.ops.OPTYPE.OUTPUT: "the model's output",
 }
+# Torch-Pruning >= 1.6 marks the model's outputs in its graph; 1.5 does not
+_OUTPUT = getattr(tp.ops.OPTYPE, "OUTPUT", None)
 
 
 def _describe(module: Any, optype: tp.ops.OPTYPE, context: _TraceContext) -> str:
@@ -375,7 +376,7 @@ def _layer_of_group(
     for item in group:
         dep, indices = item
         module, optype = dep.target.module, dep.target.type
-        if optype == tp.ops.OPTYPE.OUTPUT:
+        if _OUTPUT is not None and optype == _OUTPUT:
             reaches_output = True
             continue
         if optype not in _SAFE_TYPES:
@@ -401,7 +402,7 @@ def _layer_of_group(
     producers = sorted(set(producers), key=context.order.__getitem__)
     name = "+".join(producers)
     if reaches_output and has_consumer:
-        unsafe.append(_WORDS[tp.ops.OPTYPE.OUTPUT])
+        unsafe.append("the model's output")
     if unsafe:
         skipped.append(
             _Skip(

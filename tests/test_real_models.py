@@ -5,6 +5,7 @@ warning that names the layer and the reason; never a crash at the end of fit.
 """
 
 import dataclasses
+import importlib.metadata
 import re
 import warnings
 from typing import Any
@@ -216,9 +217,14 @@ def test_skip_messages_name_the_layers_and_the_reason_in_words():
     assert_readable(messages)
     for i in range(5):
         assert f"lightning_actprune: not pruning fc.{i}: its neurons reach LayerNorm norm.{i}," in "\n".join(messages)
-    assert any(
-        re.search(r"not pruning qk: its neurons reach .*(torch.unbind|the parameter scale)", m) for m in messages
+    # Torch-Pruning 1.5 cannot build this group at all: it is skipped with the failure, never a crash
+    old_tracer = importlib.metadata.version("torch-pruning") < "1.6"
+    reason = (
+        r"tracing its group failed: TypeError"
+        if old_tracer
+        else r"its neurons reach .*(torch.unbind|the parameter scale)"
     )
+    assert any(re.search(rf"not pruning qk: {reason}", m) for m in messages)
 
 
 def test_many_layers_with_one_reason_make_one_short_warning():
