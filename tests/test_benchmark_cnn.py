@@ -5,7 +5,13 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from benchmarks.fashion_cnn.methods import EpochTimer, recalibrated, scratch_widths, torch_pruning_at_reduction
+from benchmarks.fashion_cnn.methods import (
+    EpochTimer,
+    fine_tuned,
+    recalibrated,
+    scratch_widths,
+    torch_pruning_at_reduction,
+)
 from benchmarks.fashion_cnn.models import ResNetClassifier
 from benchmarks.fashion_cnn.report import BEGIN, END, render_markdown
 from benchmarks.fashion_cnn.results import (
@@ -95,6 +101,21 @@ def test_torch_pruning_bisection_meets_the_budget(trained):
     assert count_parameters(model) == before
 
 
+def test_fine_tuning_trains_every_parameter_and_batchnorm_statistic_of_a_copy(trained):
+    model, datamodule, _ = trained  # in eval mode, as every pruned copy is
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tuned, seconds = fine_tuned(model, datamodule, 1, seed=0)
+    assert seconds > 0
+    assert not tuned.training
+    for key, value in tuned.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            assert int(value) == int(before[key]) + 4  # 128 images in batches of 32
+        else:
+            assert not torch.equal(value, before[key]), key
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key])
+
+
 def test_epoch_timer_counts_training_steps_per_epoch(trained):
     _, datamodule, _ = trained
     timer = EpochTimer()
@@ -141,7 +162,7 @@ def test_rows_at_every_target_and_the_report(trained, tmp_path):
     assert sum(recovered.channels.values()) < sum(measured.groups.values())
     assert recovered.train_seconds > 0
     assert tuned.params == rows[0.6, TP].params
-    assert tuned.test_acc != rows[0.6, TP].test_acc
+    assert tuned.train_seconds > 0
     assert (*scratch_widths(model, rows[0.6, OURS].channels), 2) in trained_runs
     assert longer_scratch.train_seconds == 2.0
     (facts,) = measured.recovery

@@ -154,7 +154,7 @@ def fine_tuned(model: L, datamodule: pl.LightningDataModule, epochs: int, seed: 
     Returns:
         The fine-tuned copy (eval mode) and the seconds the training took.
     """
-    tuned = copy.deepcopy(model)
+    tuned = copy.deepcopy(model).train()  # Lightning keeps modules in the mode it finds them: BatchNorm must train
     pl.seed_everything(seed, workers=True, verbose=False)
     start = time.perf_counter()
     quiet_trainer(max_epochs=epochs).fit(tuned, datamodule=datamodule)
