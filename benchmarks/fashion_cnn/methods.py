@@ -1,26 +1,32 @@
-"""The methods compared on the ResNet: ours (one-shot, then BatchNorm recalibration) and Torch-Pruning's own pruner.
+"""The methods compared on the ResNet: ours (one-shot, recalibrated, recovered in ``fit``) and Torch-Pruning's.
 
-Each returns a pruned copy and never touches the model it is given.
+Torch-Pruning's copy is also fine-tuned the way its README does. The one-shot methods return a pruned copy and
+never touch the model they are given.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import tempfile
 import time
-from collections.abc import Iterable, Sequence
-from typing import TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
+import lightning.pytorch as pl
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from benchmarks.fashion_mnist.models import quiet_trainer
+from lightning_actprune import ActivationPruning
 from lightning_actprune._recalibration import recalibrating_batchnorm
 from lightning_actprune.core import PrunableLayer, PruningPlan, count_parameters
 
 from .models import ResNetClassifier
 
 M = TypeVar("M", bound=nn.Module)
+L = TypeVar("L", bound=pl.LightningModule)
 
 
 def recalibrated(model: M, batches: Iterable[tuple[Tensor, Tensor]], count: int) -> tuple[M, float]:
@@ -80,6 +86,79 @@ def torch_pruning_at_reduction(model: M, example_input: Tensor, target: float, s
         else:
             low = middle
     return high, best
+
+
+class EpochTimer(pl.Callback):
+    """Seconds spent in training steps (forward, backward, optimizer) per epoch: data loading and validation excluded.
+
+    Attributes:
+        seconds: one entry per training epoch, in order.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._batch_started = 0.0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.seconds.append(0.0)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_started = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.seconds[-1] += time.perf_counter() - self._batch_started
+
+
+def fit_with_recovery(
+    build: Callable[[], L],
+    datamodule: pl.LightningDataModule,
+    epochs: int,
+    seed: int,
+    target: float,
+    recalibration_batches: int = 20,
+    recovery_epochs: int = 1,
+) -> tuple[L, ActivationPruning, EpochTimer]:
+    """A fresh ``build()`` trained ``epochs + recovery_epochs`` epochs with the callback pruning after ``epochs``.
+
+    The same seed and trainer as the unpruned network's training, plus
+    ``ActivationPruning(target_params_reduction=target, recovery_epochs=recovery_epochs)`` (BatchNorm recalibration
+    on, no checkpoint written; the λ table, if any, goes to a temporary directory) and an :class:`EpochTimer`.
+
+    Returns:
+        The pruned, recovered model (eval mode), the callback (its ``result`` has the metrics) and the timer.
+    """
+    pl.seed_everything(seed, workers=True, verbose=False)
+    model = build()
+    pruning = ActivationPruning(
+        target_params_reduction=target,
+        recovery_epochs=recovery_epochs,
+        recalibration_batches=recalibration_batches,
+        pruned_checkpoint=None,
+    )
+    timer = EpochTimer()
+    with tempfile.TemporaryDirectory() as root:
+        trainer = quiet_trainer(max_epochs=epochs + recovery_epochs, callbacks=[timer, pruning], default_root_dir=root)
+        trainer.fit(model, datamodule=datamodule)
+    return model.eval(), pruning, timer
+
+
+def fine_tuned(model: L, datamodule: pl.LightningDataModule, epochs: int, seed: int) -> tuple[L, float]:
+    """A copy of ``model`` trained ``epochs`` more epochs with a fresh optimizer (its ``configure_optimizers``).
+
+    How Torch-Pruning's README goes on after ``pruner.step()``: an ordinary training loop on the pruned model.
+
+    Returns:
+        The fine-tuned copy (eval mode) and the seconds the training took.
+    """
+    tuned = copy.deepcopy(model).train()  # Lightning keeps modules in the mode it finds them: BatchNorm must train
+    pl.seed_everything(seed, workers=True, verbose=False)
+    start = time.perf_counter()
+    quiet_trainer(max_epochs=epochs).fit(tuned, datamodule=datamodule)
+    return tuned.eval(), time.perf_counter() - start
 
 
 def channels_of(model: nn.Module, layers: Sequence[PrunableLayer]) -> dict[str, int]:

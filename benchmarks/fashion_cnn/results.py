@@ -10,8 +10,11 @@ from benchmarks.fashion_mnist.results import Machine, from_plain
 
 OURS, OURS_RECALIBRATED = "ours one-shot", "ours + BN recalibration"
 TP, TP_RECALIBRATED = "Torch-Pruning L2 one-shot", "Torch-Pruning L2 + BN recalibration"
+OURS_RECOVERED = "ours + 1 recovery epoch"
+TP_FINE_TUNED = "Torch-Pruning L2 + 1 epoch fine-tuning"
 SCRATCH = "from scratch (ours' widths)"
-METHODS = (OURS, OURS_RECALIBRATED, TP, TP_RECALIBRATED, SCRATCH)
+SCRATCH_LONGER = "from scratch (ours' widths), 1 more epoch"
+METHODS = (OURS, OURS_RECALIBRATED, OURS_RECOVERED, TP, TP_RECALIBRATED, TP_FINE_TUNED, SCRATCH, SCRATCH_LONGER)
 """The methods' names in :attr:`CNNRow.method`, in the report's order."""
 
 
@@ -40,6 +43,9 @@ class CNNSettings:
     normalize: bool = True
     recalibration_batches: int = 20
     cost_repeats: int = 3
+    recovery_targets: tuple[float, ...] = (0.3, 0.5, 0.7)
+    """The targets that also get the rows that train one more epoch (ours' recovery, Torch-Pruning's fine-tuning,
+    from scratch with one more epoch): each costs a whole training run of ours."""
 
 
 @dataclasses.dataclass
@@ -89,6 +95,30 @@ class RecalibrationCost:
 
 
 @dataclasses.dataclass
+class RecoveryFacts:
+    """One ``fit`` with ``ActivationPruning(target_params_reduction=target, recovery_epochs=1)``.
+
+    ``val_acc_base`` is the unpruned network's validation accuracy after its own training: the first epochs of this
+    ``fit`` are the same recipe and seed, so ``val_acc_before_prune`` equals it when training is deterministic.
+    ``epoch_seconds`` are the seconds spent in training steps (forward, backward, optimizer) in each epoch, the
+    last one on the pruned model.
+    """
+
+    target: float
+    pruned_at_epoch: int
+    val_acc_base: float | None
+    val_acc_before_prune: float
+    val_acc_after_prune: float
+    val_acc_recovered: float
+    epoch_seconds: list[float]
+
+    @property
+    def epoch_ratio(self) -> float:
+        """The recovery epoch's training time / the mean of the epochs before the prune."""
+        return self.epoch_seconds[-1] / (sum(self.epoch_seconds[:-1]) / len(self.epoch_seconds[:-1]))
+
+
+@dataclasses.dataclass
 class CNNMeasurements:
     """Every number of one run."""
 
@@ -100,6 +130,7 @@ class CNNMeasurements:
     rows: list[CNNRow]
     recalibration: RecalibrationCost
     benchmark_seconds: float
+    recovery: list[RecoveryFacts] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

@@ -21,14 +21,25 @@ from benchmarks.fashion_mnist.run import add_common_arguments, last_results, qui
 from lightning_actprune._recalibration import batchnorm_layers
 from lightning_actprune.core import count_parameters
 
-from .methods import channels_of, group_channels, recalibrated, scratch_widths, torch_pruning_at_reduction
+from .methods import (
+    channels_of,
+    fine_tuned,
+    fit_with_recovery,
+    group_channels,
+    recalibrated,
+    scratch_widths,
+    torch_pruning_at_reduction,
+)
 from .models import ResNetClassifier, train_or_load
 from .report import BEGIN, END, render_markdown
 from .results import (
     OURS,
     OURS_RECALIBRATED,
+    OURS_RECOVERED,
     SCRATCH,
+    SCRATCH_LONGER,
     TP,
+    TP_FINE_TUNED,
     TP_RECALIBRATED,
     CNNBenchmarkResults,
     CNNMeasurements,
@@ -38,12 +49,14 @@ from .results import (
     CNNTrainConfig,
     CNNTrainingFacts,
     RecalibrationCost,
+    RecoveryFacts,
 )
 
 RESULTS_FILE = "fashion_cnn_results.json"
 
-TrainScratch = Callable[[tuple[int, ...], tuple[int, ...]], tuple[ResNetClassifier, CNNTrainingFacts]]
-"""Trains a :class:`ResNetClassifier` with the given ``widths`` and ``hidden`` the way the unpruned one was."""
+TrainScratch = Callable[[tuple[int, ...], tuple[int, ...], int], tuple[ResNetClassifier, CNNTrainingFacts]]
+"""Trains a :class:`ResNetClassifier` with the given ``widths`` and ``hidden`` the way the unpruned one was, for the
+given number of epochs."""
 
 
 def _forward_seconds(model: nn.Module, loader: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
@@ -59,9 +72,15 @@ def run_benchmark(
     datamodule: SplitDataModule,
     settings: CNNSettings,
     train_scratch: TrainScratch,
+    build: Callable[[], ResNetClassifier],
+    training: CNNTrainingFacts,
     log: Callable[[str], None] = print,
 ) -> CNNMeasurements:
-    """Every row at every target, on the trained ``model`` (never modified)."""
+    """Every row at every target, on the trained ``model`` (never modified).
+
+    ``build`` makes the untrained network that ``training`` (its config: epochs, seed) turned into ``model``; the
+    recovery rows train it again, one epoch longer, with the callback pruning inside ``fit``.
+    """
     model.eval()
     started = time.perf_counter()
     evaluator = Evaluator(datamodule)
@@ -99,14 +118,49 @@ def run_benchmark(
         row(target, TP, theirs, their_channels, pruning_ratio=ratio)
         fixed, seconds = recalibrate(theirs)
         row(target, TP_RECALIBRATED, fixed, their_channels, pruning_ratio=ratio, recalibration_seconds=seconds)
+        if target in settings.recovery_targets:
+            tuned, seconds = fine_tuned(theirs, datamodule, 1, training.config.seed)
+            row(target, TP_FINE_TUNED, tuned, their_channels, pruning_ratio=ratio, train_seconds=seconds)
+
+    epochs = training.config.epochs
+    recovery: list[RecoveryFacts] = []
+    for target in settings.recovery_targets:
+        start = time.perf_counter()
+        recovered, pruning, timer = fit_with_recovery(
+            build, datamodule, epochs, training.config.seed, target, settings.recalibration_batches
+        )
+        seconds = time.perf_counter() - start
+        result = pruning.result
+        if result is None or not result.pruned:
+            raise RuntimeError(f"ActivationPruning did not prune at -{target:.0%} inside fit")
+        facts = RecoveryFacts(
+            target=target,
+            pruned_at_epoch=typing.cast(int, pruning.pruned_at_epoch),
+            val_acc_base=training.final_val_acc,
+            val_acc_before_prune=result.metrics_before["val_acc"],
+            val_acc_after_prune=result.metrics_after["val_acc"],
+            val_acc_recovered=result.metrics_recovered["val_acc"],
+            epoch_seconds=timer.seconds,
+        )
+        recovery.append(facts)
+        log(
+            f"-{target:.0%} recovery: val acc {facts.val_acc_base} (unpruned run) / {facts.val_acc_before_prune}"
+            f" before the prune / {facts.val_acc_after_prune} after / {facts.val_acc_recovered} recovered;"
+            f" recovery epoch {facts.epoch_ratio:.2f}x an unpruned one"
+        )
+        channels = group_channels(result.plan)
+        row(target, OURS_RECOVERED, recovered, channels, threshold=result.plan.threshold, train_seconds=seconds)
 
     for target in settings.targets:
         (ours_row,) = [r for r in rows if r.target == target and r.method == OURS]
         widths, hidden = scratch_widths(model, ours_row.channels)
-        scratch, facts = train_scratch(widths, hidden)
+        scratch, facts = train_scratch(widths, hidden, epochs)
         if count_parameters(scratch) != ours_row.params:
             log(f"WARNING: from scratch at -{target:.0%} has {count_parameters(scratch):,} parameters, not ours'")
         row(target, SCRATCH, scratch, ours_row.channels, train_seconds=facts.train_seconds)
+        if target in settings.recovery_targets:
+            scratch, facts = train_scratch(widths, hidden, epochs + 1)
+            row(target, SCRATCH_LONGER, scratch, ours_row.channels, train_seconds=facts.train_seconds)
 
     middle = sorted(settings.targets)[len(settings.targets) // 2]
     pruned = recalibration_copies[middle]
@@ -128,6 +182,7 @@ def run_benchmark(
         rows=rows,
         recalibration=cost,
         benchmark_seconds=time.perf_counter() - started,
+        recovery=recovery,
     )
 
 
@@ -139,6 +194,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     add_common_arguments(parser)
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for training and measuring")
+    parser.add_argument(
+        "--recovery-targets",
+        type=float,
+        nargs="+",
+        default=CNNSettings.recovery_targets,
+        help="targets that also get the rows training one more epoch (each trains the network again)",
+    )
     args = parser.parse_args(argv)
     results_path = args.cache_dir / RESULTS_FILE
     if args.report_only:
@@ -160,13 +222,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     model, training = train_or_load(datamodule, config, args.cache_dir, retrain=args.retrain)
     log(f"model {'loaded from the cache' if training.cached else 'trained'} ({training.train_seconds:.0f}s)")
 
-    def train_scratch(widths: tuple[int, ...], hidden: tuple[int, ...]) -> tuple[ResNetClassifier, CNNTrainingFacts]:
-        scratch_config = CNNTrainConfig(widths, config.lr, config.batch_size, config.epochs, config.seed)
+    def train_scratch(
+        widths: tuple[int, ...], hidden: tuple[int, ...], epochs: int
+    ) -> tuple[ResNetClassifier, CNNTrainingFacts]:
+        scratch_config = CNNTrainConfig(widths, config.lr, config.batch_size, epochs, config.seed)
         trained, facts = train_or_load(datamodule, scratch_config, args.cache_dir, hidden, retrain=args.retrain)
-        log(f"from scratch {widths} hidden {hidden}: {'cached' if facts.cached else 'trained'}")
+        log(f"from scratch {widths} hidden {hidden}, {epochs} epochs: {'cached' if facts.cached else 'trained'}")
         return trained, facts
 
-    measurements = run_benchmark(model, datamodule, CNNSettings(), train_scratch, log=log)
+    settings = CNNSettings(recovery_targets=tuple(args.recovery_targets))
+    measurements = run_benchmark(
+        model,
+        datamodule,
+        settings,
+        train_scratch,
+        lambda: ResNetClassifier(config.widths, None, config.lr),
+        training,
+        log=log,
+    )
     run = CNNRunInfo(
         machine=machine_info(),
         training=training,
