@@ -13,7 +13,7 @@ from benchmarks.fashion_mnist.results import TrainConfig
 from benchmarks.recovery.protocol import EpochSeededDataModule
 from benchmarks.recovery.report import BEGIN, END, render_markdown, write_section
 from benchmarks.recovery.results import RecoveryConfig, RecoveryResults
-from benchmarks.recovery.run import OURS, SCRATCH, run_recovery, tp_method
+from benchmarks.recovery.run import OURS, SCRATCH, main, run_recovery, tp_method
 
 CONFIG = RecoveryConfig(
     train=TrainConfig(sizes=(12, 48, 40, 3), lr=1e-2, batch_size=32, epochs=2),
@@ -99,3 +99,12 @@ def test_bad_configuration_is_refused():
         RecoveryConfig(reductions=(1.5,))
     with pytest.raises(ValueError, match="`recovery_epochs` must be positive"):
         RecoveryConfig(recovery_epochs=(0,))
+
+
+def test_command_line_refuses_bad_arguments(tmp_path):
+    with pytest.raises(SystemExit, match="`epochs` must be at least 2"):
+        main(["--epochs", "1", "--cache-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"every reduction must be in \(0, 1\); got 90.0"):
+        main(["--reductions", "90", "--cache-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"recovery_results\.json does not exist"):
+        main(["--report-only", "--cache-dir", str(tmp_path), "--markdown", str(tmp_path / "B.md")])

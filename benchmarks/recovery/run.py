@@ -122,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--install-data", action="store_true", help=f"if Fashion-MNIST is missing, run `{INSTALL_COMMAND}`"
     )
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="E: epochs of the unpruned model")
+    parser.add_argument(
+        "--reductions", type=float, nargs="+", default=RecoveryConfig.reductions, help="target parameter reductions"
+    )
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--markdown", type=Path, default=DEFAULT_MARKDOWN)
@@ -134,7 +137,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         write_section(args.markdown, render_markdown(RecoveryResults.from_json(results_path.read_text())))
         return
     try:
-        config = RecoveryConfig(train=dataclasses.replace(TrainConfig(), epochs=args.epochs))
+        config = RecoveryConfig(
+            train=dataclasses.replace(TrainConfig(), epochs=args.epochs), reductions=tuple(args.reductions)
+        )
         data_dir = locate_fashion_mnist(args.data_dir, install=args.install_data)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
