@@ -1,0 +1,5 @@
+"""``python -m benchmarks.recovery``: see :mod:`benchmarks.recovery`."""
+
+from .run import main
+
+main()

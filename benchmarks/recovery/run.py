@@ -1,0 +1,164 @@
+"""The whole recovery benchmark: base, every method at every reduction, then the report (the command line)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from benchmarks.fashion_mnist.data import INSTALL_COMMAND, load_fashion_mnist, locate_fashion_mnist
+from benchmarks.fashion_mnist.measure import machine_info
+from benchmarks.fashion_mnist.results import TrainConfig
+from benchmarks.fashion_mnist.run import DEFAULT_CACHE, DEFAULT_MARKDOWN
+from lightning_actprune.core import count_parameters
+
+from .protocol import (
+    TP_IMPORTANCES,
+    EpochSeededDataModule,
+    fine_tune,
+    from_scratch,
+    hidden_widths,
+    ours_one_shot,
+    ours_with_recovery,
+    test_accuracy,
+    torch_pruning_at,
+    train_base,
+)
+from .report import render_markdown, write_section
+from .results import Base, EpochTime, RecoveryConfig, RecoveryResults, Row
+
+RESULTS_FILE = "recovery_results.json"
+OURS = "ours (fluctuation, normalize)"
+SCRATCH = "from scratch, same widths"
+
+
+def tp_method(importance: str, global_pruning: bool) -> str:
+    """The row label of one Torch-Pruning setting."""
+    return f"Torch-Pruning {importance}, {'global' if global_pruning else 'per layer'}"
+
+
+def run_recovery(
+    datamodule: EpochSeededDataModule,
+    config: RecoveryConfig,
+    cache_dir: Path,
+    log: Callable[[str], None] = print,
+) -> tuple[Base, list[Row], list[EpochTime]]:
+    """Train (or resume) the base, then measure every method at every reduction."""
+    train = config.train
+    checkpoint = cache_dir / f"recovery_base_{config.base_key()}_e{train.epochs - 1}.ckpt"
+    model, probe, seconds, cached = train_base(datamodule, train, checkpoint)
+    test_loader = datamodule.test_dataloader()
+    base = Base(
+        params=count_parameters(model),
+        test_acc=test_accuracy(model, test_loader),
+        epoch_seconds=probe.seconds[-1],
+        train_seconds=seconds,
+        cached=cached,
+    )
+    log(f"unpruned after {train.epochs} epochs: {base.params:,} parameters, test accuracy {base.test_acc:.4f}")
+    rows = [Row(0.0, "unpruned", 0, base.params, base.test_acc, hidden_widths(model))]
+    times: list[EpochTime] = []
+    most = max(config.recovery_epochs)
+
+    def add(reduction: float, method: str, epochs: int, params: int, accuracy: float, widths: list[int]) -> None:
+        rows.append(Row(reduction, method, epochs, params, accuracy, widths))
+        log(f"-{reduction:.0%} {method} +{epochs} epoch(s): {params:,} parameters, test accuracy {accuracy:.4f}")
+
+    for reduction in config.reductions:
+        pruned = ours_one_shot(model, datamodule, reduction)
+        widths = hidden_widths(pruned)
+        add(reduction, OURS, 0, count_parameters(pruned), test_accuracy(pruned, test_loader), widths)
+        for epochs in config.recovery_epochs:
+            recovered, fit_probe = ours_with_recovery(train, datamodule, checkpoint, reduction, epochs)
+            add(
+                reduction,
+                OURS,
+                epochs,
+                count_parameters(recovered),
+                test_accuracy(recovered, test_loader),
+                hidden_widths(recovered),
+            )
+            times.append(
+                EpochTime(reduction, epochs, fit_probe.seconds[0], fit_probe.seconds[1:], fit_probe.test_acc[0])
+            )
+        for importance in TP_IMPORTANCES:
+            for global_pruning in (True, False):
+                method = tp_method(importance, global_pruning)
+                tp_model = torch_pruning_at(
+                    model,
+                    datamodule,
+                    importance,
+                    global_pruning,
+                    reduction,
+                    config.taylor_batches,
+                    config.bisection_steps,
+                )
+                params, tp_widths = count_parameters(tp_model), hidden_widths(tp_model)
+                add(reduction, method, 0, params, test_accuracy(tp_model, test_loader), tp_widths)
+                tuned = fine_tune(tp_model, datamodule, most)
+                for epochs in config.recovery_epochs:
+                    add(reduction, method, epochs, params, tuned.test_acc[epochs - 1], tp_widths)
+        scratch = from_scratch(train, datamodule, widths, train.epochs + most)
+        for epochs in (0, *config.recovery_epochs):
+            add(reduction, SCRATCH, epochs, scratch.params[-1], scratch.test_acc[train.epochs + epochs - 1], widths)
+    return base, rows, times
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Train (or resume) the base, run every method, write the JSON and the section of BENCHMARKS.md."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.recovery",
+        description="Pruning with recovery epochs vs one-shot, Torch-Pruning + fine-tuning and training from scratch.",
+    )
+    parser.add_argument("--data-dir", type=Path, default=None, help="a directory with the four IDX .gz files")
+    parser.add_argument(
+        "--install-data", action="store_true", help=f"if Fashion-MNIST is missing, run `{INSTALL_COMMAND}`"
+    )
+    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="E: epochs of the unpruned model")
+    parser.add_argument(
+        "--reductions", type=float, nargs="+", default=RecoveryConfig.reductions, help="target parameter reductions"
+    )
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--markdown", type=Path, default=DEFAULT_MARKDOWN)
+    parser.add_argument("--report-only", action="store_true", help="re-render the section from the last run's JSON")
+    args = parser.parse_args(argv)
+    results_path = args.cache_dir / RESULTS_FILE
+    if args.report_only:
+        if not results_path.is_file():
+            raise SystemExit(f"error: --report-only renders the results of a full run; {results_path} does not exist.")
+        write_section(args.markdown, render_markdown(RecoveryResults.from_json(results_path.read_text())))
+        return
+    try:
+        config = RecoveryConfig(
+            train=dataclasses.replace(TrainConfig(), epochs=args.epochs), reductions=tuple(args.reductions)
+        )
+        data_dir = locate_fashion_mnist(args.data_dir, install=args.install_data)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from None
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*")
+    started = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f}s] {message}", flush=True)
+
+    torch.set_num_threads(args.threads)
+    train, val, test = load_fashion_mnist(data_dir, config.train.num_val)
+    datamodule = EpochSeededDataModule(train, val, test, batch_size=config.train.batch_size, seed=config.train.seed)
+    base, rows, times = run_recovery(datamodule, config, args.cache_dir, log)
+    command = " ".join(["python", "-m", "benchmarks.recovery", *(sys.argv[1:] if argv is None else argv)])
+    results = RecoveryResults(config, base, rows, times, machine_info(), command, time.perf_counter() - started)
+    args.cache_dir.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(results.to_json())
+    write_section(args.markdown, render_markdown(results))
+    log(f"wrote {args.markdown} and {results_path}; total {results.total_seconds / 60:.1f} min")

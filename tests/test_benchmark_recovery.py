@@ -1,0 +1,110 @@
+"""Smoke test of benchmarks.recovery on a tiny synthetic problem: no Fashion-MNIST, a few seconds."""
+
+import dataclasses
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from benchmarks.fashion_mnist.measure import machine_info
+from benchmarks.fashion_mnist.models import MLPClassifier, quiet_trainer
+from benchmarks.fashion_mnist.results import TrainConfig
+from benchmarks.recovery.protocol import EpochSeededDataModule
+from benchmarks.recovery.report import BEGIN, END, render_markdown, write_section
+from benchmarks.recovery.results import RecoveryConfig, RecoveryResults
+from benchmarks.recovery.run import OURS, SCRATCH, main, run_recovery, tp_method
+
+CONFIG = RecoveryConfig(
+    train=TrainConfig(sizes=(12, 48, 40, 3), lr=1e-2, batch_size=32, epochs=2),
+    reductions=(0.6,),
+    taylor_batches=2,
+    bisection_steps=10,
+)
+
+
+def _dataset(n: int, seed: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 12, generator=g)
+    y = (x[:, 0] > 0.5).long() + (x[:, 1] > 0.5).long()
+    return TensorDataset(x, y)
+
+
+def _datamodule() -> EpochSeededDataModule:
+    return EpochSeededDataModule(_dataset(320, 0), _dataset(96, 1), _dataset(200, 2), batch_size=32, eval_batch_size=50)
+
+
+def test_resumed_fit_equals_uninterrupted_fit(tmp_path):
+    config = CONFIG.train
+    pl.seed_everything(0, verbose=False)
+    straight = MLPClassifier(config.sizes, config.lr)
+    quiet_trainer(max_epochs=3).fit(straight, datamodule=_datamodule())
+    pl.seed_everything(0, verbose=False)
+    first = MLPClassifier(config.sizes, config.lr)
+    trainer = quiet_trainer(max_epochs=1)
+    trainer.fit(first, datamodule=_datamodule())
+    trainer.save_checkpoint(tmp_path / "one.ckpt")
+    resumed = MLPClassifier(config.sizes, config.lr)
+    quiet_trainer(max_epochs=3).fit(resumed, datamodule=_datamodule(), ckpt_path=tmp_path / "one.ckpt")
+    for name, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, msg=name)
+
+
+def test_protocol_runs_end_to_end_and_reports(tmp_path):
+    lines: list[str] = []
+    base, rows, times = run_recovery(_datamodule(), CONFIG, tmp_path, lines.append)
+    assert (tmp_path / f"recovery_base_{CONFIG.base_key()}_e1.ckpt").is_file()
+    table = {(row.method, row.recovery_epochs): row for row in rows if row.reduction == 0.6}
+    methods = [OURS, SCRATCH] + [tp_method(i, g) for i in ("magnitude", "taylor") for g in (True, False)]
+    assert set(table) == {(m, r) for m in methods for r in (0, 1, 2)}
+    assert rows[0].method == "unpruned"
+    assert rows[0].params == base.params == 12 * 48 + 48 + 48 * 40 + 40 + 40 * 3 + 3
+    for (method, _), row in table.items():
+        assert 1 - row.params / base.params >= 0.6, method
+        assert 0 <= row.test_acc <= 1
+    # the callback inside fit prunes to the same widths as the plain functions, and recovery trains that model
+    one_shot = table[OURS, 0]
+    for epochs in (1, 2):
+        assert table[OURS, epochs].widths == one_shot.widths
+        assert table[OURS, epochs].params == one_shot.params
+    assert table[SCRATCH, 0].widths == one_shot.widths
+    # right after the prune inside fit, the model is the plain functions' one-shot model
+    assert [t.recovery_epochs for t in times] == [1, 2]
+    for time in times:
+        assert time.test_acc_after_prune == pytest.approx(one_shot.test_acc)
+        assert len(time.recovery_seconds) == time.recovery_epochs
+        assert time.ratio > 0
+    assert max(table[OURS, 1].test_acc, table[OURS, 2].test_acc) > one_shot.test_acc
+
+    results = RecoveryResults(CONFIG, base, rows, times, machine_info(), "python -m benchmarks.recovery", 1.0)
+    again = RecoveryResults.from_json(results.to_json())
+    assert again == results
+    markdown = tmp_path / "BENCHMARKS.md"
+    markdown.write_text("# Benchmarks\n\nkept\n")
+    write_section(markdown, "STALE")
+    write_section(markdown, render_markdown(again))
+    text = markdown.read_text()
+    assert text.startswith("# Benchmarks\n\nkept\n")
+    assert text.count(BEGIN) == text.count(END) == 1
+    assert "STALE" not in text
+    assert "| -60% | ours (fluctuation, normalize) | 1 |" in text
+    assert "Target not measured" in text  # the toy has no -90% row
+    assert "Gradual pruning (several prunes over training): not built yet." in text
+
+
+def test_bad_configuration_is_refused():
+    with pytest.raises(ValueError, match="`epochs` must be at least 2"):
+        RecoveryConfig(train=dataclasses.replace(TrainConfig(), epochs=1))
+    with pytest.raises(ValueError, match=r"every reduction must be in \(0, 1\); got 1.5"):
+        RecoveryConfig(reductions=(1.5,))
+    with pytest.raises(ValueError, match="`recovery_epochs` must be positive"):
+        RecoveryConfig(recovery_epochs=(0,))
+
+
+def test_command_line_refuses_bad_arguments(tmp_path):
+    with pytest.raises(SystemExit, match="`epochs` must be at least 2"):
+        main(["--epochs", "1", "--cache-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"every reduction must be in \(0, 1\); got 90.0"):
+        main(["--reductions", "90", "--cache-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"recovery_results\.json does not exist"):
+        main(["--report-only", "--cache-dir", str(tmp_path), "--markdown", str(tmp_path / "B.md")])
