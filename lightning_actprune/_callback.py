@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.hooks import RemovableHandle
@@ -55,13 +56,22 @@ from lightning_actprune._sweep import (
 )
 from lightning_actprune._trainer import (
     ValidationPasses,
+    has_compiled_modules,
     keeps_parameter_copies,
     recompile,
     trainer_state_kept,
     uncompile,
     validate,
 )
-from lightning_actprune._types import NONE_CHOSEN, PruningPlan, PruningResult, SweepRow, count_parameters, model_size_mb
+from lightning_actprune._types import (
+    NONE_CHOSEN,
+    PrunableLayer,
+    PruningPlan,
+    PruningResult,
+    SweepRow,
+    count_parameters,
+    model_size_mb,
+)
 
 
 class ActivationPruning(Callback):
@@ -193,6 +203,9 @@ class ActivationPruning(Callback):
         """Where the last pruned checkpoint was written."""
         self._load_hook: RemovableHandle | None = None
         self._in_fit = False  # pruning inside `fit` (recovery epochs follow) rather than at its end
+        self._preview: ActivationRecorder | None = None
+        self.prunable_layers: list[PrunableLayer] | None = None
+        """What the analysis at the start of ``fit`` found prunable (None until then): problems show before training."""
         self.pruned_at_epoch: int | None = None
         """The epoch at whose end the model was pruned inside ``fit`` (``recovery_epochs > 0``), or None."""
 
@@ -208,6 +221,7 @@ class ActivationPruning(Callback):
         self._load_hook = _watch_loading(trainer, pl_module, lambda: self.pruned_checkpoint_path)
         if stage != "fit":
             return
+        self.prunable_layers = None  # this fit's model is analysed anew
         source = compat.data_source(trainer.fit_loop.epoch_loop.val_loop)
         if not is_overridden("validation_step", pl_module) or not source.is_defined():
             raise ActivationPruningError(
@@ -350,10 +364,12 @@ class ActivationPruning(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_load_hook()
+        self._stop_preview()
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._remove_load_hook()
+        self._stop_preview()
 
     def _guarded_prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PruningResult | None:
         """:meth:`prune` under ``on_error``: any failure leaves the trained model exactly as it was."""
@@ -381,6 +397,11 @@ class ActivationPruning(Callback):
         with trainer_state_kept(trainer):
             recovered = validate(trainer, pl_module)
         return dataclasses.replace(self.result, metrics_recovered=recovered)
+
+    def _stop_preview(self) -> None:
+        if self._preview is not None:
+            self._preview.__exit__(None, None, None)
+            self._preview = None
 
     def _remove_load_hook(self) -> None:
         if self._load_hook is not None:
@@ -427,20 +448,20 @@ class ActivationPruning(Callback):
             raise ActivationPruningError(f"`monitor={monitor!r}` is not a validation metric; logged: {logged}.")
         moments = reduced_moments(trainer, recorder)  # summed over every rank's shard, the same on every rank
         recorder.check_finite(moments)
-        with warnings.catch_warnings(record=True) as skipped:  # re-issued once, on rank zero
-            warnings.simplefilter("always")
-            layers = find_prunable_layers(
-                pl_module, self._example_inputs(pl_module, recorder), self.settings.layers, self.settings.exclude or []
-            )
-        for warning in skipped:
-            rank_zero_warn(str(warning.message))
+        # the analysis ran once, at the start of fit, when it could: its layers are the same now
+        layers = self.prunable_layers
+        warned = layers is not None  # the analysis at the start of fit already said what it found
+        if layers is None:
+            layers = self._analyse(pl_module, recorder)
         if getattr(trainer, "fast_dev_run", False):  # set by the Trainer at init, not declared on the class
             rank_zero_info("ActivationPruning: `fast_dev_run` validates one batch; the statistics come from it alone.")
         if not layers:
+            if warned:
+                rank_zero_info(f"ActivationPruning: {type(pl_module).__name__} has no prunable layer; nothing changed.")
+                return None
             rank_zero_warn(
-                f"ActivationPruning: {type(pl_module).__name__} has no prunable layer; nothing changed. Found"
-                f" {layer_inventory(pl_module) or 'no layer with parameters'}; none is prunable: only a Linear/Conv"
-                " layer whose outputs feed another Linear/Conv layer is (the warnings above say why others are not)."
+                f"ActivationPruning: {type(pl_module).__name__} has no prunable layer; nothing changed."
+                + self._nothing_prunable(pl_module)
             )
             return None
         evaluator = ThresholdEvaluator(
@@ -514,6 +535,65 @@ class ActivationPruning(Callback):
             kept = params_after / params_before
             rows[threshold] = SweepRow(threshold, params_after, kept, size_after, neurons, metrics_after)
         return metrics_after, metrics_pruned
+
+    def _analyse(self, pl_module: pl.LightningModule, recorder: ActivationRecorder) -> list[PrunableLayer]:
+        """Which layers can be pruned (Torch-Pruning's analysis and the per-layer checks); skips warned once."""
+        with warnings.catch_warnings(record=True) as skipped:  # re-issued once, on rank zero
+            warnings.simplefilter("always")
+            layers = find_prunable_layers(
+                pl_module, self._example_inputs(pl_module, recorder), self.settings.layers, self.settings.exclude or []
+            )
+        for warning in skipped:
+            rank_zero_warn(str(warning.message))
+        return layers
+
+    @staticmethod
+    def _nothing_prunable(pl_module: pl.LightningModule) -> str:
+        return (
+            f" Found {layer_inventory(pl_module) or 'no layer with parameters'}; none is prunable (only a Linear/Conv"
+            " feeding another Linear/Conv is; the warnings above say why)."
+        )
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the first validation of fit (the sanity check when there is one): analyse the model now, not after training
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if not fitting or self.prunable_layers is not None or self._preview is not None:
+            return
+        if has_compiled_modules(pl_module):  # traced at the prune, as the eager modules they wrap
+            return
+        self._preview = ActivationRecorder(pl_module).__enter__()
+
+    @override
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, *_: Any
+    ) -> None:
+        recorder, self._preview = self._preview, None
+        if recorder is None:
+            return
+        recorder.__exit__(None, None, None)
+        try:
+            layers = self._analyse(pl_module, recorder)
+        except Exception as error:
+            rank_zero_warn(
+                f"ActivationPruning: analysing {type(pl_module).__name__} at the start of fit failed"
+                f" ({type(error).__name__}: {error}); it is tried again when pruning."
+            )
+            return
+        self.prunable_layers = layers
+        if not layers:
+            rank_zero_warn(
+                f"ActivationPruning: {type(pl_module).__name__} has no prunable layer (seen before training)."
+                + self._nothing_prunable(pl_module)
+            )
+            return
+        neurons = sum(layer.neurons for layer in layers)
+        shown = ", ".join(f"{layer.name} ({layer.neurons})" for layer in layers[:8])
+        more = f" and {len(layers) - 8} more" if len(layers) > 8 else ""
+        rank_zero_info(
+            f"ActivationPruning: {len(layers)} prunable layer(s), {neurons} neurons: {shown}{more}; the warnings"
+            " above name the layers that will not be pruned and why."
+        )
 
     def _sweep(self, trainer: pl.Trainer, evaluator: ThresholdEvaluator) -> list[SweepRow]:
         thresholds = self.settings.sweep or []

@@ -130,6 +130,12 @@ def keeps_parameter_copies(callback: Callback) -> bool:
     return bool(names & {"StochasticWeightAveraging", "WeightAveraging"})
 
 
+def has_compiled_modules(module: nn.Module) -> bool:
+    """Whether ``module`` holds a ``torch.compile``'d submodule (whose inner modules' hooks may not fire)."""
+    optimized = getattr(getattr(torch, "_dynamo", None), "OptimizedModule", None)
+    return optimized is not None and any(isinstance(m, optimized) for m in module.modules())
+
+
 def uncompile(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
     """Swap every ``torch.compile``'d submodule for the module it wraps: hooks and tracing need the eager module.
 

@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -255,7 +256,7 @@ def test_nothing_prunable_lists_the_layer_types_found(fit):
     pruning, _, messages = fit(model)
     assert pruning.result is None
     assert any(
-        "Classifier has no prunable layer; nothing changed. Found Linear ×2, LayerNorm ×1; none is prunable" in m
+        "Classifier has no prunable layer (seen before training). Found Linear ×2, LayerNorm ×1; none is prunable" in m
         for m in messages
     ), messages
     assert any(
@@ -309,3 +310,24 @@ def test_gpt2_ends_the_fit_without_a_crash_and_says_why_nothing_is_pruned(use_ca
             m.startswith("lightning_actprune: not pruning the layers inside TinyGPT2: tracing failed:")
             for m in messages
         )
+
+
+def test_the_analysis_runs_once_before_training_and_the_prune_uses_it(make_trainer, caplog):
+    class SeenAtTrainStart(Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.layers = pruning.prunable_layers
+            self.step = trainer.global_step
+
+    pl.seed_everything(0)
+    pruning = ActivationPruning(target_params_reduction=0.3, pruned_checkpoint=None)
+    seen = SeenAtTrainStart()
+    trainer = make_trainer(seen, pruning, max_epochs=2, logger=False, enable_checkpointing=False)
+    with caplog.at_level("INFO"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Classifier(Recurrent(nn.GRU)), *loaders(SEQUENCE, batch_size=16))
+    assert seen.step == 0
+    assert [layer.name for layer in seen.layers] == ["net.head.0"]  # known before the first training step
+    assert [layer.name for layer in pruning.result.plan.layers] == ["net.head.0"]
+    assert "ActivationPruning: 1 prunable layer(s), 64 neurons: net.head.0 (64)" in caplog.text
+    # the skip warnings were given once, at the start, not again at the prune
+    assert sum("recurrent layers keep their sizes" in str(w.message) for w in caught) == 1
