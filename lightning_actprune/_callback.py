@@ -222,6 +222,7 @@ class ActivationPruning(Callback):
         if stage != "fit":
             return
         self.prunable_layers = None  # this fit's model is analysed anew
+        self.pruned_at_epoch = None  # a resumed fit gets it back from the checkpoint, restored after `setup`
         source = compat.data_source(trainer.fit_loop.epoch_loop.val_loop)
         if not is_overridden("validation_step", pl_module) or not source.is_defined():
             raise ActivationPruningError(
@@ -278,10 +279,10 @@ class ActivationPruning(Callback):
             for callback in trainer.early_stopping_callbacks:  # a new, smaller model: its patience starts afresh
                 callback.wait_count = 0
                 callback.best_score = torch.tensor(math.inf if callback.monitor_op == torch.lt else -math.inf)
-        rank_zero_info(
-            f"ActivationPruning: pruned at the end of epoch {trainer.current_epoch}; the last"
-            f" {self.settings.recovery_epochs} epoch(s) train the smaller model."
-        )
+            rank_zero_info(
+                f"ActivationPruning: pruned at the end of epoch {trainer.current_epoch}; the last"
+                f" {self.settings.recovery_epochs} epoch(s) train the smaller model."
+            )
 
     def _check_patterns(self, pl_module: pl.LightningModule) -> None:
         """Patterns that match no Linear/Conv at all fail before training, not after it."""
@@ -521,7 +522,6 @@ class ActivationPruning(Callback):
         validated = validated if validated is not None and dict(validated.neurons) == neurons else None
         check_same_on_every_rank(trainer, plan.to_dict(), "the pruning plans")  # before any rank cuts
         optimizers = OptimizerSnapshot(trainer.optimizers if self._in_fit else [])
-        metrics_pruned: dict[str, float] = {}
         try:
             with restoring(pl_module, [*plan.touched_modules, *batchnorm_layers(pl_module)]):
                 # inside fit, training goes on: the same optimizers follow the parameters to their new shapes

@@ -223,9 +223,12 @@ def plan_for_reduction(evaluator: ThresholdEvaluator, target: float) -> Reductio
     ``min_neurons`` floors and the layers that cannot be pruned hold too many parameters): ``plan`` is ``None``.
     """
     order = evaluator.removal_order()
+    reductions: dict[int, float] = {}  # each count costs a surgery: the bisection and the report share them
 
     def reduction(count: int) -> float:
-        return 1.0 - evaluator.size(evaluator.plan_removing(count)).params_kept
+        if count not in reductions:
+            reductions[count] = 1.0 - evaluator.size(evaluator.plan_removing(count)).params_kept
+        return reductions[count]
 
     most = reduction(len(order))
     if most < target:

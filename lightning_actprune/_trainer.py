@@ -162,10 +162,11 @@ def recompile(swapped: list[tuple[nn.Module, str, nn.Module]]) -> None:
 
 def validate(trainer: pl.Trainer, pl_module: pl.LightningModule, ckpt_path: str | None = None) -> dict[str, float]:
     """One validation pass through the Trainer (on its device, its precision), with the fit's data."""
-    source = compat.data_source(trainer.fit_loop.epoch_loop.val_loop).instance
+    data = compat.data_source(trainer.fit_loop.epoch_loop.val_loop)
+    source = data.instance
     kwargs: dict[str, Any] = {}
     # several processes: shards that cover every sample exactly once, not Lightning's padded ones
-    unrepeated = unrepeated_val_dataloaders(trainer, compat.data_source(trainer.fit_loop.epoch_loop.val_loop))
+    unrepeated = unrepeated_val_dataloaders(trainer, data)
     if unrepeated is not None:
         kwargs["dataloaders"] = unrepeated
     elif isinstance(source, pl.LightningDataModule):
