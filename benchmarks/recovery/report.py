@@ -31,7 +31,7 @@ def target_verdict(results: RecoveryResults) -> str:
     verdict = "met" if gap <= TARGET_POINTS else f"missed by {gap - TARGET_POINTS:.2f} points"
     return (
         f"Target (within {TARGET_POINTS} points of unpruned at -{TARGET_REDUCTION:.0%} with at most {TARGET_EPOCHS}"
-        f" recovery epoch): **{verdict}** ({gap:.2f} points below unpruned after {best.recovery_epochs} epoch)."
+        f" recovery epoch): **{verdict}** ({-gap:+.2f} points against unpruned after {best.recovery_epochs} epoch)."
     )
 
 
@@ -39,11 +39,12 @@ def render_markdown(results: RecoveryResults) -> str:
     """The section: command, machine, the accuracy table, the epoch-time table and what is not measured."""
     config, base, machine = results.config, results.base, results.machine
     epochs = config.train.epochs
+    threads = f"{machine.torch_threads} thread{'' if machine.torch_threads == 1 else 's'}"
     lines = [
         "### Recovery epochs vs one-shot, Torch-Pruning + fine-tuning and training from scratch (generated)",
         "",
         f"Command: `{results.command}` ({results.total_seconds / 60:.1f} min). Machine: {machine.cpu},"
-        f" {machine.usable_cores} usable cores, torch {machine.torch} ({machine.torch_threads} threads), lightning"
+        f" {machine.usable_cores} usable cores, torch {machine.torch} ({threads}), lightning"
         f" {machine.lightning}, torch-pruning {machine.torch_pruning}, Python {machine.python}.",
         "",
         f"Unpruned: MLP {'-'.join(map(str, config.train.sizes))} trained {epochs} epochs (Adam lr {config.train.lr},"
