@@ -359,6 +359,12 @@ class ActivationPruning(Callback):
             return
         recovered = self.settings.recovery_epochs and self.pruned_at_epoch is not None
         if recovered:
+            if self._steps_done < self.settings.pruning_steps:
+                rank_zero_warn(
+                    f"ActivationPruning: `fit` ended after {self._steps_done} of `pruning_steps="
+                    f"{self.settings.pruning_steps}` prunes: the model keeps the size of prune {self._steps_done},"
+                    f" short of `target_params_reduction={self.settings.target_params_reduction:g}`."
+                )
             result = self._recovered(trainer, pl_module)
         else:
             if self.settings.recovery_epochs:

@@ -181,3 +181,17 @@ def test_settings_gradual_pruning_cannot_work_with_are_refused():
     with pytest.raises(ActivationPruningError, match=r"`pruning_steps=2` needs `recovery_epochs` >= 2"):
         ActivationPruning(target_params_reduction=0.5, pruning_steps=2)
     assert ActivationPruning(threshold=0.1, pruning_steps=1).pruning_steps == 1  # one prune: any way of choosing λ
+
+
+def test_fit_ending_between_two_prunes_says_the_target_was_not_reached(tmp_path):
+    class StopAfterTheFirstPrune(Callback):  # after ActivationPruning: the first prune is done
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = trainer.current_epoch == 1
+
+    pruning = ActivationPruning(target_params_reduction=0.8, recovery_epochs=2, pruning_steps=2)
+    with pytest.warns(UserWarning, match=r"`fit` ended after 1 of `pruning_steps=2` prunes"):
+        fit(tmp_path, pruning, StopAfterTheFirstPrune(), max_epochs=4, min_epochs=0)
+    result = pruning.result
+    assert len(result.steps) == 1
+    assert result.params_reduction == pytest.approx(1 - result.steps[0].params_after / result.params_before)
+    assert result.params_reduction < 0.8
