@@ -6,7 +6,7 @@ import dataclasses
 import fnmatch
 import math
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -32,8 +32,10 @@ from lightning_actprune._config import Mode, OnError, PruningSettings
 from lightning_actprune._distributed import (
     check_same_on_every_rank,
     check_strategy,
+    is_distributed,
     reduced_moments,
     rewrap_after_pruning,
+    synced_metrics,
 )
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._loggers import report
@@ -63,6 +65,7 @@ from lightning_actprune._trainer import (
     trainer_state_kept,
     uncompile,
     validate,
+    weights_fingerprint,
 )
 from lightning_actprune._types import (
     NONE_CHOSEN,
@@ -215,6 +218,8 @@ class ActivationPruning(Callback):
         self._load_hook: RemovableHandle | None = None
         self._in_fit = False  # pruning inside `fit` (recovery epochs follow) rather than at its end
         self._preview: ActivationRecorder | None = None
+        self._recording: ActivationRecorder | None = None  # during the validation right before a prune
+        self._last_pass: _RecordedPass | None = None
         self.prunable_layers: list[PrunableLayer] | None = None
         """What the analysis at the start of ``fit`` found prunable (None until then): problems show before training."""
         self.pruned_at_epoch: int | None = None
@@ -277,11 +282,8 @@ class ActivationPruning(Callback):
         settings = self.settings
         if not settings.recovery_epochs:
             return
-        epochs = prune_epochs(trainer.max_epochs or 0, settings.recovery_epochs, settings.pruning_steps)
-        if trainer.current_epoch not in epochs:
-            return
-        step = epochs.index(trainer.current_epoch) + 1
-        if step <= self._steps_done:  # resumed from a checkpoint written after this prune
+        step = self._prune_step(trainer)
+        if step is None:
             return
         self._steps_done = step
         if self.pruned_at_epoch is None:
@@ -315,6 +317,15 @@ class ActivationPruning(Callback):
             f"ActivationPruning: pruned at the end of epoch {trainer.current_epoch}{which}; the last"
             f" {remaining} epoch(s) train the smaller model."
         )
+
+    def _prune_step(self, trainer: pl.Trainer) -> int | None:
+        """The prune (1 to ``pruning_steps``) due at the end of this epoch; None if none is, or it was done already."""
+        settings = self.settings
+        epochs = prune_epochs(trainer.max_epochs or 0, settings.recovery_epochs, settings.pruning_steps)
+        if trainer.current_epoch not in epochs:
+            return None
+        step = epochs.index(trainer.current_epoch) + 1
+        return step if step > self._steps_done else None  # done: resumed from a checkpoint written after it
 
     def _gradual_target(self, pl_module: pl.LightningModule, step: int) -> float | None:
         """With ``pruning_steps`` > 1: the fraction of the current model that prune ``step`` removes."""
@@ -464,9 +475,10 @@ class ActivationPruning(Callback):
         return dataclasses.replace(self.result, metrics_recovered=recovered)
 
     def _stop_preview(self) -> None:
-        if self._preview is not None:
-            self._preview.__exit__(None, None, None)
-            self._preview = None
+        for recorder in (self._preview, self._recording):
+            if recorder is not None:
+                recorder.__exit__(None, None, None)
+        self._preview = self._recording = self._last_pass = None
 
     def _remove_load_hook(self) -> None:
         if self._load_hook is not None:
@@ -505,8 +517,12 @@ class ActivationPruning(Callback):
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PruningResult | None:
         passes = ValidationPasses(trainer, pl_module, self._in_fit, self.settings.recalibration_batches)
-        with ActivationRecorder(pl_module) as recorder:
-            metrics_before = passes.metrics()
+        recorded = self._recorded_pass(trainer, pl_module)
+        if recorded is not None:  # the validation that just ran saw this very model: its statistics serve
+            recorder, metrics_before = recorded.recorder, synced_metrics(trainer, recorded.metrics)
+        else:
+            with ActivationRecorder(pl_module) as recorder:
+                metrics_before = passes.metrics()
         monitor = self.settings.monitor
         if monitor is not None and monitor not in metrics_before:
             logged = ", ".join(metrics_before) or "(none)"
@@ -621,15 +637,52 @@ class ActivationPruning(Callback):
             " feeding another Linear/Conv is; the warnings above say why)."
         )
 
+    def _prune_follows(self, trainer: pl.Trainer) -> bool:
+        """Whether a prune comes right after this epoch's validation, with no training step in between."""
+        epochs, recovery = trainer.max_epochs, self.settings.recovery_epochs
+        if epochs is None or epochs < 0 or trainer.sanity_checking or self.settings.prune_best:
+            return False  # unknown last epoch; no epoch yet; the best checkpoint is pruned, not these weights
+        if not recovery:
+            return trainer.current_epoch == epochs - 1
+        return self._prune_step(trainer) is not None
+
+    def _recorded_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> _RecordedPass | None:
+        """The statistics and metrics of the fit's last validation, if they are those of the model as it is now.
+
+        Inside ``fit`` every pass runs the fit's own validation loop; after it, a distributed pass covers every
+        sample exactly once, which the fit's padded shards do not, and callbacks that keep averaged weights may
+        have swapped them in: then the statistics are gathered anew.
+        """
+        recorded, self._last_pass = self._last_pass, None
+        if recorded is None or recorded.weights != weights_fingerprint(trainer, pl_module):
+            return None
+        if not self._in_fit and (
+            is_distributed(trainer) or any(map(keeps_parameter_copies, getattr(trainer, "callbacks", [])))
+        ):
+            return None
+        return recorded
+
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # the first validation of fit (the sanity check when there is one): analyse the model now, not after training
         fitting = trainer.state.fn == TrainerFn.FITTING
-        if not fitting or self.prunable_layers is not None or self._preview is not None:
+        if not fitting or has_compiled_modules(pl_module):  # compiled: traced at the prune, as the eager modules
             return
-        if has_compiled_modules(pl_module):  # traced at the prune, as the eager modules they wrap
+        self._last_pass = None
+        if self._prune_follows(trainer) and self._recording is None:
+            # the prune right after this validation takes its statistics from it: one validation pass fewer
+            self._recording = ActivationRecorder(pl_module).__enter__()
+        # the first validation of fit (the sanity check when there is one): analyse the model now, not after training
+        if self.prunable_layers is None and self._preview is None:
+            self._preview = ActivationRecorder(pl_module).__enter__()
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        recorder, self._recording = self._recording, None
+        if recorder is None:
             return
-        self._preview = ActivationRecorder(pl_module).__enter__()
+        recorder.__exit__(None, None, None)
+        metrics = compat.epoch_validation_metrics(trainer)
+        self._last_pass = _RecordedPass(recorder, metrics, weights_fingerprint(trainer, pl_module))
 
     @override
     def on_validation_batch_end(
@@ -640,6 +693,8 @@ class ActivationPruning(Callback):
             return
         recorder.__exit__(None, None, None)
         again = self._steps_done > 0  # after a prune of gradual pruning: what is prunable was said already
+        if self._recording is not None:  # the analysis runs the model: those passes are not validation data
+            self._recording.__exit__(None, None, None)
         try:
             layers = self._analyse(pl_module, recorder, quiet=again)
         except Exception as error:
@@ -648,6 +703,9 @@ class ActivationPruning(Callback):
                 f" ({type(error).__name__}: {error}); it is tried again when pruning."
             )
             return
+        finally:
+            if self._recording is not None:
+                self._recording.__enter__()
         self.prunable_layers = layers
         if again:
             return
@@ -760,6 +818,14 @@ class ActivationPruning(Callback):
         changed = [f"{k}={v!r} (now {current[k]!r})" for k, v in state_dict.items() if k in current and v != current[k]]
         if changed:
             rank_zero_info(f"ActivationPruning: the checkpoint was written with {', '.join(changed)}.")
+
+
+class _RecordedPass(NamedTuple):
+    """A validation of ``fit`` recorded for the prune that follows it."""
+
+    recorder: ActivationRecorder
+    metrics: dict[str, float]
+    weights: tuple[int, tuple[tuple[int, int, int], ...]]
 
 
 def _setting(name: str) -> property:
