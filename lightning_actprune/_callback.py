@@ -742,7 +742,13 @@ class ActivationPruning(Callback):
             target = self._step_target if self._step_target is not None else self.settings.target_params_reduction
             choice = plan_for_reduction(evaluator, target)
             if choice.note is not None:
-                rank_zero_warn(f"ActivationPruning: {choice.note}")
+                gradual = (
+                    ""
+                    if self._step_target is None
+                    else f" (gradual pruning: {target:g} is this prune's share of the current model, on the way to"
+                    f" `target_params_reduction={self.settings.target_params_reduction:g}` of the original)"
+                )
+                rank_zero_warn(f"ActivationPruning: {choice.note}{gradual}")
             if choice.plan is None:
                 rank_zero_warn("ActivationPruning: the trained model is left unpruned; lower the target.")
             elif choice.tied is not None:
