@@ -35,6 +35,20 @@ def target_verdict(results: RecoveryResults) -> str:
     )
 
 
+def _gradual_note(results: RecoveryResults) -> str:
+    gradual = sorted({(r.method, r.recovery_epochs) for r in results.rows if "gradual" in r.method})
+    if not gradual:
+        return "- Gradual pruning (several prunes over training): not measured in this run (`--methods gradual`)."
+    epochs = results.config.train.epochs
+    shown = ", ".join(f"{method} at R={r}" for method, r in gradual)
+    return (
+        f"- Gradual pruning ({shown}): `ActivationPruning(target_params_reduction=r, recovery_epochs=R,"
+        f" pruning_steps=2)` in one fit of {epochs} + R epochs, the first prune after epoch {epochs} (to"
+        " r·(1 − 1/8) of the original parameters, the cubic schedule), the second R // 2 epochs later (to r); compare"
+        " with ours at the same R, which prunes once after epoch E."
+    )
+
+
 def render_markdown(results: RecoveryResults) -> str:
     """The section: command, machine, the accuracy table, the epoch-time table and what is not measured."""
     config, base, machine = results.config, results.base, results.machine
@@ -67,7 +81,7 @@ def render_markdown(results: RecoveryResults) -> str:
     lines += [
         "",
         "- Recalibration: n/a (the MLP has no BatchNorm).",
-        "- Gradual pruning (several prunes over training): not built yet.",
+        _gradual_note(results),
         "- Torch-Pruning is fine-tuned with a fresh Adam (it has no way to carry the optimizer state); ours keeps"
         " the same Adam with its state sliced.",
         "",
