@@ -544,8 +544,13 @@ def _keep_independent(
 def _prunes_like_zeroing(
     model: nn.Module, root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], layer: PrunableLayer
 ) -> bool:
-    """Whether removing every other neuron of ``layer`` gives the outputs that zeroing them gives."""
-    plan = plan_from_kept([layer], {layer.name: range(1, layer.neurons, 2)})
+    """Whether removing every other neuron of ``layer`` (and one more) gives the outputs that zeroing them gives.
+
+    The one more makes the count that stays share no factor but 1 or 2 with the layer's width: a reshape into
+    attention heads (``view(batch, tokens, -1, head_size)``) then fails, where half the neurons would fit exactly.
+    """
+    kept = range(1, layer.neurons, 2)
+    plan = plan_from_kept([layer], {layer.name: kept[:-1] if len(kept) > 1 else kept})
     try:
         with pruned_temporarily(model, plan):
             pruned = _output_tensors(root(*args, **kwargs))
