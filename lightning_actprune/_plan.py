@@ -546,8 +546,8 @@ def _prunes_like_zeroing(
 ) -> bool:
     """Whether removing every other neuron of ``layer`` (and one more) gives the outputs that zeroing them gives.
 
-    The one more makes the count that stays share no factor but 1 or 2 with the layer's width: a reshape into
-    attention heads (``view(batch, tokens, -1, head_size)``) then fails, where half the neurons would fit exactly.
+    The one more makes the count that stays share no factor but 1 or 2 with an even width: a reshape into attention
+    heads (``view(batch, tokens, -1, head_size)``) then fails, where exactly half the neurons would still fit.
     """
     kept = range(1, layer.neurons, 2)
     plan = plan_from_kept([layer], {layer.name: kept[:-1] if len(kept) > 1 else kept})
