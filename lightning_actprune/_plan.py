@@ -15,14 +15,17 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from lightning_actprune._conv1d import CONV1D_PRUNER, Conv1D
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._scoring import MomentStatistic, NeuronScorer, _squared_column_norms, as_scorer, input_columns
 from lightning_actprune._statistics import (
+    FEATURES_LAST,
     MEASURED_TYPES,
     ActivationMoments,
     map_tensors,
 )
 from lightning_actprune._surgery import pruned_temporarily
+from lightning_actprune._tracer_compat import concatenations_of_unknown_size_unmapped
 from lightning_actprune._types import BiasUpdate, LayerPlan, ModulePruning, ModuleSlice, PrunableLayer, PruningPlan
 
 ExampleInputs = Mapping[str, tuple[tuple[Any, ...], dict[str, Any]]]
@@ -194,7 +197,7 @@ def _parameter_owners(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:
 
 
 def _unsupported(module: nn.Module) -> bool:
-    """A layer with a matrix or kernel that this package does not prune (GPT-2's ``Conv1D``, ``ConvTranspose2d``)."""
+    """A layer with a matrix or kernel that this package does not prune (``ConvTranspose2d``, ``Bilinear``)."""
     weight = getattr(module, "weight", None)
     known = (*MEASURED_TYPES, nn.Embedding, nn.RNNBase)
     return isinstance(weight, Tensor) and weight.dim() >= 2 and not isinstance(module, known)
@@ -307,16 +310,21 @@ def _groups(graph: tp.DependencyGraph, root: nn.Module) -> Iterator[tuple[nn.Mod
 
 
 def _dependency_graph(root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tp.DependencyGraph:
-    """Torch-Pruning's graph of ``root``, with every recurrent layer one opaque node."""
-    recurrent = {type(m) for m in root.modules() if isinstance(m, nn.RNNBase)}
+    """Torch-Pruning's graph of ``root``: every recurrent layer one opaque node, Hugging Face's ``Conv1D`` a layer."""
+    customized: dict[type, tp.pruner.function.BasePruningFunc] = {}
+    for module in root.modules():
+        if isinstance(module, nn.RNNBase):
+            customized[type(module)] = _OpaqueRecurrent()
+        elif isinstance(module, Conv1D):
+            customized[type(module)] = CONV1D_PRUNER
     graph = tp.DependencyGraph()
     with _traceable(root), _recurrent_layers_opaque(root):
         graph.build_dependency(
-            _comparable_modules(root) if recurrent else root,
+            _comparable_modules(root) if customized else root,
             example_inputs=(args, kwargs),
             forward_fn=lambda _, x: root(*x[0], **x[1]),
             output_transform=_tensors_with_grad,
-            customized_pruners={kind: _OpaqueRecurrent() for kind in recurrent} or None,
+            customized_pruners=customized or None,
             verbose=False,
         )
     return graph
@@ -346,18 +354,19 @@ def _layers_of_root(
 ) -> Iterator[PrunableLayer]:
     with _traceable(root):
         _, counts = _call_counts(root, args, kwargs)
-    graph = _dependency_graph(root, args, kwargs)
-    for module, group in _groups(graph, root):
-        if isinstance(group, Exception):
-            skipped.append(_Skip(context.names[module], _failure("tracing its group", group)))
-            continue
-        try:
-            layer = _layer_of_group(graph, group, counts, context, skipped)
-        except Exception as error:  # a group the tracer cannot describe is skipped, the others go on
-            skipped.append(_Skip(context.names[module], _failure("tracing its group", error)))
-            continue
-        if layer is not None:
-            yield layer
+    with concatenations_of_unknown_size_unmapped():  # the graph is built, and its groups too
+        graph = _dependency_graph(root, args, kwargs)
+        for module, group in _groups(graph, root):
+            if isinstance(group, Exception):
+                skipped.append(_Skip(context.names[module], _failure("tracing its group", group)))
+                continue
+            try:
+                layer = _layer_of_group(graph, group, counts, context, skipped)
+            except Exception as error:  # a group the tracer cannot describe is skipped, the others go on
+                skipped.append(_Skip(context.names[module], _failure("tracing its group", error)))
+                continue
+            if layer is not None:
+                yield layer
 
 
 def _layer_of_group(
@@ -379,7 +388,7 @@ def _layer_of_group(
         if _OUTPUT is not None and optype == _OUTPUT:
             reaches_output = True
             continue
-        if optype not in _SAFE_TYPES:
+        if optype not in _SAFE_TYPES and not isinstance(module, Conv1D):  # Conv1D: a customized node, like a Linear
             unsafe.append(_describe(module, optype, context))
             blocking += 1
             continue
@@ -404,9 +413,11 @@ def _layer_of_group(
     if reaches_output and has_consumer:
         unsafe.append("the model's output")
     if unsafe:
+        # a residual stream couples a layer of every block: naming them all would not fit one line
+        label = name if len(producers) <= 2 else f"{producers[0]} and the {len(producers) - 1} layers coupled to it"
         skipped.append(
             _Skip(
-                name,
+                label,
                 f"its neurons reach {_listed(unsafe)}, which cannot lose neurons here.",
             )
         )
@@ -481,7 +492,7 @@ def _zero_at_consumers(model: nn.Module, plan: PruningPlan) -> list[torch.utils.
 
         def zero(consumer: nn.Module, args: tuple[Any, ...], index: Tensor = index) -> tuple[Any, ...]:
             inputs = args[0].clone()
-            if isinstance(consumer, nn.Linear):
+            if isinstance(consumer, FEATURES_LAST):
                 inputs[..., index.to(inputs.device)] = 0
             else:
                 inputs[:, index.to(inputs.device)] = 0
@@ -524,7 +535,7 @@ def _keep_independent(
                     _Skip(
                         layer.name,
                         "removing its neurons does not equal zeroing them (an operation between it and its consumers"
-                        " mixes its neurons, e.g. softmax or a normalisation over them).",
+                        " mixes its neurons, e.g. attention (Q·K, softmax) or a normalisation over them).",
                     )
                 )
     return independent
@@ -533,8 +544,13 @@ def _keep_independent(
 def _prunes_like_zeroing(
     model: nn.Module, root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], layer: PrunableLayer
 ) -> bool:
-    """Whether removing every other neuron of ``layer`` gives the outputs that zeroing them gives."""
-    plan = plan_from_kept([layer], {layer.name: range(1, layer.neurons, 2)})
+    """Whether removing every other neuron of ``layer`` (and one more) gives the outputs that zeroing them gives.
+
+    The one more makes the count that stays share no factor but 1 or 2 with an even width: a reshape into attention
+    heads (``view(batch, tokens, -1, head_size)``) then fails, where exactly half the neurons would still fit.
+    """
+    kept = range(1, layer.neurons, 2)
+    plan = plan_from_kept([layer], {layer.name: kept[:-1] if len(kept) > 1 else kept})
     try:
         with pruned_temporarily(model, plan):
             pruned = _output_tensors(root(*args, **kwargs))

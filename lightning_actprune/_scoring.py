@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from lightning_actprune._conv1d import out_in_weight
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._statistics import (
     SIGNED_STATISTICS,
@@ -186,7 +187,7 @@ def _by_input(module: nn.Module, over_kernel: Callable[[Tensor], Tensor]) -> Ten
 
     A grouped conv joins an input only to its own group's outputs: the other entries are zero.
     """
-    weight = module.get_parameter("weight").detach()
+    weight = out_in_weight(module).detach()
     per_pair = over_kernel(weight.flatten(2) if weight.dim() > 2 else weight.unsqueeze(-1))  # (out, in/groups)
     groups = getattr(module, "groups", 1)
     out_channels, in_per_group = per_pair.shape
@@ -201,7 +202,8 @@ def _by_input(module: nn.Module, over_kernel: Callable[[Tensor], Tensor]) -> Ten
 def input_columns(module: nn.Module) -> Tensor:
     """Each input feature's weight column of a ``Linear``/``Conv``, summed over the kernel: ``(in, out)``.
 
-    What one unit of constant activation at input ``f`` adds to each output: ``W[:, f]`` for a Linear, the kernel
+    What one unit of constant activation at input ``f`` adds to each output: ``W[:, f]`` for a Linear (``W[f]`` for
+    Hugging Face's transposed ``Conv1D``), the kernel
     sum ``Σ_k W[:, f, k]`` for a Conv (grouped convs only reach their own group's outputs).
     """
     return _by_input(module, lambda kernel: kernel.sum(-1))

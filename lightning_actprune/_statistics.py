@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from lightning_actprune._conv1d import Conv1D
 from lightning_actprune._errors import ActivationPruningError
 
 Statistic = Literal["mean", "mean_abs", "rms", "nonzero_fraction", "std", "fluctuation"]
@@ -46,8 +47,14 @@ def describe_threshold(threshold: float, statistic: str, normalize: bool) -> str
     return f"λ = {threshold:.4g} ({_UNITS.get(statistic, statistic)})"
 
 
-MEASURED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-"""Layers whose *inputs* are measured: a neuron's activation is what its consumers receive."""
+MEASURED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, Conv1D)
+"""Layers whose *inputs* are measured: a neuron's activation is what its consumers receive.
+
+``Conv1D`` is Hugging Face's transposed Linear (GPT-2), recognised without importing ``transformers``.
+"""
+
+FEATURES_LAST: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
+"""Measured layers that read their input features on the last dimension."""
 
 
 class ActivationMoments(NamedTuple):
@@ -222,7 +229,7 @@ def _as_vectors(moments: ActivationMoments) -> ActivationMoments:
 
 
 def _channel_dim(module: nn.Module, inputs: Tensor) -> int:
-    if isinstance(module, nn.Linear):
+    if isinstance(module, FEATURES_LAST):
         return -1
     spatial_dims = len(module.kernel_size) if isinstance(module, nn.modules.conv._ConvNd) else 0
     return 1 if inputs.dim() == spatial_dims + 2 else 0

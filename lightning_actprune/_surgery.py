@@ -10,6 +10,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from lightning_actprune._conv1d import CONV1D_PRUNER, Conv1D
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._types import PruningPlan
 
@@ -94,6 +95,8 @@ def pruned_temporarily(model: nn.Module, plan: PruningPlan) -> Iterator[None]:
 
 def _pruner(module: nn.Module) -> Any:
     """Torch-Pruning's pruner for this kind of layer, or None."""
+    if isinstance(module, Conv1D):  # Torch-Pruning has none for it
+        return CONV1D_PRUNER
     return tp.pruner.function.PrunerBox.get(tp.ops.module2type(module))
 
 

@@ -7,6 +7,7 @@ are in ``conftest.py``.
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,12 @@ class KeepUnpruned(Callback):
         self.state = copy.deepcopy(pl_module.state_dict())
 
 
+def hf_conv1d() -> tuple[type, ...]:
+    """Hugging Face's GPT-2 ``Conv1D`` (a Linear with its weight transposed) once a test has loaded transformers."""
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return () if conv1d is None else (conv1d,)
+
+
 def zero_removed_inputs(model: nn.Module, plan: PruningPlan) -> list[torch.utils.hooks.RemovableHandle]:
     """The oracle: on the *unpruned* model, force the removed neurons' activations to zero at every consumer."""
     return _replace_removed_inputs(model, plan, None)
@@ -186,7 +193,7 @@ def _replace_removed_inputs(
     handles = []
     for op in plan.operations:
         module = model.get_submodule(op.module)
-        if op.dim != "in" or not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if op.dim != "in" or not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *hf_conv1d())):
             continue
         index = torch.tensor(op.indices)
         values = torch.zeros(len(index)) if moments is None else moments[op.module].mean.float()[index]
@@ -195,7 +202,7 @@ def _replace_removed_inputs(
             mod: nn.Module, args: tuple[Tensor, ...], index: Tensor = index, values: Tensor = values
         ) -> tuple[Tensor, ...]:
             x = args[0].clone()
-            if isinstance(mod, nn.Linear):
+            if isinstance(mod, (nn.Linear, *hf_conv1d())):  # features last
                 x[..., index] = values.to(x)
             else:  # channels at dim 1, one value per channel over every position
                 x[:, index] = values.to(x).view(-1, *[1] * (x.dim() - 2))

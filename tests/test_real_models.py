@@ -18,8 +18,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_actprune import ActivationPruning
-from lightning_actprune.core import find_prunable_layers
+from lightning_actprune import ActivationPruning, load_pruned
+from lightning_actprune.core import ActivationRecorder, apply_plan, find_prunable_layers, plan_pruning
 from tests.helpers import NUM_CLASSES, Classifier, KeepUnpruned, assert_matches_oracle, loaders, zero_removed_inputs
 
 SEQUENCE = (5, 8)  # time steps, features
@@ -266,13 +266,13 @@ def test_nothing_prunable_lists_the_layer_types_found(fit):
 
 
 class TinyGPT2(pl.LightningModule):
-    """Hugging Face's GPT-2 (two blocks, 32 features, a 50-token vocabulary) trained as a language model."""
+    """Hugging Face's GPT-2 (two blocks, 32 features, a 64-token vocabulary) trained as a language model."""
 
-    def __init__(self, use_cache: bool) -> None:
+    def __init__(self, use_cache: bool = True) -> None:
         super().__init__()
         transformers = pytest.importorskip("transformers")
         config = transformers.GPT2Config(
-            n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16, use_cache=use_cache, bos_token_id=0,
+            n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32, use_cache=use_cache, bos_token_id=0,
             eos_token_id=0,
         )  # fmt: skip
         self.model = transformers.GPT2LMHeadModel(config)
@@ -287,29 +287,48 @@ class TinyGPT2(pl.LightningModule):
         self.log("val_loss", self(batch[0]).loss)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.05)
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
 
 
-@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no_cache"])
-def test_gpt2_ends_the_fit_without_a_crash_and_says_why_nothing_is_pruned(use_cache, make_trainer):
+@pytest.mark.parametrize(
+    ("use_cache", "recovery_epochs"), [(True, 0), (False, 0), (True, 1)], ids=["cache", "no_cache", "in_fit"]
+)
+def test_gpt2_prunes_its_mlp_neurons_exactly_and_skips_attention(use_cache, recovery_epochs, make_trainer):
+    pl.seed_everything(0)
     model = TinyGPT2(use_cache)
-    tokens = torch.randint(0, 50, (32, 10), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 64, (32, 10), generator=torch.Generator().manual_seed(0))
     train = val = DataLoader(TensorDataset(tokens), batch_size=16)
-    pruning = ActivationPruning(target_params_reduction=0.3)
-    trainer = make_trainer(pruning, max_epochs=1, logger=False, enable_checkpointing=False)
+    keep = KeepUnpruned()
+    pruning = ActivationPruning(target_params_reduction=0.3, recovery_epochs=recovery_epochs)
+    trainer = make_trainer(keep, pruning, max_epochs=2, logger=False, enable_checkpointing=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(model, train, val)
     messages = [str(w.message) for w in caught if re.match("lightning_actprune|ActivationPruning", str(w.message))]
-    assert pruning.result is None
     assert_readable(messages)
-    (nothing,) = [m for m in messages if "has no prunable layer" in m]
-    assert "Found Conv1D ×8 (not supported), LayerNorm ×5" in nothing
-    if use_cache:  # the cache's concatenation with an empty tensor defeats Torch-Pruning's index mapping
-        assert any(
-            m.startswith("lightning_actprune: not pruning the layers inside TinyGPT2: tracing failed:")
-            for m in messages
-        )
+    attention = "not pruning model.transformer.h.0.attn.c_attn, model.transformer.h.1.attn.c_attn: removing its"
+    assert any(m.startswith(f"lightning_actprune: {attention} neurons does not equal zeroing them") for m in messages)
+    assert any("attention (Q·K, softmax)" in m for m in messages), messages
+    plan = pruning.result.plan
+    assert [layer.name for layer in plan.layers] == [f"model.transformer.h.{i}.mlp.c_fc" for i in range(2)]
+    mlp = model.model.transformer.h[0].mlp
+    assert mlp.c_fc.nf == mlp.c_fc.weight.shape[1] == mlp.c_proj.weight.shape[0] < 128
+    assert mlp.c_proj.nf == 32  # the residual stream keeps its width
+    if recovery_epochs:  # pruned after epoch 0, then trained on: Adam's moments were sliced with the weights
+        assert pruning.pruned_at_epoch == 0
+        state = trainer.optimizers[0].state
+        for layer in (mlp.c_fc, mlp.c_proj):
+            assert state[layer.weight]["exp_avg"].shape == state[layer.weight]["exp_avg_sq"].shape == layer.weight.shape
+        assert state[mlp.c_fc.bias]["exp_avg"].shape == (mlp.c_fc.nf,)
+    else:
+        model.eval()
+        zero_removed_inputs(keep.model, plan)
+        with torch.no_grad():
+            torch.testing.assert_close(model(tokens).logits, keep.model(tokens).logits)
+    fresh = load_pruned(TinyGPT2(use_cache), pruning.pruned_checkpoint_path).eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(tokens).logits, model(tokens).logits, rtol=0, atol=0)
 
 
 def test_the_analysis_runs_once_before_training_and_the_prune_uses_it(make_trainer, caplog):
@@ -331,3 +350,29 @@ def test_the_analysis_runs_once_before_training_and_the_prune_uses_it(make_train
     assert "ActivationPruning: 1 prunable layer(s), 64 neurons: net.head.0 (64)" in caplog.text
     # the skip warnings were given once, at the start, not again at the prune
     assert sum("recurrent layers keep their sizes" in str(w.message) for w in caught) == 1
+
+
+def test_gpt2_conv1d_scores_and_compensates_like_the_linear_it_transposes():
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    torch.manual_seed(0)
+    transposed = nn.Sequential(conv1d(16, 8), nn.ReLU(), conv1d(12, 16), nn.GELU(), conv1d(NUM_CLASSES, 12))
+    linear = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 12), nn.GELU(), nn.Linear(12, NUM_CLASSES))
+    with torch.no_grad():
+        for source, target in zip(transposed[::2], linear[::2], strict=True):
+            target.weight.copy_(source.weight.t())
+            target.bias.copy_(torch.randn(target.out_features))
+            source.bias.copy_(target.bias)
+    x = torch.randn(40, 8)
+    plans = []
+    for model in (transposed, linear):
+        with ActivationRecorder(model) as recorder, torch.no_grad():
+            model(x)
+        layers = find_prunable_layers(model, x)
+        plans.append(plan_pruning(layers, recorder.moments(), 0.05, "fluctuation", model=model, compensate=True))
+    assert plans[0] == plans[1]
+    assert plans[0].neurons_after < plans[0].neurons_before
+    assert plans[0].bias_updates
+    apply_plan(transposed, plans[0])
+    apply_plan(linear, plans[1])
+    with torch.no_grad():
+        torch.testing.assert_close(transposed(x), linear(x))
