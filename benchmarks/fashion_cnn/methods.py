@@ -121,12 +121,14 @@ def fit_with_recovery(
     target: float,
     recalibration_batches: int = 20,
     recovery_epochs: int = 1,
+    pruning_steps: int = 1,
 ) -> tuple[L, ActivationPruning, EpochTimer]:
     """A fresh ``build()`` trained ``epochs + recovery_epochs`` epochs with the callback pruning after ``epochs``.
 
     The same seed and trainer as the unpruned network's training, plus
     ``ActivationPruning(target_params_reduction=target, recovery_epochs=recovery_epochs)`` (BatchNorm recalibration
-    on, no checkpoint written; the λ table, if any, goes to a temporary directory) and an :class:`EpochTimer`.
+    on, no checkpoint written; the λ table, if any, goes to a temporary directory; ``pruning_steps`` prunes on the
+    callback's cubic schedule) and an :class:`EpochTimer`.
 
     Returns:
         The pruned, recovered model (eval mode), the callback (its ``result`` has the metrics) and the timer.
@@ -136,6 +138,7 @@ def fit_with_recovery(
     pruning = ActivationPruning(
         target_params_reduction=target,
         recovery_epochs=recovery_epochs,
+        pruning_steps=pruning_steps,
         recalibration_batches=recalibration_batches,
         pruned_checkpoint=None,
     )
