@@ -150,6 +150,10 @@ class ActivationPruning(Callback):
             mean without recovery; ``max_metric_drop`` bounds the drop right after pruning (and recalibration),
             before recovery. Under DDP the wrapper is rebuilt around the smaller model; ``EarlyStopping``
             restarts counting at the prune.
+        prune_heads: also remove whole attention heads (timm ``Attention``, Hugging Face BERT-style attention):
+            each attention module is one layer ``<name>:heads`` whose neurons are its heads, scored by the
+            activations that reach its out projection and chosen with the other neurons by the same λ; at least
+            one head per module stays, and the module's head count is updated. ``False`` leaves attention as it is.
 
     Example::
 
@@ -177,6 +181,7 @@ class ActivationPruning(Callback):
         pruned_checkpoint: str | None = "pruned.ckpt",
         recalibration_batches: int = 20,
         recovery_epochs: int = 0,
+        prune_heads: bool = True,
     ) -> None:
         self.settings = PruningSettings(
             threshold=threshold,
@@ -196,6 +201,7 @@ class ActivationPruning(Callback):
             pruned_checkpoint=pruned_checkpoint,
             recalibration_batches=recalibration_batches,
             recovery_epochs=recovery_epochs,
+            prune_heads=prune_heads,
         )
         """The arguments, validated: read them here or as the callback's attributes of the same names."""
         self.result: PruningResult | None = None
@@ -541,7 +547,11 @@ class ActivationPruning(Callback):
         with warnings.catch_warnings(record=True) as skipped:  # re-issued once, on rank zero
             warnings.simplefilter("always")
             layers = find_prunable_layers(
-                pl_module, self._example_inputs(pl_module, recorder), self.settings.layers, self.settings.exclude or []
+                pl_module,
+                self._example_inputs(pl_module, recorder),
+                self.settings.layers,
+                self.settings.exclude or [],
+                prune_heads=self.settings.prune_heads,
             )
         for warning in skipped:
             rank_zero_warn(str(warning.message))

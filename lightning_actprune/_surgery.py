@@ -11,6 +11,7 @@ import torch_pruning as tp
 from torch import nn
 
 from lightning_actprune._errors import ActivationPruningError
+from lightning_actprune._heads import attribute_holders, sync_head_counts
 from lightning_actprune._types import PruningPlan
 
 
@@ -25,7 +26,8 @@ class ModuleSnapshot:
     """The exact state of some modules (parameter and buffer objects, size attributes), to restore on failure.
 
     The original tensors are kept by reference, not copied: pruning replaces them with smaller ones and never
-    writes into them, so restoring puts back the very objects an optimizer or a tied module still holds.
+    writes into them, so restoring puts back the very objects an optimizer or a tied module still holds. The
+    attention modules whose head counts follow the named projections are snapshotted with them.
 
     Args:
         model: the model.
@@ -34,7 +36,8 @@ class ModuleSnapshot:
 
     def __init__(self, model: nn.Module, names: Iterable[str]) -> None:
         self._saved: list[tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any]]] = []
-        for name in dict.fromkeys(names):
+        names = list(names)
+        for name in dict.fromkeys([*names, *attribute_holders(model, names)]):
             module = _submodule(model, name)
             attributes = {k: v for k, v in vars(module).items() if not k.startswith("_")}
             self._saved.append((module, dict(module._parameters), dict(module._buffers), attributes))
@@ -166,6 +169,8 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> None:
                 prune(module, list(operation.indices))
                 for name, p in module.named_parameters(recurse=False):
                     p.requires_grad_(flags.get(name, True))
+            current = "the attention modules' head counts"
+            sync_head_counts(model, plan.touched_modules)
     except Exception as error:
         raise ActivationPruningError(
             f"pruning {current} failed ({type(error).__name__}: {error}); the model was restored."

@@ -1,0 +1,227 @@
+"""Whole attention heads as prunable units: where each attention implementation keeps its heads.
+
+A head is one "neuron" of a :class:`PrunableLayer` named ``<attention>:heads``: its slices are the head's
+``head_dim`` output channels in every projection that produces them (each of q, k, v, however they are stored) and
+the same channels at the input of the out projection, where its activations are measured. Scoring, planning, the
+zeroing check and the surgery are then those of any other layer; after the surgery the attention module's own
+head-count attributes are set from its projections' new width, so it still runs, saves and exports.
+
+Implementations are recognised by their class's module and attributes, never by importing timm or transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import NamedTuple
+
+from torch import nn
+
+from lightning_actprune._types import ModuleSlice, PrunableLayer
+
+HEADS_SUFFIX = ":heads"
+"""The end of a head layer's name: ``blocks.0.attn:heads``."""
+
+
+class Projection(NamedTuple):
+    """A module that produces every head's channels: ``blocks`` stacked copies (3 for a fused q/k/v)."""
+
+    module: str
+    blocks: int
+
+
+class AttentionAdapter:
+    """Where one attention implementation keeps its heads; module names are relative to the attention module."""
+
+    kind = ""
+
+    def matches(self, module: nn.Module) -> bool:
+        """Whether ``module`` is an attention module of this implementation."""
+        raise NotImplementedError
+
+    def projections(self, module: nn.Module) -> tuple[Projection, ...]:
+        """The modules that produce the heads' channels (q, k, v, a gate)."""
+        raise NotImplementedError
+
+    def out_projection(self, module: nn.Module) -> str:
+        """The module that reads the concatenated heads."""
+        raise NotImplementedError
+
+    def head_dim(self, module: nn.Module) -> int:
+        """Channels per head."""
+        raise NotImplementedError
+
+    def holders(self, module: nn.Module) -> tuple[str, ...]:
+        """The modules whose attributes :meth:`sync` changes (``""``: the attention module itself)."""
+        return ("",)
+
+    def unsupported(self, module: nn.Module) -> str | None:
+        """Why this module's heads cannot be removed one by one, or ``None``."""
+        return None
+
+    def sync(self, module: nn.Module) -> None:
+        """Set the module's head-count attributes from its (pruned) projections."""
+        raise NotImplementedError
+
+
+def _width(module: nn.Module) -> int:
+    return int(module.get_parameter("weight").shape[0])
+
+
+class TimmAttention(AttentionAdapter):
+    """timm's ``Attention`` (ViT, DeiT, …): one fused ``qkv`` Linear, ``proj``; ``num_heads``, ``attn_dim``."""
+
+    kind = "timm"
+
+    def matches(self, module: nn.Module) -> bool:
+        return (
+            type(module).__module__.startswith("timm.")
+            and isinstance(getattr(module, "qkv", None), nn.Linear)
+            and isinstance(getattr(module, "proj", None), nn.Linear)
+            and isinstance(getattr(module, "num_heads", None), int)
+            and isinstance(getattr(module, "head_dim", None), int)
+        )
+
+    def projections(self, module: nn.Module) -> tuple[Projection, ...]:
+        gate = (Projection("gate", 1),) if isinstance(getattr(module, "gate", None), nn.Linear) else ()
+        return (Projection("qkv", 3), *gate)
+
+    def out_projection(self, module: nn.Module) -> str:
+        return "proj"
+
+    def head_dim(self, module: nn.Module) -> int:
+        return int(module.head_dim)  # type: ignore[arg-type]
+
+    def unsupported(self, module: nn.Module) -> str | None:
+        norm = getattr(module, "norm", None)
+        if norm is not None and not isinstance(norm, nn.Identity):
+            return f"its {type(norm).__name__} (scale_norm) normalises over all heads together."
+        return None
+
+    def sync(self, module: nn.Module) -> None:
+        heads = _width(module.get_submodule("qkv")) // (3 * self.head_dim(module))
+        module.__dict__["num_heads"] = heads  # plain attributes: not parameters, buffers or submodules
+        if hasattr(module, "attn_dim"):
+            module.__dict__["attn_dim"] = heads * self.head_dim(module)
+
+
+class BertAttention(AttentionAdapter):
+    """Hugging Face BERT-style attention (BERT, RoBERTa, …): ``self.query/key/value``, ``output.dense``.
+
+    ``self`` holds ``num_attention_heads`` and ``all_head_size``.
+    """
+
+    kind = "bert"
+
+    def matches(self, module: nn.Module) -> bool:
+        inner = getattr(module, "self", None)
+        output = getattr(module, "output", None)
+        return (
+            type(module).__module__.startswith("transformers.")
+            and isinstance(inner, nn.Module)
+            and all(isinstance(getattr(inner, n, None), nn.Linear) for n in ("query", "key", "value"))
+            and isinstance(getattr(inner, "attention_head_size", None), int)
+            and isinstance(getattr(output, "dense", None), nn.Linear)
+        )
+
+    def projections(self, module: nn.Module) -> tuple[Projection, ...]:
+        return tuple(Projection(f"self.{n}", 1) for n in ("query", "key", "value"))
+
+    def out_projection(self, module: nn.Module) -> str:
+        return "output.dense"
+
+    def head_dim(self, module: nn.Module) -> int:
+        return int(module.get_submodule("self").attention_head_size)  # type: ignore[arg-type]
+
+    def holders(self, module: nn.Module) -> tuple[str, ...]:
+        return ("self",)
+
+    def sync(self, module: nn.Module) -> None:
+        inner = module.get_submodule("self")
+        width = _width(inner.get_submodule("query"))
+        inner.__dict__.update(num_attention_heads=width // self.head_dim(module), all_head_size=width)
+
+
+ADAPTERS: tuple[AttentionAdapter, ...] = (TimmAttention(), BertAttention())
+"""The attention implementations whose heads can be pruned, tried in this order."""
+
+
+def adapter_for(module: nn.Module) -> AttentionAdapter | None:
+    """The adapter that knows ``module``'s attention implementation, or ``None``."""
+    return next((a for a in ADAPTERS if a.matches(module)), None)
+
+
+def _joined(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def attention_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, AttentionAdapter]]:
+    """Every attention module of ``model`` that an adapter knows, with its name and adapter."""
+    for name, module in model.named_modules():
+        adapter = adapter_for(module)
+        if adapter is not None:
+            yield name, module, adapter
+
+
+def projection_owners(model: nn.Module) -> dict[str, str]:
+    """The name of every q/k/v projection of a known attention module, mapped to that module's name."""
+    return {
+        _joined(name, projection.module): name
+        for name, module, adapter in attention_modules(model)
+        for projection in adapter.projections(module)
+    }
+
+
+def head_layer(name: str, module: nn.Module, adapter: AttentionAdapter) -> PrunableLayer | str:
+    """The heads of one attention module as a :class:`PrunableLayer`, or why they cannot be pruned."""
+    reason = adapter.unsupported(module)
+    if reason is not None:
+        return reason
+    head_dim = adapter.head_dim(module)
+    out_name = adapter.out_projection(module)
+    out = module.get_submodule(out_name)
+    inner = int(out.get_parameter("weight").shape[1])
+    heads = inner // head_dim
+    if head_dim <= 0 or heads * head_dim != inner:
+        return f"its out projection reads {inner} features, not a whole number of {head_dim}-channel heads."
+    channels = range(inner)
+    owner = [c // head_dim for c in channels]
+    slices = []
+    for projection in adapter.projections(module):
+        width = _width(module.get_submodule(projection.module))
+        if width != projection.blocks * inner:
+            return f"{projection.module} outputs {width} features, not {projection.blocks} × {inner}."
+        indices = tuple(b * inner + c for b in range(projection.blocks) for c in channels)
+        slices.append(ModuleSlice(_joined(name, projection.module), "out", indices, tuple(owner * projection.blocks)))
+    slices.append(ModuleSlice(_joined(name, out_name), "in", tuple(channels), tuple(owner)))
+    producers = tuple(_joined(name, p.module) for p in adapter.projections(module))
+    return PrunableLayer(name=name + HEADS_SUFFIX, neurons=heads, producers=producers, slices=tuple(slices))
+
+
+def head_layers(root: nn.Module, names: Mapping[nn.Module, str]) -> Iterator[tuple[str, PrunableLayer | str]]:
+    """Every known attention module under ``root``: its model name, and its head layer or why there is none."""
+    for module in root.modules():
+        adapter = adapter_for(module)
+        if adapter is not None:
+            yield names[module], head_layer(names[module], module, adapter)
+
+
+def _touched_attention(model: nn.Module, touched: Iterable[str]) -> Iterator[tuple[str, nn.Module, AttentionAdapter]]:
+    touched = set(touched)
+    for name, module, adapter in attention_modules(model):
+        if any(_joined(name, p.module) in touched for p in adapter.projections(module)):
+            yield name, module, adapter
+
+
+def attribute_holders(model: nn.Module, touched: Iterable[str]) -> list[str]:
+    """The modules whose head-count attributes a surgery on the ``touched`` modules changes."""
+    return [
+        _joined(name, h)
+        for name, module, adapter in _touched_attention(model, touched)
+        for h in adapter.holders(module)
+    ]
+
+
+def sync_head_counts(model: nn.Module, touched: Iterable[str]) -> None:
+    """After a surgery: every attention module whose projections were touched takes its new head count."""
+    for _, module, adapter in _touched_attention(model, touched):
+        adapter.sync(module)
