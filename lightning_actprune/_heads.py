@@ -11,10 +11,13 @@ Implementations are recognised by their class's module and attributes, never by 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
-from typing import NamedTuple
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, NamedTuple
 
-from torch import nn
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from lightning_actprune._types import ModuleSlice, PrunableLayer
 
@@ -64,6 +67,8 @@ class AttentionAdapter:
 
 
 def _width(module: nn.Module) -> int:
+    if isinstance(module, nn.MultiheadAttention):
+        return int(module.get_parameter("in_proj_weight").shape[0])
     return int(module.get_parameter("weight").shape[0])
 
 
@@ -141,7 +146,155 @@ class BertAttention(AttentionAdapter):
         inner.__dict__.update(num_attention_heads=width // self.head_dim(module), all_head_size=width)
 
 
-ADAPTERS: tuple[AttentionAdapter, ...] = (TimmAttention(), BertAttention())
+class PrunedMultiheadAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` whose heads may be fewer than ``embed_dim // head_dim``; the same ``state_dict`` keys.
+
+    Its forward computes the attention explicitly (``F.multi_head_attention_forward`` derives the head width from
+    ``embed_dim``) and calls ``out_proj`` as a module, so the heads' activations can be measured there. A pruned
+    ``nn.MultiheadAttention`` becomes one; ``embed_dim`` (the model's width) stays, ``num_heads`` shrinks.
+    """
+
+    @property
+    def _qkv_same_embed_dim(self) -> bool:
+        # False keeps nn.Transformer*Layer off their fused fast path, which assumes `embed_dim`-wide heads and
+        # would not call this forward
+        return False
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Like :meth:`nn.MultiheadAttention.forward` (``is_causal`` is a hint: ``attn_mask`` holds the mask)."""
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            key_padding_mask = key_padding_mask.unsqueeze(0) if key_padding_mask is not None else None
+        elif self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        targets, batch, _ = query.shape
+        sources = key.shape[0]
+        weights = self.get_parameter("in_proj_weight").chunk(3)
+        biases = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+        q, k, v = (
+            F.linear(x, w, b).reshape(x.shape[0], batch * self.num_heads, self.head_dim).transpose(0, 1)
+            for x, w, b in zip((query, key, value), weights, biases, strict=True)
+        )
+        scores = torch.bmm(q * self.head_dim**-0.5, k.transpose(1, 2))  # (batch * heads, targets, sources)
+        for mask in (attn_mask, _per_head(key_padding_mask, self.num_heads)):
+            if mask is not None:
+                scores = scores + _additive(mask, scores.dtype)
+        attention = scores.softmax(dim=-1)
+        context = torch.bmm(F.dropout(attention, self.dropout, self.training), v)
+        output = self.out_proj(context.transpose(0, 1).reshape(targets, batch, self.num_heads * self.head_dim))
+        output = output.squeeze(1) if unbatched else output.transpose(0, 1) if self.batch_first else output
+        if not need_weights:
+            return output, None
+        per_head = attention.view(batch, self.num_heads, targets, sources)
+        returned = per_head.mean(dim=1) if average_attn_weights else per_head
+        return output, returned.squeeze(0) if unbatched else returned
+
+
+def _per_head(key_padding_mask: Tensor | None, heads: int) -> Tensor | None:
+    """``(batch, sources)`` as ``(batch * heads, 1, sources)``, the layout of the scores."""
+    if key_padding_mask is None:
+        return None
+    batch, sources = key_padding_mask.shape
+    return key_padding_mask.view(batch, 1, 1, sources).expand(batch, heads, 1, sources).reshape(-1, 1, sources)
+
+
+def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A boolean mask (``True``: not attended) as ``-inf`` where it is set; a float mask as it is."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+class TorchMultiheadAttention(AttentionAdapter):
+    """``torch.nn.MultiheadAttention`` with a packed ``in_proj_weight``; pruned, it becomes the class below.
+
+    That class is :class:`PrunedMultiheadAttention`: same parameters, a forward that allows fewer heads.
+    """
+
+    kind = "torch"
+
+    def matches(self, module: nn.Module) -> bool:
+        return type(module) in (nn.MultiheadAttention, PrunedMultiheadAttention)
+
+    def projections(self, module: nn.Module) -> tuple[Projection, ...]:
+        return (Projection("", 3),)
+
+    def out_projection(self, module: nn.Module) -> str:
+        return "out_proj"
+
+    def head_dim(self, module: nn.Module) -> int:
+        return int(module.head_dim)  # type: ignore[arg-type]
+
+    def unsupported(self, module: nn.Module) -> str | None:
+        if getattr(module, "in_proj_weight", None) is None:
+            return "its key/value widths differ from the query's (kdim/vdim): separate projections are not supported."
+        if getattr(module, "bias_k", None) is not None or getattr(module, "add_zero_attn", False):
+            return "it adds bias_k/bias_v or a zero attention row, which head pruning does not support."
+        return None
+
+    def sync(self, module: nn.Module) -> None:
+        module.__class__ = PrunedMultiheadAttention
+        module.__dict__["num_heads"] = _width(module) // (3 * self.head_dim(module))
+
+
+class _InProjectionPruner:
+    """Removes rows of a ``nn.MultiheadAttention``'s packed ``in_proj_weight``/``in_proj_bias`` (its "outputs")."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        removed = set(idxs)
+        keep = torch.tensor([i for i in range(_width(layer)) if i not in removed], dtype=torch.long)
+        for name in ("in_proj_weight", "in_proj_bias"):
+            old = getattr(layer, name)
+            if old is not None:
+                kept = old.detach()[keep.to(old.device)].clone()
+                setattr(layer, name, nn.Parameter(kept, requires_grad=old.requires_grad))
+        return layer
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        raise NotImplementedError("the embedding width of nn.MultiheadAttention is not pruned")
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return _width(layer)
+
+    def get_in_channels(self, layer: nn.Module) -> int | None:
+        return None
+
+
+def head_pruner(module: nn.Module) -> Any:
+    """The surgery for a module that only head pruning shrinks (a packed q/k/v parameter), or ``None``."""
+    return _InProjectionPruner() if TorchMultiheadAttention().matches(module) else None
+
+
+@contextmanager
+def measurable_attention(model: nn.Module) -> Iterator[None]:
+    """Inside, every ``nn.MultiheadAttention`` calls its ``out_proj`` as a module, where heads are measured.
+
+    ``nn.MultiheadAttention`` reads ``out_proj.weight`` without calling the layer; :class:`PrunedMultiheadAttention`
+    computes the same outputs and calls it.
+    """
+    adapter = TorchMultiheadAttention()
+    swapped = [m for m in model.modules() if type(m) is nn.MultiheadAttention and adapter.unsupported(m) is None]
+    for module in swapped:
+        module.__class__ = PrunedMultiheadAttention
+    try:
+        yield
+    finally:
+        for module in swapped:
+            module.__class__ = nn.MultiheadAttention
+
+
+ADAPTERS: tuple[AttentionAdapter, ...] = (TimmAttention(), BertAttention(), TorchMultiheadAttention())
 """The attention implementations whose heads can be pruned, tried in this order."""
 
 

@@ -16,7 +16,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from lightning_actprune._errors import ActivationPruningError
-from lightning_actprune._heads import head_layers, projection_owners
+from lightning_actprune._heads import head_layers, measurable_attention, projection_owners
 from lightning_actprune._scoring import MomentStatistic, NeuronScorer, _squared_column_norms, as_scorer, input_columns
 from lightning_actprune._statistics import (
     MEASURED_TYPES,
@@ -540,7 +540,8 @@ def _keep_independent(
     zeroed at their consumers; a layer where they differ, or whose check fails, is added to ``skipped``.
     """
     independent = []
-    with _traceable(root), torch.no_grad():
+    # the zeroing oracle hooks the out projection, which nn.MultiheadAttention does not call as a module
+    with _traceable(root), torch.no_grad(), measurable_attention(root):
         for layer in layers:
             if layer.neurons < 2:
                 independent.append(layer)

@@ -11,7 +11,7 @@ import torch_pruning as tp
 from torch import nn
 
 from lightning_actprune._errors import ActivationPruningError
-from lightning_actprune._heads import attribute_holders, sync_head_counts
+from lightning_actprune._heads import attribute_holders, head_pruner, sync_head_counts
 from lightning_actprune._types import PruningPlan
 
 
@@ -35,16 +35,18 @@ class ModuleSnapshot:
     """
 
     def __init__(self, model: nn.Module, names: Iterable[str]) -> None:
-        self._saved: list[tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any]]] = []
+        self._saved: list[tuple[nn.Module, type[nn.Module], dict[str, Any], dict[str, Any], dict[str, Any]]] = []
         names = list(names)
         for name in dict.fromkeys([*names, *attribute_holders(model, names)]):
             module = _submodule(model, name)
             attributes = {k: v for k, v in vars(module).items() if not k.startswith("_")}
-            self._saved.append((module, dict(module._parameters), dict(module._buffers), attributes))
+            saved = (module, type(module), dict(module._parameters), dict(module._buffers), attributes)
+            self._saved.append(saved)
 
     def restore(self) -> None:
         """Put every snapshotted module back exactly as it was."""
-        for module, parameters, buffers, attributes in self._saved:
+        for module, kind, parameters, buffers, attributes in self._saved:
+            module.__class__ = kind  # a pruned nn.MultiheadAttention changes class
             module._parameters.clear()
             module._parameters.update(parameters)
             module._buffers.clear()
@@ -96,8 +98,8 @@ def pruned_temporarily(model: nn.Module, plan: PruningPlan) -> Iterator[None]:
 
 
 def _pruner(module: nn.Module) -> Any:
-    """Torch-Pruning's pruner for this kind of layer, or None."""
-    return tp.pruner.function.PrunerBox.get(tp.ops.module2type(module))
+    """Torch-Pruning's pruner for this kind of layer (or the one for a packed q/k/v parameter), or None."""
+    return head_pruner(module) or tp.pruner.function.PrunerBox.get(tp.ops.module2type(module))
 
 
 def _size_along(module: nn.Module, dim: str) -> int | None:
