@@ -36,6 +36,7 @@ from lightning_actprune._distributed import (
     rewrap_after_pruning,
 )
 from lightning_actprune._errors import ActivationPruningError
+from lightning_actprune._heads import projection_owners
 from lightning_actprune._loggers import report
 from lightning_actprune._optimizer import OptimizerSnapshot, apply_plan_with_optimizers
 from lightning_actprune._plan import ExampleInputs, find_prunable_layers, layer_inventory
@@ -150,10 +151,11 @@ class ActivationPruning(Callback):
             mean without recovery; ``max_metric_drop`` bounds the drop right after pruning (and recalibration),
             before recovery. Under DDP the wrapper is rebuilt around the smaller model; ``EarlyStopping``
             restarts counting at the prune.
-        prune_heads: also remove whole attention heads (timm ``Attention``, Hugging Face BERT-style attention):
-            each attention module is one layer ``<name>:heads`` whose neurons are its heads, scored by the
-            activations that reach its out projection and chosen with the other neurons by the same λ; at least
-            one head per module stays, and the module's head count is updated. ``False`` leaves attention as it is.
+        prune_heads: also remove whole attention heads (timm ``Attention``, Hugging Face BERT-style attention,
+            ``nn.MultiheadAttention``): each attention module is one layer ``<name>:heads`` whose neurons are its
+            heads, scored by the activations that reach its out projection and chosen with the other neurons by
+            the same λ; at least one head per module stays, and the module's head count is updated. ``False``
+            leaves attention as it is.
 
     Example::
 
@@ -293,6 +295,7 @@ class ActivationPruning(Callback):
     def _check_patterns(self, pl_module: pl.LightningModule) -> None:
         """Patterns that match no Linear/Conv at all fail before training, not after it."""
         names = [name for name, m in pl_module.named_modules() if isinstance(m, MEASURED_TYPES)]
+        names += [name for name in projection_owners(pl_module) if name not in names]  # nn.MultiheadAttention
         for argument, patterns in (("layers", self.settings.layers or []), ("exclude", self.settings.exclude or [])):
             for pattern in patterns:
                 if not fnmatch.filter(names, pattern):
