@@ -6,6 +6,7 @@ the out projection's input), not from the plan's operations, so a wrong slice of
 
 import copy
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -18,11 +19,11 @@ from lightning_actprune.core import ActivationRecorder, apply_plan, find_prunabl
 from tests.helpers import NUM_CLASSES, Classifier, KeepUnpruned, assert_matches_oracle, loaders, zero_removed_inputs
 
 
-def tiny_vit() -> tuple[nn.Module, torch.Tensor]:
+def tiny_vit(**options: Any) -> tuple[nn.Module, torch.Tensor]:
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model = timm.models.vision_transformer.VisionTransformer(
-        img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=NUM_CLASSES
+        img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=NUM_CLASSES, **options
     )
     return model.eval(), torch.randn(3, 3, 16, 16)
 
@@ -178,15 +179,29 @@ def test_without_head_pruning_the_attention_projections_are_skipped_with_a_hint(
     assert "inside attention" not in "\n".join(str(w.message) for w in caught)
 
 
-def test_multihead_attention_with_bias_kv_keeps_its_heads_and_says_why():
-    model, x = Encoder(add_bias_kv=True).eval(), torch.randn(3, 6, 32)
+@pytest.mark.parametrize(
+    ("build", "expected", "message"),
+    [
+        (
+            lambda: (Encoder(add_bias_kv=True).eval(), torch.randn(3, 6, 32)),
+            ["layers.1.self_attn:heads"],
+            "not pruning the heads of layers.0.self_attn: it adds bias_k/bias_v",
+        ),
+        (
+            lambda: tiny_vit(scale_attn_norm=True),
+            [],
+            "the heads of blocks.0.attn, the heads of blocks.1.attn: its LayerNorm (scale_norm) normalises over all",
+        ),
+    ],
+    ids=["torch_bias_kv", "timm_scale_norm"],
+)
+def test_attention_whose_heads_cannot_go_alone_keeps_them_and_says_why(build, expected, message):
+    model, x = build()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         layers = find_prunable_layers(model, x)
-    assert [layer.name for layer in layers if layer.name.endswith(":heads")] == ["layers.1.self_attn:heads"]
-    assert "not pruning the heads of layers.0.self_attn: it adds bias_k/bias_v" in "\n".join(
-        str(w.message) for w in caught
-    )
+    assert [layer.name for layer in layers if layer.name.endswith(":heads")] == expected
+    assert message in "\n".join(str(w.message) for w in caught)
 
 
 def test_vit_fit_prunes_heads_and_neurons_together_then_reloads_and_exports(make_trainer, tmp_path):
