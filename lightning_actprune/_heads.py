@@ -6,6 +6,15 @@ the same channels at the input of the out projection, where its activations are 
 zeroing check and the surgery are then those of any other layer; after the surgery the attention module's own
 head-count attributes are set from its projections' new width, so it still runs, saves and exports.
 
+How heads compete with FFN neurons under one λ or ``target_params_reduction``: a head's score is the statistic of
+its channels at the out projection (``fluctuation``: Σ over its channels of variance × squared out-projection
+column norm, FLAP's head fluctuation); with ``normalize`` (the default when the callback picks λ) every layer's
+scores, the heads of one attention module included, are standardised within the layer, so a head and an FFN neuron
+are compared by how far each stands below its own layer's typical unit. :func:`plan_for_reduction` removes units
+lowest score first and counts each one's true parameter cost by sizing the pruned model (a head of a ``d``-wide
+model takes about ``4·d·head_dim`` parameters with it, an FFN neuron about ``2·d``). At least ``min_neurons`` (≥ 1)
+heads per module stay.
+
 Implementations are recognised by their class's module and attributes, never by importing timm or transformers.
 """
 
