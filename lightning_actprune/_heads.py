@@ -20,6 +20,7 @@ Implementations are recognised by their class's module and attributes, never by 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -293,14 +294,27 @@ def measurable_attention(model: nn.Module) -> Iterator[None]:
     computes the same outputs and calls it.
     """
     adapter = TorchMultiheadAttention()
-    swapped = [m for m in model.modules() if type(m) is nn.MultiheadAttention and adapter.unsupported(m) is None]
-    for module in swapped:
+    swapped = [
+        m
+        for m in model.modules()
+        if m in _measuring or (type(m) is nn.MultiheadAttention and adapter.unsupported(m) is None)
+    ]
+    for module in swapped:  # contexts may nest and end in any order: the last one out restores the class
         module.__class__ = PrunedMultiheadAttention
+        _measuring[module] = _measuring.get(module, 0) + 1
     try:
         yield
     finally:
         for module in swapped:
-            module.__class__ = nn.MultiheadAttention
+            _measuring[module] -= 1
+            if not _measuring[module]:
+                del _measuring[module]
+                if _width(module) == 3 * int(module.embed_dim):  # type: ignore[arg-type]  # pruned meanwhile: stays so
+                    module.__class__ = nn.MultiheadAttention
+
+
+_measuring: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+"""The ``nn.MultiheadAttention`` modules :func:`measurable_attention` has swapped, with how many contexts hold them."""
 
 
 ADAPTERS: tuple[AttentionAdapter, ...] = (TimmAttention(), BertAttention(), TorchMultiheadAttention())

@@ -161,3 +161,12 @@ def validate_in_fit(trainer: pl.Trainer, dataloaders: Any = None) -> dict[str, f
             if dataloaders is not None:
                 source.instance, loop._combined_loader = instance, combined
     return {name: float(value) for output in outputs for name, value in output.items()}
+
+
+def epoch_validation_metrics(trainer: pl.Trainer) -> dict[str, float]:
+    """In ``on_validation_end``: what the validation that just ended logged, as :func:`validate_in_fit` returns it.
+
+    The loop has moved its epoch's results to the logger connector (``_logger_connector.metrics["log"]``,
+    Lightning >= 2.0) before calling that hook.
+    """
+    return {name: float(value) for name, value in trainer._logger_connector.metrics["log"].items()}

@@ -160,6 +160,12 @@ def recompile(swapped: list[tuple[nn.Module, str, nn.Module]]) -> None:
         setattr(parent, name, wrapper)
 
 
+def weights_fingerprint(trainer: pl.Trainer, module: nn.Module) -> tuple[int, tuple[tuple[int, int, int], ...]]:
+    """Changes when a training step runs, or a parameter or buffer is replaced or written in place."""
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    return trainer.global_step, tuple((id(t), t._version, t.data_ptr()) for t in tensors)
+
+
 def validate(trainer: pl.Trainer, pl_module: pl.LightningModule, ckpt_path: str | None = None) -> dict[str, float]:
     """One validation pass through the Trainer (on its device, its precision), with the fit's data."""
     data = compat.data_source(trainer.fit_loop.epoch_loop.val_loop)

@@ -27,23 +27,39 @@ def parse(config: Path, *extra: str) -> LightningCLI:
     return LightningCLI(DigitsMLP, DigitsDataModule, run=False, args=["--config", str(config), *extra])
 
 
+def callback_config(directory: Path, init_args: str) -> Path:
+    """A config file with ActivationPruning as the Trainer's only callback, its ``init_args`` in YAML flow style."""
+    config = directory / "config.yaml"
+    config.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning_actprune.ActivationPruning\n"
+        f"      init_args: {init_args}\n"
+    )
+    return config
+
+
 def pruning_callback(cli: LightningCLI) -> ActivationPruning:
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, ActivationPruning)]
     return callback
 
 
 def test_issue_snippet_parses(tmp_path):
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        "trainer:\n  callbacks:\n    - class_path: lightning_actprune.ActivationPruning\n"
-        "      init_args: {threshold: 0.4, monitor: val_acc}\n"
-    )
+    config = callback_config(tmp_path, "{threshold: 0.4, monitor: val_acc}")
     callback = pruning_callback(parse(config))
     assert callback.threshold == 0.4
     assert callback.monitor == "val_acc"
     assert callback.statistic is None  # not named: a λ the user writes is a mean activation
     assert callback.effective_statistic == "mean"
     assert callback.normalize is None
+
+
+def test_gradual_pruning_parses_from_yaml(tmp_path):
+    config = callback_config(tmp_path, "{target_params_reduction: 0.9, recovery_epochs: 3, pruning_steps: 3}")
+    callback = pruning_callback(parse(config))
+    assert callback.pruning_steps == 3
+    assert callback.recovery_epochs == 3
+    config.write_text(config.read_text().replace("recovery_epochs: 3", "recovery_epochs: 2"))
+    with pytest.raises(ValueError, match=r"`pruning_steps=3` needs `recovery_epochs` >= 3 .*; got recovery_epochs=2"):
+        parse(config)
 
 
 def test_readme_yaml_sets_every_public_argument(tmp_path):
@@ -71,11 +87,7 @@ def test_example_config_parses_with_overrides():
 
 
 def test_bad_value_in_yaml_names_the_argument(tmp_path):
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        "trainer:\n  callbacks:\n    - class_path: lightning_actprune.ActivationPruning\n"
-        "      init_args: {threshold: -1, statistic: rms}\n"
-    )
+    config = callback_config(tmp_path, "{threshold: -1, statistic: rms}")
     with pytest.raises(ValueError, match=r"`threshold` must be a finite number >= 0; got -1"):
         parse(config)
 

@@ -49,8 +49,9 @@ def test_sweep_reports_a_monotone_table_everywhere_at_one_pass_per_threshold(tmp
     assert params == sorted(params, reverse=True)
     assert params[0] > params[-1]
     assert all(set(row.metrics) == {"val_acc", "val_loss"} for row in result.sweep)
-    # one statistics pass, one per λ, and the applied λ (in the table) reuses its row: no extra pass
-    assert counter.runs == 1 + len(SWEEP)
+    # the statistics come from the fit's last validation, one pass per λ, and the applied λ (in the table) reuses
+    # its row: no extra pass
+    assert counter.runs == len(SWEEP)
     assert result.metrics_after == result.sweep[SWEEP.index(0.1)].metrics
 
     log_dir = trainer.log_dir
@@ -77,7 +78,7 @@ def test_sweep_reports_a_monotone_table_everywhere_at_one_pass_per_threshold(tmp
 def test_sweep_with_threshold_prunes_exactly_as_threshold_alone(tmp_path):
     _, swept, _ = fit(tmp_path / "a", ActivationPruning(threshold=0.15, sweep=SWEEP))
     _, direct, counter = fit(tmp_path / "b", ActivationPruning(threshold=0.15))
-    assert counter.runs == 2  # statistics, then re-validation
+    assert counter.runs == 1  # the statistics come from the fit's last validation; then re-validation
     swept_state, direct_state = swept.state_dict(), direct.state_dict()
     assert swept_state.keys() == direct_state.keys()
     for name, tensor in swept_state.items():
@@ -103,7 +104,7 @@ def test_max_metric_drop_applies_the_most_pruning_within_budget(tmp_path, sweep)
 def test_target_params_reduction_is_the_smallest_threshold_reaching_it(tmp_path):
     pruning = ActivationPruning(target_params_reduction=0.3)
     _, _, counter = fit(tmp_path, pruning)
-    assert counter.runs == 2  # no validation is spent finding λ
+    assert counter.runs == 1  # no validation is spent finding λ
     assert pruning.result.params_reduction >= 0.3
     assert pruning.result.chosen_by == "target_params_reduction"
 
@@ -141,3 +142,37 @@ def test_sweep_says_which_threshold_of_how_many_unless_the_progress_bar_is_off(t
         "ActivationPruning sweep: λ=0.3 (3/3)",
     ]
     assert lines == (expected if progress_bar else [])
+
+
+class TouchWeights(Callback):
+    """Writes every parameter in place, unchanged, after each epoch: the prune cannot trust the last validation."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        with torch.no_grad():
+            for p in pl_module.parameters():
+                p.mul_(1)
+
+
+@pytest.mark.parametrize("recovery_epochs", [0, 1])
+def test_statistics_of_the_last_validation_equal_a_fresh_pass(tmp_path, recovery_epochs):
+    runs = {}
+    for name, extra in (("reused", []), ("fresh", [TouchWeights()])):
+        pl.seed_everything(0)
+        counter, pruning = CountValidations(), ActivationPruning(threshold=0.15, recovery_epochs=recovery_epochs)
+        trainer = quiet_trainer(
+            tmp_path / name, *extra, counter, pruning, max_epochs=3, logger=False, enable_checkpointing=False
+        )
+        model = Classifier(ARCHITECTURES["mlp_functional"](), lr=0.2)
+        trainer.fit(model, *loaders((8,)))
+        runs[name] = (counter.runs, pruning.result, model.state_dict())
+    (reused_runs, reused, reused_state), (fresh_runs, fresh, fresh_state) = runs["reused"], runs["fresh"]
+    assert fresh_runs == reused_runs + 1  # the one pass saved
+    assert reused.pruned
+    assert reused.plan.layers == fresh.plan.layers
+    assert reused.metrics_before == pytest.approx(fresh.metrics_before, rel=1e-6)
+    assert reused.metrics_after == pytest.approx(fresh.metrics_after, rel=1e-6)
+    if recovery_epochs:  # the extra pass drew a DataLoader seed: the recovery epoch's shuffle differs
+        return
+    assert reused_state.keys() == fresh_state.keys()
+    for key, tensor in reused_state.items():
+        torch.testing.assert_close(tensor, fresh_state[key], rtol=1e-6, atol=1e-7, msg=key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics as stats
 import sys
 import time
@@ -194,6 +195,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     add_common_arguments(parser)
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for training and measuring")
+    parser.add_argument("--epochs", type=int, default=CNNTrainConfig.epochs, help="epochs of the unpruned network")
+    parser.add_argument(
+        "--widths", type=int, nargs=3, default=CNNTrainConfig.widths, help="channels of the three stages"
+    )
+    parser.add_argument("--seed", type=int, default=CNNTrainConfig.seed, help="seed of the training and the data order")
     parser.add_argument(
         "--recovery-targets",
         type=float,
@@ -202,6 +208,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="targets that also get the rows training one more epoch (each trains the network again)",
     )
     args = parser.parse_args(argv)
+    if args.epochs < 1:
+        parser.error(f"--epochs must be an integer >= 1; got {args.epochs}")
+    if min(args.widths) < 1:
+        parser.error(f"--widths must be three integers >= 1; got {args.widths}")
     results_path = args.cache_dir / RESULTS_FILE
     if args.report_only:
         results = CNNBenchmarkResults.from_json(last_results(results_path))
@@ -215,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"error: {error}") from None
     log = quiet_run_log()
     torch.set_num_threads(args.threads)
-    config = CNNTrainConfig()
+    config = dataclasses.replace(CNNTrainConfig(), widths=tuple(args.widths), epochs=args.epochs, seed=args.seed)
     train, val, test = load_fashion_mnist(data_dir, config.num_val)
     datamodule = SplitDataModule(train, val, test, batch_size=config.batch_size, seed=config.seed)
     log(f"data from {data_dir}: {len(train)} train / {len(val)} validation / {len(test)} test")

@@ -168,16 +168,25 @@ def _applied(model: nn.Module, plan: PruningPlan) -> nn.Module:
 
 
 def ours_with_recovery(
-    config: TrainConfig, datamodule: SplitDataModule, checkpoint: Path, reduction: float, recovery_epochs: int
+    config: TrainConfig,
+    datamodule: SplitDataModule,
+    checkpoint: Path,
+    reduction: float,
+    recovery_epochs: int,
+    pruning_steps: int = 1,
 ) -> tuple[MLPClassifier, EpochProbe]:
-    """A fit of ``E + R`` epochs with ``ActivationPruning(target_params_reduction, recovery_epochs=R)``.
+    """A fit of ``E + R`` epochs with ``ActivationPruning(target_params_reduction, recovery_epochs=R, pruning_steps)``.
 
     It resumes from the base checkpoint (after ``E - 1`` epochs): epoch ``E`` trains the unpruned model, the callback
-    prunes at its end, and ``R`` epochs train the smaller model with the same optimizer.
+    prunes at its end, and ``R`` epochs train the smaller model with the same optimizer. With ``pruning_steps`` > 1
+    (gradual pruning) the callback prunes again during those epochs, on its cubic schedule, to the same target.
     """
     model = MLPClassifier(config.sizes, config.lr)
     pruning = ActivationPruning(
-        target_params_reduction=reduction, recovery_epochs=recovery_epochs, pruned_checkpoint=None
+        target_params_reduction=reduction,
+        recovery_epochs=recovery_epochs,
+        pruning_steps=pruning_steps,
+        pruned_checkpoint=None,
     )
     probe = _fit(model, datamodule, config.epochs + recovery_epochs, [pruning], ckpt_path=checkpoint)
     return model.eval(), probe

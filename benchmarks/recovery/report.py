@@ -31,7 +31,21 @@ def target_verdict(results: RecoveryResults) -> str:
     verdict = "met" if gap <= TARGET_POINTS else f"missed by {gap - TARGET_POINTS:.2f} points"
     return (
         f"Target (within {TARGET_POINTS} points of unpruned at -{TARGET_REDUCTION:.0%} with at most {TARGET_EPOCHS}"
-        f" recovery epoch): **{verdict}** ({gap:.2f} points below unpruned after {best.recovery_epochs} epoch)."
+        f" recovery epoch): **{verdict}** ({-gap:+.2f} points against unpruned after {best.recovery_epochs} epoch)."
+    )
+
+
+def _gradual_note(results: RecoveryResults) -> str:
+    gradual = sorted({(r.method, r.recovery_epochs) for r in results.rows if "gradual" in r.method})
+    if not gradual:
+        return "- Gradual pruning (several prunes over training): not measured in this run (`--methods gradual`)."
+    epochs = results.config.train.epochs
+    shown = ", ".join(f"{method} at R={r}" for method, r in gradual)
+    return (
+        f"- Gradual pruning ({shown}): `ActivationPruning(target_params_reduction=r, recovery_epochs=R,"
+        f" pruning_steps=2)` in one fit of {epochs} + R epochs, the first prune after epoch {epochs} (to"
+        " r·(1 − 1/8) of the original parameters, the cubic schedule), the second R // 2 epochs later (to r); compare"
+        " with ours at the same R, which prunes once after epoch E."
     )
 
 
@@ -39,11 +53,12 @@ def render_markdown(results: RecoveryResults) -> str:
     """The section: command, machine, the accuracy table, the epoch-time table and what is not measured."""
     config, base, machine = results.config, results.base, results.machine
     epochs = config.train.epochs
+    threads = f"{machine.torch_threads} thread{'' if machine.torch_threads == 1 else 's'}"
     lines = [
         "### Recovery epochs vs one-shot, Torch-Pruning + fine-tuning and training from scratch (generated)",
         "",
         f"Command: `{results.command}` ({results.total_seconds / 60:.1f} min). Machine: {machine.cpu},"
-        f" {machine.usable_cores} usable cores, torch {machine.torch} ({machine.torch_threads} threads), lightning"
+        f" {machine.usable_cores} usable cores, torch {machine.torch} ({threads}), lightning"
         f" {machine.lightning}, torch-pruning {machine.torch_pruning}, Python {machine.python}.",
         "",
         f"Unpruned: MLP {'-'.join(map(str, config.train.sizes))} trained {epochs} epochs (Adam lr {config.train.lr},"
@@ -66,7 +81,7 @@ def render_markdown(results: RecoveryResults) -> str:
     lines += [
         "",
         "- Recalibration: n/a (the MLP has no BatchNorm).",
-        "- Gradual pruning (several prunes over training): not built yet.",
+        _gradual_note(results),
         "- Torch-Pruning is fine-tuned with a fresh Adam (it has no way to carry the optimizer state); ours keeps"
         " the same Adam with its state sliced.",
         "",

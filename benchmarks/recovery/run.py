@@ -21,6 +21,7 @@ from lightning_actprune.core import count_parameters
 
 from .protocol import (
     TP_IMPORTANCES,
+    EpochProbe,
     EpochSeededDataModule,
     fine_tune,
     from_scratch,
@@ -37,6 +38,11 @@ from .results import Base, EpochTime, RecoveryConfig, RecoveryResults, Row
 RESULTS_FILE = "recovery_results.json"
 OURS = "ours (fluctuation, normalize)"
 SCRATCH = "from scratch, same widths"
+GRADUAL_STEPS = 2
+GRADUAL = f"ours, gradual ({GRADUAL_STEPS} prunes)"
+METHODS = ("ours", "gradual", "torch-pruning", "scratch")
+"""The method groups ``--methods`` can choose: ours one-shot and with recovery, ours gradual, Torch-Pruning (every
+importance, global and per layer, with fine-tuning), from scratch."""
 
 
 def tp_method(importance: str, global_pruning: bool) -> str:
@@ -49,8 +55,12 @@ def run_recovery(
     config: RecoveryConfig,
     cache_dir: Path,
     log: Callable[[str], None] = print,
+    methods: Sequence[str] = METHODS,
 ) -> tuple[Base, list[Row], list[EpochTime]]:
-    """Train (or resume) the base, then measure every method at every reduction."""
+    """Train (or resume) the base, then measure the chosen ``methods`` (groups of :data:`METHODS`) at every reduction.
+
+    Gradual pruning (``pruning_steps=2``) runs at every ``R`` of the config with room for its prunes (``R >= 2``).
+    """
     train = config.train
     checkpoint = cache_dir / f"recovery_base_{config.base_key()}_e{train.epochs - 1}.ckpt"
     model, probe, seconds, cached = train_base(datamodule, train, checkpoint)
@@ -71,44 +81,88 @@ def run_recovery(
         rows.append(Row(reduction, method, epochs, params, accuracy, widths))
         log(f"-{reduction:.0%} {method} +{epochs} epoch(s): {params:,} parameters, test accuracy {accuracy:.4f}")
 
+    def add_fit(reduction: float, method: str, epochs: int, steps: int) -> EpochProbe:
+        recovered, fit_probe = ours_with_recovery(train, datamodule, checkpoint, reduction, epochs, steps)
+        widths = hidden_widths(recovered)
+        add(reduction, method, epochs, count_parameters(recovered), test_accuracy(recovered, test_loader), widths)
+        return fit_probe
+
     for reduction in config.reductions:
-        pruned = ours_one_shot(model, datamodule, reduction)
+        pruned = ours_one_shot(model, datamodule, reduction)  # also the widths trained from scratch
         widths = hidden_widths(pruned)
-        add(reduction, OURS, 0, count_parameters(pruned), test_accuracy(pruned, test_loader), widths)
-        for epochs in config.recovery_epochs:
-            recovered, fit_probe = ours_with_recovery(train, datamodule, checkpoint, reduction, epochs)
-            add(
-                reduction,
-                OURS,
-                epochs,
-                count_parameters(recovered),
-                test_accuracy(recovered, test_loader),
-                hidden_widths(recovered),
-            )
-            times.append(
-                EpochTime(reduction, epochs, fit_probe.seconds[0], fit_probe.seconds[1:], fit_probe.test_acc[0])
-            )
-        for importance in TP_IMPORTANCES:
-            for global_pruning in (True, False):
-                method = tp_method(importance, global_pruning)
-                tp_model = torch_pruning_at(
-                    model,
-                    datamodule,
-                    importance,
-                    global_pruning,
-                    reduction,
-                    config.taylor_batches,
-                    config.bisection_steps,
+        if "ours" in methods:
+            add(reduction, OURS, 0, count_parameters(pruned), test_accuracy(pruned, test_loader), widths)
+            for epochs in config.recovery_epochs:
+                fit_probe = add_fit(reduction, OURS, epochs, 1)
+                times.append(
+                    EpochTime(reduction, epochs, fit_probe.seconds[0], fit_probe.seconds[1:], fit_probe.test_acc[0])
                 )
-                params, tp_widths = count_parameters(tp_model), hidden_widths(tp_model)
-                add(reduction, method, 0, params, test_accuracy(tp_model, test_loader), tp_widths)
-                tuned = fine_tune(tp_model, datamodule, most)
-                for epochs in config.recovery_epochs:
-                    add(reduction, method, epochs, params, tuned.test_acc[epochs - 1], tp_widths)
-        scratch = from_scratch(train, datamodule, widths, train.epochs + most)
-        for epochs in (0, *config.recovery_epochs):
-            add(reduction, SCRATCH, epochs, scratch.params[-1], scratch.test_acc[train.epochs + epochs - 1], widths)
+        if "gradual" in methods:
+            for epochs in config.recovery_epochs:
+                if epochs >= GRADUAL_STEPS:
+                    add_fit(reduction, GRADUAL, epochs, GRADUAL_STEPS)
+        if "torch-pruning" in methods:
+            for importance in TP_IMPORTANCES:
+                for global_pruning in (True, False):
+                    method = tp_method(importance, global_pruning)
+                    tp_model = torch_pruning_at(
+                        model,
+                        datamodule,
+                        importance,
+                        global_pruning,
+                        reduction,
+                        config.taylor_batches,
+                        config.bisection_steps,
+                    )
+                    params, tp_widths = count_parameters(tp_model), hidden_widths(tp_model)
+                    add(reduction, method, 0, params, test_accuracy(tp_model, test_loader), tp_widths)
+                    tuned = fine_tune(tp_model, datamodule, most)
+                    for epochs in config.recovery_epochs:
+                        add(reduction, method, epochs, params, tuned.test_acc[epochs - 1], tp_widths)
+        if "scratch" in methods:
+            scratch = from_scratch(train, datamodule, widths, train.epochs + most)
+            for epochs in (0, *config.recovery_epochs):
+                add(reduction, SCRATCH, epochs, scratch.params[-1], scratch.test_acc[train.epochs + epochs - 1], widths)
     return base, rows, times
+
+
+def check_same_config(earlier: RecoveryConfig, now: RecoveryConfig, source: object) -> None:
+    """Rows of two runs share one table only when both were configured alike."""
+    if earlier != now:
+        raise ValueError(
+            f"{source} was measured with another configuration: {earlier} (there) vs {now} (now); pass the same"
+            " --epochs and --reductions as that run, or run every method."
+        )
+
+
+def merge_results(earlier: RecoveryResults, new: RecoveryResults) -> RecoveryResults:
+    """``earlier`` with ``new``'s rows: a row of the same reduction, method and epochs is replaced, others are added.
+
+    An added row goes after the last row of its reduction, so the table stays grouped by reduction. The base, the
+    machine and the epoch times stay ``earlier``'s (``new``'s times are added); the commands are both recorded.
+
+    Raises:
+        ValueError: the two runs were configured differently (their numbers are not comparable).
+    """
+    check_same_config(earlier.config, new.config, "the results to merge into")
+    rows = list(earlier.rows)
+    for row in new.rows:
+        if row.method == "unpruned":
+            continue
+        key = (row.reduction, row.method, row.recovery_epochs)
+        same = [i for i, r in enumerate(rows) if (r.reduction, r.method, r.recovery_epochs) == key]
+        if same:
+            rows[same[0]] = row
+            continue
+        position = max((i + 1 for i, r in enumerate(rows) if r.reduction == row.reduction), default=len(rows))
+        rows.insert(position, row)
+    return dataclasses.replace(
+        earlier,
+        rows=rows,
+        times=[*earlier.times, *new.times],
+        command=f"{earlier.command}, then {new.command}",
+        total_seconds=earlier.total_seconds + new.total_seconds,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -129,6 +183,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--markdown", type=Path, default=DEFAULT_MARKDOWN)
     parser.add_argument("--report-only", action="store_true", help="re-render the section from the last run's JSON")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=None,
+        help="measure only these methods and merge their rows into the cache's results JSON (same configuration)",
+    )
     args = parser.parse_args(argv)
     results_path = args.cache_dir / RESULTS_FILE
     if args.report_only:
@@ -136,10 +197,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise SystemExit(f"error: --report-only renders the results of a full run; {results_path} does not exist.")
         write_section(args.markdown, render_markdown(RecoveryResults.from_json(results_path.read_text())))
         return
+    earlier = None
     try:
         config = RecoveryConfig(
             train=dataclasses.replace(TrainConfig(), epochs=args.epochs), reductions=tuple(args.reductions)
         )
+        if args.methods is not None:  # before anything is trained
+            if not results_path.is_file():
+                raise ValueError(f"--methods merges into the results of a full run; {results_path} does not exist.")
+            earlier = RecoveryResults.from_json(results_path.read_text())
+            check_same_config(earlier.config, config, results_path)
         data_dir = locate_fashion_mnist(args.data_dir, install=args.install_data)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
@@ -155,9 +222,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     train, val, test = load_fashion_mnist(data_dir, config.train.num_val)
     datamodule = EpochSeededDataModule(train, val, test, batch_size=config.train.batch_size, seed=config.train.seed)
-    base, rows, times = run_recovery(datamodule, config, args.cache_dir, log)
+    base, rows, times = run_recovery(datamodule, config, args.cache_dir, log, args.methods or METHODS)
     command = " ".join(["python", "-m", "benchmarks.recovery", *(sys.argv[1:] if argv is None else argv)])
     results = RecoveryResults(config, base, rows, times, machine_info(), command, time.perf_counter() - started)
+    if earlier is not None:
+        results = merge_results(earlier, results)
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     results_path.write_text(results.to_json())
     write_section(args.markdown, render_markdown(results))
