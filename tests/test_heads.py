@@ -273,3 +273,14 @@ def test_encoder_fit_prunes_multihead_attention_heads_and_reloads_exactly(make_t
     ]
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), classifier(x), rtol=0, atol=0)
+
+
+def test_overlapping_recorders_measure_multihead_attention_until_the_last_one_ends():
+    model, x = tiny_encoder()
+    first, second = ActivationRecorder(model).__enter__(), ActivationRecorder(model).__enter__()
+    first.__exit__(None, None, None)  # ends before the other, as the callback's preview does
+    with torch.no_grad():
+        model(x)
+    assert "layers.0.self_attn.out_proj" in second.moments()  # the heads' activations were still measured
+    second.__exit__(None, None, None)
+    assert type(model.layers[0].self_attn) is nn.MultiheadAttention
