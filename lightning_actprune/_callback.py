@@ -38,6 +38,7 @@ from lightning_actprune._distributed import (
     synced_metrics,
 )
 from lightning_actprune._errors import ActivationPruningError
+from lightning_actprune._heads import projection_owners
 from lightning_actprune._loggers import report
 from lightning_actprune._optimizer import OptimizerSnapshot, apply_plan_with_optimizers
 from lightning_actprune._plan import ExampleInputs, find_prunable_layers, layer_inventory
@@ -162,6 +163,11 @@ class ActivationPruning(Callback):
             next every ``recovery_epochs // S`` epochs. Each prune gathers fresh statistics on the current model and
             carries the optimizer like a single one; :attr:`result` goes from the original model to the final one,
             with the numbers right after each prune in ``result.steps``. ``1`` (default): one prune.
+        prune_heads: also remove whole attention heads (timm ``Attention``, Hugging Face BERT-style attention,
+            ``nn.MultiheadAttention``): each attention module is one layer ``<name>:heads`` whose neurons are its
+            heads, scored by the activations that reach its out projection and chosen with the other neurons by
+            the same λ; at least one head per module stays, and the module's head count is updated. ``False``
+            leaves attention as it is.
 
     Example::
 
@@ -190,6 +196,7 @@ class ActivationPruning(Callback):
         recalibration_batches: int = 20,
         recovery_epochs: int = 0,
         pruning_steps: int = 1,
+        prune_heads: bool = True,
     ) -> None:
         self.settings = PruningSettings(
             threshold=threshold,
@@ -210,6 +217,7 @@ class ActivationPruning(Callback):
             recalibration_batches=recalibration_batches,
             recovery_epochs=recovery_epochs,
             pruning_steps=pruning_steps,
+            prune_heads=prune_heads,
         )
         """The arguments, validated: read them here or as the callback's attributes of the same names."""
         self.result: PruningResult | None = None
@@ -356,6 +364,7 @@ class ActivationPruning(Callback):
     def _check_patterns(self, pl_module: pl.LightningModule) -> None:
         """Patterns that match no Linear/Conv at all fail before training, not after it."""
         names = [name for name, m in pl_module.named_modules() if isinstance(m, MEASURED_TYPES)]
+        names += [name for name in projection_owners(pl_module) if name not in names]  # nn.MultiheadAttention
         for argument, patterns in (("layers", self.settings.layers or []), ("exclude", self.settings.exclude or [])):
             for pattern in patterns:
                 if not fnmatch.filter(names, pattern):
@@ -624,7 +633,11 @@ class ActivationPruning(Callback):
         with warnings.catch_warnings(record=True) as skipped:  # re-issued once, on rank zero
             warnings.simplefilter("always")
             layers = find_prunable_layers(
-                pl_module, self._example_inputs(pl_module, recorder), self.settings.layers, self.settings.exclude or []
+                pl_module,
+                self._example_inputs(pl_module, recorder),
+                self.settings.layers,
+                self.settings.exclude or [],
+                prune_heads=self.settings.prune_heads,
             )
         for warning in [] if quiet else skipped:
             rank_zero_warn(str(warning.message))

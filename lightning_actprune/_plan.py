@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from lightning_actprune._conv1d import CONV1D_PRUNER, Conv1D
 from lightning_actprune._errors import ActivationPruningError
+from lightning_actprune._heads import head_layers, measurable_attention, projection_owners
 from lightning_actprune._scoring import MomentStatistic, NeuronScorer, _squared_column_norms, as_scorer, input_columns
 from lightning_actprune._statistics import (
     FEATURES_LAST,
@@ -102,12 +103,15 @@ def find_prunable_layers(
     example_inputs: Any,
     layers: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
+    prune_heads: bool = True,
 ) -> list[PrunableLayer]:
     """Find the groups of neurons that can be removed, with Torch-Pruning's ``DependencyGraph``.
 
     Every hidden ``Linear``/``Conv`` whose outputs feed another such layer is a candidate; the model's output layer
     never is. Groups that touch an operation which mixes channels (LayerNorm, attention, …), a layer called more
-    than once per forward, or a weight shared between layers are skipped with a warning that names them.
+    than once per forward, or a weight shared between layers are skipped with a warning that names them. With
+    ``prune_heads``, each attention module of a known implementation adds a layer ``<name>:heads`` whose neurons
+    are its whole heads (see :mod:`lightning_actprune._heads`).
 
     Args:
         model: the model; it is traced once with gradients on and is not modified.
@@ -116,6 +120,8 @@ def find_prunable_layers(
         layers: glob patterns of layer names to prune (default: all). A coupled group is pruned only when all of
             its producing layers are selected.
         exclude: glob patterns of layer names never to prune.
+        prune_heads: add the heads of every known attention module (timm ``Attention``, Hugging Face BERT-style
+            attention, ``nn.MultiheadAttention``) as layers of their own.
 
     Returns:
         The prunable layers, in the model's module order.
@@ -137,10 +143,12 @@ def find_prunable_layers(
             # inputs recorded under inference mode cannot enter autograd; a clone made here can
             args, kwargs = map_tensors(Tensor.clone, _few_samples(root, inputs[root_name]))
             candidates = list(_layers_of_root(root, args, kwargs, context, skipped))
+            if prune_heads:
+                candidates += _head_candidates(root, names, skipped)
             found.extend(_keep_independent(model, root, args, kwargs, candidates, skipped))
         except Exception as error:  # one root the tracer cannot handle must not stop the others, nor the fit
             skipped.append(_Skip(f"the layers inside {root_name or type(root).__name__}", _failure("tracing", error)))
-    _warn_skipped(skipped)
+    _warn_skipped(_attention_skips(model, skipped, prune_heads))
     found.sort(key=lambda layer: order[layer.producers[0]])
     return _select(found, layers, exclude)
 
@@ -150,6 +158,31 @@ class _Skip(NamedTuple):
 
     layer: str
     reason: str
+
+
+def _head_candidates(root: nn.Module, names: Mapping[nn.Module, str], skipped: list[_Skip]) -> list[PrunableLayer]:
+    """The head layers of the attention modules under ``root``; those that cannot be pruned go to ``skipped``."""
+    layers = []
+    for name, layer in head_layers(root, names):
+        if isinstance(layer, str):
+            skipped.append(_Skip(f"the heads of {name}", layer))
+        else:
+            layers.append(layer)
+    return layers
+
+
+def _attention_skips(model: nn.Module, skipped: list[_Skip], prune_heads: bool) -> list[_Skip]:
+    """The q/k/v groups of known attention modules: silent with head pruning, which handles them; else a hint."""
+    owners = projection_owners(model)
+    kept = []
+    for skip in skipped:
+        parts = skip.layer.split("+")
+        if not all(part in owners for part in parts):
+            kept.append(skip)
+        elif not prune_heads:
+            reason = f"inside attention {owners[parts[0]]}: use head pruning (`prune_heads: true`)."
+            kept.append(_Skip(skip.layer, reason))
+    return kept
 
 
 class _TraceContext(NamedTuple):
@@ -518,7 +551,8 @@ def _keep_independent(
     zeroed at their consumers; a layer where they differ, or whose check fails, is added to ``skipped``.
     """
     independent = []
-    with _traceable(root), torch.no_grad():
+    # the zeroing oracle hooks the out projection, which nn.MultiheadAttention does not call as a module
+    with _traceable(root), torch.no_grad(), measurable_attention(root):
         for layer in layers:
             if layer.neurons < 2:
                 independent.append(layer)

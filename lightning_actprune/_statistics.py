@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack
 from typing import Any, Literal, NamedTuple, get_args
 
 import torch
@@ -259,8 +260,12 @@ class ActivationRecorder:
         self.example_inputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._model_inputs: set[int] = set()
+        self._swapped = ExitStack()  # nn.MultiheadAttention calls its out projection only inside
 
     def __enter__(self) -> ActivationRecorder:
+        from lightning_actprune._heads import measurable_attention  # it builds on the types that build on this
+
+        self._swapped.enter_context(measurable_attention(self.model))
         # the model's own inputs are data, not any neuron's activation: measuring them would be wasted work
         self._handles.append(self.model.register_forward_pre_hook(self._note_model_inputs, with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(self._forget_model_inputs))
@@ -275,6 +280,7 @@ class ActivationRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._swapped.close()
 
     def _measure_hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 
 from lightning_actprune._conv1d import CONV1D_PRUNER, Conv1D
 from lightning_actprune._errors import ActivationPruningError
+from lightning_actprune._heads import attribute_holders, head_pruner, sync_head_counts
 from lightning_actprune._types import PruningPlan
 
 
@@ -26,7 +27,8 @@ class ModuleSnapshot:
     """The exact state of some modules (parameter and buffer objects, size attributes), to restore on failure.
 
     The original tensors are kept by reference, not copied: pruning replaces them with smaller ones and never
-    writes into them, so restoring puts back the very objects an optimizer or a tied module still holds.
+    writes into them, so restoring puts back the very objects an optimizer or a tied module still holds. The
+    attention modules whose head counts follow the named projections are snapshotted with them.
 
     Args:
         model: the model.
@@ -34,15 +36,18 @@ class ModuleSnapshot:
     """
 
     def __init__(self, model: nn.Module, names: Iterable[str]) -> None:
-        self._saved: list[tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any]]] = []
-        for name in dict.fromkeys(names):
+        self._saved: list[tuple[nn.Module, type[nn.Module], dict[str, Any], dict[str, Any], dict[str, Any]]] = []
+        names = list(names)
+        for name in dict.fromkeys([*names, *attribute_holders(model, names)]):
             module = _submodule(model, name)
             attributes = {k: v for k, v in vars(module).items() if not k.startswith("_")}
-            self._saved.append((module, dict(module._parameters), dict(module._buffers), attributes))
+            saved = (module, type(module), dict(module._parameters), dict(module._buffers), attributes)
+            self._saved.append(saved)
 
     def restore(self) -> None:
         """Put every snapshotted module back exactly as it was."""
-        for module, parameters, buffers, attributes in self._saved:
+        for module, kind, parameters, buffers, attributes in self._saved:
+            module.__class__ = kind  # a pruned nn.MultiheadAttention changes class
             module._parameters.clear()
             module._parameters.update(parameters)
             module._buffers.clear()
@@ -94,10 +99,10 @@ def pruned_temporarily(model: nn.Module, plan: PruningPlan) -> Iterator[None]:
 
 
 def _pruner(module: nn.Module) -> Any:
-    """Torch-Pruning's pruner for this kind of layer, or None."""
+    """Torch-Pruning's pruner for this kind of layer (or the one for a packed q/k/v parameter), or None."""
     if isinstance(module, Conv1D):  # Torch-Pruning has none for it
         return CONV1D_PRUNER
-    return tp.pruner.function.PrunerBox.get(tp.ops.module2type(module))
+    return head_pruner(module) or tp.pruner.function.PrunerBox.get(tp.ops.module2type(module))
 
 
 def _size_along(module: nn.Module, dim: str) -> int | None:
@@ -169,6 +174,8 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> None:
                 prune(module, list(operation.indices))
                 for name, p in module.named_parameters(recurse=False):
                     p.requires_grad_(flags.get(name, True))
+            current = "the attention modules' head counts"
+            sync_head_counts(model, plan.touched_modules)
     except Exception as error:
         raise ActivationPruningError(
             f"pruning {current} failed ({type(error).__name__}: {error}); the model was restored."

@@ -216,7 +216,9 @@ REDUCTION_TOLERANCE = 0.02
 def plan_for_reduction(evaluator: ThresholdEvaluator, target: float) -> ReductionChoice:
     """The fewest neurons that remove at least ``target`` of the parameters, by bisection on the plan's size.
 
-    Neurons go in :meth:`ThresholdEvaluator.removal_order`; no validation pass is spent.
+    Neurons go in :meth:`ThresholdEvaluator.removal_order`; no validation pass is spent. Each count is sized by
+    pruning the model for real, so every unit costs what it truly holds: an attention head (a neuron of a
+    ``<attention>:heads`` layer) its q/k/v rows and out-projection columns, an FFN neuron its row and column.
 
     Ties in the score are broken one neuron at a time, so the result lands within one neuron's parameters of the
     target; a larger miss (one neuron of a wide coupled group) is explained in ``note``. Out of reach (the

@@ -188,6 +188,7 @@ def test_unknown_monitor_leaves_model_unchanged(tmp_path):
         ({"threshold": 0.1, "exclude": [1]}, r"`exclude` must be a list of module-name glob patterns; got \[1\]"),
         ({"threshold": 0.1, "on_error": "ignore"}, r"`on_error` can be one of raise, warn; got 'ignore'"),
         ({"threshold": 0.1, "prune_best": "yes"}, r"`prune_best` must be True or False; got 'yes'"),
+        ({"threshold": 0.1, "prune_heads": "no"}, r"`prune_heads` must be True or False; got 'no'"),
         ({"threshold": 0.1, "monitor": 3}, r"`monitor` must be a metric name or None; got 3"),
         ({}, r"set exactly one of `threshold`, `max_metric_drop`, `target_params_reduction`; got threshold=None"),
         (

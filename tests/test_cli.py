@@ -75,9 +75,14 @@ def test_readme_yaml_sets_every_public_argument(tmp_path):
 
 
 def test_example_config_parses_with_overrides():
-    cli = parse(ROOT / "examples" / "digits.yaml", "--trainer.callbacks.init_args.statistic=rms")
+    cli = parse(
+        ROOT / "examples" / "digits.yaml",
+        "--trainer.callbacks.init_args.statistic=rms",
+        "--trainer.callbacks.init_args.prune_heads=false",
+    )
     callback = pruning_callback(cli)
     assert callback.statistic == "rms"
+    assert callback.prune_heads is False
     assert callback.monitor == "val_acc"
 
 

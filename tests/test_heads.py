@@ -1,0 +1,286 @@
+"""Whole attention heads: each supported implementation prunes exactly like zeroing the heads before the out projection.
+
+The oracle is written from the attention's own layout (head ``h`` is channels ``h*head_dim … (h+1)*head_dim`` of
+the out projection's input), not from the plan's operations, so a wrong slice of q, k or v shows up.
+"""
+
+import copy
+import warnings
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_actprune import ActivationPruning, load_pruned
+from lightning_actprune._surgery import pruned_temporarily
+from lightning_actprune.core import ActivationRecorder, apply_plan, find_prunable_layers, plan_from_kept, plan_pruning
+from tests.helpers import NUM_CLASSES, Classifier, KeepUnpruned, assert_matches_oracle, loaders, zero_removed_inputs
+
+
+def tiny_vit(**options: Any) -> tuple[nn.Module, torch.Tensor]:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=NUM_CLASSES, **options
+    )
+    return model.eval(), torch.randn(3, 3, 16, 16)
+
+
+class Bert(nn.Module):
+    """A tiny ``BertModel`` whose output is its last hidden state (a tensor, for the comparisons)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        transformers = pytest.importorskip("transformers")
+        config = transformers.BertConfig(
+            vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+            max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        )  # fmt: skip
+        self.bert = transformers.BertModel(config)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.bert(ids).last_hidden_state
+
+
+def tiny_bert() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return Bert().eval(), torch.randint(0, 50, (3, 8))
+
+
+class Encoder(nn.Module):
+    """Two causal ``nn.TransformerEncoderLayer`` (sequence first inside), mean over positions, a linear head."""
+
+    def __init__(self, add_bias_kv: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(nn.TransformerEncoderLayer(32, 4, dim_feedforward=24, dropout=0.0) for _ in "ab")
+        if add_bias_kv:
+            self.layers[0].self_attn = nn.MultiheadAttention(32, 4, add_bias_kv=True)
+        self.out = nn.Linear(32, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.transpose(0, 1)  # (batch, positions, features) -> (positions, batch, features)
+        mask = torch.triu(torch.ones(len(x), len(x), dtype=torch.bool), diagonal=1)
+        for layer in self.layers:
+            x = layer(x, src_mask=mask)
+        return self.out(x.mean(0))
+
+
+def tiny_encoder() -> tuple[nn.Module, torch.Tensor]:
+    return Encoder().eval(), torch.randn(3, 6, 32)
+
+
+# per implementation: the model, where each attention's out projection is, its head count attribute
+IMPLEMENTATIONS = {
+    "timm": (tiny_vit, "blocks.{}.attn", "proj", "num_heads"),
+    "bert": (tiny_bert, "bert.encoder.layer.{}.attention", "output.dense", "self.num_attention_heads"),
+    "torch": (tiny_encoder, "layers.{}.self_attn", "out_proj", "num_heads"),
+}
+
+
+def head_count(attention: nn.Module, attribute: str) -> int:
+    *path, name = attribute.split(".")
+    return getattr(attention.get_submodule(".".join(path)), name)
+
+
+def zeroed(x: torch.Tensor, heads: list[int], head_dim: int) -> torch.Tensor:
+    x = x.clone()
+    for h in heads:
+        x[..., h * head_dim : (h + 1) * head_dim] = 0
+    return x
+
+
+def zero_heads_before(attention: nn.Module, out_projection: str, heads: list[int], head_dim: int) -> None:
+    """The oracle, on the unpruned model: ``heads``' outputs are zero where the out projection reads them."""
+    if not isinstance(attention, nn.MultiheadAttention):
+        attention.get_submodule(out_projection).register_forward_pre_hook(
+            lambda module, args: (zeroed(args[0], heads, head_dim), *args[1:])
+        )
+        return
+
+    def recompute(module: nn.MultiheadAttention, args: tuple, kwargs: dict, output: tuple) -> tuple:
+        # PyTorch's own attention with an identity out projection gives the heads' outputs; then the real one
+        width = module.embed_dim
+        heads_out, _ = F.multi_head_attention_forward(
+            *args[:3], width, module.num_heads, module.in_proj_weight, module.in_proj_bias, None, None, False, 0.0,
+            torch.eye(width), torch.zeros(width), training=False, key_padding_mask=kwargs.get("key_padding_mask"),
+            need_weights=False, attn_mask=kwargs.get("attn_mask"),
+        )  # fmt: skip
+        return F.linear(zeroed(heads_out, heads, head_dim), module.out_proj.weight, module.out_proj.bias), None
+
+    attention.register_forward_hook(recompute, with_kwargs=True)
+
+
+@pytest.mark.parametrize("implementation", list(IMPLEMENTATIONS))
+def test_removing_heads_equals_zeroing_them_before_the_out_projection(implementation):
+    build, attention, out_projection, attribute = IMPLEMENTATIONS[implementation]
+    model, x = build()
+    layers = find_prunable_layers(model, x)
+    heads = {layer.name: layer for layer in layers if layer.name.endswith(":heads")}
+    assert sorted(heads) == [attention.format(i) + ":heads" for i in range(2)]
+    assert all(layer.neurons == 4 for layer in heads.values())
+    kept = {attention.format(0) + ":heads": [1, 3], attention.format(1) + ":heads": [2]}
+    plan = plan_from_kept(list(heads.values()), kept)
+    reference = copy.deepcopy(model)
+    parameters_before = sum(p.numel() for p in model.parameters())
+
+    apply_plan(model, plan)
+
+    for block, removed in ((0, [0, 2]), (1, [0, 1, 3])):
+        name = attention.format(block)
+        assert head_count(model.get_submodule(name), attribute) == 4 - len(removed)
+        zero_heads_before(reference.get_submodule(name), out_projection, removed, head_dim=8)
+    # every removed head takes 8 channels of q, k and v (weights and biases) and 8 input columns of the out projection
+    per_head = 3 * (8 * 32 + 8) + 8 * 32
+    assert sum(p.numel() for p in model.parameters()) == parameters_before - 5 * per_head
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x))
+
+
+@pytest.mark.parametrize("implementation", list(IMPLEMENTATIONS))
+def test_a_temporary_prune_restores_the_head_counts_and_every_module_keeps_a_head(implementation):
+    build, attention, _, attribute = IMPLEMENTATIONS[implementation]
+    model, x = build()
+    layers = find_prunable_layers(model, x)
+    kind = type(model.get_submodule(attention.format(0)))
+    with torch.no_grad():
+        before = model(x)
+    with ActivationRecorder(model) as recorder, torch.no_grad():
+        model(x)
+    plan = plan_pruning(layers, recorder.moments(), threshold=1e30, statistic="rms")
+    assert {layer.name: len(layer.kept) for layer in plan.layers if layer.name.endswith(":heads")} == {
+        attention.format(i) + ":heads": 1 for i in range(2)
+    }
+    with pruned_temporarily(model, plan):
+        assert head_count(model.get_submodule(attention.format(0)), attribute) == 1
+        with torch.no_grad():
+            model(x)
+    assert head_count(model.get_submodule(attention.format(0)), attribute) == 4
+    assert type(model.get_submodule(attention.format(0))) is kind  # a pruned nn.MultiheadAttention changed class
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("implementation", ["timm", "bert"])  # nn.MultiheadAttention's projections are not Linears
+def test_without_head_pruning_the_attention_projections_are_skipped_with_a_hint(implementation):
+    build, attention, _, _ = IMPLEMENTATIONS[implementation]
+    model, x = build()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layers = find_prunable_layers(model, x, prune_heads=False)
+    assert not [layer for layer in layers if layer.name.endswith(":heads")]
+    messages = "\n".join(str(w.message) for w in caught)
+    assert f"inside attention {attention.format(0)}: use head pruning (`prune_heads: true`)." in messages
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        find_prunable_layers(model, x)
+    assert "inside attention" not in "\n".join(str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize(
+    ("build", "expected", "message"),
+    [
+        (
+            lambda: (Encoder(add_bias_kv=True).eval(), torch.randn(3, 6, 32)),
+            ["layers.1.self_attn:heads"],
+            "not pruning the heads of layers.0.self_attn: it adds bias_k/bias_v",
+        ),
+        (
+            lambda: tiny_vit(scale_attn_norm=True),
+            [],
+            "the heads of blocks.0.attn, the heads of blocks.1.attn: its LayerNorm (scale_norm) normalises over all",
+        ),
+    ],
+    ids=["torch_bias_kv", "timm_scale_norm"],
+)
+def test_attention_whose_heads_cannot_go_alone_keeps_them_and_says_why(build, expected, message):
+    model, x = build()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layers = find_prunable_layers(model, x)
+    assert [layer.name for layer in layers if layer.name.endswith(":heads")] == expected
+    assert message in "\n".join(str(w.message) for w in caught)
+
+
+def test_vit_fit_prunes_heads_and_neurons_together_then_reloads_and_exports(make_trainer, tmp_path):
+    model, _ = tiny_vit()
+    classifier = Classifier(model, lr=0.01)
+    keep = KeepUnpruned()
+    pruning = ActivationPruning(target_params_reduction=0.3)
+    trainer = make_trainer(keep, pruning, max_epochs=1, logger=False, enable_checkpointing=False)
+    trainer.fit(classifier, *loaders((3, 16, 16), batch_size=16))
+
+    plan = pruning.result.plan
+    widths = {layer.name: len(layer.kept) for layer in plan.layers}
+    assert {"net.blocks.0.attn:heads", "net.blocks.1.attn:heads", "net.blocks.0.mlp.fc1"} <= set(widths)
+    assert sum(n for name, n in widths.items() if name.endswith(":heads")) < 8, widths  # some heads went
+    assert pruning.result.params_reduction >= 0.3
+    for block in range(2):
+        attn = classifier.net.blocks[block].attn
+        assert attn.num_heads == widths[f"net.blocks.{block}.attn:heads"] >= 1
+        assert attn.qkv.out_features == 3 * attn.num_heads * 8 == 3 * attn.attn_dim
+    x = torch.randn(5, 3, 16, 16)
+    assert_matches_oracle(classifier, keep.model, plan, x)
+
+    fresh, _ = tiny_vit()
+    reloaded = load_pruned(Classifier(fresh), pruning.pruned_checkpoint_path).eval()
+    assert [b.attn.num_heads for b in reloaded.net.blocks] == [b.attn.num_heads for b in classifier.net.blocks]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), classifier(x), rtol=0, atol=0)
+
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    path = tmp_path / "vit.onnx"
+    torch.onnx.export(classifier.net.eval(), (x,), str(path), external_data=False)
+    shapes = {i.name: tuple(i.dims) for i in onnx.load(str(path)).graph.initializer}
+    for block in range(2):
+        assert shapes[f"blocks.{block}.attn.qkv.bias"] == (3 * 8 * classifier.net.blocks[block].attn.num_heads,)
+    exported = torch.export.export(classifier.net, (x,)).module()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), classifier.net(x))
+
+
+def test_encoder_fit_prunes_multihead_attention_heads_and_reloads_exactly(make_trainer):
+    classifier = Classifier(Encoder(), lr=0.01)
+    keep = KeepUnpruned()
+    pruning = ActivationPruning(target_params_reduction=0.3)
+    trainer = make_trainer(keep, pruning, max_epochs=1, logger=False, enable_checkpointing=False)
+    trainer.fit(classifier, *loaders((6, 32), batch_size=16))
+
+    widths = {layer.name: len(layer.kept) for layer in pruning.result.plan.layers}
+    assert {"net.layers.0.self_attn:heads", "net.layers.1.self_attn:heads", "net.layers.0.linear1"} <= set(widths)
+    assert sum(n for name, n in widths.items() if name.endswith(":heads")) < 8, widths  # some heads went
+    for block in range(2):
+        attention = classifier.net.layers[block].self_attn
+        assert attention.num_heads == widths[f"net.layers.{block}.self_attn:heads"]
+        assert attention.in_proj_weight.shape == (3 * 8 * attention.num_heads, 32)
+    x = torch.randn(5, 6, 32)
+    reference = keep.model
+    zero_removed_inputs(reference, pruning.result.plan)  # the FFN neurons; nn.MultiheadAttention needs its own hook
+    removed = {layer.name: list(layer.removed) for layer in pruning.result.plan.layers}
+    for block in range(2):
+        heads = removed[f"net.layers.{block}.self_attn:heads"]
+        zero_heads_before(reference.net.layers[block].self_attn, "out_proj", heads, head_dim=8)
+    classifier.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(classifier(x), reference(x))
+
+    reloaded = load_pruned(Classifier(Encoder()), pruning.pruned_checkpoint_path).eval()
+    assert [type(layer.self_attn) for layer in reloaded.net.layers] == [
+        type(layer.self_attn) for layer in classifier.net.layers
+    ]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), classifier(x), rtol=0, atol=0)
+
+
+def test_overlapping_recorders_measure_multihead_attention_until_the_last_one_ends():
+    model, x = tiny_encoder()
+    first, second = ActivationRecorder(model).__enter__(), ActivationRecorder(model).__enter__()
+    first.__exit__(None, None, None)  # ends before the other, as the callback's preview does
+    with torch.no_grad():
+        model(x)
+    assert "layers.0.self_attn.out_proj" in second.moments()  # the heads' activations were still measured
+    second.__exit__(None, None, None)
+    assert type(model.layers[0].self_attn) is nn.MultiheadAttention
