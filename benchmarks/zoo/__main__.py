@@ -1,0 +1,5 @@
+"""``python -m benchmarks.zoo``: see :mod:`benchmarks.zoo`."""
+
+from .run import main
+
+main()
