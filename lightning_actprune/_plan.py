@@ -23,6 +23,13 @@ from lightning_actprune._statistics import (
     map_tensors,
 )
 from lightning_actprune._surgery import pruned_temporarily
+from lightning_actprune._tracing import (
+    BudgetExhausted,
+    bounded_groups,
+    describe_blocker,
+    failing_alone,
+    unmapped_reshapes,
+)
 from lightning_actprune._types import BiasUpdate, LayerPlan, ModulePruning, ModuleSlice, PrunableLayer, PruningPlan
 
 ExampleInputs = Mapping[str, tuple[tuple[Any, ...], dict[str, Any]]]
@@ -292,25 +299,32 @@ def _describe(module: Any, optype: tp.ops.OPTYPE, context: _TraceContext) -> str
 def _groups(graph: tp.DependencyGraph, root: nn.Module) -> Iterator[tuple[nn.Module, Any]]:
     """Like ``graph.get_all_groups``, but a group that fails to build is handed back as its exception."""
     visited: set[nn.Module] = set()
-    for module in list(graph.module2node):
-        if not isinstance(module, MEASURED_TYPES) or module in visited:
-            continue
-        try:
-            pruner = graph.get_pruner_of_module(module)
-            channels = list(range(pruner.get_out_channels(module)))
-            group = graph.get_pruning_group(module, pruner.prune_out_channels, channels)
-        except Exception as error:
-            yield module, error
-            continue
-        visited.update(dep.target.module for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler))
-        yield module, group
+    built: list[tuple[nn.Module, Any]] = []
+    candidates = [m for m in graph.module2node if isinstance(m, MEASURED_TYPES)]
+    with bounded_groups():  # built first, so that the bounds apply to Torch-Pruning's work alone
+        for position, module in enumerate(candidates):
+            if module in visited:
+                continue
+            try:
+                pruner = graph.get_pruner_of_module(module)
+                channels = list(range(pruner.get_out_channels(module)))
+                group = graph.get_pruning_group(module, pruner.prune_out_channels, channels)
+            except BudgetExhausted as error:
+                built += [(m, error) for m in candidates[position:] if m not in visited]
+                break
+            except Exception as error:
+                built.append((module, error))
+                continue
+            visited.update(dep.target.module for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler))
+            built.append((module, group))
+    yield from built
 
 
 def _dependency_graph(root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tp.DependencyGraph:
     """Torch-Pruning's graph of ``root``, with every recurrent layer one opaque node."""
     recurrent = {type(m) for m in root.modules() if isinstance(m, nn.RNNBase)}
     graph = tp.DependencyGraph()
-    with _traceable(root), _recurrent_layers_opaque(root):
+    with _traceable(root), _recurrent_layers_opaque(root), unmapped_reshapes(graph):
         graph.build_dependency(
             _comparable_modules(root) if recurrent else root,
             example_inputs=(args, kwargs),
@@ -379,8 +393,9 @@ def _layer_of_group(
         if _OUTPUT is not None and optype == _OUTPUT:
             reaches_output = True
             continue
-        if optype not in _SAFE_TYPES:
-            unsafe.append(_describe(module, optype, context))
+        blocker = describe_blocker(graph, dep.target, _describe(module, optype, context))
+        if optype not in _SAFE_TYPES or blocker is not None:
+            unsafe.append(blocker or _describe(module, optype, context))
             blocking += 1
             continue
         if not isinstance(module, nn.Module) or not any(True for _ in module.parameters(recurse=False)):
@@ -504,16 +519,25 @@ def _keep_independent(
     Torch-Pruning calls every operation it does not know "element-wise", including functional ones that mix the
     neurons of a layer (``F.softmax``, ``F.layer_norm``, subtracting the mean over features). For each layer, every
     other neuron is removed for real and the outputs are compared with the unpruned model whose removed neurons are
-    zeroed at their consumers; a layer where they differ, or whose check fails, is added to ``skipped``.
+    zeroed at their consumers; a layer where they differ, or whose check fails, is added to ``skipped``. The layers
+    are checked together first, and only the sets that fail are split (:func:`failing_alone`).
     """
     independent = []
     with _traceable(root), torch.no_grad():
+
+        def together(group: Sequence[PrunableLayer]) -> bool:
+            try:
+                return _prunes_like_zeroing(model, root, args, kwargs, group)
+            except Exception:
+                return False
+
+        failing = {layer.name for layer in failing_alone([layer for layer in layers if layer.neurons >= 2], together)}
         for layer in layers:
-            if layer.neurons < 2:
+            if layer.name not in failing:
                 independent.append(layer)
                 continue
-            try:
-                same = _prunes_like_zeroing(model, root, args, kwargs, layer)
+            try:  # again, alone, to say why
+                same = _prunes_like_zeroing(model, root, args, kwargs, [layer])
             except Exception as error:  # the unpruned model failed with hooks on: this layer alone is skipped
                 skipped.append(_Skip(layer.name, _failure("checking it", error)))
                 continue
@@ -531,10 +555,10 @@ def _keep_independent(
 
 
 def _prunes_like_zeroing(
-    model: nn.Module, root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], layer: PrunableLayer
+    model: nn.Module, root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], layers: Sequence[PrunableLayer]
 ) -> bool:
-    """Whether removing every other neuron of ``layer`` gives the outputs that zeroing them gives."""
-    plan = plan_from_kept([layer], {layer.name: range(1, layer.neurons, 2)})
+    """Whether removing every other neuron of each of ``layers`` gives the outputs that zeroing them gives."""
+    plan = plan_from_kept(layers, {layer.name: range(1, layer.neurons, 2) for layer in layers})
     try:
         with pruned_temporarily(model, plan):
             pruned = _output_tensors(root(*args, **kwargs))
