@@ -118,13 +118,13 @@ class _BoundedGroup(tp.dependency.group.Group):
 
 
 @contextmanager
-def bounded_groups(seconds: float = ANALYSIS_SECONDS) -> Iterator[None]:
-    """Groups built inside are bounded in size and, all together, in time.
+def bounded_groups() -> Iterator[None]:
+    """Groups built inside are bounded in size and, all together, in time (:data:`ANALYSIS_SECONDS`).
 
     The index mappings were computed when the graph was built and do not change while it is only read: Torch-Pruning
     recomputing them for every group (a walk over the whole graph each time) is skipped.
     """
-    _BoundedGroup.deadline = time.perf_counter() + seconds
+    _BoundedGroup.deadline = time.perf_counter() + ANALYSIS_SECONDS
     try:
         with (
             _patched(_graph_module, "Group", _BoundedGroup),
