@@ -615,19 +615,24 @@ def _select(found: list[PrunableLayer], layers: Sequence[str] | None, exclude: S
     return chosen
 
 
-def consumer_weight_energy(layer: PrunableLayer, model: nn.Module) -> Tensor:
+def consumer_weight_energy(layer: PrunableLayer, model: nn.Module, norms: dict[str, Tensor] | None = None) -> Tensor:
     """``Σ ‖W[:, f]‖²`` per neuron, over every consumer weight column (and kernel position) that reads it.
 
     How strongly the next layers listen to a neuron: the tie-break between neurons whose activation statistics
     are equal (e.g. neurons that never fire).
 
+    ``norms`` caches each consumer's column norms across calls (a DenseNet layer is read by every later one).
+
     Returns:
         A float64 CPU tensor with one value per neuron.
     """
+    norms = {} if norms is None else norms
     energy = torch.zeros(layer.neurons, dtype=torch.float64)
     for consumer in layer.consumers:
-        norms = _squared_column_norms(model.get_submodule(consumer.module)).detach().cpu().to(torch.float64)
-        energy.index_add_(0, torch.tensor(consumer.neurons), norms[torch.tensor(consumer.indices)])
+        if consumer.module not in norms:
+            module = model.get_submodule(consumer.module)
+            norms[consumer.module] = _squared_column_norms(module).detach().cpu().to(torch.float64)
+        energy.index_add_(0, torch.tensor(consumer.neurons), norms[consumer.module][torch.tensor(consumer.indices)])
     return energy
 
 

@@ -8,8 +8,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_actprune import _tracing
-from lightning_actprune.core import apply_plan, find_prunable_layers, plan_from_kept
-from tests.helpers import assert_matches_oracle
+from lightning_actprune._counting import parameters_after
+from lightning_actprune._surgery import pruned_temporarily
+from lightning_actprune.core import apply_plan, count_parameters, find_prunable_layers, plan_from_kept
+from tests.helpers import CNN, Residual, assert_matches_oracle
 
 
 class GroupedConvNet(nn.Module):
@@ -127,3 +129,23 @@ def test_failing_alone_finds_every_failure_with_few_checks():
     assert _tracing.failing_alone(list(range(32)), passes) == [3, 17]
     assert len(checks) < 32
     assert _tracing.failing_alone([], passes) == []
+
+
+@pytest.mark.parametrize("kind", ["cnn", "residual", "grouped"])
+def test_the_parameter_count_of_a_plan_equals_the_count_after_surgery(kind):
+    torch.manual_seed(0)
+    model = {"cnn": CNN, "residual": Residual, "grouped": GroupedConvNet}[kind]().eval()
+    image = getattr(model, "image", (3, 6, 6))
+    layers = find_prunable_layers(model, torch.randn(4, *image))
+    before = count_parameters(model)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        kept = {
+            layer.name: torch.randperm(layer.neurons, generator=generator)[: layer.neurons // 2 + 1].tolist()
+            for layer in layers
+        }
+        plan = plan_from_kept(layers, kept)
+        counted = parameters_after(model, plan, before)
+        assert counted is not None
+        with pruned_temporarily(model, plan):
+            assert counted == count_parameters(model)
