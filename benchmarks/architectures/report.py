@@ -45,7 +45,9 @@ def render_markdown(results: SweepResults) -> str:
     lines += [
         "",
         "The ratio divides analysis + checks + λ search by one validation pass of 2,000 images at the same"
-        " resolution (extrapolated from a timed batch of 16). Peak RSS is the model's own process.",
+        " resolution (extrapolated from a timed batch of 16). Times are the model process's CPU seconds on one thread"
+        " (`time.process_time`), so that other work on a shared machine does not inflate them. Peak RSS is the"
+        " model's own process.",
     ]
     return "\n".join(lines)
 

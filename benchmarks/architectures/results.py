@@ -12,7 +12,7 @@ EXACT, SKIPPED, ERROR = "pruned exactly", "skipped", "error"
 
 @dataclasses.dataclass
 class ModelResult:
-    """One model through the callback's path, measured in its own process."""
+    """One model through the callback's path, measured in its own process (times in CPU seconds, one thread)."""
 
     name: str
     status: str
