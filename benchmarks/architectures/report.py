@@ -13,6 +13,20 @@ BUDGET_SECONDS = 10.0
 """Issue 14's goal for analysis + checks + λ search, per model."""
 
 
+NOTE_CHARACTERS = 160
+
+
+def _notes(error: str, messages: list[str]) -> str:
+    """The error, else the first skip message (shortened) and how many there are; safe inside a table cell."""
+    text = error
+    if not text and messages:
+        first = messages[0].removeprefix("lightning_actprune: ")
+        if len(first) > NOTE_CHARACTERS:
+            first = first[: NOTE_CHARACTERS - 1] + "…"
+        text = first if len(messages) == 1 else f"({len(messages)} skip messages) {first}"
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def render_markdown(results: SweepResults) -> str:
     """The section: command, machine, a summary line and one table row per model."""
     rows = results.rows
@@ -36,7 +50,7 @@ def render_markdown(results: SweepResults) -> str:
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        notes = "; ".join([r.error] * bool(r.error) + r.messages).replace("|", "\\|").replace("\n", " ")
+        notes = _notes(r.error, r.messages)
         lines.append(
             f"| {r.name} | {r.params / 1e6:.1f}M | {r.resolution or '—'} | {r.status} | {r.prunable_fraction:.0%}"
             f" | {r.layers} | {r.reduction:.1%} | {r.analysis_seconds:.1f} | {r.search_seconds:.1f}"
@@ -47,7 +61,7 @@ def render_markdown(results: SweepResults) -> str:
         "The ratio divides analysis + checks + λ search by one validation pass of 2,000 images at the same"
         " resolution (extrapolated from a timed batch of 16). Times are the model process's CPU seconds on one thread"
         " (`time.process_time`), so that other work on a shared machine does not inflate them. Peak RSS is the"
-        " model's own process.",
+        " model's own process. Notes: the error, else the first of the model's skip messages (the JSON has all).",
     ]
     return "\n".join(lines)
 
