@@ -27,6 +27,13 @@ from lightning_actprune._statistics import (
 )
 from lightning_actprune._surgery import pruned_temporarily
 from lightning_actprune._tracer_compat import concatenations_of_unknown_size_unmapped
+from lightning_actprune._tracing import (
+    BudgetExhausted,
+    bounded_groups,
+    describe_blocker,
+    failing_alone,
+    unmapped_reshapes,
+)
 from lightning_actprune._types import BiasUpdate, LayerPlan, ModulePruning, ModuleSlice, PrunableLayer, PruningPlan
 
 ExampleInputs = Mapping[str, tuple[tuple[Any, ...], dict[str, Any]]]
@@ -328,18 +335,25 @@ def _describe(module: Any, optype: tp.ops.OPTYPE, context: _TraceContext) -> str
 def _groups(graph: tp.DependencyGraph, root: nn.Module) -> Iterator[tuple[nn.Module, Any]]:
     """Like ``graph.get_all_groups``, but a group that fails to build is handed back as its exception."""
     visited: set[nn.Module] = set()
-    for module in list(graph.module2node):
-        if not isinstance(module, MEASURED_TYPES) or module in visited:
-            continue
-        try:
-            pruner = graph.get_pruner_of_module(module)
-            channels = list(range(pruner.get_out_channels(module)))
-            group = graph.get_pruning_group(module, pruner.prune_out_channels, channels)
-        except Exception as error:
-            yield module, error
-            continue
-        visited.update(dep.target.module for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler))
-        yield module, group
+    built: list[tuple[nn.Module, Any]] = []
+    candidates = [m for m in graph.module2node if isinstance(m, MEASURED_TYPES)]
+    with bounded_groups():  # built first, so that the bounds apply to Torch-Pruning's work alone
+        for position, module in enumerate(candidates):
+            if module in visited:
+                continue
+            try:
+                pruner = graph.get_pruner_of_module(module)
+                channels = list(range(pruner.get_out_channels(module)))
+                group = graph.get_pruning_group(module, pruner.prune_out_channels, channels)
+            except BudgetExhausted as error:
+                built += [(m, error) for m in candidates[position:] if m not in visited]
+                break
+            except Exception as error:
+                built.append((module, error))
+                continue
+            visited.update(dep.target.module for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler))
+            built.append((module, group))
+    yield from built
 
 
 def _dependency_graph(root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tp.DependencyGraph:
@@ -351,7 +365,7 @@ def _dependency_graph(root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
         elif isinstance(module, Conv1D):
             customized[type(module)] = CONV1D_PRUNER
     graph = tp.DependencyGraph()
-    with _traceable(root), _recurrent_layers_opaque(root):
+    with _traceable(root), _recurrent_layers_opaque(root), unmapped_reshapes(graph):
         graph.build_dependency(
             _comparable_modules(root) if customized else root,
             example_inputs=(args, kwargs),
@@ -421,8 +435,10 @@ def _layer_of_group(
         if _OUTPUT is not None and optype == _OUTPUT:
             reaches_output = True
             continue
-        if optype not in _SAFE_TYPES and not isinstance(module, Conv1D):  # Conv1D: a customized node, like a Linear
-            unsafe.append(_describe(module, optype, context))
+        blocker = describe_blocker(graph, dep.target, _describe(module, optype, context))
+        # Conv1D: a customized node, like a Linear
+        if (optype not in _SAFE_TYPES and not isinstance(module, Conv1D)) or blocker is not None:
+            unsafe.append(blocker or _describe(module, optype, context))
             blocking += 1
             continue
         if not isinstance(module, nn.Module) or not any(True for _ in module.parameters(recurse=False)):
@@ -548,17 +564,26 @@ def _keep_independent(
     Torch-Pruning calls every operation it does not know "element-wise", including functional ones that mix the
     neurons of a layer (``F.softmax``, ``F.layer_norm``, subtracting the mean over features). For each layer, every
     other neuron is removed for real and the outputs are compared with the unpruned model whose removed neurons are
-    zeroed at their consumers; a layer where they differ, or whose check fails, is added to ``skipped``.
+    zeroed at their consumers; a layer where they differ, or whose check fails, is added to ``skipped``. The layers
+    are checked together first, and only the sets that fail are split (:func:`failing_alone`).
     """
     independent = []
     # the zeroing oracle hooks the out projection, which nn.MultiheadAttention does not call as a module
     with _traceable(root), torch.no_grad(), measurable_attention(root):
+
+        def together(group: Sequence[PrunableLayer]) -> bool:
+            try:
+                return _prunes_like_zeroing(model, root, args, kwargs, group)
+            except Exception:
+                return False
+
+        failing = {layer.name for layer in failing_alone([layer for layer in layers if layer.neurons >= 2], together)}
         for layer in layers:
-            if layer.neurons < 2:
+            if layer.name not in failing:
                 independent.append(layer)
                 continue
-            try:
-                same = _prunes_like_zeroing(model, root, args, kwargs, layer)
+            try:  # again, alone, to say why
+                same = _prunes_like_zeroing(model, root, args, kwargs, [layer])
             except Exception as error:  # the unpruned model failed with hooks on: this layer alone is skipped
                 skipped.append(_Skip(layer.name, _failure("checking it", error)))
                 continue
@@ -576,15 +601,20 @@ def _keep_independent(
 
 
 def _prunes_like_zeroing(
-    model: nn.Module, root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], layer: PrunableLayer
+    model: nn.Module, root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], layers: Sequence[PrunableLayer]
 ) -> bool:
-    """Whether removing every other neuron of ``layer`` (and one more) gives the outputs that zeroing them gives.
+    """Whether removing about half the neurons of each of ``layers`` gives the outputs that zeroing them gives.
 
-    The one more makes the count that stays share no factor but 1 or 2 with an even width: a reshape into attention
-    heads (``view(batch, tokens, -1, head_size)``) then fails, where exactly half the neurons would still fit.
+    Every other neuron goes, and one more: the count that stays then shares no factor but 1 or 2 with an even width,
+    so a reshape into attention heads (``view(batch, tokens, -1, head_size)``) fails, where exactly half the neurons
+    would still fit.
     """
-    kept = range(1, layer.neurons, 2)
-    plan = plan_from_kept([layer], {layer.name: kept[:-1] if len(kept) > 1 else kept})
+
+    def kept(layer: PrunableLayer) -> range:
+        every_other = range(1, layer.neurons, 2)
+        return every_other[:-1] if len(every_other) > 1 else every_other
+
+    plan = plan_from_kept(layers, {layer.name: kept(layer) for layer in layers})
     try:
         with pruned_temporarily(model, plan):
             pruned = _output_tensors(root(*args, **kwargs))
@@ -641,19 +671,24 @@ def _select(found: list[PrunableLayer], layers: Sequence[str] | None, exclude: S
     return chosen
 
 
-def consumer_weight_energy(layer: PrunableLayer, model: nn.Module) -> Tensor:
+def consumer_weight_energy(layer: PrunableLayer, model: nn.Module, norms: dict[str, Tensor] | None = None) -> Tensor:
     """``Σ ‖W[:, f]‖²`` per neuron, over every consumer weight column (and kernel position) that reads it.
 
     How strongly the next layers listen to a neuron: the tie-break between neurons whose activation statistics
     are equal (e.g. neurons that never fire).
 
+    ``norms`` caches each consumer's column norms across calls (a DenseNet layer is read by every later one).
+
     Returns:
         A float64 CPU tensor with one value per neuron.
     """
+    norms = {} if norms is None else norms
     energy = torch.zeros(layer.neurons, dtype=torch.float64)
     for consumer in layer.consumers:
-        norms = _squared_column_norms(model.get_submodule(consumer.module)).detach().cpu().to(torch.float64)
-        energy.index_add_(0, torch.tensor(consumer.neurons), norms[torch.tensor(consumer.indices)])
+        if consumer.module not in norms:
+            module = model.get_submodule(consumer.module)
+            norms[consumer.module] = _squared_column_norms(module).detach().cpu().to(torch.float64)
+        energy.index_add_(0, torch.tensor(consumer.neurons), norms[consumer.module][torch.tensor(consumer.indices)])
     return energy
 
 

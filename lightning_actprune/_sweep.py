@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lightning_actprune._counting import parameters_after
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._plan import (
     _all_scores,
@@ -101,9 +102,10 @@ class ThresholdEvaluator:
         """
         if self._order is None:
             keyed = []
+            norms: dict[str, torch.Tensor] = {}
             for position, layer in enumerate(self.layers):
                 rms = layer_scores(layer, self.moments, "rms").cpu()
-                energy = consumer_weight_energy(layer, self.model)
+                energy = consumer_weight_energy(layer, self.model, norms)
                 keys = [
                     (float(self._scores[layer.name][i]), float(rms[i]), float(energy[i]), position, i)
                     for i in range(layer.neurons)
@@ -229,7 +231,12 @@ def plan_for_reduction(evaluator: ThresholdEvaluator, target: float) -> Reductio
 
     def reduction(count: int) -> float:
         if count not in reductions:
-            reductions[count] = 1.0 - evaluator.size(evaluator.plan_removing(count)).params_kept
+            plan = evaluator.plan_removing(count)
+            params = parameters_after(evaluator.model, plan, evaluator.params_before)
+            if params is None:  # a module whose count needs the surgery
+                reductions[count] = 1.0 - evaluator.size(plan).params_kept
+            else:
+                reductions[count] = 1.0 - params / evaluator.params_before
         return reductions[count]
 
     most = reduction(len(order))

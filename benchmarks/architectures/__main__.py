@@ -1,0 +1,5 @@
+"""``python -m benchmarks.architectures``: see :mod:`benchmarks.architectures`."""
+
+from .run import main
+
+main()
