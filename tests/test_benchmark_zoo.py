@@ -61,3 +61,22 @@ def test_report_lists_every_architecture_and_why_some_have_no_numbers():
     assert "| B | skipped: timm is not installed |" in text
     assert "- A: not pruning x: because" in text
     assert "| C | 1,000 | 10.0% | 0.10 | 1.0× | 0 | out of reach (10.0% prunable) | — | — | — | — |" in text
+
+
+def test_a_subset_run_replaces_its_rows_in_the_last_comparable_run(tmp_path):
+    import dataclasses
+    import json
+
+    from benchmarks.zoo.run import merged_with_earlier
+
+    header = {"command": "python -m benchmarks.zoo", "minutes": 10.0, "machine": "m", "epochs": 4, "lr": 0.001}
+    earlier = [Row("LSTM classifier", "measured", params=1), Row("torchvision resnet18", "measured", params=2)]
+    path = tmp_path / "zoo_results.json"
+    path.write_text(json.dumps({"header": header, "rows": [dataclasses.asdict(r) for r in earlier]}))
+    new_header = {**header, "command": "python -m benchmarks.zoo --models lstm", "minutes": 1.0}
+    merged = merged_with_earlier(path, [Row("LSTM classifier", "measured", params=3)], new_header)
+    assert [(r.name, r.params) for r in merged] == [("torchvision resnet18", 2), ("LSTM classifier", 3)]
+    assert new_header["minutes"] == 11.0
+    assert new_header["command"] == "python -m benchmarks.zoo, then python -m benchmarks.zoo --models lstm"
+    other = {**header, "epochs": 2}
+    assert merged_with_earlier(path, [Row("x", "measured")], other) == [Row("x", "measured")]  # not comparable

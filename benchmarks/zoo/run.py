@@ -311,6 +311,25 @@ def render_markdown(rows: Sequence[Row], header: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def merged_with_earlier(path: Path, rows: list[Row], header: dict[str, Any]) -> list[Row]:
+    """``rows`` (a ``--models`` subset) in place of the same architectures' rows of the last run, if it is comparable.
+
+    The last run counts when it trained as many epochs at the same learning rate; its other rows are kept, in the
+    order of :data:`ARCHITECTURES`, and the command says both runs.
+    """
+    if not path.is_file():
+        return rows
+    earlier = json.loads(path.read_text())
+    if (earlier["header"]["epochs"], earlier["header"]["lr"]) != (header["epochs"], header["lr"]):
+        return rows
+    by_name = {row["name"]: Row(**row) for row in earlier["rows"]}
+    by_name.update({row.name: row for row in rows})
+    header["command"] = f"{earlier['header']['command']}, then {header['command']}"
+    header["minutes"] += earlier["header"]["minutes"]
+    order = [a.name for a in ARCHITECTURES]
+    return sorted(by_name.values(), key=lambda r: order.index(r.name) if r.name in order else len(order))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Measure every architecture whose library is installed; write the JSON and BENCHMARKS.md's section."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.zoo", description=__doc__)
@@ -349,6 +368,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "epochs": args.epochs,
         "lr": args.lr,
     }
+    rows = merged_with_earlier(args.cache_dir / RESULTS_FILE, rows, header) if args.models else rows
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     (args.cache_dir / RESULTS_FILE).write_text(
         json.dumps({"header": header, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1)
