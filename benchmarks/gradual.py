@@ -112,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=CNNTrainConfig.epochs, help="E: epochs before the first prune")
     parser.add_argument("--widths", type=int, nargs=3, default=CNNTrainConfig.widths)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--add", action="store_true", help="keep the last run's other cells (same network and E)")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--markdown", type=Path, default=DEFAULT_MARKDOWN)
     args = parser.parse_args(argv)
@@ -147,9 +148,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         "widths": "/".join(map(str, config.widths)),
         "epochs": config.epochs,
     }
+    path = args.cache_dir / RESULTS_FILE
+    if args.add and path.is_file():  # the cells of the last run with the same network stay, these are added
+        earlier = json.loads(path.read_text())
+        if (earlier["header"]["widths"], earlier["header"]["epochs"]) == (header["widths"], header["epochs"]):
+            new = {(c.target, c.recovery_epochs, c.steps) for c in cells}
+            kept = [Cell(**{**c, "val_after_prunes": tuple(c["val_after_prunes"])}) for c in earlier["cells"]]
+            cells = [c for c in kept if (c.target, c.recovery_epochs, c.steps) not in new] + cells
+            header["command"] = f"{earlier['header']['command']}, then {header['command']}"
+            header["minutes"] = float(earlier["header"]["minutes"]) + float(header["minutes"])  # type: ignore[arg-type]
+    cells.sort(key=lambda c: (c.target, c.recovery_epochs, c.steps))
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     payload = {"header": header, "cells": [dataclasses.asdict(c) for c in cells]}
-    (args.cache_dir / RESULTS_FILE).write_text(json.dumps(payload, indent=1))
+    path.write_text(json.dumps(payload, indent=1))
     write_markdown(args.markdown, render(cells, header), BEGIN, END)
     log(f"wrote {args.markdown} and {args.cache_dir / RESULTS_FILE}")
 
