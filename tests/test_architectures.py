@@ -105,10 +105,14 @@ CASES = {
     "mobilenet_v3_small": Case(lambda: _torchvision("mobilenet_v3_small"), _images, r"net\.(features|classifier)\..*"),
     "convnext_atto": Case(lambda: _timm("convnext_atto"), _images, r"net\.stages\.\d\.blocks\.\d\.mlp\.fc1"),
     "vit_tiny": Case(
-        lambda: _timm("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2), _images, r"net\.blocks\.\d\.mlp\.fc1"
+        lambda: _timm("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2),
+        _images,
+        r"net\.blocks\.\d\.(mlp\.fc1|attn:heads)",
     ),
-    "bert": Case(_bert, _tokens, r"net\.bert\.(encoder\.layer\.\d\.intermediate\.dense|pooler\.dense)"),
-    "gpt2": Case(_gpt2, _tokens, r"net\.transformer\.h\.\d\.mlp\.c_fc"),
+    "bert": Case(
+        _bert, _tokens, r"net\.bert\.(encoder\.layer\.\d\.(intermediate\.dense|attention:heads)|pooler\.dense)"
+    ),
+    "gpt2": Case(_gpt2, _tokens, r"net\.transformer\.h\.\d\.(mlp\.c_fc|attn:heads)"),
     "lstm": Case(lambda: RecurrentClassifier(nn.LSTM), _sequences, r"net\.head\.0"),
     "gru": Case(lambda: RecurrentClassifier(nn.GRU), _sequences, r"net\.head\.0"),
 }
