@@ -231,8 +231,14 @@ def test_attention_whose_heads_cannot_go_alone_keeps_them_and_says_why(build, ex
     assert message in "\n".join(str(w.message) for w in caught)
 
 
-def test_pruned_gpt2_heads_keep_the_key_value_cache_working():
-    model, x = tiny_gpt2()
+@pytest.mark.parametrize(
+    "options",
+    [{"attn_implementation": "sdpa"}, {"attn_implementation": "eager", "reorder_and_upcast_attn": True}],
+    ids=["sdpa", "eager_upcast"],
+)
+def test_pruned_gpt2_heads_keep_the_key_value_cache_working(options):
+    model, x = tiny_gpt2(**options)
+    assert model.lm.config._attn_implementation == options["attn_implementation"]
     heads = [layer for layer in find_prunable_layers(model, x) if layer.name.endswith(":heads")]
     reference = copy.deepcopy(model)
     apply_plan(model, plan_from_kept(heads, {heads[0].name: [1, 3], heads[1].name: [2]}))
