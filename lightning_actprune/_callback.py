@@ -164,10 +164,10 @@ class ActivationPruning(Callback):
             carries the optimizer like a single one; :attr:`result` goes from the original model to the final one,
             with the numbers right after each prune in ``result.steps``. ``1`` (default): one prune.
         prune_heads: also remove whole attention heads (timm ``Attention``, Hugging Face BERT-style attention,
-            ``nn.MultiheadAttention``): each attention module is one layer ``<name>:heads`` whose neurons are its
-            heads, scored by the activations that reach its out projection and chosen with the other neurons by
-            the same λ; at least one head per module stays, and the module's head count is updated. ``False``
-            leaves attention as it is.
+            GPT-2's ``GPT2Attention``, ``nn.MultiheadAttention``): each attention module is one layer
+            ``<name>:heads`` whose neurons are its heads, scored by the activations that reach its out projection
+            and chosen with the other neurons by the same λ; at least one head per module stays, and the module's
+            head count is updated. ``False`` leaves attention as it is.
 
     Example::
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_actprune._conv1d import Conv1D, out_in_weight
 from lightning_actprune._types import ModuleSlice, PrunableLayer
 
 HEADS_SUFFIX = ":heads"
@@ -60,8 +61,8 @@ class AttentionAdapter:
         raise NotImplementedError
 
     def head_dim(self, module: nn.Module) -> int:
-        """Channels per head."""
-        raise NotImplementedError
+        """Channels per head: the module's ``head_dim`` unless the implementation keeps it elsewhere."""
+        return int(module.head_dim)  # type: ignore[arg-type]
 
     def holders(self, module: nn.Module) -> tuple[str, ...]:
         """The modules whose attributes :meth:`sync` changes (``""``: the attention module itself)."""
@@ -79,7 +80,7 @@ class AttentionAdapter:
 def _width(module: nn.Module) -> int:
     if isinstance(module, nn.MultiheadAttention):
         return int(module.get_parameter("in_proj_weight").shape[0])
-    return int(module.get_parameter("weight").shape[0])
+    return int(out_in_weight(module).shape[0])
 
 
 class TimmAttention(AttentionAdapter):
@@ -154,6 +155,40 @@ class BertAttention(AttentionAdapter):
         inner = module.get_submodule("self")
         width = _width(inner.get_submodule("query"))
         inner.__dict__.update(num_attention_heads=width // self.head_dim(module), all_head_size=width)
+
+
+class GPT2Attention(AttentionAdapter):
+    """Hugging Face GPT-2's ``GPT2Attention``: one fused ``c_attn`` ``Conv1D`` (q, k, v), ``c_proj``.
+
+    Its forward splits ``c_attn``'s output every ``split_size`` features and views each part as ``head_dim``-wide
+    heads, so after the surgery ``split_size`` (and ``num_heads``) follow the heads that stay; ``embed_dim`` is the
+    residual stream's width and does not change. The key/value cache stores each layer's heads as they come.
+    """
+
+    kind = "gpt2"
+
+    def matches(self, module: nn.Module) -> bool:
+        return (
+            type(module).__module__.startswith("transformers.")
+            and isinstance(getattr(module, "c_attn", None), Conv1D)
+            and isinstance(getattr(module, "c_proj", None), Conv1D)
+            and all(isinstance(getattr(module, n, None), int) for n in ("num_heads", "head_dim", "split_size"))
+        )
+
+    def projections(self, module: nn.Module) -> tuple[Projection, ...]:
+        return (Projection("c_attn", 3),)
+
+    def out_projection(self, module: nn.Module) -> str:
+        return "c_proj"
+
+    def unsupported(self, module: nn.Module) -> str | None:
+        if getattr(module, "is_cross_attention", False) or hasattr(module, "q_attn"):
+            return "it is cross-attention (q_attn, k/v from the encoder): only GPT-2's self-attention loses heads."
+        return None
+
+    def sync(self, module: nn.Module) -> None:
+        heads = _width(module.get_submodule("c_attn")) // (3 * self.head_dim(module))
+        module.__dict__.update(num_heads=heads, split_size=heads * self.head_dim(module))
 
 
 class PrunedMultiheadAttention(nn.MultiheadAttention):
@@ -317,7 +352,12 @@ _measuring: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionar
 """The ``nn.MultiheadAttention`` modules :func:`measurable_attention` has swapped, with how many contexts hold them."""
 
 
-ADAPTERS: tuple[AttentionAdapter, ...] = (TimmAttention(), BertAttention(), TorchMultiheadAttention())
+ADAPTERS: tuple[AttentionAdapter, ...] = (
+    TimmAttention(),
+    BertAttention(),
+    GPT2Attention(),
+    TorchMultiheadAttention(),
+)
 """The attention implementations whose heads can be pruned, tried in this order."""
 
 
@@ -355,7 +395,7 @@ def head_layer(name: str, module: nn.Module, adapter: AttentionAdapter) -> Pruna
     head_dim = adapter.head_dim(module)
     out_name = adapter.out_projection(module)
     out = module.get_submodule(out_name)
-    inner = int(out.get_parameter("weight").shape[1])
+    inner = int(out_in_weight(out).shape[1])
     heads = inner // head_dim
     if head_dim <= 0 or heads * head_dim != inner:
         return f"its out projection reads {inner} features, not a whole number of {head_dim}-channel heads."

@@ -128,7 +128,7 @@ def find_prunable_layers(
             its producing layers are selected.
         exclude: glob patterns of layer names never to prune.
         prune_heads: add the heads of every known attention module (timm ``Attention``, Hugging Face BERT-style
-            attention, ``nn.MultiheadAttention``) as layers of their own.
+            attention, GPT-2's ``GPT2Attention``, ``nn.MultiheadAttention``) as layers of their own.
 
     Returns:
         The prunable layers, in the model's module order.

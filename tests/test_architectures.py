@@ -112,7 +112,7 @@ CASES = {
     "bert": Case(
         _bert, _tokens, r"net\.bert\.(encoder\.layer\.\d\.(intermediate\.dense|attention:heads)|pooler\.dense)"
     ),
-    "gpt2": Case(_gpt2, _tokens, r"net\.transformer\.h\.\d\.mlp\.c_fc"),
+    "gpt2": Case(_gpt2, _tokens, r"net\.transformer\.h\.\d\.(mlp\.c_fc|attn:heads)"),
     "lstm": Case(lambda: RecurrentClassifier(nn.LSTM), _sequences, r"net\.head\.0"),
     "gru": Case(lambda: RecurrentClassifier(nn.GRU), _sequences, r"net\.head\.0"),
 }

@@ -49,6 +49,26 @@ def tiny_bert() -> tuple[nn.Module, torch.Tensor]:
     return Bert().eval(), torch.randint(0, 50, (3, 8))
 
 
+class GPT2(nn.Module):
+    """A tiny ``GPT2LMHeadModel`` (4 heads of 8 channels) whose output is its logits; ``lm`` is the model itself."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        transformers = pytest.importorskip("transformers")
+        config = transformers.GPT2Config(
+            n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0, **options
+        )
+        self.lm = transformers.GPT2LMHeadModel(config)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(ids).logits
+
+
+def tiny_gpt2(**options: Any) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return GPT2(**options).eval(), torch.randint(0, 64, (3, 8))
+
+
 class Encoder(nn.Module):
     """Two causal ``nn.TransformerEncoderLayer`` (sequence first inside), mean over positions, a linear head."""
 
@@ -76,6 +96,7 @@ def tiny_encoder() -> tuple[nn.Module, torch.Tensor]:
 IMPLEMENTATIONS = {
     "timm": (tiny_vit, "blocks.{}.attn", "proj", "num_heads"),
     "bert": (tiny_bert, "bert.encoder.layer.{}.attention", "output.dense", "self.num_attention_heads"),
+    "gpt2": (tiny_gpt2, "lm.transformer.h.{}.attn", "c_proj", "num_heads"),
     "torch": (tiny_encoder, "layers.{}.self_attn", "out_proj", "num_heads"),
 }
 
@@ -163,7 +184,7 @@ def test_a_temporary_prune_restores_the_head_counts_and_every_module_keeps_a_hea
         torch.testing.assert_close(model(x), before, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("implementation", ["timm", "bert"])  # nn.MultiheadAttention's projections are not Linears
+@pytest.mark.parametrize("implementation", ["timm", "bert", "gpt2"])  # nn.MultiheadAttention's are not Linears
 def test_without_head_pruning_the_attention_projections_are_skipped_with_a_hint(implementation):
     build, attention, _, _ = IMPLEMENTATIONS[implementation]
     model, x = build()
@@ -192,8 +213,14 @@ def test_without_head_pruning_the_attention_projections_are_skipped_with_a_hint(
             [],
             "the heads of blocks.0.attn, the heads of blocks.1.attn: its LayerNorm (scale_norm) normalises over all",
         ),
+        (
+            lambda: tiny_gpt2(add_cross_attention=True),
+            ["lm.transformer.h.0.attn:heads", "lm.transformer.h.1.attn:heads"],
+            "the heads of lm.transformer.h.0.crossattention, the heads of lm.transformer.h.1.crossattention: it is"
+            " cross-attention",
+        ),
     ],
-    ids=["torch_bias_kv", "timm_scale_norm"],
+    ids=["torch_bias_kv", "timm_scale_norm", "gpt2_cross_attention"],
 )
 def test_attention_whose_heads_cannot_go_alone_keeps_them_and_says_why(build, expected, message):
     model, x = build()
@@ -202,6 +229,37 @@ def test_attention_whose_heads_cannot_go_alone_keeps_them_and_says_why(build, ex
         layers = find_prunable_layers(model, x)
     assert [layer.name for layer in layers if layer.name.endswith(":heads")] == expected
     assert message in "\n".join(str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"attn_implementation": "sdpa"}, {"attn_implementation": "eager", "reorder_and_upcast_attn": True}],
+    ids=["sdpa", "eager_upcast"],
+)
+def test_pruned_gpt2_heads_keep_the_key_value_cache_working(options):
+    model, x = tiny_gpt2(**options)
+    assert model.lm.config._attn_implementation == options["attn_implementation"]
+    heads = [layer for layer in find_prunable_layers(model, x) if layer.name.endswith(":heads")]
+    reference = copy.deepcopy(model)
+    apply_plan(model, plan_from_kept(heads, {heads[0].name: [1, 3], heads[1].name: [2]}))
+    for block, removed in ((0, [0, 2]), (1, [0, 1, 3])):
+        attention = model.lm.transformer.h[block].attn
+        assert (attention.num_heads, attention.split_size, attention.embed_dim) == (
+            4 - len(removed),
+            32 - 8 * len(removed),
+            32,
+        )
+        zero_heads_before(reference.lm.transformer.h[block].attn, "c_proj", removed, head_dim=8)
+    following = torch.randint(0, 64, (3, 1), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        prompt, expected = model.lm(x, use_cache=True), reference.lm(x, use_cache=True)
+        torch.testing.assert_close(prompt.logits, expected.logits)
+        assert prompt.past_key_values.layers[0].keys.shape == (3, 2, 8, 8)  # (batch, heads, tokens, head_dim)
+        step = model.lm(following, cache=prompt.past_key_values, use_cache=True).logits
+        torch.testing.assert_close(step, reference.lm(following, cache=expected.past_key_values).logits)
+        torch.testing.assert_close(step, model(torch.cat([x, following], dim=1))[:, -1:])  # the cache changed nothing
+        generated = model.lm.generate(x, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert generated.shape == (3, 11)
 
 
 def test_vit_fit_prunes_heads_and_neurons_together_then_reloads_and_exports(make_trainer, tmp_path):

@@ -266,13 +266,13 @@ def test_nothing_prunable_lists_the_layer_types_found(fit):
 
 
 class TinyGPT2(pl.LightningModule):
-    """Hugging Face's GPT-2 (two blocks, 32 features, a 64-token vocabulary) trained as a language model."""
+    """Hugging Face's GPT-2 (two blocks, 32 features in 4 heads, a 64-token vocabulary) trained as a language model."""
 
     def __init__(self, use_cache: bool = True) -> None:
         super().__init__()
         transformers = pytest.importorskip("transformers")
         config = transformers.GPT2Config(
-            n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32, use_cache=use_cache, bos_token_id=0,
+            n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=32, use_cache=use_cache, bos_token_id=0,
             eos_token_id=0,
         )  # fmt: skip
         self.model = transformers.GPT2LMHeadModel(config)
@@ -293,7 +293,7 @@ class TinyGPT2(pl.LightningModule):
 @pytest.mark.parametrize(
     ("use_cache", "recovery_epochs"), [(True, 0), (False, 0), (True, 1)], ids=["cache", "no_cache", "in_fit"]
 )
-def test_gpt2_prunes_its_mlp_neurons_exactly_and_skips_attention(use_cache, recovery_epochs, make_trainer):
+def test_gpt2_prunes_its_heads_and_mlp_neurons_exactly_and_keeps_its_cache(use_cache, recovery_epochs, make_trainer):
     pl.seed_everything(0)
     model = TinyGPT2(use_cache)
     tokens = torch.randint(0, 64, (32, 10), generator=torch.Generator().manual_seed(0))
@@ -306,29 +306,44 @@ def test_gpt2_prunes_its_mlp_neurons_exactly_and_skips_attention(use_cache, reco
         trainer.fit(model, train, val)
     messages = [str(w.message) for w in caught if re.match("lightning_actprune|ActivationPruning", str(w.message))]
     assert_readable(messages)
-    attention = "not pruning model.transformer.h.0.attn.c_attn, model.transformer.h.1.attn.c_attn: removing its"
-    assert any(m.startswith(f"lightning_actprune: {attention} neurons does not equal zeroing them") for m in messages)
-    assert any("attention (Q·K, softmax)" in m for m in messages), messages
+    assert not any("c_attn" in m for m in messages), messages  # the heads layer handles q/k/v: no skip message
     plan = pruning.result.plan
-    assert [layer.name for layer in plan.layers] == [f"model.transformer.h.{i}.mlp.c_fc" for i in range(2)]
-    mlp = model.model.transformer.h[0].mlp
-    assert mlp.c_fc.nf == mlp.c_fc.weight.shape[1] == mlp.c_proj.weight.shape[0] < 128
-    assert mlp.c_proj.nf == 32  # the residual stream keeps its width
+    blocks = [f"model.transformer.h.{i}" for i in range(2)]
+    assert [layer.name for layer in plan.layers] == [f"{b}.{n}" for b in blocks for n in ("attn:heads", "mlp.c_fc")]
+    widths = {layer.name: len(layer.kept) for layer in plan.layers}
+    assert sum(widths[f"{b}.attn:heads"] for b in blocks) < 8, widths  # some heads went, with MLP neurons
+    assert sum(widths[f"{b}.mlp.c_fc"] for b in blocks) < 256, widths
+    for block, layer in zip(blocks, model.model.transformer.h, strict=True):
+        heads = widths[f"{block}.attn:heads"]
+        attn, mlp = layer.attn, layer.mlp
+        assert attn.num_heads == heads >= 1
+        assert attn.c_attn.nf == attn.c_attn.weight.shape[1] == 3 * attn.split_size == 3 * 8 * heads
+        assert attn.c_proj.weight.shape == (8 * heads, 32)
+        assert mlp.c_fc.nf == mlp.c_fc.weight.shape[1] == mlp.c_proj.weight.shape[0] < 128
+        assert attn.embed_dim == attn.c_proj.nf == mlp.c_proj.nf == 32  # the residual stream keeps its width
     if recovery_epochs:  # pruned after epoch 0, then trained on: Adam's moments were sliced with the weights
         assert pruning.pruned_at_epoch == 0
         state = trainer.optimizers[0].state
-        for layer in (mlp.c_fc, mlp.c_proj):
+        attn, mlp = model.model.transformer.h[0].attn, model.model.transformer.h[0].mlp
+        for layer in (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj):
             assert state[layer.weight]["exp_avg"].shape == state[layer.weight]["exp_avg_sq"].shape == layer.weight.shape
         assert state[mlp.c_fc.bias]["exp_avg"].shape == (mlp.c_fc.nf,)
+        assert state[attn.c_attn.bias]["exp_avg"].shape == (attn.c_attn.nf,)
     else:
         model.eval()
         zero_removed_inputs(keep.model, plan)
         with torch.no_grad():
             torch.testing.assert_close(model(tokens).logits, keep.model(tokens).logits)
     fresh = load_pruned(TinyGPT2(use_cache), pruning.pruned_checkpoint_path).eval()
+    assert [layer.attn.split_size for layer in fresh.model.transformer.h] == [
+        layer.attn.split_size for layer in model.model.transformer.h
+    ]
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(fresh(tokens).logits, model(tokens).logits, rtol=0, atol=0)
+        prompt = fresh.model(tokens[:, :-1], use_cache=True)  # generating: the cache holds the heads that stay
+        step = fresh.model(tokens[:, -1:], cache=prompt.past_key_values, use_cache=True).logits
+        torch.testing.assert_close(step, model(tokens).logits[:, -1:])
 
 
 def test_the_analysis_runs_once_before_training_and_the_prune_uses_it(make_trainer, caplog):
