@@ -122,6 +122,8 @@ def fit_with_recovery(
     recalibration_batches: int = 20,
     recovery_epochs: int = 1,
     pruning_steps: int = 1,
+    statistic: str | None = None,
+    normalize: bool | None = None,
 ) -> tuple[L, ActivationPruning, EpochTimer]:
     """A fresh ``build()`` trained ``epochs + recovery_epochs`` epochs with the callback pruning after ``epochs``.
 
@@ -139,6 +141,8 @@ def fit_with_recovery(
         target_params_reduction=target,
         recovery_epochs=recovery_epochs,
         pruning_steps=pruning_steps,
+        statistic=statistic,
+        normalize=normalize,
         recalibration_batches=recalibration_batches,
         pruned_checkpoint=None,
     )

@@ -53,7 +53,9 @@ def render_markdown(results: CNNBenchmarkResults) -> str:
         + ", ".join(f"`{name}` {n}" for name, n in measured.groups.items())
         + ".",
         f"- **ours**: the plan `target_params_reduction` picks (`plan_for_reduction` on a `ThresholdEvaluator`,"
-        f" statistic `{settings.statistic}`, normalize={settings.normalize}: the callback's defaults), applied to a"
+        f" statistic `{settings.statistic}`, normalize={settings.normalize}"
+        + (": the callback's defaults" if (settings.statistic, settings.normalize) == ("fluctuation", True) else "")
+        + "; the recovery fit gets the same), applied to a"
         " copy. *one-shot* keeps the BatchNorm statistics of training; *+ BN recalibration* re-estimates them"
         f" (`recalibrating_batchnorm`, forward passes without gradients on the first"
         f" {settings.recalibration_batches} training batches): what the callback does by default.",

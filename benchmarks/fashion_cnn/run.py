@@ -20,7 +20,7 @@ from benchmarks.fashion_mnist.methods import ours_at_reduction, pruned_copy
 from benchmarks.fashion_mnist.report import write_markdown
 from benchmarks.fashion_mnist.run import add_common_arguments, last_results, quiet_run_log
 from lightning_actprune._recalibration import batchnorm_layers
-from lightning_actprune.core import count_parameters
+from lightning_actprune.core import STATISTICS, count_parameters
 
 from .methods import (
     channels_of,
@@ -128,7 +128,14 @@ def run_benchmark(
     for target in settings.recovery_targets:
         start = time.perf_counter()
         recovered, pruning, timer = fit_with_recovery(
-            build, datamodule, epochs, training.config.seed, target, settings.recalibration_batches
+            build,
+            datamodule,
+            epochs,
+            training.config.seed,
+            target,
+            settings.recalibration_batches,
+            statistic=settings.statistic,
+            normalize=settings.normalize,
         )
         seconds = time.perf_counter() - start
         result = pruning.result
@@ -199,6 +206,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--widths", type=int, nargs=3, default=CNNTrainConfig.widths, help="channels of the three stages"
     )
+    parser.add_argument(
+        "--statistic", choices=STATISTICS, default=CNNSettings.statistic, help="the neuron statistic ours ranks by"
+    )
+    parser.add_argument(
+        "--no-normalize",
+        dest="normalize",
+        action="store_false",
+        help="rank neurons by their raw statistic across layers, not standardised per layer",
+    )
     parser.add_argument("--seed", type=int, default=CNNTrainConfig.seed, help="seed of the training and the data order")
     parser.add_argument(
         "--recovery-targets",
@@ -240,7 +256,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         log(f"from scratch {widths} hidden {hidden}, {epochs} epochs: {'cached' if facts.cached else 'trained'}")
         return trained, facts
 
-    settings = CNNSettings(recovery_targets=tuple(args.recovery_targets))
+    settings = CNNSettings(
+        recovery_targets=tuple(args.recovery_targets), statistic=args.statistic, normalize=args.normalize
+    )
     measurements = run_benchmark(
         model,
         datamodule,
