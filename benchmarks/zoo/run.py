@@ -41,8 +41,10 @@ class Architecture:
 
     name: str
     library: str  # the module that must be importable
-    task: str  # "digits" (10 classes, 3×32×32), "tokens" (4 classes, a token sequence) or "lm" (next token)
+    task: str  # "digits" (10 classes, 3×size×size), "tokens" (4 classes, a token sequence) or "lm" (next token)
     build: Callable[[], nn.Module]
+    size: int = 32  # the digits' side for vision models
+    epochs: int | None = None  # this model's epochs before the prune, if not the run's
 
 
 def _torchvision(name: str) -> Callable[[], nn.Module]:
@@ -118,7 +120,10 @@ class _Recurrent(nn.Module):
 
 ARCHITECTURES = (
     Architecture("torchvision resnet18", "torchvision", "digits", _torchvision("resnet18")),
-    Architecture("torchvision mobilenet_v3_small", "torchvision", "digits", _torchvision("mobilenet_v3_small")),
+    # at 32×32 its last feature maps are 1×1 and its BatchNorm running statistics never fit eval mode: 64×64
+    Architecture(
+        "torchvision mobilenet_v3_small (64×64)", "torchvision", "digits", _torchvision("mobilenet_v3_small"), 64
+    ),
     Architecture("timm convnext_atto", "timm", "digits", _convnext_atto),
     Architecture("timm ViT-Tiny (32×32, patch 4)", "timm", "digits", _vit_tiny),
     Architecture("HF BERT (4 layers, 128 wide)", "transformers", "tokens", _bert),
@@ -128,13 +133,13 @@ ARCHITECTURES = (
 )
 
 
-def digits_data(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
-    """scikit-learn's digits (shipped with it), upscaled to 3×32×32 and standardised; 80/20 split."""
+def digits_data(size: int = 32, seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
+    """scikit-learn's digits (shipped with it), upscaled to 3×size×size and standardised; 80/20 split."""
     from sklearn.datasets import load_digits
 
     images, labels = load_digits(return_X_y=True)
     x = torch.tensor(images, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
-    x = F.interpolate(x, size=32, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
     x = (x - x.mean()) / x.std()
     y = torch.tensor(labels)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
@@ -211,23 +216,23 @@ class Row:
     messages: list[str] = dataclasses.field(default_factory=list)
 
 
-def _example(task: str) -> Tensor:
+def _example(task: str, size: int = 32) -> Tensor:
     if task == "digits":
-        return torch.randn(8, 3, 32, 32)
+        return torch.randn(8, 3, size, size)
     return torch.randint(0, VOCAB, (8, SEQ_LEN))
 
 
-def analysis_cost(net: nn.Module, task: str) -> tuple[float, float, float, list[str]]:
+def analysis_cost(net: nn.Module, task: str, size: int = 32) -> tuple[float, float, float, list[str]]:
     """Analysis seconds, seconds of one no-grad pass over 2,000 samples, max prunable fraction, skip messages."""
     net = copy.deepcopy(net).eval()
-    example = _example(task)
+    example = _example(task, size)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         started = time.perf_counter()
         layers = find_prunable_layers(net, example)
         analysis = time.perf_counter() - started
     messages = [str(w.message) for w in caught if "lightning_actprune" in str(w.message)]
-    batch = _example(task).repeat(8, *([1] * (example.dim() - 1)))  # 64 samples
+    batch = example.repeat(8, *([1] * (example.dim() - 1)))  # 64 samples
     with torch.no_grad():
         net(batch)  # warm-up
         started = time.perf_counter()
@@ -247,8 +252,11 @@ def measure(arch: Architecture, epochs: int, lr: float, root: Path) -> Row:
     pl.seed_everything(0, verbose=False)
     net = arch.build()
     row = Row(arch.name, "measured", params=count_parameters(net))
-    row.analysis_seconds, row.validation_seconds, row.prunable_fraction, row.messages = analysis_cost(net, arch.task)
-    train, val = digits_data() if arch.task == "digits" else token_data(arch.task)
+    row.analysis_seconds, row.validation_seconds, row.prunable_fraction, row.messages = analysis_cost(
+        net, arch.task, arch.size
+    )
+    train, val = digits_data(arch.size) if arch.task == "digits" else token_data(arch.task)
+    epochs = arch.epochs or epochs
     pruning = ActivationPruning(target_params_reduction=0.3, recovery_epochs=1, pruned_checkpoint=None)
     trainer = quiet_trainer(max_epochs=epochs + 1, callbacks=[pruning], default_root_dir=root)
     generator = torch.Generator().manual_seed(0)
