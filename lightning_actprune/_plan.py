@@ -312,7 +312,7 @@ _WORDS = {
     tp.ops.OPTYPE.SLICE: "a slice of its features",
     tp.ops.OPTYPE.EXPAND: "a torch.expand of its features",
 }
-# Torch-Pruning >= 1.6 marks the model's outputs in its graph; 1.5 does not
+# Torch-Pruning marks the model's outputs in its graph (1.6); looked up by name, as older releases did not
 _OUTPUT = getattr(tp.ops.OPTYPE, "OUTPUT", None)
 
 
