@@ -43,7 +43,6 @@ from lightning_actprune._loggers import report
 from lightning_actprune._optimizer import OptimizerSnapshot, apply_plan_with_optimizers
 from lightning_actprune._plan import ExampleInputs, find_prunable_layers, layer_inventory
 from lightning_actprune._recalibration import batchnorm_layers
-from lightning_actprune._schedule import cubic_reductions, prune_epochs, step_reduction
 from lightning_actprune._scoring import NeuronScorer
 from lightning_actprune._statistics import (
     MEASURED_TYPES,
@@ -73,7 +72,6 @@ from lightning_actprune._types import (
     PrunableLayer,
     PruningPlan,
     PruningResult,
-    PruningStep,
     SweepRow,
     count_parameters,
     model_size_mb,
@@ -156,13 +154,6 @@ class ActivationPruning(Callback):
             mean without recovery; ``max_metric_drop`` bounds the drop right after pruning (and recalibration),
             before recovery. Under DDP the wrapper is rebuilt around the smaller model; ``EarlyStopping``
             restarts counting at the prune.
-        pruning_steps: gradual pruning (needs ``target_params_reduction`` and ``recovery_epochs`` >= this): reach
-            the target in this many prunes, each followed by training. After prune ``k`` of ``S``,
-            ``target * (1 - (1 - k/S)**3)`` of the *original* parameters are gone (the cubic schedule of Zhu & Gupta,
-            2017); the first prune is at the end of epoch ``max_epochs - recovery_epochs`` (where ``1`` prunes), the
-            next every ``recovery_epochs // S`` epochs. Each prune gathers fresh statistics on the current model and
-            carries the optimizer like a single one; :attr:`result` goes from the original model to the final one,
-            with the numbers right after each prune in ``result.steps``. ``1`` (default): one prune.
         prune_heads: also remove whole attention heads (timm ``Attention``, Hugging Face BERT-style attention,
             GPT-2's ``GPT2Attention``, ``nn.MultiheadAttention``): each attention module is one layer
             ``<name>:heads`` whose neurons are its heads, scored by the activations that reach its out projection
@@ -195,7 +186,6 @@ class ActivationPruning(Callback):
         pruned_checkpoint: str | None = "pruned.ckpt",
         recalibration_batches: int = 20,
         recovery_epochs: int = 0,
-        pruning_steps: int = 1,
         prune_heads: bool = True,
     ) -> None:
         self.settings = PruningSettings(
@@ -216,7 +206,6 @@ class ActivationPruning(Callback):
             pruned_checkpoint=pruned_checkpoint,
             recalibration_batches=recalibration_batches,
             recovery_epochs=recovery_epochs,
-            pruning_steps=pruning_steps,
             prune_heads=prune_heads,
         )
         """The arguments, validated: read them here or as the callback's attributes of the same names."""
@@ -231,10 +220,7 @@ class ActivationPruning(Callback):
         self.prunable_layers: list[PrunableLayer] | None = None
         """What the analysis at the start of ``fit`` found prunable (None until then): problems show before training."""
         self.pruned_at_epoch: int | None = None
-        """The epoch at whose end the model was pruned inside ``fit`` (``recovery_epochs > 0``), or None; with
-        ``pruning_steps`` > 1, the epoch of the first prune (each prune's epoch is in ``result.steps``)."""
-        self._steps_done = 0  # prunes of this fit done so far (a resumed fit gets the count from the checkpoint)
-        self._step_target: float | None = None  # the fraction of the current model this prune removes (gradual)
+        """The epoch at whose end the model was pruned inside ``fit`` (``recovery_epochs > 0``), or None."""
 
     @property
     def effective_statistic(self) -> str:
@@ -250,7 +236,6 @@ class ActivationPruning(Callback):
             return
         self.prunable_layers = None  # this fit's model is analysed anew
         self.pruned_at_epoch = None  # a resumed fit gets it back from the checkpoint, restored after `setup`
-        self._steps_done = 0
         source = compat.data_source(trainer.fit_loop.epoch_loop.val_loop)
         if not is_overridden("validation_step", pl_module) or not source.is_defined():
             raise ActivationPruningError(
@@ -287,79 +272,30 @@ class ActivationPruning(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        settings = self.settings
-        if not settings.recovery_epochs:
+        epochs = trainer.max_epochs or 0
+        if not self.settings.recovery_epochs or trainer.current_epoch != epochs - self.settings.recovery_epochs - 1:
             return
-        step = self._prune_step(trainer)
-        if step is None:
-            return
-        self._steps_done = step
-        if self.pruned_at_epoch is None:
-            self.pruned_at_epoch = trainer.current_epoch
-        self._step_target = self._gradual_target(pl_module, step)
-        if self._step_target is not None and self._step_target <= 0:
-            rank_zero_info(f"ActivationPruning: prune {step}/{settings.pruning_steps} skipped: its target is met.")
+        if self.pruned_at_epoch is not None:  # resumed from a checkpoint written after the prune
             return
         self._in_fit = True
         try:
             result = self._guarded_prune(trainer, pl_module)
         finally:
             self._in_fit = False
-            self._step_target = None
-        if result is None or (step > 1 and not result.pruned):  # an earlier prune's result stays the result
+        self.pruned_at_epoch = trainer.current_epoch
+        if result is None:
             return
-        if not result.pruned:
-            self.result = result
-            return
-        plan = _record_pruning(pl_module, result.plan)  # every checkpoint from now on carries the plan
-        self.result = result if settings.pruning_steps == 1 else self._with_step(result, plan, trainer.current_epoch)
-        if step < settings.pruning_steps:  # the layers are narrower now: the next prune analyses them again
-            self.prunable_layers = None
-        rewrap_after_pruning(trainer, pl_module)  # DDP: the wrapper must reduce the new parameters' gradients
-        for callback in trainer.early_stopping_callbacks:  # a new, smaller model: its patience starts afresh
-            callback.wait_count = 0
-            callback.best_score = torch.tensor(math.inf if callback.monitor_op == torch.lt else -math.inf)
-        remaining = (trainer.max_epochs or 0) - trainer.current_epoch - 1
-        which = "" if settings.pruning_steps == 1 else f" (prune {step}/{settings.pruning_steps})"
-        rank_zero_info(
-            f"ActivationPruning: pruned at the end of epoch {trainer.current_epoch}{which}; the last"
-            f" {remaining} epoch(s) train the smaller model."
-        )
-
-    def _prune_step(self, trainer: pl.Trainer) -> int | None:
-        """The prune (1 to ``pruning_steps``) due at the end of this epoch; None if none is, or it was done already."""
-        settings = self.settings
-        epochs = prune_epochs(trainer.max_epochs or 0, settings.recovery_epochs, settings.pruning_steps)
-        if trainer.current_epoch not in epochs:
-            return None
-        step = epochs.index(trainer.current_epoch) + 1
-        return step if step > self._steps_done else None  # done: resumed from a checkpoint written after it
-
-    def _gradual_target(self, pl_module: pl.LightningModule, step: int) -> float | None:
-        """With ``pruning_steps`` > 1: the fraction of the current model that prune ``step`` removes."""
-        settings = self.settings
-        if settings.pruning_steps == 1:
-            return None
-        cumulative = cubic_reductions(float(settings.target_params_reduction or 0.0), settings.pruning_steps)
-        earlier = self.result if step > 1 and self.result is not None and self.result.steps else None
-        now = count_parameters(pl_module)
-        original = earlier.params_before if earlier is not None else now
-        return step_reduction(cumulative[step - 1], original, now)
-
-    def _with_step(self, result: PruningResult, plan: PruningPlan, epoch: int) -> PruningResult:
-        """The overall result of gradual pruning: from the original model to this prune's, each prune in ``steps``."""
-        done = PruningStep(epoch, result.params_after, result.size_mb_after, dict(result.metrics_after))
-        earlier = self.result if self.result is not None and self._steps_done > 1 and self.result.steps else None
-        if earlier is None:  # the first prune
-            return dataclasses.replace(result, plan=plan, steps=(done,))
-        return dataclasses.replace(
-            result,
-            plan=plan,
-            params_before=earlier.params_before,
-            size_mb_before=earlier.size_mb_before,
-            metrics_before=earlier.metrics_before,
-            steps=(*earlier.steps, done),
-        )
+        self.result = result
+        if result.pruned:
+            _record_pruning(pl_module, result.plan)  # every checkpoint from now on carries the plan
+            rewrap_after_pruning(trainer, pl_module)  # DDP: the wrapper must reduce the new parameters' gradients
+            for callback in trainer.early_stopping_callbacks:  # a new, smaller model: its patience starts afresh
+                callback.wait_count = 0
+                callback.best_score = torch.tensor(math.inf if callback.monitor_op == torch.lt else -math.inf)
+            rank_zero_info(
+                f"ActivationPruning: pruned at the end of epoch {trainer.current_epoch}; the last"
+                f" {self.settings.recovery_epochs} epoch(s) train the smaller model."
+            )
 
     def _check_patterns(self, pl_module: pl.LightningModule) -> None:
         """Patterns that match no Linear/Conv at all fail before training, not after it."""
@@ -379,12 +315,6 @@ class ActivationPruning(Callback):
             return
         recovered = self.settings.recovery_epochs and self.pruned_at_epoch is not None
         if recovered:
-            if self._steps_done < self.settings.pruning_steps:
-                rank_zero_warn(
-                    f"ActivationPruning: `fit` ended after {self._steps_done} of `pruning_steps="
-                    f"{self.settings.pruning_steps}` prunes: the model keeps the size of prune {self._steps_done},"
-                    f" short of `target_params_reduction={self.settings.target_params_reduction:g}`."
-                )
             result = self._recovered(trainer, pl_module)
         else:
             if self.settings.recovery_epochs:
@@ -540,10 +470,9 @@ class ActivationPruning(Callback):
         recorder.check_finite(moments)
         # the analysis ran once, at the start of fit, when it could: its layers are the same now
         layers = self.prunable_layers
-        # the analysis at the start of fit, or the one of an earlier prune of this fit, already said what it found
-        warned = layers is not None or self._steps_done > 1
+        warned = layers is not None  # the analysis at the start of fit already said what it found
         if layers is None:
-            layers = self._analyse(pl_module, recorder, quiet=warned)
+            layers = self._analyse(pl_module, recorder)
         if getattr(trainer, "fast_dev_run", False):  # set by the Trainer at init, not declared on the class
             rank_zero_info("ActivationPruning: `fast_dev_run` validates one batch; the statistics come from it alone.")
         if not layers:
@@ -626,9 +555,7 @@ class ActivationPruning(Callback):
             rows[threshold] = SweepRow(threshold, params_after, kept, size_after, neurons, metrics_after)
         return metrics_after, metrics_pruned
 
-    def _analyse(
-        self, pl_module: pl.LightningModule, recorder: ActivationRecorder, quiet: bool = False
-    ) -> list[PrunableLayer]:
+    def _analyse(self, pl_module: pl.LightningModule, recorder: ActivationRecorder) -> list[PrunableLayer]:
         """Which layers can be pruned (Torch-Pruning's analysis and the per-layer checks); skips warned once."""
         with warnings.catch_warnings(record=True) as skipped:  # re-issued once, on rank zero
             warnings.simplefilter("always")
@@ -639,7 +566,7 @@ class ActivationPruning(Callback):
                 self.settings.exclude or [],
                 prune_heads=self.settings.prune_heads,
             )
-        for warning in [] if quiet else skipped:
+        for warning in skipped:
             rank_zero_warn(str(warning.message))
         return layers
 
@@ -655,9 +582,9 @@ class ActivationPruning(Callback):
         epochs, recovery = trainer.max_epochs, self.settings.recovery_epochs
         if epochs is None or epochs < 0 or trainer.sanity_checking or self.settings.prune_best:
             return False  # unknown last epoch; no epoch yet; the best checkpoint is pruned, not these weights
-        if not recovery:
-            return trainer.current_epoch == epochs - 1
-        return self._prune_step(trainer) is not None
+        if recovery and self.pruned_at_epoch is not None:
+            return False
+        return trainer.current_epoch == epochs - recovery - 1
 
     def _recorded_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> _RecordedPass | None:
         """The statistics and metrics of the fit's last validation, if they are those of the model as it is now.
@@ -705,11 +632,10 @@ class ActivationPruning(Callback):
         if recorder is None:
             return
         recorder.__exit__(None, None, None)
-        again = self._steps_done > 0  # after a prune of gradual pruning: what is prunable was said already
         if self._recording is not None:  # the analysis runs the model: those passes are not validation data
             self._recording.__exit__(None, None, None)
         try:
-            layers = self._analyse(pl_module, recorder, quiet=again)
+            layers = self._analyse(pl_module, recorder)
         except Exception as error:
             rank_zero_warn(
                 f"ActivationPruning: analysing {type(pl_module).__name__} at the start of fit failed"
@@ -720,8 +646,6 @@ class ActivationPruning(Callback):
             if self._recording is not None:
                 self._recording.__enter__()
         self.prunable_layers = layers
-        if again:
-            return
         if not layers:
             rank_zero_warn(
                 f"ActivationPruning: {type(pl_module).__name__} has no prunable layer (seen before training)."
@@ -752,16 +676,9 @@ class ActivationPruning(Callback):
         if self.settings.threshold is not None:
             return evaluator.plan(self.settings.threshold), "threshold"
         if self.settings.target_params_reduction is not None:
-            target = self._step_target if self._step_target is not None else self.settings.target_params_reduction
-            choice = plan_for_reduction(evaluator, target)
+            choice = plan_for_reduction(evaluator, self.settings.target_params_reduction)
             if choice.note is not None:
-                gradual = (
-                    ""
-                    if self._step_target is None
-                    else f" (gradual pruning: {target:g} is this prune's share of the current model, on the way to"
-                    f" `target_params_reduction={self.settings.target_params_reduction:g}` of the original)"
-                )
-                rank_zero_warn(f"ActivationPruning: {choice.note}{gradual}")
+                rank_zero_warn(f"ActivationPruning: {choice.note}")
             if choice.plan is None:
                 rank_zero_warn("ActivationPruning: the trained model is left unpruned; lower the target.")
             elif choice.tied is not None:
@@ -820,7 +737,6 @@ class ActivationPruning(Callback):
             "result": _result_state(self.result),
             "pruned_checkpoint_path": self.pruned_checkpoint_path,
             "pruned_at_epoch": self.pruned_at_epoch,
-            "pruning_steps_done": self._steps_done,
         }
 
     @override
@@ -831,8 +747,6 @@ class ActivationPruning(Callback):
             self.result = result
         self.pruned_checkpoint_path = state_dict.get("pruned_checkpoint_path", self.pruned_checkpoint_path)
         self.pruned_at_epoch = state_dict.get("pruned_at_epoch", self.pruned_at_epoch)
-        # a checkpoint written before gradual pruning: one prune, done if `pruned_at_epoch` is set
-        self._steps_done = state_dict.get("pruning_steps_done", int(self.pruned_at_epoch is not None))
         current = self.settings.to_state()
         changed = [f"{k}={v!r} (now {current[k]!r})" for k, v in state_dict.items() if k in current and v != current[k]]
         if changed:

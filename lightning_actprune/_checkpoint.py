@@ -33,15 +33,7 @@ from lightning_actprune import _lightning_compat as compat
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._scoring import NeuronScorer
 from lightning_actprune._surgery import apply_plan, restoring
-from lightning_actprune._types import (
-    BiasUpdate,
-    LayerPlan,
-    ModulePruning,
-    PruningPlan,
-    PruningResult,
-    PruningStep,
-    SweepRow,
-)
+from lightning_actprune._types import BiasUpdate, LayerPlan, ModulePruning, PruningPlan, PruningResult, SweepRow
 
 PLAN_KEY = "actprune_plan"
 """The top-level checkpoint key that holds :meth:`PruningPlan.to_dict` of the model in the checkpoint."""
@@ -508,15 +500,6 @@ def _result_state(result: PruningResult | None) -> dict[str, Any] | None:
             }
             for row in result.sweep
         ],
-        "steps": [
-            {
-                "epoch": int(step.epoch),
-                "params_after": int(step.params_after),
-                "size_mb_after": float(step.size_mb_after),
-                "metrics_after": _floats(step.metrics_after),
-            }
-            for step in result.steps
-        ],
     }
 
 
@@ -535,5 +518,4 @@ def _result_from_state(plan: Mapping[str, Any] | None, numbers: Mapping[str, Any
         metrics_recovered=_floats(numbers.get("metrics_recovered", {})),
         sweep=tuple(SweepRow(**row) for row in numbers.get("sweep", ())),
         chosen_by=str(numbers.get("chosen_by", "threshold")),
-        steps=tuple(PruningStep(**step) for step in numbers.get("steps", ())),  # gradual pruning only
     )

@@ -46,22 +46,6 @@ def _check_patterns(name: str, value: object) -> None:
         raise ActivationPruningError(f"`{name}` must be a list of module-name glob patterns; got {value!r}.")
 
 
-def _check_gradual(steps: int, recovery_epochs: int, choices: dict[str, Any]) -> None:
-    """Gradual pruning reaches a parameter target in ``steps`` prunes, each followed by recovery epochs."""
-    if choices["target_params_reduction"] is None or choices["sweep"] is not None:
-        given = ", ".join(f"{k}={v!r}" for k, v in choices.items())
-        raise ActivationPruningError(
-            f"`pruning_steps={steps}` needs `target_params_reduction` (the final fraction of the original parameters)"
-            f" and no `sweep`: `pruning_steps` > 1 cannot be used with `threshold`, `max_metric_drop` or `sweep`;"
-            f" got {given}."
-        )
-    if recovery_epochs < steps:
-        raise ActivationPruningError(
-            f"`pruning_steps={steps}` needs `recovery_epochs` >= {steps} (each prune is followed by at least one"
-            f" epoch of training); got recovery_epochs={recovery_epochs}."
-        )
-
-
 @dataclass(frozen=True)
 class PruningSettings:
     """Every argument of :class:`~lightning_actprune.ActivationPruning`, checked and normalised at construction.
@@ -89,7 +73,6 @@ class PruningSettings:
     pruned_checkpoint: str | None = "pruned.ckpt"
     recalibration_batches: int = 20
     recovery_epochs: int = 0
-    pruning_steps: int = 1
     prune_heads: bool = True
     scorer: NeuronScorer = field(init=False, repr=False)
     normalized: bool = field(init=False, repr=False)
@@ -98,7 +81,7 @@ class PruningSettings:
         (
             threshold, statistic, monitor, mode, sweep, max_metric_drop, target_params_reduction, compensate,
             normalize, layers, exclude, min_neurons, prune_best, on_error, pruned_checkpoint, recalibration_batches,
-            recovery_epochs, pruning_steps, prune_heads,
+            recovery_epochs, prune_heads,
         ) = (getattr(self, f.name) for f in dataclasses.fields(self) if f.init)  # fmt: skip
         choices = {"threshold": threshold, "max_metric_drop": max_metric_drop}
         choices["target_params_reduction"] = target_params_reduction
@@ -139,9 +122,6 @@ class PruningSettings:
         _check_number("min_neurons", min_neurons, minimum=1, integer=True)
         _check_number("recalibration_batches", recalibration_batches, minimum=0, integer=True)
         _check_number("recovery_epochs", recovery_epochs, minimum=0, integer=True)
-        _check_number("pruning_steps", pruning_steps, minimum=1, integer=True)
-        if pruning_steps > 1:
-            _check_gradual(pruning_steps, recovery_epochs, {**choices, "sweep": sweep})
         if recovery_epochs and prune_best:
             raise ActivationPruningError(
                 "`prune_best=True` cannot be combined with `recovery_epochs`: the best weights were trained with"

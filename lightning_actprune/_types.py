@@ -223,23 +223,6 @@ class SweepRow:
         return row
 
 
-@dataclass(frozen=True)
-class PruningStep:
-    """One prune of gradual pruning (``pruning_steps`` > 1): the model right after it.
-
-    Attributes:
-        epoch: the epoch at whose end it pruned.
-        params_after: parameter count after this prune.
-        size_mb_after: parameters + buffers after this prune, in MB.
-        metrics_after: validation metrics right after this prune (after BatchNorm recalibration, if any).
-    """
-
-    epoch: int
-    params_after: int
-    size_mb_after: float
-    metrics_after: Mapping[str, float] = field(default_factory=dict)
-
-
 @dataclass(frozen=True, repr=False)
 class PruningResult:
     """The outcome of one pruning: the plan, the sizes and every validation metric before and after.
@@ -259,8 +242,6 @@ class PruningResult:
             nothing was recalibrated: then ``metrics_after`` are those right after the surgery).
         metrics_recovered: validation metrics at the end of ``fit``, after the recovery epochs that trained the
             pruned model (empty without ``recovery_epochs``).
-        steps: with ``pruning_steps`` > 1, each prune in order (the last one's numbers are ``params_after`` and
-            ``metrics_after``); empty for a single prune.
     """
 
     plan: PruningPlan
@@ -274,7 +255,6 @@ class PruningResult:
     chosen_by: str = "threshold"
     metrics_pruned: Mapping[str, float] = field(default_factory=dict)
     metrics_recovered: Mapping[str, float] = field(default_factory=dict)
-    steps: tuple[PruningStep, ...] = ()
 
     @property
     def params_reduction(self) -> float:
@@ -321,10 +301,6 @@ class PruningResult:
                 metrics[f"{name}_pruned"] = self.metrics_pruned[name]
             if name in self.metrics_recovered:
                 metrics[f"{name}_recovered"] = self.metrics_recovered[name]
-        for number, step in enumerate(self.steps, start=1):
-            metrics[f"prune{number}_epoch"] = step.epoch
-            metrics[f"prune{number}_params_after"] = step.params_after
-            metrics.update({f"prune{number}_{name}_after": value for name, value in step.metrics_after.items()})
         return {PREFIX + k: float(v) for k, v in metrics.items()}
 
     def summary(self) -> str:
@@ -358,19 +334,4 @@ class PruningResult:
             if name in self.metrics_recovered:
                 recovered = self.metrics_recovered[name]
                 lines[-1] += f"; after recovery {recovered:.4f} ({recovered - before:+.4f})"
-        lines += self._step_lines()
         return "\n".join(lines)
-
-    def _step_lines(self) -> list[str]:
-        """Gradual pruning: the size and the metrics right after each prune, before the epochs that followed it."""
-        if not self.steps:
-            return []
-        lines = [f"  {len(self.steps)} prunes, each followed by training (metrics right after each prune):"]
-        for number, step in enumerate(self.steps, start=1):
-            reduction = 1 - step.params_after / self.params_before if self.params_before else 0.0
-            metrics = ", ".join(f"{name} {value:.4f}" for name, value in step.metrics_after.items())
-            lines.append(
-                f"    prune {number} at the end of epoch {step.epoch}: parameters {step.params_after:,}"
-                f" (-{reduction:.1%}), size {step.size_mb_after:.3f} MB; {metrics or 'no metrics'}"
-            )
-        return lines

@@ -12,18 +12,11 @@ from benchmarks.fashion_mnist.models import MLPClassifier, quiet_trainer
 from benchmarks.fashion_mnist.results import TrainConfig
 from benchmarks.recovery.protocol import EpochSeededDataModule
 from benchmarks.recovery.report import BEGIN, END, render_markdown, write_section
-from benchmarks.recovery.results import Base, RecoveryConfig, RecoveryResults
-from benchmarks.recovery.run import (
-    GRADUAL,
-    OURS,
-    RESULTS_FILE,
-    SCRATCH,
-    main,
-    merge_results,
-    run_recovery,
-    tp_method,
-)
-from lightning_actprune._sweep import REDUCTION_TOLERANCE
+from benchmarks.recovery.results import Base, RecoveryConfig, RecoveryResults, Row
+from benchmarks.recovery.run import OURS, RESULTS_FILE, SCRATCH, main, merge_results, run_recovery, tp_method
+
+GRADUAL = "ours, gradual (2 prunes)"
+"""The rows the published results hold from commit 14d8739, when gradual pruning existed."""
 
 CONFIG = RecoveryConfig(
     train=TrainConfig(sizes=(12, 48, 40, 3), lr=1e-2, batch_size=32, epochs=2),
@@ -66,7 +59,7 @@ def test_protocol_runs_end_to_end_and_reports(tmp_path):
     assert (tmp_path / f"recovery_base_{CONFIG.base_key()}_e1.ckpt").is_file()
     table = {(row.method, row.recovery_epochs): row for row in rows if row.reduction == 0.6}
     methods = [OURS, SCRATCH] + [tp_method(i, g) for i in ("magnitude", "taylor") for g in (True, False)]
-    assert set(table) == {(m, r) for m in methods for r in (0, 1, 2)} | {(GRADUAL, 2)}
+    assert set(table) == {(m, r) for m in methods for r in (0, 1, 2)}
     assert rows[0].method == "unpruned"
     assert rows[0].params == base.params == 12 * 48 + 48 + 48 * 40 + 40 + 40 * 3 + 3
     for (method, _), row in table.items():
@@ -99,38 +92,47 @@ def test_protocol_runs_end_to_end_and_reports(tmp_path):
     assert "STALE" not in text
     assert "| -60% | ours (fluctuation, normalize) | 1 |" in text
     assert "Target not measured" in text  # the toy has no -90% row
-    assert f"- Gradual pruning ({GRADUAL} at R=2): " in text
+    assert "- Gradual pruning (several prunes over training): not offered; it did not beat one prune" in text
 
 
-def test_gradual_rows_are_measured_alone_and_merged_into_earlier_results(tmp_path):
+def test_rows_are_measured_alone_and_merged_into_earlier_results(tmp_path):
     def results(methods):
         base, rows, times = run_recovery(_datamodule(), CONFIG, tmp_path, lambda _: None, methods)
         return RecoveryResults(CONFIG, base, rows, times, machine_info(), f"--methods {' '.join(methods)}", 1.0)
 
     earlier = results(("ours",))
-    gradual = results(("gradual",))
-    assert [(r.method, r.recovery_epochs) for r in gradual.rows] == [("unpruned", 0), (GRADUAL, 2)]  # R=1: no room
-    (row,) = gradual.rows[1:]
-    assert 0.6 <= 1 - row.params / gradual.base.params <= 0.6 + REDUCTION_TOLERANCE
-    assert (gradual.base.params, gradual.base.test_acc) == (earlier.base.params, earlier.base.test_acc)
-    assert gradual.base.cached  # the base checkpoint the first run wrote
-    merged = merge_results(earlier, gradual)
+    scratch = results(("scratch",))
+    measured = [(r.method, r.recovery_epochs) for r in scratch.rows]
+    assert measured == [("unpruned", 0), (SCRATCH, 0), (SCRATCH, 1), (SCRATCH, 2)]
+    assert (scratch.base.params, scratch.base.test_acc) == (earlier.base.params, earlier.base.test_acc)
+    assert scratch.base.cached  # the base checkpoint the first run wrote
+    merged = merge_results(earlier, scratch)
     assert [(r.method, r.recovery_epochs) for r in merged.rows] == [
-        ("unpruned", 0), (OURS, 0), (OURS, 1), (OURS, 2), (GRADUAL, 2),
+        ("unpruned", 0), (OURS, 0), (OURS, 1), (OURS, 2), (SCRATCH, 0), (SCRATCH, 1), (SCRATCH, 2),
     ]  # fmt: skip
-    assert merged.command == "--methods ours, then --methods gradual"
+    assert merged.command == "--methods ours, then --methods scratch"
     assert merged.times == earlier.times
     # measured again: the row is replaced, not repeated
-    changed = dataclasses.replace(gradual, rows=[gradual.rows[0], dataclasses.replace(row, test_acc=0.5)])
+    row = scratch.rows[-1]
+    changed = dataclasses.replace(scratch, rows=[scratch.rows[0], dataclasses.replace(row, test_acc=0.5)])
     again = merge_results(merged, changed)
-    assert [r.test_acc for r in again.rows if r.method == GRADUAL] == [0.5]
-    other = dataclasses.replace(gradual, config=dataclasses.replace(CONFIG, reductions=(0.7,)))
+    assert [r.test_acc for r in again.rows if (r.method, r.recovery_epochs) == (SCRATCH, 2)] == [0.5]
+    other = dataclasses.replace(scratch, config=dataclasses.replace(CONFIG, reductions=(0.7,)))
     with pytest.raises(ValueError, match=r"measured with another configuration: .*reductions=\(0.6,\).* \(there\)"):
         merge_results(merged, other)
-    assert "- Gradual pruning (several prunes over training): not measured in this run" in render_markdown(earlier)
-    text = render_markdown(merged)
-    assert f"| -60% | {GRADUAL} | 2 | {row.params:,}" in text
-    assert f"- Gradual pruning ({GRADUAL} at R=2): `ActivationPruning(target_params_reduction=r" in text
+
+
+def test_report_only_renders_the_gradual_rows_of_published_results(tmp_path):
+    base = Base(params=1000, test_acc=0.9, epoch_seconds=1.0, train_seconds=2.0, cached=False)
+    rows = [Row(0.0, "unpruned", 0, 1000, 0.9, [48, 40]), Row(0.6, GRADUAL, 2, 390, 0.85, [20, 16])]
+    published = RecoveryResults(CONFIG, base, rows, [], machine_info(), "python -m benchmarks.recovery", 60.0)
+    (tmp_path / RESULTS_FILE).write_text(published.to_json())
+    markdown = tmp_path / "BENCHMARKS.md"
+    markdown.write_text(f"# Benchmarks\n\n{BEGIN}\n{END}\n")
+    main(["--report-only", "--cache-dir", str(tmp_path), "--markdown", str(markdown)])
+    text = markdown.read_text()
+    assert f"| -60% | {GRADUAL} | 2 | 390 (61.0% off) | 20-16 | 0.8500 | -5.00 |" in text
+    assert f"- Gradual pruning ({GRADUAL} at R=2), measured at commit 14d8739, when the option existed" in text
 
 
 def test_bad_configuration_is_refused():
@@ -150,9 +152,9 @@ def test_command_line_refuses_bad_arguments(tmp_path):
     with pytest.raises(SystemExit, match=r"recovery_results\.json does not exist"):
         main(["--report-only", "--cache-dir", str(tmp_path), "--markdown", str(tmp_path / "B.md")])
     with pytest.raises(SystemExit, match=r"--methods merges into the results of a full run; .* does not exist"):
-        main(["--methods", "gradual", "--cache-dir", str(tmp_path)])
+        main(["--methods", "scratch", "--cache-dir", str(tmp_path)])
     base = Base(params=10, test_acc=0.5, epoch_seconds=1.0, train_seconds=1.0, cached=True)
     earlier = RecoveryResults(CONFIG, base, [], [], machine_info(), "python -m benchmarks.recovery", 1.0)
     (tmp_path / RESULTS_FILE).write_text(earlier.to_json())
     with pytest.raises(SystemExit, match=r"error: .*recovery_results\.json was measured with another configuration"):
-        main(["--methods", "gradual", "--cache-dir", str(tmp_path)])  # the default epochs and reductions
+        main(["--methods", "scratch", "--cache-dir", str(tmp_path)])  # the default epochs and reductions

@@ -52,16 +52,6 @@ def test_issue_snippet_parses(tmp_path):
     assert callback.normalize is None
 
 
-def test_gradual_pruning_parses_from_yaml(tmp_path):
-    config = callback_config(tmp_path, "{target_params_reduction: 0.9, recovery_epochs: 3, pruning_steps: 3}")
-    callback = pruning_callback(parse(config))
-    assert callback.pruning_steps == 3
-    assert callback.recovery_epochs == 3
-    config.write_text(config.read_text().replace("recovery_epochs: 3", "recovery_epochs: 2"))
-    with pytest.raises(ValueError, match=r"`pruning_steps=3` needs `recovery_epochs` >= 3 .*; got recovery_epochs=2"):
-        parse(config)
-
-
 def test_readme_yaml_sets_every_public_argument(tmp_path):
     (block,) = [b for b in readme_yaml_blocks() if "lightning_actprune.ActivationPruning" in b]
     config = tmp_path / "config.yaml"

@@ -182,7 +182,8 @@ def test_settings_recovery_cannot_work_with_fail_before_training(tmp_path):
         ActivationPruning(threshold=0.1, recovery_epochs=-1)
 
 
-def test_resuming_during_recovery_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("gradual_keys", [False, True], ids=["current", "with-gradual-pruning-keys"])
+def test_resuming_during_recovery_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, gradual_keys):
     class Interrupt(Callback):
         def on_train_epoch_end(self, trainer, pl_module):
             if trainer.current_epoch == MAX_EPOCHS - RECOVERY:  # the first recovery epoch
@@ -192,6 +193,13 @@ def test_resuming_during_recovery_ends_with_the_weights_of_an_uninterrupted_run(
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     first = ActivationPruning(threshold=0.1, recovery_epochs=RECOVERY)
     fit(tmp_path / "b", first, Interrupt(), checkpoints, enable_checkpointing=True)
+    if gradual_keys:  # written while `pruning_steps` existed (up to commit 14d8739): those keys are ignored
+        saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+        (state,) = [s for key, s in saved["callbacks"].items() if key.startswith("ActivationPruning")]
+        step = {"epoch": MAX_EPOCHS - RECOVERY - 1, "params_after": 1, "size_mb_after": 0.1, "metrics_after": {}}
+        state.update(pruning_steps=1, pruning_steps_done=1)
+        state["result"]["steps"] = [step]
+        torch.save(saved, tmp_path / "ckpt" / "last.ckpt")
     second = ActivationPruning(threshold=0.1, recovery_epochs=RECOVERY)
     trainer = quiet_trainer(tmp_path / "c", second, max_epochs=MAX_EPOCHS, logger=False, gradient_clip_val=0.5)
     resumed = SGDClassifier(MLPModule(), lr=0.1)  # full size: the checkpoint's plan shrinks it before loading

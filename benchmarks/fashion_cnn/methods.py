@@ -121,7 +121,6 @@ def fit_with_recovery(
     target: float,
     recalibration_batches: int = 20,
     recovery_epochs: int = 1,
-    pruning_steps: int = 1,
     statistic: str | None = None,
     normalize: bool | None = None,
 ) -> tuple[L, ActivationPruning, EpochTimer]:
@@ -129,8 +128,7 @@ def fit_with_recovery(
 
     The same seed and trainer as the unpruned network's training, plus
     ``ActivationPruning(target_params_reduction=target, recovery_epochs=recovery_epochs)`` (BatchNorm recalibration
-    on, no checkpoint written; the λ table, if any, goes to a temporary directory; ``pruning_steps`` prunes on the
-    callback's cubic schedule) and an :class:`EpochTimer`.
+    on, no checkpoint written; the λ table, if any, goes to a temporary directory) and an :class:`EpochTimer`.
 
     Returns:
         The pruned, recovered model (eval mode), the callback (its ``result`` has the metrics) and the timer.
@@ -140,7 +138,6 @@ def fit_with_recovery(
     pruning = ActivationPruning(
         target_params_reduction=target,
         recovery_epochs=recovery_epochs,
-        pruning_steps=pruning_steps,
         statistic=statistic,
         normalize=normalize,
         recalibration_batches=recalibration_batches,

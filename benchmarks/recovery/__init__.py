@@ -15,8 +15,6 @@ of the parameters) it compares:
 - ours + recovery: the real callback ``ActivationPruning(target_params_reduction=r, recovery_epochs=R)`` in a
   real ``Trainer.fit`` of ``E + R`` epochs: it prunes after epoch ``E`` and trains the smaller model for ``R``
   more epochs with the same Adam (its state sliced);
-- ours gradual: the same fit with ``pruning_steps=2`` (at ``R >= 2``): a first prune after epoch ``E`` to
-  ``r * 7/8`` of the parameters (the cubic schedule), a second ``R // 2`` epochs later to ``r``;
 - Torch-Pruning as its README shows: ``tp.pruner.MetaPruner`` with ``GroupMagnitudeImportance(p=2)`` or
   ``GroupTaylorImportance()``, ``global_pruning`` on and off, the output layer ignored, ``pruning_ratio``
   bisected to the same reduction, then ``R`` epochs of fine-tuning with a fresh Adam (Torch-Pruning has no way to
@@ -29,11 +27,14 @@ seeded by the epoch's index (:class:`.protocol.EpochShuffle`), which makes a res
 uninterrupted one. Epoch times of the recovery epochs are compared with the unpruned epoch of the same fit.
 
 It writes the section between the ``recovery:begin``/``recovery:end`` markers of ``BENCHMARKS.md`` and stores every
-number in ``benchmarks/.cache/recovery_results.json`` (``--report-only`` re-renders from it). ``--methods gradual``
-(or any of ``ours``, ``gradual``, ``torch-pruning``, ``scratch``) measures only those methods and merges their rows
-into that file, which must hold a run of the same configuration, then re-renders the section::
+number in ``benchmarks/.cache/recovery_results.json`` (``--report-only`` re-renders from it). ``--methods scratch``
+(or any of ``ours``, ``torch-pruning``, ``scratch``) measures only those methods and merges their rows into that
+file, which must hold a run of the same configuration, then re-renders the section::
 
-    python -m benchmarks.recovery --methods gradual   # after a full run: adds the gradual rows
+    python -m benchmarks.recovery --methods scratch   # after a full run: measures the scratch rows again
+
+The published results also hold rows of ``ours, gradual (2 prunes)``, measured at commit 14d8739 when gradual
+pruning (``pruning_steps``) existed; ``--report-only`` still renders them.
 
 Modules: :mod:`.protocol` (data order, the probe callback, training and every method), :mod:`.results` (typed
 records and their JSON), :mod:`.report` (Markdown), :mod:`.run` (the whole run and the command line).

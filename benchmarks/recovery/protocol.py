@@ -173,19 +173,16 @@ def ours_with_recovery(
     checkpoint: Path,
     reduction: float,
     recovery_epochs: int,
-    pruning_steps: int = 1,
 ) -> tuple[MLPClassifier, EpochProbe]:
-    """A fit of ``E + R`` epochs with ``ActivationPruning(target_params_reduction, recovery_epochs=R, pruning_steps)``.
+    """A fit of ``E + R`` epochs with ``ActivationPruning(target_params_reduction, recovery_epochs=R)``.
 
     It resumes from the base checkpoint (after ``E - 1`` epochs): epoch ``E`` trains the unpruned model, the callback
-    prunes at its end, and ``R`` epochs train the smaller model with the same optimizer. With ``pruning_steps`` > 1
-    (gradual pruning) the callback prunes again during those epochs, on its cubic schedule, to the same target.
+    prunes at its end, and ``R`` epochs train the smaller model with the same optimizer.
     """
     model = MLPClassifier(config.sizes, config.lr)
     pruning = ActivationPruning(
         target_params_reduction=reduction,
         recovery_epochs=recovery_epochs,
-        pruning_steps=pruning_steps,
         pruned_checkpoint=None,
     )
     probe = _fit(model, datamodule, config.epochs + recovery_epochs, [pruning], ckpt_path=checkpoint)

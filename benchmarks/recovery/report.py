@@ -35,14 +35,22 @@ def target_verdict(results: RecoveryResults) -> str:
     )
 
 
+GRADUAL_COMMIT = "14d8739"
+"""The last commit with gradual pruning (``pruning_steps``), removed after it did not beat one prune."""
+
+
 def _gradual_note(results: RecoveryResults) -> str:
     gradual = sorted({(r.method, r.recovery_epochs) for r in results.rows if "gradual" in r.method})
     if not gradual:
-        return "- Gradual pruning (several prunes over training): not measured in this run (`--methods gradual`)."
+        return (
+            "- Gradual pruning (several prunes over training): not offered; it did not beat one prune with the same"
+            f" epochs (measured at commit {GRADUAL_COMMIT}, when it existed)."
+        )
     epochs = results.config.train.epochs
     shown = ", ".join(f"{method} at R={r}" for method, r in gradual)
     return (
-        f"- Gradual pruning ({shown}): `ActivationPruning(target_params_reduction=r, recovery_epochs=R,"
+        f"- Gradual pruning ({shown}), measured at commit {GRADUAL_COMMIT}, when the option existed (it was removed"
+        " since: it did not beat one prune): `ActivationPruning(target_params_reduction=r, recovery_epochs=R,"
         f" pruning_steps=2)` in one fit of {epochs} + R epochs, the first prune after epoch {epochs} (to"
         " r·(1 − 1/8) of the original parameters, the cubic schedule), the second R // 2 epochs later (to r); compare"
         " with ours at the same R, which prunes once after epoch E."

@@ -21,7 +21,6 @@ from lightning_actprune.core import count_parameters
 
 from .protocol import (
     TP_IMPORTANCES,
-    EpochProbe,
     EpochSeededDataModule,
     fine_tune,
     from_scratch,
@@ -38,11 +37,9 @@ from .results import Base, EpochTime, RecoveryConfig, RecoveryResults, Row
 RESULTS_FILE = "recovery_results.json"
 OURS = "ours (fluctuation, normalize)"
 SCRATCH = "from scratch, same widths"
-GRADUAL_STEPS = 2
-GRADUAL = f"ours, gradual ({GRADUAL_STEPS} prunes)"
-METHODS = ("ours", "gradual", "torch-pruning", "scratch")
-"""The method groups ``--methods`` can choose: ours one-shot and with recovery, ours gradual, Torch-Pruning (every
-importance, global and per layer, with fine-tuning), from scratch."""
+METHODS = ("ours", "torch-pruning", "scratch")
+"""The method groups ``--methods`` can choose: ours one-shot and with recovery, Torch-Pruning (every importance,
+global and per layer, with fine-tuning), from scratch."""
 
 
 def tp_method(importance: str, global_pruning: bool) -> str:
@@ -57,10 +54,7 @@ def run_recovery(
     log: Callable[[str], None] = print,
     methods: Sequence[str] = METHODS,
 ) -> tuple[Base, list[Row], list[EpochTime]]:
-    """Train (or resume) the base, then measure the chosen ``methods`` (groups of :data:`METHODS`) at every reduction.
-
-    Gradual pruning (``pruning_steps=2``) runs at every ``R`` of the config with room for its prunes (``R >= 2``).
-    """
+    """Train (or resume) the base, then measure the chosen ``methods`` (groups of :data:`METHODS`) at each reduction."""
     train = config.train
     checkpoint = cache_dir / f"recovery_base_{config.base_key()}_e{train.epochs - 1}.ckpt"
     model, probe, seconds, cached = train_base(datamodule, train, checkpoint)
@@ -81,26 +75,19 @@ def run_recovery(
         rows.append(Row(reduction, method, epochs, params, accuracy, widths))
         log(f"-{reduction:.0%} {method} +{epochs} epoch(s): {params:,} parameters, test accuracy {accuracy:.4f}")
 
-    def add_fit(reduction: float, method: str, epochs: int, steps: int) -> EpochProbe:
-        recovered, fit_probe = ours_with_recovery(train, datamodule, checkpoint, reduction, epochs, steps)
-        widths = hidden_widths(recovered)
-        add(reduction, method, epochs, count_parameters(recovered), test_accuracy(recovered, test_loader), widths)
-        return fit_probe
-
     for reduction in config.reductions:
         pruned = ours_one_shot(model, datamodule, reduction)  # also the widths trained from scratch
         widths = hidden_widths(pruned)
         if "ours" in methods:
             add(reduction, OURS, 0, count_parameters(pruned), test_accuracy(pruned, test_loader), widths)
             for epochs in config.recovery_epochs:
-                fit_probe = add_fit(reduction, OURS, epochs, 1)
+                recovered, fit_probe = ours_with_recovery(train, datamodule, checkpoint, reduction, epochs)
+                recovered_widths = hidden_widths(recovered)
+                accuracy = test_accuracy(recovered, test_loader)
+                add(reduction, OURS, epochs, count_parameters(recovered), accuracy, recovered_widths)
                 times.append(
                     EpochTime(reduction, epochs, fit_probe.seconds[0], fit_probe.seconds[1:], fit_probe.test_acc[0])
                 )
-        if "gradual" in methods:
-            for epochs in config.recovery_epochs:
-                if epochs >= GRADUAL_STEPS:
-                    add_fit(reduction, GRADUAL, epochs, GRADUAL_STEPS)
         if "torch-pruning" in methods:
             for importance in TP_IMPORTANCES:
                 for global_pruning in (True, False):
