@@ -57,10 +57,10 @@ def test_report_lists_every_architecture_and_why_some_have_no_numbers():
     text = render_markdown(
         rows, {"command": "python -m benchmarks.zoo", "minutes": 1.0, "machine": "m", "epochs": 2, "lr": 0.001}
     )
-    assert "| A | 1,000 | 50.0% | 0.20 | 2.0× | 3 | 700 (-30.0%) | 90.0 | 50.0 | 80.0 | 88.0 |" in text
+    assert "| A | 1,000 | 50.0% | 0.20 | 2.00× | 3 | 700 (-30.0%) | 90.0 | 50.0 | 80.0 | 88.0 |" in text
     assert "| B | skipped: timm is not installed |" in text
     assert "- A: not pruning x: because" in text
-    assert "| C | 1,000 | 10.0% | 0.10 | 1.0× | 0 | out of reach (10.0% prunable) | — | — | — | — |" in text
+    assert "| C | 1,000 | 10.0% | 0.10 | 1.00× | 0 | out of reach (10.0% prunable) | — | — | — | — |" in text
 
 
 def test_a_subset_run_replaces_its_rows_in_the_last_comparable_run(tmp_path):

@@ -312,7 +312,7 @@ def render_markdown(rows: Sequence[Row], header: dict[str, Any]) -> str:
             after = f"out of reach ({r.prunable_fraction:.1%} prunable)"
         lines.append(
             f"| {r.name} | {r.params:,} | {r.prunable_fraction:.1%} | {r.analysis_seconds:.2f} |"
-            f" {r.analysis_seconds / r.validation_seconds:.1f}× | {r.layers} | {after} | {_pct(r.acc_before)} |"
+            f" {r.analysis_seconds / r.validation_seconds:.2f}× | {r.layers} | {after} | {_pct(r.acc_before)} |"
             f" {_pct(r.acc_pruned)} | {_pct(r.acc_after)} | {_pct(r.acc_recovered)} |"
         )
     notes = [(r.name, m) for r in rows for m in r.messages]
