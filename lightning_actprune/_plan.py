@@ -26,10 +26,10 @@ from lightning_actprune._statistics import (
     map_tensors,
 )
 from lightning_actprune._surgery import pruned_temporarily
-from lightning_actprune._tracer_compat import concatenations_of_unknown_size_unmapped
 from lightning_actprune._tracing import (
     BudgetExhausted,
     bounded_groups,
+    concatenations_of_unknown_size_unmapped,
     describe_blocker,
     failing_alone,
     unmapped_reshapes,

@@ -1,12 +1,15 @@
 """Torch-Pruning's analysis kept bounded and honest on hard architectures.
 
-Three things its ``DependencyGraph`` does not do for us:
+Every reach inside Torch-Pruning's internals is here (each patch undone when its block ends). Four things its
+``DependencyGraph`` does not do for us:
 
 * Grouped convolutions (RegNet, ResNeXt): its in-channel pruner keeps the first ``kept / groups`` indices of
   every group, which is only right when the same positions go in every group. A group of neurons that reaches a
   grouped convolution is skipped, naming it.
 * Reshapes it cannot map (a channel shuffle in ShuffleNetV2) raise inside its graph building and take the whole
   model with them. Such a reshape is left unmapped instead, and every group that reaches it is skipped.
+* A concatenation with an input of unknown width (a key/value cache, GPT-2's ``use_cache``) fails its index
+  mapping and, with it, the whole model; such a concatenation is left unmapped, as Torch-Pruning would leave it.
 * Index mappings that multiply (Swin's window partitions, Torch-Pruning issue #525) make a single group grow
   without bound. Each group holds at most :data:`GROUP_INDEX_LIMIT` indices, and the groups of one model are built
   within :data:`ANALYSIS_SECONDS`; past either, the group (or every group left) is skipped with a message.
@@ -33,6 +36,7 @@ ANALYSIS_SECONDS = 30.0
 T = TypeVar("T")
 
 _index_mapping: Any = tp.dependency.index_mapping
+_shape_infer: Any = tp.dependency.shape_infer
 _graph_module: Any = tp.dependency.graph
 
 
@@ -88,6 +92,28 @@ def unmapped_reshapes(graph: Any) -> Iterator[None]:
             unmapped.add(node)
 
     with _patched(_index_mapping, "update_reshape_index_mapping", tolerant):
+        yield
+
+
+@contextmanager
+def concatenations_of_unknown_size_unmapped() -> Iterator[None]:
+    """While building a graph, a concatenation with an input of unknown width gets no index mapping.
+
+    Torch-Pruning (1.6) gives up on such a concatenation too, but only after summing the widths, which fails on the
+    unknown one: a key/value cache concatenates each step's keys with a cache tensor that autograd never saw, and the
+    whole model could not be traced.
+    """
+    update: Callable[..., None] = _index_mapping.update_concat_index_mapping
+
+    @functools.wraps(update)
+    def tolerant(graph: Any, node: Any) -> None:
+        if node.type == tp.ops.OPTYPE.CONCAT and node.module.concat_sizes is None:
+            widths = [_shape_infer.infer_channels_between(graph, source, node) for source in node.inputs]
+            if None in widths:
+                return
+        update(graph, node)
+
+    with _patched(_index_mapping, "update_concat_index_mapping", tolerant):
         yield
 
 
