@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics as stats
-import sys
 import time
 import typing
 from collections.abc import Callable, Sequence
@@ -18,7 +17,7 @@ from benchmarks.fashion_mnist.data import SplitDataModule, load_fashion_mnist, l
 from benchmarks.fashion_mnist.measure import Evaluator, gather_statistics, machine_info
 from benchmarks.fashion_mnist.methods import ours_at_reduction, pruned_copy
 from benchmarks.fashion_mnist.report import write_markdown
-from benchmarks.fashion_mnist.run import add_common_arguments, last_results, quiet_run_log
+from benchmarks.fashion_mnist.run import add_common_arguments, command_line, last_results, quiet_run_log
 from lightning_actprune._recalibration import batchnorm_layers
 from lightning_actprune.core import STATISTICS, count_parameters
 
@@ -271,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     run = CNNRunInfo(
         machine=machine_info(),
         training=training,
-        command=" ".join(["python", "-m", "benchmarks.fashion_cnn", *(sys.argv[1:] if argv is None else argv)]),
+        command=command_line("benchmarks.fashion_cnn", argv),
         total_seconds=time.perf_counter() - started,
     )
     results = CNNBenchmarkResults(measurements, run)

@@ -200,6 +200,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def command_line(module: str, argv: Sequence[str] | None) -> str:
+    """The command that ran a benchmark, for its report: ``python -m <module>`` and the arguments it was given."""
+    return " ".join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
+
+
 def last_results(path: Path) -> str:
     """The text of the last run's results, for ``--report-only``; exits with a message when there is none."""
     if not path.is_file():
@@ -266,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     run = RunInfo(
         machine=machine_info(),
         training=training,
-        command=" ".join(["python", "-m", "benchmarks.fashion_mnist", *(sys.argv[1:] if argv is None else argv)]),
+        command=command_line("benchmarks.fashion_mnist", argv),
         total_seconds=time.perf_counter() - started,
     )
     results = BenchmarkResults(measurements, run)

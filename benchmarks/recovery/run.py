@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -16,7 +15,7 @@ import torch
 from benchmarks.fashion_mnist.data import INSTALL_COMMAND, load_fashion_mnist, locate_fashion_mnist
 from benchmarks.fashion_mnist.measure import machine_info
 from benchmarks.fashion_mnist.results import TrainConfig
-from benchmarks.fashion_mnist.run import DEFAULT_CACHE, DEFAULT_MARKDOWN
+from benchmarks.fashion_mnist.run import DEFAULT_CACHE, DEFAULT_MARKDOWN, command_line
 from lightning_actprune.core import count_parameters
 
 from .protocol import (
@@ -210,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     train, val, test = load_fashion_mnist(data_dir, config.train.num_val)
     datamodule = EpochSeededDataModule(train, val, test, batch_size=config.train.batch_size, seed=config.train.seed)
     base, rows, times = run_recovery(datamodule, config, args.cache_dir, log, args.methods or METHODS)
-    command = " ".join(["python", "-m", "benchmarks.recovery", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("benchmarks.recovery", argv)
     results = RecoveryResults(config, base, rows, times, machine_info(), command, time.perf_counter() - started)
     if earlier is not None:
         results = merge_results(earlier, results)

@@ -8,7 +8,6 @@ import dataclasses
 import importlib.util
 import json
 import logging
-import sys
 import time
 import traceback
 import warnings
@@ -25,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from benchmarks.fashion_mnist.measure import machine_info
 from benchmarks.fashion_mnist.models import quiet_trainer
 from benchmarks.fashion_mnist.report import write_markdown
-from benchmarks.fashion_mnist.run import DEFAULT_CACHE, DEFAULT_MARKDOWN
+from benchmarks.fashion_mnist.run import DEFAULT_CACHE, DEFAULT_MARKDOWN, command_line
 from lightning_actprune import ActivationPruning
 from lightning_actprune.core import apply_plan, count_parameters, find_prunable_layers, plan_from_kept
 
@@ -372,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows.append(row)
     machine = machine_info()
     header = {
-        "command": " ".join(["python", "-m", "benchmarks.zoo", *(sys.argv[1:] if argv is None else argv)]),
+        "command": command_line("benchmarks.zoo", argv),
         "minutes": (time.perf_counter() - started) / 60,
         "machine": f"{machine.cpu}, {machine.usable_cores} usable cores, {machine.torch_threads} torch thread(s),"
         f" torch {machine.torch}, lightning {machine.lightning}, torch-pruning {machine.torch_pruning}",
