@@ -19,6 +19,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_actprune import _lightning_compat as compat
+from lightning_actprune._analysis import ExampleInputs, find_prunable_layers, layer_inventory
 from lightning_actprune._checkpoint import (
     _add_plan,
     _legacy_state,
@@ -41,7 +42,6 @@ from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._heads import projection_owners
 from lightning_actprune._loggers import report
 from lightning_actprune._optimizer import OptimizerSnapshot, apply_plan_with_optimizers
-from lightning_actprune._plan import ExampleInputs, find_prunable_layers, layer_inventory
 from lightning_actprune._recalibration import batchnorm_layers
 from lightning_actprune._scoring import NeuronScorer
 from lightning_actprune._statistics import (

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -16,11 +16,8 @@ from lightning_actprune._statistics import (
     ActivationMoments,
     neuron_statistic,
     pool_moments,
-    register_unit,
 )
-
-if TYPE_CHECKING:
-    from lightning_actprune._types import ModuleSlice, PrunableLayer
+from lightning_actprune._types import ModuleSlice, PrunableLayer, register_unit
 
 
 class NeuronScorer:

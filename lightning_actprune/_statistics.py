@@ -12,6 +12,7 @@ from torchmetrics import Metric
 
 from lightning_actprune._conv1d import Conv1D
 from lightning_actprune._errors import ActivationPruningError
+from lightning_actprune._heads import measurable_attention
 
 Statistic = Literal["mean", "mean_abs", "rms", "nonzero_fraction", "std", "fluctuation"]
 """The per-neuron statistics λ can be compared against."""
@@ -20,33 +21,6 @@ STATISTICS: tuple[str, ...] = get_args(Statistic)
 
 SIGNED_STATISTICS: tuple[str, ...] = ("mean",)
 """Statistics that can be negative (the mean of GELU, SiLU, hardswish or tanh outputs): λ may be too."""
-
-_UNITS = {
-    "mean": "mean activation",
-    "mean_abs": "mean |activation|",
-    "rms": "RMS activation",
-    "std": "activation std",
-    "nonzero_fraction": "fraction of non-zero activations",
-    "fluctuation": "fluctuation, squared output units",
-}
-
-
-def register_unit(statistic: str, unit: str) -> None:
-    """Name the unit of a user's :class:`NeuronScorer` for :func:`describe_threshold` (its class declares it)."""
-    _UNITS.setdefault(statistic, unit)
-
-
-def describe_threshold(threshold: float, statistic: str, normalize: bool) -> str:
-    """λ with its statistic and unit, for people: ``"λ = 0.2 (mean activation)"``.
-
-    Example:
-        >>> describe_threshold(-0.7612, "fluctuation", normalize=True)
-        'λ = -0.7612 std of standardised fluctuation per layer'
-    """
-    if normalize:
-        return f"λ = {threshold:.4g} std of standardised {statistic} per layer"
-    return f"λ = {threshold:.4g} ({_UNITS.get(statistic, statistic)})"
-
 
 MEASURED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, Conv1D)
 """Layers whose *inputs* are measured: a neuron's activation is what its consumers receive.
@@ -263,8 +237,6 @@ class ActivationRecorder:
         self._swapped = ExitStack()  # nn.MultiheadAttention calls its out projection only inside
 
     def __enter__(self) -> ActivationRecorder:
-        from lightning_actprune._heads import measurable_attention  # it builds on the types that build on this
-
         self._swapped.enter_context(measurable_attention(self.model))
         # the model's own inputs are data, not any neuron's activation: measuring them would be wasted work
         self._handles.append(self.model.register_forward_pre_hook(self._note_model_inputs, with_kwargs=True))

@@ -7,12 +7,11 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
-from lightning_actprune._conv1d import CONV1D_PRUNER, Conv1D
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._heads import attribute_holders, head_pruner, sync_head_counts
+from lightning_actprune._torch_pruning import module_pruner
 from lightning_actprune._types import PruningPlan
 
 
@@ -99,10 +98,8 @@ def pruned_temporarily(model: nn.Module, plan: PruningPlan) -> Iterator[None]:
 
 
 def _pruner(module: nn.Module) -> Any:
-    """Torch-Pruning's pruner for this kind of layer (or the one for a packed q/k/v parameter), or None."""
-    if isinstance(module, Conv1D):  # Torch-Pruning has none for it
-        return CONV1D_PRUNER
-    return head_pruner(module) or tp.pruner.function.PrunerBox.get(tp.ops.module2type(module))
+    """The surgery for this kind of layer (or for a packed q/k/v parameter), or None."""
+    return head_pruner(module) or module_pruner(module)
 
 
 def _size_along(module: nn.Module, dim: str) -> int | None:

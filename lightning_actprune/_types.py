@@ -1,7 +1,8 @@
 """The plain-data types every step shares: which neurons a layer has, which go (the plan), what changed (the result).
 
 Core modules (statistics, planning, surgery, search) and presentation (reports, loggers, checkpoints) all build on
-these; nothing here imports any other module of the package but the statistics' wording of λ.
+these, and on the wording of λ with its unit (:func:`describe_threshold`); nothing here imports any other module of
+the package.
 """
 
 from __future__ import annotations
@@ -12,7 +13,31 @@ from typing import Any, Literal, NamedTuple
 
 from torch import nn
 
-from lightning_actprune._statistics import describe_threshold
+_UNITS = {
+    "mean": "mean activation",
+    "mean_abs": "mean |activation|",
+    "rms": "RMS activation",
+    "std": "activation std",
+    "nonzero_fraction": "fraction of non-zero activations",
+    "fluctuation": "fluctuation, squared output units",
+}
+
+
+def register_unit(statistic: str, unit: str) -> None:
+    """Name the unit of a user's :class:`NeuronScorer` for :func:`describe_threshold` (its class declares it)."""
+    _UNITS.setdefault(statistic, unit)
+
+
+def describe_threshold(threshold: float, statistic: str, normalize: bool) -> str:
+    """λ with its statistic and unit, for people: ``"λ = 0.2 (mean activation)"``.
+
+    Example:
+        >>> describe_threshold(-0.7612, "fluctuation", normalize=True)
+        'λ = -0.7612 std of standardised fluctuation per layer'
+    """
+    if normalize:
+        return f"λ = {threshold:.4g} std of standardised {statistic} per layer"
+    return f"λ = {threshold:.4g} ({_UNITS.get(statistic, statistic)})"
 
 
 class ModuleSlice(NamedTuple):

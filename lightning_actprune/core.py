@@ -33,14 +33,10 @@ Example:
     True
 """
 
+from lightning_actprune._analysis import find_prunable_layers
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._optimizer import apply_plan_with_optimizers
-from lightning_actprune._plan import (
-    find_prunable_layers,
-    layer_scores,
-    plan_from_kept,
-    plan_pruning,
-)
+from lightning_actprune._plan import layer_scores, plan_from_kept, plan_pruning
 from lightning_actprune._report import write_sweep_files
 from lightning_actprune._scoring import NeuronScorer
 from lightning_actprune._statistics import (

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_actprune import _tracing
+from lightning_actprune import _analysis, _torch_pruning
 from lightning_actprune._counting import parameters_after
 from lightning_actprune._surgery import pruned_temporarily
 from lightning_actprune.core import apply_plan, count_parameters, find_prunable_layers, plan_from_kept
@@ -80,10 +80,10 @@ def test_a_grouped_convolution_skips_its_groups_by_name_and_the_rest_prunes_exac
 
 def test_a_depthwise_convolution_is_not_a_grouped_one():
     depthwise, grouped = nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 4, 3, groups=2)
-    assert not _tracing.grouped_convolution(depthwise)
-    assert _tracing.grouped_convolution(grouped)
-    assert not _tracing.grouped_convolution(nn.Conv2d(4, 4, 3))
-    assert not _tracing.grouped_convolution(nn.Linear(4, 4))
+    assert not _analysis.grouped_convolution(depthwise)
+    assert _analysis.grouped_convolution(grouped)
+    assert not _analysis.grouped_convolution(nn.Conv2d(4, 4, 3))
+    assert not _analysis.grouped_convolution(nn.Linear(4, 4))
 
 
 def test_a_channel_shuffle_prunes_exactly_or_skips_with_a_message():
@@ -99,7 +99,7 @@ def test_a_channel_shuffle_prunes_exactly_or_skips_with_a_message():
 
 
 def test_a_group_that_grows_past_the_limit_is_skipped_with_a_message(monkeypatch):
-    monkeypatch.setattr(_tracing, "GROUP_INDEX_LIMIT", 100)  # group "0" holds 64 indices per node, group "2" 4
+    monkeypatch.setattr(_torch_pruning, "GROUP_INDEX_LIMIT", 100)  # group "0" holds 64 indices per node, group "2" 4
     model = nn.Sequential(nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 4), nn.ReLU(), nn.Linear(4, 2))
     message = r"not pruning 0: tracing its group failed: GroupTooLarge: .* past 100 indices"
     with pytest.warns(UserWarning, match=message):
@@ -108,7 +108,7 @@ def test_a_group_that_grows_past_the_limit_is_skipped_with_a_message(monkeypatch
 
 
 def test_groups_past_the_time_budget_are_skipped_with_one_message(monkeypatch):
-    monkeypatch.setattr(_tracing, "ANALYSIS_SECONDS", 0.0)
+    monkeypatch.setattr(_torch_pruning, "ANALYSIS_SECONDS", 0.0)
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -126,9 +126,9 @@ def test_failing_alone_finds_every_failure_with_few_checks():
         checks.append(list(chunk))
         return not {3, 17} & set(chunk)
 
-    assert _tracing.failing_alone(list(range(32)), passes) == [3, 17]
+    assert _analysis.failing_alone(list(range(32)), passes) == [3, 17]
     assert len(checks) < 32
-    assert _tracing.failing_alone([], passes) == []
+    assert _analysis.failing_alone([], passes) == []
 
 
 @pytest.mark.parametrize("kind", ["cnn", "residual", "grouped"])

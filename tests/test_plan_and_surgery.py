@@ -360,7 +360,7 @@ class NeedsTheWholeBatch(nn.Module):
 
 
 def test_tracing_uses_a_few_samples_and_falls_back_to_the_whole_batch():
-    from lightning_actprune._plan import _few_samples
+    from lightning_actprune._analysis import _few_samples
 
     model = ARCHITECTURES["cnn"]()
     (images,), _ = _few_samples(model, ((torch.randn(40, 1, 8, 8),), {}))
