@@ -6,6 +6,7 @@ import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -114,8 +115,12 @@ def plan_pruning(
     model: nn.Module | None = None,
     compensate: bool = False,
     normalize: bool = False,
+    tied: Sequence[Sequence[str]] = (),
 ) -> PruningPlan:
     """Select, in every layer, the neurons whose statistic is below ``threshold``, keeping ``min_neurons``.
+
+    Blocks that must keep equal counts (a layer's ``groups``, the sets in ``tied``) each keep the mean of the counts
+    λ alone would keep in them, their highest-scoring neurons (see :func:`equal_count_ties`).
 
     Args:
         layers: from :func:`find_prunable_layers`.
@@ -128,12 +133,14 @@ def plan_pruning(
         compensate: fold each removed neuron's mean activation into its consumers' biases, so a neuron that is
             nearly constant is removed almost without a trace.
         normalize: standardise scores per layer before comparing with λ (see :func:`layer_scores`).
+        tied: sets of layer names that keep the same number of neurons (every layer of a set has the same
+            ``neurons`` and ``groups``).
 
     Returns:
         The plan, as plain data.
 
     Raises:
-        ActivationPruningError: a layer's scores are NaN/Inf or were never recorded.
+        ActivationPruningError: a layer's scores are NaN/Inf or were never recorded; ``tied`` is inconsistent.
 
     Example:
         >>> import torch
@@ -146,9 +153,10 @@ def plan_pruning(
         >>> plan.neurons_after
         1
     """
+    ties = equal_count_ties(layers, tied)
     scores = _all_scores(layers, moments, statistic, model, normalize)
     name = as_scorer(statistic).name
-    return _plan_at(layers, scores, threshold, name, min_neurons, moments, model, compensate, normalize)
+    return _plan_at(layers, scores, threshold, name, min_neurons, moments, model, compensate, normalize, ties)
 
 
 def _all_scores(
@@ -169,6 +177,67 @@ def _all_scores(
     return scores
 
 
+class Block(NamedTuple):
+    """Neurons of one layer that keep as many neurons as the other blocks of their tie."""
+
+    layer: str
+    neurons: range
+
+
+Tie = list[Block]
+"""Blocks that keep equal numbers of neurons (see :func:`equal_count_ties`)."""
+
+
+def equal_count_ties(layers: Sequence[PrunableLayer], tied: Sequence[Sequence[str]] = ()) -> list[Tie]:
+    """The sets of blocks that must keep equal numbers of neurons.
+
+    A layer with ``groups > 1`` is one tie of its blocks (a grouped convolution's channel groups, the query heads of
+    each key/value head); a set of layer names in ``tied`` is one tie of all its layers' blocks (the same width in
+    every transformer block). Names of layers that are not in ``layers`` (excluded, or not prunable) are ignored.
+
+    Raises:
+        ActivationPruningError: a layer is in two sets, or the layers of a set differ in neurons or groups.
+    """
+    by_name = {layer.name: layer for layer in layers}
+    ties: list[Tie] = []
+    placed: set[str] = set()
+    for names in tied:
+        members = [by_name[name] for name in dict.fromkeys(names) if name in by_name]
+        twice = [m.name for m in members if m.name in placed]
+        if twice:
+            raise ActivationPruningError(f"`tied` names {', '.join(twice)} in two sets; a layer can be in one.")
+        shapes = {(m.neurons, m.groups) for m in members}
+        if len(shapes) > 1:
+            shown = ", ".join(f"{m.name} ({m.neurons} neurons, {m.groups} groups)" for m in members)
+            raise ActivationPruningError(f"`tied` layers must have equal neurons and groups; got {shown}.")
+        placed.update(m.name for m in members)
+        if len(members) > 1 or (members and members[0].groups > 1):
+            ties.append([Block(m.name, block) for m in members for block in m.blocks()])
+    for layer in layers:
+        if layer.groups > 1 and layer.name not in placed:
+            ties.append([Block(layer.name, block) for block in layer.blocks()])
+    return ties
+
+
+def block_floor(layer: PrunableLayer, min_neurons: int) -> int:
+    """The fewest neurons each block of ``layer`` keeps, so that the layer keeps ``min_neurons`` (and each block 1)."""
+    return min(layer.neurons // layer.groups, max(1, math.ceil(min_neurons / layer.groups)))
+
+
+def _equalise(
+    keep: Mapping[str, Tensor], scores: Mapping[str, Tensor], ties: Sequence[Tie], floors: Mapping[str, int]
+) -> None:
+    """Make every block of each tie keep the same number of neurons: the mean count, its highest-scoring ones."""
+    for tie in ties:
+        counts = [int(keep[block.layer][block.neurons.start : block.neurons.stop].sum()) for block in tie]
+        count = max(floors[tie[0].layer], math.floor(sum(counts) / len(counts) + 0.5))
+        for block in tie:
+            values, mask = scores[block.layer], keep[block.layer]
+            ranked = sorted(block.neurons, key=lambda i: (-float(values[i]), i))
+            mask[block.neurons.start : block.neurons.stop] = False
+            mask[ranked[:count]] = True
+
+
 def _plan_at(
     layers: Sequence[PrunableLayer],
     scores: Mapping[str, Tensor],
@@ -179,17 +248,19 @@ def _plan_at(
     model: nn.Module | None,
     compensate: bool,
     normalize: bool,
+    ties: Sequence[Tie] = (),
 ) -> PruningPlan:
-    """The plan at λ from scores already computed by :func:`_all_scores`."""
-    kept: dict[str, Sequence[int]] = {}
+    """The plan at λ from scores already computed by :func:`_all_scores`; ``ties`` keep equal counts."""
+    keep: dict[str, Tensor] = {}
     for layer in layers:
         values = scores[layer.name]
-        keep = values >= threshold
+        keep[layer.name] = values >= threshold
         floor = min(min_neurons, layer.neurons)
-        if int(keep.sum()) < floor:
+        if int(keep[layer.name].sum()) < floor:
             order = sorted(range(layer.neurons), key=lambda i: (-float(values[i]), i))
-            keep[order[:floor]] = True
-        kept[layer.name] = [int(i) for i in torch.nonzero(keep).flatten()]
+            keep[layer.name][order[:floor]] = True
+    _equalise(keep, scores, ties, {layer.name: block_floor(layer, min_neurons) for layer in layers})
+    kept = {name: [int(i) for i in torch.nonzero(mask).flatten()] for name, mask in keep.items()}
     plan = plan_from_kept(layers, kept, moments=moments, model=model, compensate=compensate)
     return dataclasses.replace(plan, threshold=float(threshold), statistic=statistic, normalize=normalize)
 
@@ -227,6 +298,13 @@ def plan_from_kept(
             raise ActivationPruningError(
                 f"`kept` for {layer.name} must be indices in [0, {layer.neurons}); got {keep[0]}..{keep[-1]}."
             )
+        if layer.groups > 1:
+            counts = {sum(1 for i in keep if i in block) for block in layer.blocks()}
+            if len(counts) > 1 or 0 in counts:
+                raise ActivationPruningError(
+                    f"`kept` for {layer.name} must keep the same number (at least 1) of each of its {layer.groups}"
+                    f" groups of {layer.neurons // layer.groups} neurons; got {sorted(counts)} per group."
+                )
         plans.append(LayerPlan(layer.name, layer.neurons, tuple(keep)))
         removed = set(range(layer.neurons)) - set(keep)
         removed_neurons[layer.name] = removed

@@ -6,6 +6,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -13,9 +14,12 @@ from torch import nn
 from lightning_actprune._counting import parameters_after
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._plan import (
+    Block,
     _all_scores,
     _plan_at,
+    block_floor,
     consumer_weight_energy,
+    equal_count_ties,
     layer_scores,
     plan_from_kept,
 )
@@ -23,6 +27,15 @@ from lightning_actprune._scoring import NeuronScorer, as_scorer
 from lightning_actprune._statistics import ActivationMoments
 from lightning_actprune._surgery import pruned_temporarily
 from lightning_actprune._types import PrunableLayer, PruningPlan, SweepRow, count_parameters, model_size_mb
+
+
+class RemovalUnit(NamedTuple):
+    """Neurons that go together in a target search: one neuron, or one tier of blocks that keep equal counts."""
+
+    score: float
+    members: tuple[tuple[str, int], ...]
+    """``(layer name, neuron index)`` of each neuron."""
+
 
 Validate = Callable[[], Mapping[str, float]]
 """Runs one validation pass over the current model and returns its metrics."""
@@ -41,6 +54,9 @@ class ThresholdEvaluator:
         statistic: the statistic compared with λ: a name of :data:`STATISTICS` or a :class:`NeuronScorer`.
         min_neurons: the fewest neurons a layer keeps.
         validate: one validation pass of ``model`` (only needed by :meth:`evaluate`).
+        compensate: fold removed neurons' mean activations into their consumers' biases.
+        normalize: standardise scores per layer.
+        tied: sets of layer names that keep the same number of neurons (see :func:`plan_pruning`).
     """
 
     def __init__(
@@ -53,6 +69,7 @@ class ThresholdEvaluator:
         validate: Validate | None = None,
         compensate: bool = False,
         normalize: bool = False,
+        tied: Sequence[Sequence[str]] = (),
     ) -> None:
         self.model = model
         self.layers = layers
@@ -62,10 +79,11 @@ class ThresholdEvaluator:
         self.validate = validate
         self.compensate = compensate
         self.normalize = normalize
+        self.ties = equal_count_ties(layers, tied)
         self.params_before = count_parameters(model)
         # the scores do not depend on λ: computed once here, not again for every λ of a table or bisection
         self._scores = _all_scores(layers, moments, statistic, model, normalize)
-        self._order: list[tuple[float, str, int]] | None = None
+        self._order: list[RemovalUnit] | None = None
 
     def plan(self, threshold: float) -> PruningPlan:
         """The plan at λ (the same as :func:`plan_pruning` with these settings)."""
@@ -79,6 +97,7 @@ class ThresholdEvaluator:
             self.model,
             self.compensate,
             self.normalize,
+            self.ties,
         )
 
     def candidates(self) -> list[float]:
@@ -92,28 +111,46 @@ class ThresholdEvaluator:
         distinct = sorted({float(s) for s in scores.tolist() if s >= lowest})
         return [lowest] + [math.nextafter(s, math.inf) for s in distinct]
 
-    def removal_order(self) -> list[tuple[float, str, int]]:
-        """Every neuron that may go, in the order a growing λ removes them: ``(score, layer, index)``.
+    def removal_order(self) -> list[RemovalUnit]:
+        """Every unit that may go, in the order a growing λ removes them.
 
-        Ascending score; neurons with equal scores (e.g. every neuron that never fires) are ordered by their RMS
+        A unit is one neuron, or, where blocks must keep equal counts (a layer's ``groups``, ``tied`` layers), one
+        tier: the r-th lowest-scoring neuron of every block of the tie, scored by the mean of their scores.
+        Ascending score; units with equal scores (e.g. every neuron that never fires) are ordered by their RMS
         activation, then by how strongly the next layers read them (:func:`consumer_weight_energy`), then by layer
-        and index, so a target can be met one neuron at a time instead of a whole tied block at once. The
+        and index, so a target can be met one unit at a time instead of a whole tied block at once. The
         ``min_neurons`` neurons each layer keeps (the last in this order) are not listed.
         """
         if self._order is None:
-            keyed = []
             norms: dict[str, torch.Tensor] = {}
-            for position, layer in enumerate(self.layers):
+            keys: dict[str, list[tuple[float, float, float]]] = {}
+            for layer in self.layers:
                 rms = layer_scores(layer, self.moments, "rms").cpu()
                 energy = consumer_weight_energy(layer, self.model, norms)
-                keys = [
-                    (float(self._scores[layer.name][i]), float(rms[i]), float(energy[i]), position, i)
-                    for i in range(layer.neurons)
-                ]
-                keys.sort()
-                keyed += keys[: max(layer.neurons - self.min_neurons, 0)]
-            keyed.sort()
-            self._order = [(score, self.layers[position].name, i) for score, _, _, position, i in keyed]
+                scores = self._scores[layer.name]
+                keys[layer.name] = [(float(scores[i]), float(rms[i]), float(energy[i])) for i in range(layer.neurons)]
+            position = {layer.name: p for p, layer in enumerate(self.layers)}
+            floors = {layer.name: block_floor(layer, self.min_neurons) for layer in self.layers}
+            ties = self.ties
+            tied = {block.layer for tie in ties for block in tie}
+            for layer in self.layers:  # a layer of its own: one block whose floor is `min_neurons`
+                if layer.name not in tied:
+                    ties = [*ties, [Block(layer.name, range(layer.neurons))]]
+                    floors[layer.name] = min(self.min_neurons, layer.neurons)
+
+            def ranked(block: Block) -> list[int]:
+                return sorted(block.neurons, key=lambda i: (*keys[block.layer][i], i))
+
+            keyed = []
+            for tie in ties:
+                ranks_of = [ranked(block) for block in tie]
+                first = min(position[block.layer] for block in tie)
+                for tier in range(len(tie[0].neurons) - floors[tie[0].layer]):
+                    members = tuple((block.layer, ranks[tier]) for block, ranks in zip(tie, ranks_of, strict=True))
+                    mean = [sum(keys[name][i][k] for name, i in members) / len(members) for k in range(3)]
+                    keyed.append(((*mean, first, members[0][1]), members))
+            keyed.sort(key=lambda unit: unit[0])
+            self._order = [RemovalUnit(key[0], members) for key, members in keyed]
         return self._order
 
     def plan_removing(self, count: int) -> PruningPlan:
@@ -125,12 +162,13 @@ class ThresholdEvaluator:
         """
         order = self.removal_order()
         removed: dict[str, set[int]] = {layer.name: set() for layer in self.layers}
-        for _, name, index in order[:count]:
-            removed[name].add(index)
+        for unit in order[:count]:
+            for name, index in unit.members:
+                removed[name].add(index)
         kept = {layer.name: [i for i in range(layer.neurons) if i not in removed[layer.name]] for layer in self.layers}
         plan = plan_from_kept(self.layers, kept, self.moments, self.model, self.compensate)
-        threshold = self.candidates()[0] if not count else order[count - 1][0]
-        following = order[count][0] if count < len(order) else math.inf
+        threshold = self.candidates()[0] if not count else order[count - 1].score
+        following = order[count].score if count < len(order) else math.inf
         if count and following != threshold:
             threshold = (threshold + following) / 2 if math.isfinite(following) else math.nextafter(threshold, math.inf)
         return dataclasses.replace(plan, threshold=threshold, statistic=self.statistic, normalize=self.normalize)
@@ -252,16 +290,16 @@ def plan_for_reduction(evaluator: ThresholdEvaluator, target: float) -> Reductio
     achieved = reduction(high)
     note = None
     if achieved - target > REDUCTION_TOLERANCE:
-        _, name, _ = order[high - 1]
+        name = order[high - 1].members[0][0]
         note = (
             f"`target_params_reduction={target:g}` removed {achieved:.4f} of the parameters: the last neuron"
             f" removed (of {name}) takes {achieved - reduction(high - 1):.4f} of them with it (coupled layers)."
         )
     tied = None
     if high:
-        last = order[high - 1][0]
-        equal = [score for score, _, _ in order if score == last]
-        removed = sum(1 for score, _, _ in order[:high] if score == last)
+        last = order[high - 1].score
+        equal = [unit for unit in order if unit.score == last]
+        removed = sum(1 for unit in order[:high] if unit.score == last)
         tied = (removed, len(equal)) if removed < len(equal) else None
     return ReductionChoice(evaluator.plan_removing(high), achieved, note, tied)
 

@@ -68,12 +68,24 @@ class PrunableLayer:
         neurons: how many neurons the group has.
         producers: the ``Linear``/``Conv`` layers that output these neurons.
         slices: the modules with parameters that shrink when a neuron goes.
+        groups: the neurons form this many equal consecutive blocks, and every block keeps the same number of
+            neurons (at least one): the channels of a grouped convolution, the query heads of each key/value head.
     """
 
     name: str
     neurons: int
     producers: tuple[str, ...]
     slices: tuple[ModuleSlice, ...]
+    groups: int = 1
+
+    def __post_init__(self) -> None:
+        if self.groups < 1 or self.neurons % self.groups:
+            raise ValueError(f"{self.name}: {self.neurons} neurons cannot form {self.groups} equal groups")
+
+    def blocks(self) -> list[range]:
+        """The neurons of each of the :attr:`groups` blocks that keep equal counts."""
+        size = self.neurons // self.groups
+        return [range(b * size, (b + 1) * size) for b in range(self.groups)]
 
     @property
     def consumers(self) -> tuple[ModuleSlice, ...]:
