@@ -85,6 +85,7 @@ def trainer(tmp_path: Any, **kwargs: Any) -> pl.Trainer:
         "max_epochs": 1,
         "limit_train_batches": 1,
         "limit_val_batches": 1,
+        # each access is checked on a bare Trainer; tests/test_defaults.py covers the defaults (see `quiet_trainer`)
         "logger": False,
         "enable_checkpointing": False,
         "enable_progress_bar": False,

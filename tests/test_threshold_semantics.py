@@ -48,7 +48,7 @@ def mlp(activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
 def fit(tmp_path, net, *callbacks, max_epochs=3, lr=0.05):
     pl.seed_everything(0)
     keep = KeepCopy()
-    trainer = pl.Trainer(
+    trainer = pl.Trainer(  # quiet, as in `quiet_trainer` (see its docstring); the loggers are the test's own
         max_epochs=max_epochs,
         accelerator="cpu",
         logger=[CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")],
