@@ -258,3 +258,13 @@ def test_a_negative_threshold_is_allowed_for_signed_scores_and_only_then():
         ActivationPruning(threshold=-0.5, statistic="fluctuation", normalize=False)
     with pytest.raises(ActivationPruningError, match=r"`compensate` must be True or False; got 1"):
         ActivationPruning(threshold=0.1, compensate=1)
+
+
+def test_the_analysis_message_mentions_warnings_only_when_there_are_some(tmp_path, caplog):
+    """Issue 19: "the warnings above name the layers that will not be pruned" was printed with no warning above."""
+    train, val = loaders((8,))
+    trainer = trainer_for(tmp_path, ActivationPruning(threshold=0.1), max_epochs=1)
+    with caplog.at_level("INFO"):
+        trainer.fit(Classifier(ARCHITECTURES["mlp_modules"]()), train, val)
+    assert "ActivationPruning: 2 prunable layer(s), 28 neurons: net.net.0 (16), net.net.2 (12).\n" in caplog.text
+    assert "warnings above" not in caplog.text
