@@ -10,12 +10,15 @@ versions CI runs (the lowest declared and the newest).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.trainer.connectors.data_connector import _DataLoaderSource, _request_dataloader
@@ -26,11 +29,13 @@ from torch.utils.data import DataLoader, Sampler
 __all__ = [
     "data_source",
     "dump_checkpoint",
+    "epoch_validation_metrics",
     "launches_processes",
     "loaded_checkpoint",
     "logger_metrics_kept",
     "request_dataloader",
     "requires_distributed_sampler",
+    "restart_early_stopping",
     "set_ckpt_path",
     "update_dataloader",
     "validate_in_fit",
@@ -175,3 +180,13 @@ def epoch_validation_metrics(trainer: pl.Trainer) -> dict[str, float]:
     Lightning >= 2.0) before calling that hook.
     """
     return {name: float(value) for name, value in trainer._logger_connector.metrics["log"].items()}
+
+
+def restart_early_stopping(callback: EarlyStopping) -> None:
+    """``EarlyStopping`` counts afresh: no best score, no patience used (a smaller model starts its own history).
+
+    Writes ``EarlyStopping.wait_count`` and ``best_score`` (Lightning >= 2.0; public attributes, but written by the
+    callback alone), to the values its constructor sets: ``best_score`` is ±inf by ``monitor_op``.
+    """
+    callback.wait_count = 0
+    callback.best_score = torch.tensor(math.inf if callback.monitor_op == torch.lt else -math.inf)
