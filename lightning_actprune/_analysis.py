@@ -48,12 +48,16 @@ def _as_example_inputs(example_inputs: Any) -> ExampleInputs:
     return {"": (args, {})}
 
 
-def _trace_roots(example_inputs: ExampleInputs) -> list[str]:
-    """The outermost modules that were called: nothing above them ran a forward."""
+def outermost_called(example_inputs: ExampleInputs) -> list[str]:
+    """The outermost modules that were called (nothing above them ran a forward), in the order of their first call."""
     if "" in example_inputs:
         return [""]
-    names = sorted(example_inputs)
+    names = list(example_inputs)
     return [n for n in names if not any(n.startswith(other + ".") for other in names if other != n)]
+
+
+def _trace_roots(example_inputs: ExampleInputs) -> list[str]:
+    return sorted(outermost_called(example_inputs))
 
 
 @contextmanager

@@ -23,6 +23,7 @@ from lightning_actprune._checkpoint import (
     _watch_loading,
 )
 from lightning_actprune._config import PruningSettings
+from lightning_actprune._distillation import Teaching
 from lightning_actprune._distributed import rewrap_after_pruning
 from lightning_actprune._fit_checks import check_fit
 from lightning_actprune._fit_validations import FitValidations
@@ -117,6 +118,21 @@ class ActivationPruning(PruningSettings, Callback):
             ``<name>:heads`` whose neurons are its heads, scored by the activations that reach its out projection
             and chosen with the other neurons by the same λ; at least one head per module stays, and the module's
             head count is updated. ``False`` leaves attention as it is.
+        recovery_steps: ``N > 0`` prunes at step ``max_steps - N`` (``trainer.global_step``, with statistics from a
+            validation pass of its own) and lets the same ``fit`` train the smaller model for the last ``N`` steps,
+            as ``recovery_epochs`` does for epochs: for ``max_steps`` runs and runs shorter than one epoch.
+        prune_on: ``"fit_end"`` (default; or inside ``fit`` with ``recovery_epochs``/``recovery_steps``) or
+            ``"fit_start"``: prune the weights ``fit`` starts with (a trained model, or a ``ckpt_path`` resume),
+            with statistics from one validation pass, so that the whole ``fit`` trains the smaller model.
+        distill_weight: ``> 0``: while the pruned model trains (recovery), the unpruned model as it was just before
+            the prune is the teacher (frozen, eval mode, same device) and the training loss gains
+            ``distill_weight × T² × KL(teacher ‖ student)`` of the outputs softened by the temperature ``T``. The
+            output distilled is what the outermost module ``training_step`` calls returns (``self(x)``,
+            ``self.model(...)``; the last one when it calls several), or its ``distill_output`` field. The teacher
+            is saved in every checkpoint of the recovery (a resumed fit distils from it) and released at the end.
+        distill_temperature: ``T`` of the distillation (``> 0``).
+        distill_output: the field of a structured output to distil (a key or attribute, e.g. ``"logits"``); None:
+            the output itself when it is a tensor, else its ``logits``, else its first tensor.
 
     Example::
 
@@ -132,9 +148,12 @@ class ActivationPruning(PruningSettings, Callback):
         self.pruned_checkpoint_path: str | None = None
         """Where the last pruned checkpoint was written."""
         self.pruned_at_epoch: int | None = None
-        """Lightning's ``current_epoch`` (from 0) at whose end the model was pruned inside ``fit``, or None."""
+        """Lightning's ``current_epoch`` (from 0) in which the model was pruned inside ``fit``, or None."""
+        self.pruned_at_step: int | None = None
+        """``trainer.global_step`` when the model was pruned inside ``fit``, or None."""
         self._validations = FitValidations(self)
         self._load_hook: RemovableHandle | None = None
+        self._teaching = Teaching(self)
 
     @property
     def settings(self) -> PruningSettings:
@@ -150,11 +169,16 @@ class ActivationPruning(PruningSettings, Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # a pruned checkpoint given as `ckpt_path` shrinks the model before its weights are loaded
         self._remove_load_hook()
-        self._load_hook = _watch_loading(trainer, pl_module, lambda: self.pruned_checkpoint_path)
+        self._load_hook = _watch_loading(
+            trainer,
+            pl_module,
+            lambda: self.pruned_checkpoint_path,
+            lambda module, checkpoint: self._teaching.restore(trainer, module, checkpoint),
+        )
         if stage != "fit":
             return
         self._validations.reset()  # this fit's model is analysed anew
-        self.pruned_at_epoch = None  # a resumed fit gets it back from the checkpoint, restored after `setup`
+        self.pruned_at_epoch = self.pruned_at_step = None  # a resumed fit gets them back from its checkpoint
         check_fit(self, trainer, pl_module)
 
     @override
@@ -174,21 +198,40 @@ class ActivationPruning(PruningSettings, Callback):
             self._validations.end(trainer, pl_module)
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.prune_on == "fit_start" and not self._pruned_in_fit:
+            self._prune_in_fit(trainer, pl_module)
+        else:  # a resumed recovery: the teacher came back with the checkpoint
+            self._teaching.start(pl_module)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.recovery_steps and not self._pruned_in_fit and trainer.global_step >= self._prune_step(trainer):
+            self._prune_in_fit(trainer, pl_module)
+
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.recovery_epochs and self.pruned_at_epoch is None and self._is_prune_epoch(trainer):
+        if self.recovery_epochs and not self._pruned_in_fit and self._is_prune_epoch(trainer):
             self._prune_in_fit(trainer, pl_module)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.interrupted:
             return
-        if self.recovery_epochs and self.pruned_at_epoch is not None:
+        if self.trains_after_prune and self._pruned_in_fit:
             self._report_recovered(trainer, pl_module)
             return
-        if self.recovery_epochs:
+        if self.trains_after_prune:
+            when = (
+                "epoch (`max_epochs - recovery_epochs`)"
+                if self.recovery_epochs
+                else "step (`max_steps - recovery_steps`)"
+            )
             rank_zero_warn(
-                "ActivationPruning: `fit` ended before the prune epoch (`max_epochs - recovery_epochs`); the"
-                " model is pruned now, at the end of fit, with no recovery epochs."
+                f"ActivationPruning: `fit` ended before the prune {when}; the model is pruned now, at the end of fit,"
+                " with no recovery epochs or steps."
             )
         result = self._prune(trainer, pl_module, in_fit=False)
         if result is not None and result.pruned:
@@ -202,25 +245,32 @@ class ActivationPruning(PruningSettings, Callback):
         return run_guarded(self, trainer, pl_module, pipeline.run)
 
     def _prune_in_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Prune now; the last ``recovery_epochs`` train the smaller model with the same optimizers."""
+        """Prune now; the rest of ``fit`` trains the smaller model with the same optimizers (and the teacher)."""
+        self._teaching.prepare(trainer, pl_module, self._validations.called)  # the model before the prune
         result = self._prune(trainer, pl_module, in_fit=True)
-        self.pruned_at_epoch = trainer.current_epoch
+        self.pruned_at_epoch, self.pruned_at_step = trainer.current_epoch, trainer.global_step
         if result is None:  # failed (and warned) or nothing prunable: training goes on with the unpruned model
             return
         self.result = result
         if not result.pruned:
             return
         _record_pruning(pl_module, result.plan)  # every checkpoint from now on carries the plan
+        self._teaching.start(pl_module)
         rewrap_after_pruning(trainer, pl_module)  # DDP: the wrapper must reduce the new parameters' gradients
         for callback in trainer.early_stopping_callbacks:  # a new, smaller model: its patience starts afresh
             compat.restart_early_stopping(callback)
-        rank_zero_info(
-            f"ActivationPruning: pruned after epoch {trainer.current_epoch + 1} of {trainer.max_epochs}; the last"
-            f" {self.recovery_epochs} epoch(s) train the smaller model."
-        )
+        if self.recovery_epochs:
+            when = f"after epoch {trainer.current_epoch + 1} of {trainer.max_epochs}; the last"
+            when += f" {self.recovery_epochs} epoch(s) train"
+        elif self.recovery_steps:
+            when = f"at step {trainer.global_step} of {trainer.max_steps}; the last {self.recovery_steps} step(s) train"
+        else:
+            when = "at the start of fit; the whole fit trains"
+        rank_zero_info(f"ActivationPruning: pruned {when} the smaller model.")
 
     def _report_recovered(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """At the end of a ``fit`` that pruned inside: the metrics after the recovery epochs, then the report."""
+        self._teaching.stop()
         result = self.result
         if result is not None and result.pruned:  # else the prune failed (and warned) or found nothing
             with trainer_state_kept(trainer):
@@ -254,16 +304,23 @@ class ActivationPruning(PruningSettings, Callback):
         else:
             rank_zero_info(f"ActivationPruning: saved the pruned model to {self.pruned_checkpoint_path}")
 
+    @property
+    def _pruned_in_fit(self) -> bool:
+        return self.pruned_at_step is not None or self.pruned_at_epoch is not None
+
     def _is_prune_epoch(self, trainer: pl.Trainer) -> bool:
         return trainer.current_epoch == (trainer.max_epochs or 0) - self.recovery_epochs - 1
+
+    def _prune_step(self, trainer: pl.Trainer) -> int:
+        return trainer.max_steps - self.recovery_steps
 
     def _prune_follows(self, trainer: pl.Trainer) -> bool:
         """Whether a prune comes right after this epoch's validation, with no training step in between."""
         epochs = trainer.max_epochs
         if epochs is None or epochs < 0 or trainer.sanity_checking or self.prune_best:
             return False  # unknown last epoch; no epoch yet; the best checkpoint is pruned, not these weights
-        if self.recovery_epochs and self.pruned_at_epoch is not None:
-            return False
+        if self.recovery_steps or self.prune_on == "fit_start" or self._pruned_in_fit:
+            return False  # the prune is not at an epoch's end, or is done
         return trainer.current_epoch == epochs - self.recovery_epochs - 1
 
     @property
@@ -280,6 +337,7 @@ class ActivationPruning(PruningSettings, Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         _add_plan(checkpoint, trainer, pl_module)
+        self._teaching.save(checkpoint)  # a resumed fit distils from the same teacher
 
     @override
     def on_load_checkpoint(
@@ -298,6 +356,7 @@ class ActivationPruning(PruningSettings, Callback):
             "result": _result_state(self.result),
             "pruned_checkpoint_path": self.pruned_checkpoint_path,
             "pruned_at_epoch": self.pruned_at_epoch,
+            "pruned_at_step": self.pruned_at_step,
         }
 
     @override
@@ -308,6 +367,7 @@ class ActivationPruning(PruningSettings, Callback):
             self.result = result
         self.pruned_checkpoint_path = state_dict.get("pruned_checkpoint_path", self.pruned_checkpoint_path)
         self.pruned_at_epoch = state_dict.get("pruned_at_epoch", self.pruned_at_epoch)
+        self.pruned_at_step = state_dict.get("pruned_at_step", self.pruned_at_step)
         current = self.to_state()
         changed = [f"{k}={v!r} (now {current[k]!r})" for k, v in state_dict.items() if k in current and v != current[k]]
         if changed:
@@ -317,11 +377,11 @@ class ActivationPruning(PruningSettings, Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_load_hook()
         self._validations.close()
+        self._teaching.stop()
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._remove_load_hook()
-        self._validations.close()
+        self.teardown(trainer, pl_module, "exception")
 
     def _remove_load_hook(self) -> None:
         if self._load_hook is not None:

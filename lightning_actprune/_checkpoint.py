@@ -419,14 +419,21 @@ def _save_pruned_checkpoint(trainer: pl.Trainer, pl_module: pl.LightningModule, 
 
 
 def _watch_loading(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, pruned_checkpoint: Callable[[], str | None]
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    pruned_checkpoint: Callable[[], str | None],
+    full_size: Callable[[nn.Module, Mapping[str, Any]], None] | None = None,
 ) -> RemovableHandle:
-    """Before the Trainer loads a checkpoint into ``pl_module``: shrink it to the checkpoint's plan, or explain."""
-    trainer_ref = weakref.ref(trainer)
+    """Before the Trainer loads a checkpoint into ``pl_module``: shrink it to the checkpoint's plan, or explain.
+
+    ``full_size(module, checkpoint)`` is called first, while the fresh module still has its full size (the teacher of
+    a distillation is rebuilt from it).
+    """
+    trainer_ref, watched = weakref.ref(trainer), weakref.ref(pl_module)
 
     def before_load(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
         trainer = trainer_ref()
-        if prefix or trainer is None:
+        if prefix or trainer is None or module is not watched():  # a copy of the module carries the hook too
             return
         checkpoint = compat.loaded_checkpoint(trainer)
         saved = checkpoint.get("state_dict") if checkpoint else None
@@ -440,6 +447,8 @@ def _watch_loading(
                 f" fine-tune the pruned model, load it (`{type(module).__name__}.load_from_checkpoint` with"
                 " PrunedCheckpointMixin, or `load_pruned`) and call `trainer.fit(model)` without `ckpt_path`."
             )
+        if full_size is not None:
+            full_size(module, checkpoint)
         _fit_to_state(module, plan, state_dict, source, pruned_checkpoint())
 
     return pl_module.register_load_state_dict_pre_hook(before_load)

@@ -13,6 +13,8 @@ from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._scoring import NeuronScorer, as_scorer
 from lightning_actprune._statistics import STATISTICS, Statistic
 
+PruneOn = Literal["fit_end", "fit_start"]
+_PRUNE_ON = ("fit_end", "fit_start")
 OnError = Literal["raise", "warn"]
 _ON_ERROR = ("raise", "warn")
 Mode = Literal["max", "min"]
@@ -97,6 +99,11 @@ class PruningSettings:
     recalibration_batches: int = 20
     recovery_epochs: int = 0
     prune_heads: bool = True
+    recovery_steps: int = 0
+    prune_on: PruneOn = "fit_end"
+    distill_weight: float = 0.0
+    distill_temperature: float = 2.0
+    distill_output: str | None = None
     scorer: NeuronScorer = field(init=False, repr=False)
     normalized: bool = field(init=False, repr=False)
 
@@ -159,12 +166,7 @@ class PruningSettings:
         _check_patterns("exclude", self.exclude)
         _check_number("min_neurons", self.min_neurons, minimum=1, integer=True)
         _check_number("recalibration_batches", self.recalibration_batches, minimum=0, integer=True)
-        _check_number("recovery_epochs", self.recovery_epochs, minimum=0, integer=True)
-        if self.recovery_epochs and self.prune_best:
-            raise ActivationPruningError(
-                "`prune_best=True` cannot be combined with `recovery_epochs`: the best weights were trained with"
-                " another optimizer state than the one training goes on with; prune the last weights instead."
-            )
+        self._check_recovery()
         for name in ("compensate", "prune_heads", "prune_best"):
             if not isinstance(getattr(self, name), bool):
                 raise ActivationPruningError(f"`{name}` must be True or False; got {getattr(self, name)!r}.")
@@ -177,6 +179,48 @@ class PruningSettings:
         path = self.pruned_checkpoint
         if path is not None and (not isinstance(path, str) or not path):
             raise ActivationPruningError(f"`pruned_checkpoint` must be a file path or None; got {path!r}.")
+
+    def _check_recovery(self) -> None:
+        _check_number("recovery_epochs", self.recovery_epochs, minimum=0, integer=True)
+        _check_number("recovery_steps", self.recovery_steps, minimum=0, integer=True)
+        if self.prune_on not in _PRUNE_ON:
+            raise ActivationPruningError(f"`prune_on` can be one of {', '.join(_PRUNE_ON)}; got {self.prune_on!r}.")
+        points = {
+            "recovery_epochs": self.recovery_epochs,
+            "recovery_steps": self.recovery_steps,
+            "prune_on": self.prune_on if self.prune_on == "fit_start" else None,
+        }
+        chosen = {name: value for name, value in points.items() if value}
+        if len(chosen) > 1:
+            given = ", ".join(f"{name}={value!r}" for name, value in chosen.items())
+            raise ActivationPruningError(
+                "set at most one of `recovery_epochs`, `recovery_steps` and `prune_on: fit_start` (each says when the"
+                f" prune happens and how long the smaller model trains); got {given}."
+            )
+        if chosen and self.prune_best:
+            raise ActivationPruningError(
+                f"`prune_best=True` cannot be combined with `{next(iter(chosen))}`: the best weights were trained with"
+                " another optimizer state than the one training goes on with; prune the last weights instead."
+            )
+        _check_number("distill_weight", self.distill_weight, minimum=0)
+        _check_number("distill_temperature", self.distill_temperature, minimum=0)
+        if self.distill_temperature <= 0:
+            raise ActivationPruningError(f"`distill_temperature` must be > 0; got {self.distill_temperature!r}.")
+        if self.distill_weight and not chosen:
+            raise ActivationPruningError(
+                f"`distill_weight={self.distill_weight!r}` distils while the pruned model trains: it needs"
+                " `recovery_epochs`, `recovery_steps` or `prune_on: fit_start`."
+            )
+        if self.distill_output is not None and (not isinstance(self.distill_output, str) or not self.distill_output):
+            raise ActivationPruningError(
+                f"`distill_output` must be the name of an output field (e.g. 'logits') or None; got"
+                f" {self.distill_output!r}."
+            )
+
+    @property
+    def trains_after_prune(self) -> bool:
+        """Whether the prune happens inside ``fit`` and the smaller model trains afterwards (recovery)."""
+        return bool(self.recovery_epochs or self.recovery_steps or self.prune_on == "fit_start")
 
     @property
     def effective_statistic(self) -> str:

@@ -34,7 +34,7 @@ def check_fit(settings: PruningSettings, trainer: pl.Trainer, pl_module: pl.Ligh
     if settings.prune_best and trainer.checkpoint_callback is None:
         raise ActivationPruningError("`prune_best=True` needs a `ModelCheckpoint` callback on the Trainer.")
     check_strategy(trainer.strategy)  # spawned workers and sharded parameters cannot be pruned in place
-    if settings.recovery_epochs:
+    if settings.trains_after_prune:
         check_recovery(settings, trainer)
 
 
@@ -52,17 +52,25 @@ def check_patterns(settings: PruningSettings, pl_module: pl.LightningModule) -> 
 
 
 def check_recovery(settings: PruningSettings, trainer: pl.Trainer) -> None:
-    """Settings that recovery inside ``fit`` cannot work with fail before training, not at the prune."""
-    epochs, recovery = trainer.max_epochs, settings.recovery_epochs
-    if epochs is None or epochs <= recovery or trainer.max_steps != -1:
+    """Settings that training after a prune inside ``fit`` cannot work with fail before training, not at the prune."""
+    epochs, steps = trainer.max_epochs, trainer.max_steps
+    recovery = settings.recovery_epochs
+    if recovery and (epochs is None or epochs <= recovery or steps != -1):
         raise ActivationPruningError(
             f"`recovery_epochs={recovery}` prunes after epoch `max_epochs - recovery_epochs` of `max_epochs`:"
-            f" it needs `Trainer(max_epochs)` > {recovery} and no `max_steps`; got"
-            f" max_epochs={epochs}, max_steps={trainer.max_steps}."
+            f" it needs `Trainer(max_epochs)` > {recovery} and no `max_steps`; got max_epochs={epochs},"
+            f" max_steps={steps} (to count steps, set `recovery_steps` and `max_steps`)."
         )
+    recovery = settings.recovery_steps
+    if recovery and steps <= recovery:
+        raise ActivationPruningError(
+            f"`recovery_steps={recovery}` prunes at step `max_steps - recovery_steps`: it needs"
+            f" `Trainer(max_steps)` > {recovery}; got max_steps={steps}."
+        )
+    argument = next(name for name in ("recovery_epochs", "recovery_steps", "prune_on") if getattr(settings, name))
     averaging = [type(c).__name__ for c in getattr(trainer, "callbacks", []) if keeps_parameter_copies(c)]
     if averaging:
         raise ActivationPruningError(
-            f"`recovery_epochs` cannot be combined with {', '.join(averaging)}: it keeps its own copy of every"
+            f"`{argument}` cannot be combined with {', '.join(averaging)}: it keeps its own copy of every"
             " parameter, which pruning inside `fit` would leave at the old shapes."
         )

@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_actprune import _lightning_compat as compat
+from lightning_actprune._analysis import outermost_called
 from lightning_actprune._config import PruningSettings
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._pipeline import RecordedPass, analyse, example_inputs, nothing_prunable
@@ -34,6 +35,8 @@ class FitValidations:
         self.settings = settings
         self.layers: list[PrunableLayer] | None = None
         """What the analysis at the start of ``fit`` found prunable (None until it ran)."""
+        self.called: list[str] = []
+        """The outermost modules the first validation batch called, in call order (``""``: the module itself)."""
         self._analysis = ExitStack()  # the recorder of the first validation batch, until the analysis ran
         self._statistics = ExitStack()  # the recorder of the validation right before a prune
         self._analysis_recorder: ActivationRecorder | None = None
@@ -60,6 +63,7 @@ class FitValidations:
         if recorder is None:
             return
         self._analysis.close()
+        self.called = outermost_called(recorder.example_inputs)
         try:
             # the analysis runs the model: those passes are no validation data for the prune's statistics
             with self._recorder.paused() if self._recorder is not None else nullcontext():

@@ -139,7 +139,9 @@ def validate_in_fit(trainer: pl.Trainer, dataloaders: Any = None) -> dict[str, f
     on validation while fitting (``ModelCheckpoint``, ``EarlyStopping``) skip this pass, and with
     ``trainer.validate_loop`` pointing at that loop meanwhile: under ``VALIDATING`` the Trainer answers
     ``num_val_batches`` (what progress bars size their bar by) and ``val_dataloaders`` from ``validate_loop``, which
-    never ran inside ``fit``. No logger is attached,
+    never ran inside ``fit``. The logger connector's ``_first_loop_iter`` is put back afterwards, as the training loop
+    does around its own validation (Lightning >= 2.0), so the pass can run in the middle of an epoch (at a training
+    batch's end). No logger is attached,
     and with the logger connector's metrics (``_callback_metrics``, ``_logged_metrics``, ``_progress_bar_metrics``),
     the loop's ``batch_progress`` and, when ``dataloaders`` replaces the data, the loop's private
     ``_combined_loader`` (Lightning >= 2.0) put back afterwards.
@@ -154,6 +156,7 @@ def validate_in_fit(trainer: pl.Trainer, dataloaders: Any = None) -> dict[str, f
     loop = trainer.fit_loop.epoch_loop.val_loop
     progress = loop.batch_progress.state_dict()
     fn, stage, loggers, validate_loop = trainer.state.fn, trainer.state.stage, trainer.loggers, trainer.validate_loop
+    first_loop_iter = trainer._logger_connector._first_loop_iter  # mid-epoch, as Lightning's own validation keeps it
     source = data_source(loop)
     instance, combined = source.instance, loop._combined_loader
     with logger_metrics_kept(trainer):
@@ -167,6 +170,7 @@ def validate_in_fit(trainer: pl.Trainer, dataloaders: Any = None) -> dict[str, f
         finally:
             trainer.state.fn, trainer.state.stage, trainer.loggers = fn, stage, loggers
             trainer.validate_loop = validate_loop
+            trainer._logger_connector._first_loop_iter = first_loop_iter
             loop.batch_progress.load_state_dict(progress)
             if dataloaders is not None:
                 source.instance, loop._combined_loader = instance, combined

@@ -174,6 +174,14 @@ def main(out: Path) -> None:
         "metrics_recovered": dict(pruning.result.metrics_recovered),
     }
 
+    pl.seed_everything(0)
+    model = LossRecorder(MLPModule(), [])
+    pruning = ActivationPruning(
+        target_params_reduction=0.5, recovery_epochs=2, distill_weight=0.5, pruned_checkpoint=None
+    )
+    trainer_for(out / "distilled", pruning, max_epochs=4).fit(model, *loaders())
+    seen["distilled"] = {"final": model.state_dict(), "plan": pruning.result.plan.to_dict()}
+
     torch.save(seen, out / f"rank{trainer.global_rank}.pt")
 
 
