@@ -8,6 +8,7 @@ the plan with :func:`load_pruned` and gives the same outputs.
 """
 
 import copy
+import io
 import re
 import warnings
 from collections.abc import Callable, Iterator
@@ -461,8 +462,13 @@ def test_phi3_reads_its_head_count_from_a_view_of_the_config_that_is_its_own():
     assert net.model.model.layers[1].self_attn.config is config
     config._attn_implementation = "eager"
     assert attention.config._attn_implementation == "eager"  # everything else is read from the model's config
+    buffer = io.BytesIO()
+    torch.save(net, buffer)  # the view is plain data: the whole model pickles, copies and runs the same
+    buffer.seek(0)
     with torch.no_grad():
-        net(x)
+        expected = net(x)
+        torch.testing.assert_close(torch.load(buffer, weights_only=False)(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(copy.deepcopy(net)(x), expected, rtol=0, atol=0)
 
 
 def test_a_trainer_with_the_defaults_prunes_heads_and_ffn_neurons_of_a_grouped_query_llama(tmp_path):
@@ -544,3 +550,26 @@ def test_the_parameter_count_of_a_head_plan_is_that_of_the_pruned_model(name, gq
         assert counted is None
     else:
         assert counted == count_parameters(net) < before
+
+
+@pytest.mark.parametrize("name", ["llama", "bloom", "t5"])
+def test_a_model_pruned_twice_reloads_from_the_composed_plan(name, tmp_path):
+    from lightning_actprune._checkpoint import _record_pruning
+
+    family = FAMILIES[name]
+    net, x = build(family)
+    for _ in range(2):  # the second analysis probes the pruned model, whose per-head inputs are already cut
+        heads = [layer for layer in find_prunable_layers(net, x) if layer.name.endswith(":heads")]
+        kept = {layer.name: list(range(1, layer.neurons, 2)) for layer in heads}  # every other: 4 -> 2 -> 1 heads
+        plan = plan_from_kept(heads, kept)
+        apply_plan(net, plan)
+        _record_pruning(net, plan)
+    counts = {name: tuple(c) for name, c in head_counts(net).items()}
+    assert all(c[0] < c[3] for c in counts.values())
+    path = tmp_path / "twice.pt"
+    export_pruned(net, path)
+    fresh, _ = build(family)
+    reloaded = load_pruned(fresh, path).eval()
+    assert {name: tuple(c) for name, c in head_counts(reloaded).items()} == counts
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), net(x), rtol=0, atol=0)
