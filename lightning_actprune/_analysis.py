@@ -175,6 +175,8 @@ def _head_candidates(
     Without ``prune_heads`` the attention modules are only located, for the hint that names them.
     """
     try:
+        # the probes need shapes and a little data: two samples keep every attention's recorded inputs small
+        args, kwargs = _few_samples(root, (args, kwargs), size=2)
         with _traceable(root):
             search = find_heads(model, root, args, kwargs, names, prune_heads, gqa_unit)
     except Exception as error:  # the heads cannot be found: the other layers are still pruned

@@ -69,8 +69,23 @@ def _own(module: nn.Module, names: Sequence[str]) -> tuple[str, int] | None:
 
 
 def declares_heads(module: nn.Module) -> bool:
-    """Whether ``module`` holds a head count or a head width of its own (``nn.MultiheadAttention`` aside)."""
-    return not isinstance(module, nn.MultiheadAttention) and _own(module, HEADS + HEAD_DIM) is not None
+    """Whether ``module`` holds a head count or a head width of its own, and layers that may project heads.
+
+    ``nn.MultiheadAttention`` is described by hand; a module with no ``Linear`` (a rotary or position-bias helper
+    that knows the head count) is not an attention module.
+    """
+    return (
+        not isinstance(module, nn.MultiheadAttention)
+        and _own(module, HEADS + HEAD_DIM) is not None
+        and any(isinstance(m, OUT_TYPES) for m in module.modules())
+    )
+
+
+def _innermost(module: nn.Module) -> bool:
+    """A declaring module that holds no other (BLOOM's model declares ``num_heads`` too, for its position biases)."""
+    return declares_heads(module) and not any(
+        declares_heads(m) or isinstance(m, nn.MultiheadAttention) for m in module.modules() if m is not module
+    )
 
 
 class HeadNumbers(NamedTuple):
@@ -110,18 +125,8 @@ def head_numbers(holder: nn.Module) -> HeadNumbers | None:
 
 
 def innermost_holders(root: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The modules under ``root`` that declare heads and hold no other such module.
-
-    A model that declares its own ``num_heads`` (BLOOM's, for its position biases) is not an attention module.
-    """
-    declaring = [(name, m) for name, m in root.named_modules() if declares_heads(m)]
-    inside = {id(m) for m in (m for _, m in declaring)}
-    return [
-        (name, m)
-        for name, m in declaring
-        if not any(id(child) in inside for child in m.modules() if child is not m)
-        and not any(isinstance(child, nn.MultiheadAttention) for child in m.modules())
-    ]
+    """The modules under ``root`` that declare heads and hold no other such module: the attention modules."""
+    return [(name, m) for name, m in root.named_modules() if _innermost(m)]
 
 
 def holder_of(name: str, model: nn.Module) -> str | None:
@@ -133,7 +138,7 @@ def holder_of(name: str, model: nn.Module) -> str | None:
             module = model.get_submodule(candidate)
         except AttributeError:
             return None
-        if declares_heads(module) and not any(declares_heads(m) for m in module.modules() if m is not module):
+        if _innermost(module):
             return candidate
     return None
 
@@ -321,10 +326,38 @@ def _tensors(value: Any) -> Iterator[Tensor]:
             yield from _tensors(v)
 
 
+_PLAIN = (str, bytes, int, float, bool, complex, type(None), torch.dtype, torch.device)
+
+
+def _tensors_inside(value: Any, seen: set[int], depth: int = 0) -> Iterator[Tensor]:
+    """The tensors an argument holds: in containers and in the attributes of objects (a key/value cache)."""
+    if id(value) in seen or depth > 8 or isinstance(value, (*_PLAIN, type)):
+        return
+    seen.add(id(value))
+    if isinstance(value, Tensor):
+        yield value
+        return
+    if isinstance(value, dict):
+        items: Any = value.values()
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items = value
+    elif hasattr(value, "__dict__"):
+        items = vars(value).values()
+    else:
+        return
+    for item in items:
+        yield from _tensors_inside(item, seen, depth + 1)
+
+
 def _copied(value: Any) -> Any:
-    """A deep copy (a key/value cache the module updates must not grow between probes); plain if that fails."""
+    """A copy of the arguments' structure that shares their tensors; the arguments themselves if that fails.
+
+    A key/value cache the module updates (by rebinding its tensors, as Hugging Face's do) must not grow from probe
+    to probe, and copying every cached tensor for every probe of every layer would cost memory and time.
+    """
+    memo: dict[int, Any] = {id(t): t for t in _tensors_inside(value, set())}
     try:
-        return copy.deepcopy(value)
+        return copy.deepcopy(value, memo)
     except Exception:  # an argument that cannot be copied is passed as it is
         return value
 
@@ -456,24 +489,31 @@ def _out_input(module: nn.Module, call: Call, out: nn.Module, zeroed: Sequence[t
 
 
 def locate(
-    holder_name: str, holder: nn.Module, parent: tuple[str, nn.Module] | None, calls: Mapping[nn.Module, Call]
+    holder_name: str, holder: nn.Module, candidates: Sequence[tuple[str, nn.Module]], calls: Mapping[nn.Module, Call]
 ) -> Site | str:
-    """The attention module around ``holder`` and its out projection, or why there is none."""
+    """The attention module around ``holder`` (itself, or its parent) and its out projection, or why there is none.
+
+    Args:
+        holder_name: the declaring module's name.
+        holder: the declaring module.
+        candidates: ``(name, module)`` of the modules that may be the attention module, tried in order.
+        calls: the recorded first call of each candidate.
+    """
     numbers = head_numbers(holder)
     if numbers is None:
         return "it gives a head width but no head count (no num_heads, num_attention_heads or config)."
-    for name, module in ((holder_name, holder), *([parent] if parent is not None else [])):
+    if not any(module in calls for _, module in candidates):
+        return "it was not called on the example batch."
+    for name, module in candidates:
         if module not in calls or "forward" in vars(module):
             continue
         call = calls[module]
         try:
             site = _site_in(name, holder_name, module, call, _record_calls(module, call), numbers)
-        except Exception:  # the module alone does not run on its recorded arguments: try its parent
+        except Exception:  # the module alone does not run on its recorded arguments
             continue
         if site is not None:
             return site
-    if holder not in calls:
-        return "it was not called on the example batch."
     return (
         f"no Linear reads its {numbers.heads} heads together (an out projection of {numbers.heads} ×"
         f" {numbers.head_dim or 'head_dim'} features, called after its projections)."
@@ -535,9 +575,9 @@ def probe(model: nn.Module, site: Site, call: Call) -> Layout | str:
     out = model.get_submodule(site.out_projection)
     heads, kv_heads, head_dim = site.numbers.heads, site.numbers.kv_heads, int(site.numbers.head_dim or 0)
     base = _out_input(module, call, out, [])
-    if not torch.equal(base, _out_input(module, call, out, [])):
-        return "two identical calls give different outputs (randomness or state kept between calls): not probed."
     tolerance = _PROBE_TOLERANCE * max(float(base.abs().max()), 1e-30)
+    if not torch.allclose(base, _out_input(module, call, out, []), rtol=0, atol=tolerance):
+        return "two identical calls give different outputs (randomness or state kept between calls): not probed."
     per_head = base.reshape(-1, heads, head_dim)
 
     def changed(zeroed: Sequence[tuple[nn.Module, int, int]]) -> frozenset[int]:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from lightning_actprune._attention import (
     STATE,
+    Call,
     HeadNumbers,
     HeadsSnapshot,
     HeadState,
@@ -63,7 +64,6 @@ from lightning_actprune._types import ModuleSlice, PrunableLayer, PruningPlan
 HEADS_SUFFIX = ":heads"
 """The end of a head layer's name: ``blocks.0.attn:heads``."""
 
-GqaUnit = Literal["query_heads", "kv_groups"]
 GQA_UNITS: tuple[str, ...] = ("query_heads", "kv_groups")
 """What one unit of a grouped-query attention module is: a query head, or a key/value head with its query heads."""
 
@@ -341,38 +341,41 @@ def find_heads(
     holders = [m for _, m in innermost_holders(root)]
     if not holders:
         return search
+    captured = capture(root, args, kwargs, holders)
+    sites = {holder: _located(names, holder, [holder], captured.calls) for holder in holders}
+    # BERT-style: the declaring module (`self`) holds no out projection; its parent (`output.dense`) does
     parents = _parents(root)
     declaring = {id(m) for m in holders}
-    parent_of = {
-        m: parents[m]
-        for m in holders
-        if m in parents and not any(id(c) in declaring for c in parents[m].modules() if c is not m)
+    around = {
+        holder: parents[holder]
+        for holder, site in sites.items()
+        if isinstance(site, str)
+        and holder in parents
+        and not any(id(c) in declaring for c in parents[holder].modules() if c is not holder)
     }
-    captured = capture(root, args, kwargs, [*holders, *parent_of.values()])
+    if around:
+        calls = capture(root, args, kwargs, list(around.values())).calls
+        for holder, parent in around.items():
+            sites[holder] = _located(names, holder, [parent], {**captured.calls, **calls}, str(sites[holder]))
+            captured.calls[parent] = calls[parent]
     layouts: dict[str, Layout | str] = {}
     module_of: dict[nn.Module, str] = {}  # declaring module -> attention module name
-    for holder in holders:
-        parent = parent_of.get(holder)
-        limit = known_limit(holder)
-        try:
-            site: Site | str = locate(
-                names[holder], holder, (names[parent], parent) if parent is not None else None, captured.calls
-            )
-        except Exception as error:  # one module that cannot be located must not stop the others
-            site = _failure("locating its out projection", error)
+    for holder, site in sites.items():
         label = site.module if isinstance(site, Site) else names[holder]
         module_of[holder] = label
         if isinstance(site, Site):
             search.owners.update(dict.fromkeys(site.producers, site.module))
         if not probe_heads:
             continue
+        limit = known_limit(holder)
         if isinstance(site, Site) and limit is None:
             limit = _shared_weights(model, site)
         if limit is not None or isinstance(site, str):
             layouts[label] = limit or str(site)
             continue
+        call = captured.calls.pop(model.get_submodule(site.module))  # its arguments are not needed after its probe
         try:
-            layouts[label] = probe(model, site, captured.calls[model.get_submodule(site.module)])
+            layouts[label] = probe(model, site, call)
         except Exception as error:
             layouts[label] = _failure("probing its heads", error)
     if probe_heads:
@@ -383,6 +386,21 @@ def find_heads(
             else:
                 search.layers.append(layer)
     return search
+
+
+def _located(
+    names: Mapping[nn.Module, str],
+    holder: nn.Module,
+    candidates: Sequence[nn.Module],
+    calls: Mapping[nn.Module, Call],
+    otherwise: str | None = None,
+) -> Site | str:
+    """The site around ``holder`` in the first of ``candidates`` that holds its out projection, or why none does."""
+    try:
+        site = locate(names[holder], holder, [(names[m], m) for m in candidates], calls)
+    except Exception as error:  # one module that cannot be located must not stop the others
+        return _failure("locating its out projection", error)
+    return site if isinstance(site, Site) or otherwise is None else otherwise
 
 
 def _shared_weights(model: nn.Module, site: Site) -> str | None:
