@@ -9,14 +9,15 @@ the plan with :func:`load_pruned` and gives the same outputs.
 
 import copy
 import io
-import re
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from lightning_actprune import ActivationPruning, ActivationPruningError, export_pruned, load_pruned
@@ -24,6 +25,7 @@ from lightning_actprune._counting import parameters_after
 from lightning_actprune._heads import head_counts
 from lightning_actprune._types import LayerPlan, PrunableLayer, PruningPlan, count_parameters
 from lightning_actprune.core import apply_plan, find_prunable_layers, plan_from_kept
+from tests.helpers import KeepUnpruned, assert_matches_oracle
 from tests.test_heads import zero_heads_before
 
 transformers = pytest.importorskip("transformers")
@@ -471,39 +473,39 @@ def test_phi3_reads_its_head_count_from_a_view_of_the_config_that_is_its_own():
         torch.testing.assert_close(copy.deepcopy(net)(x), expected, rtol=0, atol=0)
 
 
+class LanguageModel(pl.LightningModule):
+    """A tiny Llama with grouped-query attention (4 heads over 2 key/value heads) trained on its next tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL, **GQA))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(ids).logits
+
+    def training_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.lm(batch[0], labels=batch[0]).loss
+
+    def validation_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> None:
+        self.log("val_loss", self.lm(batch[0], labels=batch[0]).loss)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
 def test_a_trainer_with_the_defaults_prunes_heads_and_ffn_neurons_of_a_grouped_query_llama(tmp_path):
-    lightning = pytest.importorskip("lightning.pytorch")
-    from lightning.pytorch.loggers import CSVLogger
-
-    from tests.helpers import KeepUnpruned
-
-    class LanguageModel(lightning.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            config = transformers.LlamaConfig(**SMALL, num_attention_heads=4, num_key_value_heads=2)
-            self.lm = transformers.LlamaForCausalLM(config)
-
-        def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            return self.lm(ids).logits
-
-        def training_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> torch.Tensor:
-            return self.lm(batch[0], labels=batch[0]).loss
-
-        def validation_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> None:
-            self.log("val_loss", self.lm(batch[0], labels=batch[0]).loss)
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.AdamW(self.parameters(), lr=1e-3)
-
     ids = torch.arange(64 * 12).reshape(64, 12) % 17 + 1  # a learnable pattern
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=16)
     model, keep = LanguageModel(), KeepUnpruned()
     pruning = ActivationPruning(target_params_reduction=0.3)
-    trainer = lightning.Trainer(
-        accelerator="cpu", max_epochs=1, default_root_dir=tmp_path, callbacks=[keep, pruning],
-        logger=CSVLogger(tmp_path), enable_model_summary=False,
-    )  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        default_root_dir=tmp_path,
+        callbacks=[keep, pruning],
+        logger=CSVLogger(tmp_path),
+    )
     trainer.fit(model, data, data)
 
     widths = {layer.name: (layer.neurons, len(layer.kept)) for layer in pruning.result.plan.layers}
@@ -517,12 +519,13 @@ def test_a_trainer_with_the_defaults_prunes_heads_and_ffn_neurons_of_a_grouped_q
         attention = layer.self_attn
         kept = heads[f"lm.model.layers.{i}.self_attn:heads"][1]
         assert attention.q_proj.out_features == 8 * kept
-        assert attention.k_proj.out_features == 16
+        assert attention.k_proj.out_features == 16  # both key/value heads stay: each keeps as many query heads
         assert attention.num_key_value_groups * 2 == kept
-    csv = next(tmp_path.glob("lightning_logs/version_*/metrics.csv")).read_text()
-    assert re.search(r"actprune/params_after", csv)
+    assert_matches_oracle(model, keep.model, pruning.result.plan, ids[:4])
+    assert "actprune/params_after" in next(tmp_path.glob("lightning_logs/version_*/metrics.csv")).read_text()
+    assert trainer.checkpoint_callback is not None
+    assert list(tmp_path.glob("lightning_logs/version_*/checkpoints/*.ckpt"))
     reloaded = load_pruned(LanguageModel(), pruning.pruned_checkpoint_path).eval()
-    model.eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids[:4]), model(ids[:4]), rtol=0, atol=0)
 
