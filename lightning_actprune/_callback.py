@@ -113,11 +113,14 @@ class ActivationPruning(PruningSettings, Callback):
             mean without recovery; ``max_metric_drop`` bounds the drop right after pruning (and recalibration),
             before recovery. Under DDP the wrapper is rebuilt around the smaller model; ``EarlyStopping``
             restarts counting at the prune.
-        prune_heads: also remove whole attention heads (timm ``Attention``, Hugging Face BERT-style attention,
-            GPT-2's ``GPT2Attention``, ``nn.MultiheadAttention``): each attention module is one layer
-            ``<name>:heads`` whose neurons are its heads, scored by the activations that reach its out projection
-            and chosen with the other neurons by the same λ; at least one head per module stays, and the module's
-            head count is updated. ``False`` leaves attention as it is.
+        prune_heads: also remove whole attention heads: each attention module (found from its structure and its own
+            numbers, ``num_heads``/``head_dim`` or its ``config``'s: Hugging Face's families, timm's,
+            ``nn.MultiheadAttention``) is one layer ``<name>:heads`` whose neurons are its heads, scored by the
+            activations that reach its out projection and chosen with the other neurons by the same λ; at least one
+            head per module stays, and the module's head counts are updated. ``False`` leaves attention as it is.
+        gqa_unit: what one unit of a grouped-query attention module is: ``"query_heads"`` removes query heads, the
+            same number from every key/value head (``num_key_value_groups`` stays whole); ``"kv_groups"`` removes a
+            key/value head with all of its query heads.
         recovery_steps: ``N > 0`` prunes at step ``max_steps - N`` (``trainer.global_step``, with statistics from a
             validation pass of its own) and lets the same ``fit`` train the smaller model for the last ``N`` steps,
             as ``recovery_epochs`` does for epochs: for ``max_steps`` runs and runs shorter than one epoch.

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from lightning_actprune._errors import ActivationPruningError
+from lightning_actprune._heads import GQA_UNITS
 from lightning_actprune._scoring import NeuronScorer, as_scorer
 from lightning_actprune._statistics import STATISTICS, Statistic
 
@@ -19,6 +20,7 @@ OnError = Literal["raise", "warn"]
 _ON_ERROR = ("raise", "warn")
 Mode = Literal["max", "min"]
 _MODES = ("max", "min")
+GqaUnit = Literal["query_heads", "kv_groups"]
 
 
 def _resolve_statistic(statistic: object, user_lambda: bool) -> object:
@@ -104,6 +106,7 @@ class PruningSettings:
     distill_weight: float = 0.0
     distill_temperature: float = 2.0
     distill_output: str | None = None
+    gqa_unit: GqaUnit = "query_heads"
     scorer: NeuronScorer = field(init=False, repr=False)
     normalized: bool = field(init=False, repr=False)
 
@@ -174,6 +177,8 @@ class PruningSettings:
             raise ActivationPruningError(
                 f"`normalize` must be True, False or None (automatic); got {self.normalize!r}."
             )
+        if self.gqa_unit not in GQA_UNITS:
+            raise ActivationPruningError(f"`gqa_unit` can be one of {', '.join(GQA_UNITS)}; got {self.gqa_unit!r}.")
         if self.on_error not in _ON_ERROR:
             raise ActivationPruningError(f"`on_error` can be one of {', '.join(_ON_ERROR)}; got {self.on_error!r}.")
         path = self.pruned_checkpoint

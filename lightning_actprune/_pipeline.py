@@ -83,7 +83,12 @@ def analyse(
     with warnings.catch_warnings(record=True) as skipped:
         warnings.simplefilter("always")
         layers = find_prunable_layers(
-            pl_module, inputs, settings.layers, settings.exclude or [], prune_heads=settings.prune_heads
+            pl_module,
+            inputs,
+            settings.layers,
+            settings.exclude or [],
+            prune_heads=settings.prune_heads,
+            gqa_unit=settings.gqa_unit,
         )
     for warning in skipped:
         rank_zero_warn(str(warning.message))

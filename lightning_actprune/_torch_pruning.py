@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal, NamedTuple, TypeVar
 
@@ -111,7 +111,7 @@ class _BoundedGroup(tp.dependency.group.Group):
     def __init__(self) -> None:
         super().__init__()
         self._entries = 0
-        self._seen: dict[tuple[int, Any], list[Any]] = {}
+        self._seen: dict[tuple[int, Any], set[tuple[Any, ...]]] = {}
 
     def add_dep(self, dep: Any, idxs: Any) -> None:
         self._entries += len(idxs)
@@ -122,11 +122,12 @@ class _BoundedGroup(tp.dependency.group.Group):
             )
         if time.perf_counter() > self.deadline:
             raise BudgetExhausted
-        self._seen.setdefault((id(dep.target), dep.handler), []).append(idxs)
+        self._seen.setdefault((id(dep.target), dep.handler), set()).add(tuple(idxs))
         super().add_dep(dep, idxs)
 
     def has_pruning_op(self, dep: Any, idxs: Any) -> bool:
-        return any(seen == idxs for seen in self._seen.get((id(dep.target), dep.handler), ()))
+        # the index lists hold (idx, root_idx) tuples: a set finds an equal list without comparing to every one
+        return tuple(idxs) in self._seen.get((id(dep.target), dep.handler), ())
 
 
 @contextmanager
@@ -316,14 +317,17 @@ def _comparable_modules(root: nn.Module) -> nn.Module:
     return container
 
 
-def pruning_groups(graph: tp.DependencyGraph) -> Iterator[tuple[nn.Module, Any]]:
-    """Like ``graph.get_all_groups``, but a group that fails to build is handed back as its exception."""
+def pruning_groups(graph: tp.DependencyGraph, skip: Collection[nn.Module] = ()) -> Iterator[tuple[nn.Module, Any]]:
+    """Like ``graph.get_all_groups``, but a group that fails to build is handed back as its exception.
+
+    No group is built from the modules in ``skip`` (the q/k/v projections whose heads are pruned as a whole).
+    """
     visited: set[nn.Module] = set()
     built: list[tuple[nn.Module, Any]] = []
     candidates = [m for m in graph.module2node if isinstance(m, MEASURED_TYPES)]
     with bounded_groups():  # built first, so that the bounds apply to Torch-Pruning's work alone
         for position, module in enumerate(candidates):
-            if module in visited:
+            if module in visited or module in skip:
                 continue
             try:
                 pruner = graph.get_pruner_of_module(module)
