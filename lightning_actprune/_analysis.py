@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_actprune._errors import ActivationPruningError
+from lightning_actprune._grn import global_response_norm, zero_grn_inputs
 from lightning_actprune._heads import head_layers, measurable_attention, projection_owners
 from lightning_actprune._plan import plan_from_kept
 from lightning_actprune._statistics import FEATURES_LAST, MEASURED_TYPES, map_tensors
@@ -327,8 +328,6 @@ def _layer_of_group(
         if not isinstance(module, nn.Module) or not any(True for _ in module.parameters(recurse=False)):
             continue
         name = names[module]
-        if counts.get(module, 0) > 1:
-            unsafe.append(f"{name} (called {counts[module]} times per forward)")
         if module in context.shared:
             unsafe.append(f"{name} (shares a parameter with another layer)")
         if isinstance(module, MEASURED_TYPES):
@@ -353,7 +352,7 @@ def _layer_of_group(
             )
         )
         return None
-    neurons = len(group[0].neurons)
+    neurons = len(set(group[0].neurons))  # root indices tied together (a fused gate/up projection) are one neuron
     return PrunableLayer(name=name, neurons=neurons, producers=tuple(producers), slices=tuple(slices))
 
 
@@ -417,9 +416,12 @@ def _zero_at_consumers(model: nn.Module, plan: PruningPlan) -> list[torch.utils.
     handles = []
     for operation in plan.operations:
         module = model.get_submodule(operation.module)
+        index = torch.tensor(operation.indices)
+        if global_response_norm(module):  # it normalises over the neurons: they are zero where it reads them
+            handles.append(zero_grn_inputs(module, index))
+            continue
         if operation.dim != "in" or not isinstance(module, MEASURED_TYPES):
             continue
-        index = torch.tensor(operation.indices)
 
         def zero(consumer: nn.Module, args: tuple[Any, ...], index: Tensor = index) -> tuple[Any, ...]:
             inputs = args[0].clone()

@@ -26,6 +26,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from lightning_actprune._conv1d import CONV1D_PRUNER, Conv1D
+from lightning_actprune._grn import GRN_PRUNER, global_response_norm
 from lightning_actprune._statistics import MEASURED_TYPES, map_tensors
 
 GROUP_INDEX_LIMIT = 100_000
@@ -103,6 +104,98 @@ def concatenations_of_unknown_size_unmapped() -> Iterator[None]:
         yield
 
 
+def _signed(dim: int) -> int:
+    """A dimension as autograd saved it: a negative one reads back as its unsigned 64-bit value."""
+    return dim - 2**64 if dim >= 2**63 else dim
+
+
+def _split_sizes(grad_fn: Any) -> tuple[int, list[int]] | None:
+    """The dimension a ``split``/``chunk`` cut (normalised) and the size of each piece, from its saved values."""
+    shape = getattr(grad_fn, "_saved_self_sym_sizes", None)
+    dim = getattr(grad_fn, "_saved_dim", None)
+    if shape is None or dim is None or not shape:
+        return None
+    dim = _signed(int(dim))
+    if not -len(shape) <= dim < len(shape):
+        return None
+    dim %= len(shape)
+    total = int(shape[dim])
+    if hasattr(grad_fn, "_saved_split_sizes"):
+        sizes = [int(size) for size in grad_fn._saved_split_sizes]
+    elif hasattr(grad_fn, "_saved_split_size"):
+        step = max(int(grad_fn._saved_split_size), 1)
+        sizes = [min(step, total - start) for start in range(0, total, step)]
+    else:
+        return None
+    return (dim, sizes) if sum(sizes) == total else None
+
+
+def _map_split_pieces(node: Any, sizes: list[int]) -> bool:
+    """Give each dependency of a split node the index mapping of the piece it reads; ``False`` if unclear.
+
+    Which piece a consumer reads is the output number autograd recorded for it (Torch-Pruning assumes the order in
+    which it met the consumers).
+    """
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
+
+    def mapping(piece: int, reverse: bool) -> Any:
+        return _index_mapping._SplitIndexMapping(offset=offsets[piece : piece + 2], reverse=reverse)
+
+    def pieces(consumer: Any) -> list[int]:
+        functions = getattr(consumer.grad_fn, "next_functions", ()) or ()
+        return [int(number) for function, number in functions if function is node.grad_fn]
+
+    forward: dict[int, list[int]] = {}
+    mappings: list[tuple[Any, Any]] = []
+    consumers = {id(consumer) for consumer in node.outputs}
+    for dep in node.dependencies:
+        if id(dep.target) not in consumers:
+            continue  # the dependency on the split's input
+        numbers = forward.setdefault(id(dep.target), pieces(dep.target))
+        if not numbers:
+            return False
+        mappings.append((dep, mapping(numbers.pop(0), reverse=False)))
+    for consumer in dict.fromkeys(node.outputs):
+        numbers = pieces(consumer)
+        for dep in consumer.dependencies:
+            if dep.target is node:
+                if not numbers:
+                    return False
+                mappings.append((dep, mapping(numbers.pop(0), reverse=True)))
+    for dep, piece_mapping in mappings:
+        dep.index_mapping[0] = piece_mapping
+    return True
+
+
+@contextmanager
+def feature_splits_mapped() -> Iterator[None]:
+    """While a graph is built, a ``split``/``chunk`` along the last dimension maps its pieces' indices.
+
+    Torch-Pruning maps a split along dimension 1 only (a conv's channels), and none downstream of a 3-D parameter
+    (its fix for a ViT's class token): the fused gate/up projection of a gated MLP (``fc1(x).chunk(2, dim=-1)``,
+    Phi-3, timm's ``GluMlp``) then couples its rows wrongly, or not at all. Along the last dimension, the features of
+    a ``Linear``, each piece is mapped to the rows it came from; whether that is right is checked afterwards, with
+    every layer (removing neurons must equal zeroing them).
+    """
+    update: Callable[..., None] = _index_mapping.update_split_index_mapping
+
+    @functools.wraps(update)
+    def along_features(graph: Any, node: Any) -> None:
+        split = _split_sizes(node.grad_fn) if node.type == tp.ops.OPTYPE.SPLIT else None
+        if split is not None and split[0] == len(node.grad_fn._saved_self_sym_sizes) - 1:
+            sizes = split[1]
+            node.module.split_sizes = sizes
+            node.module.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+            if _map_split_pieces(node, sizes):
+                return
+        update(graph, node)
+
+    with _patched(_index_mapping, "update_split_index_mapping", along_features):
+        yield
+
+
 class _BoundedGroup(tp.dependency.group.Group):
     """A group that stops growing past the index limit or the deadline, and finds its own entries in O(1)."""
 
@@ -112,6 +205,8 @@ class _BoundedGroup(tp.dependency.group.Group):
         super().__init__()
         self._entries = 0
         self._seen: dict[tuple[int, Any], list[Any]] = {}
+        self._root_at: dict[tuple[int, Any, int], int] = {}
+        self.tied: list[tuple[int, int]] = []
 
     def add_dep(self, dep: Any, idxs: Any) -> None:
         self._entries += len(idxs)
@@ -127,6 +222,20 @@ class _BoundedGroup(tp.dependency.group.Group):
 
     def has_pruning_op(self, dep: Any, idxs: Any) -> bool:
         return any(seen == idxs for seen in self._seen.get((id(dep.target), dep.handler), ()))
+
+    def add_and_merge(self, dep: Any, idxs: Any) -> None:
+        """Merge as Torch-Pruning does, noting the root indices that reach one index of a member: they are tied.
+
+        Torch-Pruning keeps the first root index it sees at each index of a member and forgets the others: for a
+        fused gate/up projection split by ``chunk(2)`` and multiplied, gate row ``j`` and up row ``H + j`` both reach
+        input ``j`` of the down projection, and must go together.
+        """
+        for index in idxs:
+            key = (id(dep.target), dep.handler, int(index.idx))
+            first = self._root_at.setdefault(key, int(index.root_idx))
+            if first != int(index.root_idx):
+                self.tied.append((first, int(index.root_idx)))
+        super().add_and_merge(dep, idxs)
 
 
 @contextmanager
@@ -195,8 +304,32 @@ class GroupEntry(NamedTuple):
     unmapped: bool
 
 
+def _neuron_of_root(group: Any) -> Callable[[int], int]:
+    """Each root index's neuron: root indices tied in the group (:meth:`_BoundedGroup.add_and_merge`) are one neuron.
+
+    Neurons are numbered by their smallest root index; without ties, a root index is its own neuron.
+    """
+    parent: dict[int, int] = {}
+
+    def find(root: int) -> int:
+        while parent.get(root, root) != root:
+            root = parent[root] = parent.get(parent[root], parent[root])
+        return root
+
+    for a, b in getattr(group, "tied", ()):
+        first, second = sorted((find(a), find(b)))
+        if first != second:
+            parent[second] = first
+    if not parent:
+        return int
+    roots = sorted({int(r) for item in group for r in item.root_idxs})
+    number = {root: n for n, root in enumerate(r for r in roots if find(r) == r)}
+    return lambda root: number[find(root)]
+
+
 def group_entries(graph: tp.DependencyGraph, group: Any) -> list[GroupEntry]:
     """The members of one of Torch-Pruning's groups (:func:`pruning_groups`) as :class:`GroupEntry` values."""
+    neuron = _neuron_of_root(group)
     entries = []
     for item in group:
         dep, indices = item
@@ -204,7 +337,8 @@ def group_entries(graph: tp.DependencyGraph, group: Any) -> list[GroupEntry]:
         module, optype = node.module, node.type
         if _OUTPUT is not None and optype == _OUTPUT:
             kind: Literal["output", "safe", "unsafe"] = "output"
-        elif optype in _SAFE_TYPES or isinstance(module, Conv1D):  # Conv1D: a customized node, like a Linear
+        elif optype in _SAFE_TYPES or isinstance(module, Conv1D) or global_response_norm(module):
+            # Conv1D: a customized node, like a Linear; a GRN: one made exact by its pruner (see _grn)
             kind = "safe"
         else:
             kind = "unsafe"
@@ -215,7 +349,7 @@ def group_entries(graph: tp.DependencyGraph, group: Any) -> list[GroupEntry]:
                 kind=kind,
                 dim="out" if graph.is_out_channel_pruning_fn(dep.handler) else "in",
                 indices=tuple(int(i) for i in indices),
-                neurons=tuple(int(r) for r in item.root_idxs),
+                neurons=tuple(neuron(int(r)) for r in item.root_idxs),
                 unmapped=node in getattr(graph, "_actprune_unmapped", ()),
             )
         )
@@ -274,6 +408,23 @@ def _recurrent_layers_opaque(root: nn.Module) -> Iterator[None]:
             handle.remove()
 
 
+@contextmanager
+def _response_norms_opaque(root: nn.Module) -> Iterator[None]:
+    """Each GRN seen as one node from its input to its output, as a BatchNorm is: its pruner makes it exact."""
+
+    def opaque(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        if not (args and isinstance(args[0], Tensor) and isinstance(output, Tensor)):
+            return None
+        return _Opaque.apply(args[0], output.detach())
+
+    handles = [m.register_forward_hook(opaque) for m in root.modules() if global_response_norm(m)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def dependency_graph(
     root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], outputs: Callable[[Any], list[Tensor]]
 ) -> tp.DependencyGraph:
@@ -288,8 +439,15 @@ def dependency_graph(
             customized[type(module)] = _OpaqueRecurrent()
         elif isinstance(module, Conv1D):
             customized[type(module)] = CONV1D_PRUNER
+        elif global_response_norm(module):
+            customized[type(module)] = GRN_PRUNER
     graph = tp.DependencyGraph()
-    with _recurrent_layers_opaque(root), unmapped_reshapes(graph):
+    with (
+        _recurrent_layers_opaque(root),
+        _response_norms_opaque(root),
+        unmapped_reshapes(graph),
+        feature_splits_mapped(),
+    ):
         graph.build_dependency(
             _comparable_modules(root) if customized else root,
             example_inputs=(args, kwargs),
@@ -344,4 +502,6 @@ def module_pruner(module: nn.Module) -> Any:
     """Torch-Pruning's pruner for this kind of layer (``prune_out_channels``, ``prune_in_channels``, …), or None."""
     if isinstance(module, Conv1D):  # Torch-Pruning has none for it
         return CONV1D_PRUNER
+    if global_response_norm(module):
+        return GRN_PRUNER
     return tp.pruner.function.PrunerBox.get(tp.ops.module2type(module))

@@ -1,0 +1,78 @@
+"""Global Response Normalisation (ConvNeXt-V2's GRN, timm's ``GlobalResponseNorm``): exact removal of its channels.
+
+GRN divides each channel's spatial L2 norm ``G_c`` by the mean of all channels' norms::
+
+    y_c = x_c + b_c + w_c · x_c · G_c / (Σ_k G_k / C + eps)
+
+A channel that is zeroed at the GRN's input adds 0 to the sum, but still counts in ``C``; removing it changes the
+divisor to ``C' = C - removed``. Scaling ``w`` and ``eps`` by ``C / C'`` gives, for every channel that stays,
+``w_c C/C' · G_c / (Σ G / C' + eps C/C') = w_c · G_c / (Σ G / C + eps)``: removing the channels equals zeroing them
+at the GRN's input (and at the layers reading its output), exactly. Only a GRN whose ``eps`` is an attribute can be
+scaled so; ``timm`` is optional and never imported: the class is recognised by its name, module and attributes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+
+def global_response_norm(module: Any) -> bool:
+    """Whether ``module`` is timm's ``GlobalResponseNorm``: a weight and bias per channel, ``eps``, ``channel_dim``."""
+    kind = type(module)
+    if kind.__name__ != "GlobalResponseNorm" or not kind.__module__.startswith("timm."):
+        return False
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    return (
+        isinstance(weight, Tensor)
+        and isinstance(bias, Tensor)
+        and weight.dim() == bias.dim() == 1
+        and weight.shape == bias.shape
+        and isinstance(getattr(module, "eps", None), float)
+        and getattr(module, "channel_dim", None) in (1, -1)
+    )
+
+
+class GlobalResponseNormPruner(tp.pruner.function.BasePruningFunc):
+    """Removes channels of a GRN: their weight and bias entries, with ``weight`` and ``eps`` scaled by ``C / C'``."""
+
+    TARGET_MODULES = None
+
+    def prune_out_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
+        """Remove the channels ``idxs``; the other channels' outputs stay those of the GRN with ``idxs`` zeroed."""
+        channels = int(layer.weight.shape[0])
+        keep = sorted(set(range(channels)) - {int(i) for i in idxs})
+        scale = channels / len(keep)
+        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
+        layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
+        with torch.no_grad():
+            layer.weight.mul_(scale)
+        layer.eps = float(layer.eps) * scale
+        return layer
+
+    prune_in_channels = prune_out_channels  # one set of channels: Torch-Pruning couples its input and output
+
+    def get_out_channels(self, layer: Any) -> int:
+        """The number of channels."""
+        return int(layer.weight.shape[0])
+
+    get_in_channels = get_out_channels
+
+
+GRN_PRUNER = GlobalResponseNormPruner()
+
+
+def zero_grn_inputs(module: nn.Module, index: Tensor) -> torch.utils.hooks.RemovableHandle:
+    """The oracle at a GRN: the removed channels are zeroed where it reads them, before the mean over channels."""
+    channel_dim = int(getattr(module, "channel_dim", -1))
+
+    def zero(grn: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        inputs = args[0].clone()
+        inputs.index_fill_(channel_dim % inputs.dim(), index.to(inputs.device), 0)
+        return (inputs, *args[1:])
+
+    return module.register_forward_pre_hook(zero)
