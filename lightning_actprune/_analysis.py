@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple, TypeVar
@@ -26,7 +26,9 @@ from lightning_actprune._plan import plan_from_kept
 from lightning_actprune._statistics import FEATURES_LAST, MEASURED_TYPES, map_tensors
 from lightning_actprune._surgery import pruned_temporarily
 from lightning_actprune._torch_pruning import (
+    SPLIT_OPERATION,
     GroupEntry,
+    GroupTooLarge,
     concatenations_of_unknown_size_unmapped,
     dependency_graph,
     group_entries,
@@ -100,8 +102,11 @@ def find_prunable_layers(
     """Find the groups of neurons that can be removed, with Torch-Pruning's ``DependencyGraph``.
 
     Every hidden ``Linear``/``Conv`` whose outputs feed another such layer is a candidate; the model's output layer
-    never is. Groups that touch an operation which mixes channels (LayerNorm, attention, …), a layer called more
-    than once per forward, or a weight shared between layers are skipped with a warning that names them. With
+    never is. Groups that touch an operation which mixes channels (LayerNorm, attention, …) or a weight shared
+    between layers are skipped with a warning that names them. A layer called several times per forward (ALBERT's
+    shared transformer layer) is one member of its group, pruned once for every call; a fused projection whose
+    outputs are split into pieces multiplied together (a gate/up ``chunk``) has one neuron per row pair; timm's
+    Global Response Normalisation is pruned with its scale corrected. Every layer must then prune like zeroing. With
     ``prune_heads``, each attention module of a known implementation adds a layer ``<name>:heads`` whose neurons
     are its whole heads (see :mod:`lightning_actprune._heads`).
 
@@ -134,10 +139,11 @@ def find_prunable_layers(
         try:
             # inputs recorded under inference mode cannot enter autograd; a clone made here can
             args, kwargs = map_tensors(Tensor.clone, _few_samples(root, inputs[root_name]))
-            candidates = list(_layers_of_root(root, args, kwargs, context, skipped))
+            hints: dict[str, str] = {}  # per layer, what to say if it fails the zeroing check
+            candidates = list(_layers_of_root(root, args, kwargs, context, skipped, hints))
             if prune_heads:
                 candidates += _head_candidates(root, names, skipped)
-            found.extend(_keep_independent(model, root, args, kwargs, candidates, skipped))
+            found.extend(_keep_independent(model, root, args, kwargs, candidates, skipped, hints))
         except Exception as error:  # one root the tracer cannot handle must not stop the others, nor the fit
             skipped.append(_Skip(f"the layers inside {root_name or type(root).__name__}", _failure("tracing", error)))
     _warn_skipped(_attention_skips(model, skipped, prune_heads))
@@ -183,6 +189,8 @@ class _TraceContext(NamedTuple):
     shared: set[nn.Module]
     parameters: Mapping[int, tuple[str, nn.Module]]
 
+
+_NO_CONTEXT = _TraceContext({}, {}, set(), {})
 
 _MAX_NAMES = 3  # layers named per warning; the rest are counted
 _MAX_DETAIL = 120  # characters of an exception's message quoted in a warning
@@ -249,12 +257,24 @@ def _describe(entry: GroupEntry, context: _TraceContext) -> str:
         name, owner = context.parameters[id(module)]
         if _unsupported(owner):
             return f"{type(owner).__name__} {context.names[owner]} (not supported)"
+        if context.names.get(owner) and not any(True for _ in owner.children()):
+            return _module_using_its_parameters(owner, context.names[owner])
         return f"the parameter {name} (used outside a layer)"
     if isinstance(module, nn.RNNBase):
         return f"{type(module).__name__} {context.names[module]} (recurrent layers are not pruned)"
     if isinstance(module, nn.Module) and module in context.names:
         return f"{type(module).__name__} {context.names[module]}"
     return entry.operation
+
+
+def _module_using_its_parameters(module: nn.Module, name: str) -> str:
+    """A module that uses its parameters in its own code (an RMSNorm, a GRN, a layer scale), in words."""
+    kind = type(module).__name__
+    if "norm" in kind.lower():
+        return f"{kind} {name}"  # RMSNorm, LayerNorm2d: the name says what it does to the neurons
+    if "grn" in kind.lower():
+        return f"{kind} {name} (a global response normalisation over them)"
+    return f"{kind} {name} (its parameters are used outside a layer)"
 
 
 def grouped_convolution(module: Any) -> bool:
@@ -274,7 +294,21 @@ def _blocker(entry: GroupEntry, description: str) -> str | None:
         return f"{description} (a grouped convolution, groups={entry.module.groups})"
     if entry.unmapped:
         return "a reshape of its channels that cannot be followed (e.g. a channel shuffle)"
+    if _uneven_split(entry):
+        return "a torch.split/chunk of its features into pieces read apart (they would lose unequal numbers of neurons)"
     return None
+
+
+def _uneven_split(entry: GroupEntry) -> bool:
+    """A split whose pieces hold different neurons: a plan may shrink them unequally, which ``chunk`` cannot follow.
+
+    A fused gate/up projection is fine: each neuron has a row in every piece (:func:`group_entries` ties them), so
+    every piece loses the same rows.
+    """
+    if entry.operation != SPLIT_OPERATION:
+        return False
+    rows = Counter(entry.neurons)
+    return len(set(rows.values())) != 1 or min(rows.values()) < 2
 
 
 def _layers_of_root(
@@ -283,28 +317,91 @@ def _layers_of_root(
     kwargs: dict[str, Any],
     context: _TraceContext,
     skipped: list[_Skip],
+    hints: dict[str, str],
 ) -> Iterator[PrunableLayer]:
-    with _traceable(root):
+    with _traceable(root), torch.no_grad():
         _, counts = _call_counts(root, args, kwargs)
     with concatenations_of_unknown_size_unmapped():  # the graph is built, and its groups too
         with _traceable(root):
             graph = dependency_graph(root, args, kwargs, _tensors_with_grad)
         for module, group in pruning_groups(graph):
             if isinstance(group, Exception):
-                skipped.append(_Skip(context.names[module], _failure("tracing its group", group)))
+                skipped.append(_Skip(context.names[module], _group_failure(graph, group, context)))
                 continue
             try:
-                layer = _layer_of_group(group_entries(graph, group), counts, context, skipped)
+                entries = group_entries(graph, group)
+                layer = _layer_of_group(entries, context, skipped)
             except Exception as error:  # a group the tracer cannot describe is skipped, the others go on
                 skipped.append(_Skip(context.names[module], _failure("tracing its group", error)))
                 continue
             if layer is not None:
+                hints[layer.name] = _why_not_exact(entries, counts, context)
                 yield layer
+
+
+def _group_failure(graph: Any, error: Exception, context: _TraceContext) -> str:
+    """Why a group could not be built, in words: what stops its neurons, when the part that was built shows it."""
+    partial = error.partial if isinstance(error, GroupTooLarge) else None
+    if partial:
+        try:
+            unsafe = _unsafe_kinds(group_entries(graph, partial), context)
+        except Exception:  # the part built cannot be described: the failure is said as it is
+            unsafe = []
+        if unsafe:
+            # kinds, not names: the groups of one residual stream stop at different places, and make one warning
+            return (
+                f"its neurons reach {_listed(unsafe)}, which cannot lose neurons here (its coupled group is too large"
+                " to build whole)."
+            )
+    return _failure("tracing its group", error)
+
+
+def _unsafe_kinds(group: Sequence[GroupEntry], context: _TraceContext) -> list[str]:
+    """The kinds of members that stop a group's neurons (``LayerNorm layers``, ``a slice of its features``), sorted."""
+    kinds = set()
+    for entry in group:
+        if entry.kind == "output":
+            continue
+        blocker = _blocker(entry, _describe(entry, context))
+        if entry.kind != "unsafe" and blocker is None:
+            continue
+        if isinstance(entry.module, nn.Parameter):
+            owner = context.parameters.get(id(entry.module), ("", None))[1]
+            leaf = owner is not None and context.names.get(owner) and not any(True for _ in owner.children())
+            kinds.add(f"{type(owner).__name__} layers" if leaf else "parameters used outside a layer")
+        elif isinstance(entry.module, nn.Module) and entry.module in context.names:
+            kinds.add(f"{type(entry.module).__name__} layers")
+        else:
+            kinds.add(entry.operation)
+    return sorted(kinds)
+
+
+def _why_not_exact(group: Sequence[GroupEntry], counts: Mapping[nn.Module, int], context: _TraceContext) -> str:
+    """What to say if the layer fails the zeroing check: a shared layer, a fused projection, or the general case."""
+    shared = {
+        entry.module: counts[entry.module]
+        for entry in group
+        if isinstance(entry.module, nn.Module) and counts.get(entry.module, 0) > 1
+    }
+    if shared:
+        module, calls = next(iter(shared.items()))
+        return (
+            f"{context.names[module]} is called {calls} times per forward (one layer, shared weights), and removing"
+            " these neurons does not equal zeroing them in every call."
+        )
+    if any(entry.kind == "safe" and entry.operation == SPLIT_OPERATION for entry in group):
+        return (
+            "its outputs are split into pieces (a fused projection, e.g. gate and up in one Linear) that could not be"
+            " matched row for row, or whose sizes are fixed in code: removing its neurons does not equal zeroing them."
+        )
+    return (
+        "removing its neurons does not equal zeroing them (an operation between it and its consumers mixes its"
+        " neurons, e.g. attention (Q·K, softmax) or a normalisation over them)."
+    )
 
 
 def _layer_of_group(
     group: Sequence[GroupEntry],
-    counts: Mapping[nn.Module, int],
     context: _TraceContext,
     skipped: list[_Skip],
 ) -> PrunableLayer | None:
@@ -442,6 +539,7 @@ def _keep_independent(
     kwargs: dict[str, Any],
     layers: list[PrunableLayer],
     skipped: list[_Skip],
+    hints: Mapping[str, str],
 ) -> list[PrunableLayer]:
     """Keep the layers whose pruning really equals zeroing their neurons, checked on the example batch.
 
@@ -474,13 +572,7 @@ def _keep_independent(
             if same:
                 independent.append(layer)
             else:
-                skipped.append(
-                    _Skip(
-                        layer.name,
-                        "removing its neurons does not equal zeroing them (an operation between it and its consumers"
-                        " mixes its neurons, e.g. attention (Q·K, softmax) or a normalisation over them).",
-                    )
-                )
+                skipped.append(_Skip(layer.name, hints.get(layer.name) or _why_not_exact((), {}, _NO_CONTEXT)))
     return independent
 
 

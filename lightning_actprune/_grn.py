@@ -8,12 +8,13 @@ A channel that is zeroed at the GRN's input adds 0 to the sum, but still counts 
 divisor to ``C' = C - removed``. Scaling ``w`` and ``eps`` by ``C / C'`` gives, for every channel that stays,
 ``w_c C/C' · G_c / (Σ G / C' + eps C/C') = w_c · G_c / (Σ G / C + eps)``: removing the channels equals zeroing them
 at the GRN's input (and at the layers reading its output), exactly. Only a GRN whose ``eps`` is an attribute can be
-scaled so; ``timm`` is optional and never imported: the class is recognised by its name, module and attributes.
+scaled so. The pruner only selects entries (optimizer state follows them one by one); the surgery scales afterwards.
+``timm`` is optional and never imported: the class is recognised by its name, module and attributes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -38,20 +39,15 @@ def global_response_norm(module: Any) -> bool:
 
 
 class GlobalResponseNormPruner(tp.pruner.function.BasePruningFunc):
-    """Removes channels of a GRN: their weight and bias entries, with ``weight`` and ``eps`` scaled by ``C / C'``."""
+    """Removes channels of a GRN: their weight and bias entries (:func:`rescale_response_norms` then scales)."""
 
     TARGET_MODULES = None
 
     def prune_out_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
-        """Remove the channels ``idxs``; the other channels' outputs stay those of the GRN with ``idxs`` zeroed."""
-        channels = int(layer.weight.shape[0])
-        keep = sorted(set(range(channels)) - {int(i) for i in idxs})
-        scale = channels / len(keep)
+        """Remove the channels ``idxs``: a selection only, so that optimizer state can follow it entry by entry."""
+        keep = sorted(set(range(int(layer.weight.shape[0]))) - {int(i) for i in idxs})
         layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
         layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
-        with torch.no_grad():
-            layer.weight.mul_(scale)
-        layer.eps = float(layer.eps) * scale
         return layer
 
     prune_in_channels = prune_out_channels  # one set of channels: Torch-Pruning couples its input and output
@@ -64,6 +60,29 @@ class GlobalResponseNormPruner(tp.pruner.function.BasePruningFunc):
 
 
 GRN_PRUNER = GlobalResponseNormPruner()
+
+
+def response_norm_channels(model: nn.Module, names: Iterable[str]) -> dict[str, int]:
+    """The channels of each GRN among the modules ``names``, before a surgery."""
+    channels = {}
+    for name in names:
+        module = model.get_submodule(name)
+        if global_response_norm(module):
+            channels[name] = int(module.get_parameter("weight").shape[0])
+    return channels
+
+
+def rescale_response_norms(model: nn.Module, channels_before: Mapping[str, int]) -> None:
+    """After a surgery, scale the ``weight`` and ``eps`` of each GRN that lost channels by ``C / C'`` (see above)."""
+    for name, channels in channels_before.items():
+        module: Any = model.get_submodule(name)
+        kept = int(module.weight.shape[0])
+        if kept == channels:
+            continue
+        scale = channels / kept
+        with torch.no_grad():  # the pruner made a new parameter: the old one, which a snapshot may restore, is intact
+            module.weight.mul_(scale)
+        module.eps = float(module.eps) * scale
 
 
 def zero_grn_inputs(module: nn.Module, index: Tensor) -> torch.utils.hooks.RemovableHandle:

@@ -60,7 +60,7 @@ VAL_X = make_data((8,), n=50, seed=1).tensors[0]
 
 
 class SharedLayer(nn.Module):
-    """``shared`` is called twice per forward: groups that touch it must be skipped."""
+    """``shared`` is called twice per forward, on its own output: its neurons and fc2's are one group, pruned whole."""
 
     def __init__(self):
         super().__init__()
@@ -107,7 +107,7 @@ class NestedDict(nn.Module):
 @pytest.mark.parametrize(
     ("net", "pruned", "skipped"),
     [
-        (SharedLayer, {"fc1"}, r"not pruning .*shared \(called 2 times per forward\)"),
+        (SharedLayer, {"fc1", "fc2+shared"}, None),
         (TiedWeights, {"fc0"}, r"not pruning .*h1 \(shares a parameter with another layer\)"),
         (NestedDict, {"blocks.encoder.0", "blocks.encoder.2", "blocks.head.0"}, None),
     ],
