@@ -23,7 +23,7 @@ from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._grn import global_response_norm, zero_grn_inputs
 from lightning_actprune._heads import head_layers, measurable_attention, projection_owners
 from lightning_actprune._plan import plan_from_kept
-from lightning_actprune._statistics import FEATURES_LAST, MEASURED_TYPES, map_tensors
+from lightning_actprune._statistics import FEATURES_LAST, MEASURED_TYPES, _channel_dim, map_tensors
 from lightning_actprune._surgery import pruned_temporarily
 from lightning_actprune._torch_pruning import (
     SPLIT_OPERATION,
@@ -32,6 +32,7 @@ from lightning_actprune._torch_pruning import (
     concatenations_of_unknown_size_unmapped,
     dependency_graph,
     group_entries,
+    module_pruner,
     pruning_groups,
 )
 from lightning_actprune._types import ModuleSlice, PrunableLayer, PruningPlan
@@ -139,7 +140,7 @@ def find_prunable_layers(
         try:
             # inputs recorded under inference mode cannot enter autograd; a clone made here can
             args, kwargs = map_tensors(Tensor.clone, _few_samples(root, inputs[root_name]))
-            hints: dict[str, str] = {}  # per layer, what to say if it fails the zeroing check
+            hints: dict[str, _Hint] = {}  # per layer, what to say if it fails the zeroing check
             candidates = list(_layers_of_root(root, args, kwargs, context, skipped, hints))
             if prune_heads:
                 candidates += _head_candidates(root, names, skipped)
@@ -189,8 +190,6 @@ class _TraceContext(NamedTuple):
     shared: set[nn.Module]
     parameters: Mapping[int, tuple[str, nn.Module]]
 
-
-_NO_CONTEXT = _TraceContext({}, {}, set(), {})
 
 _MAX_NAMES = 3  # layers named per warning; the rest are counted
 _MAX_DETAIL = 120  # characters of an exception's message quoted in a warning
@@ -317,14 +316,14 @@ def _layers_of_root(
     kwargs: dict[str, Any],
     context: _TraceContext,
     skipped: list[_Skip],
-    hints: dict[str, str],
+    hints: dict[str, _Hint],
 ) -> Iterator[PrunableLayer]:
     with _traceable(root), torch.no_grad():
         _, counts = _call_counts(root, args, kwargs)
     with concatenations_of_unknown_size_unmapped():  # the graph is built, and its groups too
         with _traceable(root):
             graph = dependency_graph(root, args, kwargs, _tensors_with_grad)
-        for module, group in pruning_groups(graph):
+        for module, group in pruning_groups(graph, max(counts.values(), default=1)):
             if isinstance(group, Exception):
                 skipped.append(_Skip(context.names[module], _group_failure(graph, group, context)))
                 continue
@@ -335,7 +334,7 @@ def _layers_of_root(
                 skipped.append(_Skip(context.names[module], _failure("tracing its group", error)))
                 continue
             if layer is not None:
-                hints[layer.name] = _why_not_exact(entries, counts, context)
+                hints[layer.name] = _hint(entries, counts, context)
                 yield layer
 
 
@@ -376,23 +375,37 @@ def _unsafe_kinds(group: Sequence[GroupEntry], context: _TraceContext) -> list[s
     return sorted(kinds)
 
 
-def _why_not_exact(group: Sequence[GroupEntry], counts: Mapping[nn.Module, int], context: _TraceContext) -> str:
-    """What to say if the layer fails the zeroing check: a shared layer, a fused projection, or the general case."""
+class _Hint(NamedTuple):
+    """What a group holds that explains a failed zeroing check: a layer called several times, a split of features."""
+
+    shared: Mapping[str, int]  # the layers called several times per forward, with their calls
+    split: bool
+
+
+def _hint(group: Sequence[GroupEntry], counts: Mapping[nn.Module, int], context: _TraceContext) -> _Hint:
     shared = {
-        entry.module: counts[entry.module]
+        context.names[entry.module]: counts[entry.module]
         for entry in group
         if isinstance(entry.module, nn.Module) and counts.get(entry.module, 0) > 1
     }
-    if shared:
-        module, calls = next(iter(shared.items()))
-        return (
-            f"{context.names[module]} is called {calls} times per forward (one layer, shared weights), and removing"
-            " these neurons does not equal zeroing them in every call."
-        )
-    if any(entry.kind == "safe" and entry.operation == SPLIT_OPERATION for entry in group):
+    return _Hint(shared, any(entry.kind == "safe" and entry.operation == SPLIT_OPERATION for entry in group))
+
+
+def _why_not_exact(hint: _Hint | None, outcome: _Outcome) -> str:
+    """Why a layer fails the zeroing check, in words: a fused projection, a shared layer, or the general case.
+
+    A shared layer is named when, pruned, it got inputs of its old width: a call that reads other features.
+    """
+    if hint is not None and hint.split:
         return (
             "its outputs are split into pieces (a fused projection, e.g. gate and up in one Linear) that could not be"
             " matched row for row, or whose sizes are fixed in code: removing its neurons does not equal zeroing them."
+        )
+    if hint is not None and outcome.misfed is not None and outcome.misfed in hint.shared:
+        name, calls = outcome.misfed, hint.shared[outcome.misfed]
+        return (
+            f"{name} is called {calls} times per forward (one layer, shared weights), and not every call reads these"
+            " neurons: removing them does not equal zeroing them."
         )
     return (
         "removing its neurons does not equal zeroing them (an operation between it and its consumers mixes its"
@@ -539,7 +552,7 @@ def _keep_independent(
     kwargs: dict[str, Any],
     layers: list[PrunableLayer],
     skipped: list[_Skip],
-    hints: Mapping[str, str],
+    hints: Mapping[str, _Hint],
 ) -> list[PrunableLayer]:
     """Keep the layers whose pruning really equals zeroing their neurons, checked on the example batch.
 
@@ -565,21 +578,36 @@ def _keep_independent(
                 independent.append(layer)
                 continue
             try:  # again, alone, to say why
-                same = _prunes_like_zeroing(model, root, args, kwargs, [layer])
+                outcome = _pruned_outcome(model, root, args, kwargs, [layer])
             except Exception as error:  # the unpruned model failed with hooks on: this layer alone is skipped
                 skipped.append(_Skip(layer.name, _failure("checking it", error)))
                 continue
-            if same:
+            if outcome.same:
                 independent.append(layer)
             else:
-                skipped.append(_Skip(layer.name, hints.get(layer.name) or _why_not_exact((), {}, _NO_CONTEXT)))
+                skipped.append(_Skip(layer.name, _why_not_exact(hints.get(layer.name), outcome)))
     return independent
 
 
 def _prunes_like_zeroing(
     model: nn.Module, root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], layers: Sequence[PrunableLayer]
 ) -> bool:
-    """Whether removing about half the neurons of each of ``layers`` gives the outputs that zeroing them gives.
+    """Whether removing about half the neurons of each of ``layers`` gives the outputs that zeroing them gives."""
+    return _pruned_outcome(model, root, args, kwargs, layers).same
+
+
+class _Outcome(NamedTuple):
+    """How the model pruned by a check compares with zeroing: the same, or why not."""
+
+    same: bool
+    runs: bool = True
+    misfed: str | None = None  # a layer that got inputs of its old width: one of its calls reads other features
+
+
+def _pruned_outcome(
+    model: nn.Module, root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], layers: Sequence[PrunableLayer]
+) -> _Outcome:
+    """Removing about half the neurons of each of ``layers``, compared with zeroing them.
 
     Every other neuron goes, and one more: the count that stays then shares no factor but 1 or 2 with an even width,
     so a reshape into attention heads (``view(batch, tokens, -1, head_size)``) fails, where exactly half the neurons
@@ -591,18 +619,43 @@ def _prunes_like_zeroing(
         return every_other[:-1] if len(every_other) > 1 else every_other
 
     plan = plan_from_kept(layers, {layer.name: kept(layer) for layer in layers})
+    misfed: list[str] = []
     try:
-        with pruned_temporarily(model, plan):
+        with pruned_temporarily(model, plan), _inputs_checked(model, plan, misfed):
             pruned = _output_tensors(root(*args, **kwargs))
-    except Exception:
-        return False  # the pruned model does not run: its shapes do not follow the neurons
+    except Exception:  # its shapes do not follow the neurons
+        return _Outcome(same=False, runs=False, misfed=misfed[0] if misfed else None)
     handles = _zero_at_consumers(model, plan)
     try:
         reference = _output_tensors(root(*args, **kwargs))
     finally:
         for handle in handles:
             handle.remove()
-    return _same_outputs(pruned, reference)
+    return _Outcome(same=_same_outputs(pruned, reference))
+
+
+@contextmanager
+def _inputs_checked(model: nn.Module, plan: PruningPlan, misfed: list[str]) -> Iterator[None]:
+    """While the block runs, the consumers the plan prunes note in ``misfed`` if they get inputs of another width."""
+    handles = []
+    for name in {operation.module for operation in plan.operations if operation.dim == "in"}:
+        module = model.get_submodule(name)
+        pruner = module_pruner(module)
+        if not isinstance(module, MEASURED_TYPES) or pruner is None:
+            continue
+
+        def check(consumer: nn.Module, args: tuple[Any, ...], name: str = name, pruner: Any = pruner) -> None:
+            if args and isinstance(args[0], Tensor):
+                width = args[0].shape[_channel_dim(consumer, args[0])]
+                if width != pruner.get_in_channels(consumer):
+                    misfed.append(name)
+
+        handles.append(module.register_forward_pre_hook(check))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def layer_inventory(model: nn.Module) -> str:

@@ -204,6 +204,7 @@ class _BoundedGroup(tp.dependency.group.Group):
     """A group that stops growing past the index limit or the deadline, and finds its own entries in O(1)."""
 
     deadline = float("inf")
+    limit = GROUP_INDEX_LIMIT
 
     def __init__(self) -> None:
         super().__init__()
@@ -214,9 +215,9 @@ class _BoundedGroup(tp.dependency.group.Group):
 
     def add_dep(self, dep: Any, idxs: Any) -> None:
         self._entries += len(idxs)
-        if self._entries > GROUP_INDEX_LIMIT:
+        if self._entries > self.limit:
             raise GroupTooLarge(
-                f"its coupled group grows past {GROUP_INDEX_LIMIT:,} indices (index mappings that multiply, e.g."
+                f"its coupled group grows past {self.limit:,} indices (index mappings that multiply, e.g."
                 " window attention; Torch-Pruning issue #525)",
                 partial=self,
             )
@@ -244,13 +245,16 @@ class _BoundedGroup(tp.dependency.group.Group):
 
 
 @contextmanager
-def bounded_groups() -> Iterator[None]:
+def bounded_groups(calls: int = 1) -> Iterator[None]:
     """Groups built inside are bounded in size and, all together, in time (:data:`ANALYSIS_SECONDS`).
 
-    The index mappings were computed when the graph was built and do not change while it is only read: Torch-Pruning
-    recomputing them for every group (a walk over the whole graph each time) is skipped.
+    A layer called ``calls`` times per forward (ALBERT's shared layer) puts each call's operations in its groups:
+    they may hold ``calls`` times :data:`GROUP_INDEX_LIMIT` indices. The index mappings were computed when the graph
+    was built and do not change while it is only read: Torch-Pruning recomputing them for every group (a walk over the
+    whole graph each time) is skipped.
     """
     _BoundedGroup.deadline = time.perf_counter() + ANALYSIS_SECONDS
+    _BoundedGroup.limit = GROUP_INDEX_LIMIT * max(calls, 1)
     try:
         with (
             _patched(_graph_module, "Group", _BoundedGroup),
@@ -259,6 +263,7 @@ def bounded_groups() -> Iterator[None]:
             yield
     finally:
         _BoundedGroup.deadline = float("inf")
+        _BoundedGroup.limit = GROUP_INDEX_LIMIT
 
 
 # Operations whose channels may be removed without changing what the other channels compute.
@@ -505,12 +510,15 @@ def _comparable_modules(root: nn.Module) -> nn.Module:
     return container
 
 
-def pruning_groups(graph: tp.DependencyGraph) -> Iterator[tuple[nn.Module, Any]]:
-    """Like ``graph.get_all_groups``, but a group that fails to build is handed back as its exception."""
+def pruning_groups(graph: tp.DependencyGraph, calls: int = 1) -> Iterator[tuple[nn.Module, Any]]:
+    """Like ``graph.get_all_groups``, but a group that fails to build is handed back as its exception.
+
+    ``calls``: the most times one layer is called per forward (see :func:`bounded_groups`).
+    """
     visited: set[nn.Module] = set()
     built: list[tuple[nn.Module, Any]] = []
     candidates = [m for m in graph.module2node if isinstance(m, MEASURED_TYPES)]
-    with bounded_groups():  # built first, so that the bounds apply to Torch-Pruning's work alone
+    with bounded_groups(calls):  # built first, so that the bounds apply to Torch-Pruning's work alone
         for position, module in enumerate(candidates):
             if module in visited:
                 continue

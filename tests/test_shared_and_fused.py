@@ -153,8 +153,8 @@ def test_a_shared_layer_whose_calls_read_other_features_is_refused_in_words():
     layers, warned = found(SharedOnInputAndHidden().eval(), torch.randn(6, 8))
     assert [layer.name for layer in layers] == ["shared"]
     assert (
-        "not pruning fc: shared is called 2 times per forward (one layer, shared weights), and removing these neurons"
-        " does not equal zeroing them in every call." in warned
+        "not pruning fc: shared is called 2 times per forward (one layer, shared weights), and not every call reads"
+        " these neurons: removing them does not equal zeroing them." in warned
     )
 
 
@@ -448,6 +448,14 @@ def test_eva02_with_a_normalisation_inside_its_mlp_says_so():
         "not pruning blocks.0.mlp.fc1_g+blocks.0.mlp.fc1_x: its neurons reach LayerNorm blocks.0.mlp.norm, which cannot"
         " lose neurons here." in warned
     )
+
+
+def test_albert_attention_projections_are_refused_for_the_attention_not_the_sharing():
+    layers, warned = found(_albert(), TOKENS)
+    assert [layer.name for layer in layers] == ["encoder.albert_layer_groups.0.albert_layers.0.ffn"]
+    attention = "encoder.albert_layer_groups.0.albert_layers.0.attention"
+    assert f"not pruning {attention}.query+{attention}.key+{attention}.value: removing its neurons" in warned
+    assert "shared weights" not in warned
 
 
 def test_phi3_fused_gate_up_rows_are_paired():
