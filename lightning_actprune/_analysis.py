@@ -254,7 +254,7 @@ def _describe(entry: GroupEntry, context: _TraceContext) -> str:
         if id(module) not in context.parameters:
             return "a parameter used outside a layer"
         name, owner = context.parameters[id(module)]
-        if _unsupported(owner):
+        if _unsupported(owner) and not _normalisation(owner):
             return f"{type(owner).__name__} {context.names[owner]} (not supported)"
         if context.names.get(owner) and not any(True for _ in owner.children()):
             return _module_using_its_parameters(owner, context.names[owner])
@@ -266,13 +266,19 @@ def _describe(entry: GroupEntry, context: _TraceContext) -> str:
     return entry.operation
 
 
+def _normalisation(module: nn.Module) -> bool:
+    """A module whose class name says it normalises (``Phi3RMSNorm``, ``ConvNextV2GRN``): only its wording follows."""
+    kind = type(module).__name__.lower()
+    return "norm" in kind or "grn" in kind
+
+
 def _module_using_its_parameters(module: nn.Module, name: str) -> str:
     """A module that uses its parameters in its own code (an RMSNorm, a GRN, a layer scale), in words."""
     kind = type(module).__name__
-    if "norm" in kind.lower():
-        return f"{kind} {name}"  # RMSNorm, LayerNorm2d: the name says what it does to the neurons
     if "grn" in kind.lower():
         return f"{kind} {name} (a global response normalisation over them)"
+    if _normalisation(module):
+        return f"{kind} {name}"  # RMSNorm, LayerNorm2d: the name says what it does to the neurons
     return f"{kind} {name} (its parameters are used outside a layer)"
 
 

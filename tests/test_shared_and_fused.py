@@ -425,6 +425,11 @@ REAL = {
         torch.randn(2, 3, 28, 28),
         {"blocks.0.mlp.fc1", "blocks.1.mlp.fc1"},
     ),
+    "eva02_swiglu": (  # timm's SwiGLU: fc1_g and fc1_x, two Linears multiplied (no norm between)
+        lambda: _timm("eva02_tiny_patch14_224", img_size=28, depth=2, swiglu_align_to=8),
+        torch.randn(2, 3, 28, 28),
+        {f"blocks.{i}.mlp.fc1_g+blocks.{i}.mlp.fc1_x" for i in range(2)},
+    ),
     "convmixer": (_convmixer, torch.randn(2, 3, 16, 16), {"stem.0+blocks.0.0.fn.0", "blocks.0.1+blocks.1.0.fn.0"}),
 }
 
@@ -456,6 +461,17 @@ def test_albert_attention_projections_are_refused_for_the_attention_not_the_shar
     attention = "encoder.albert_layer_groups.0.albert_layers.0.attention"
     assert f"not pruning {attention}.query+{attention}.key+{attention}.value: removing its neurons" in warned
     assert "shared weights" not in warned
+
+
+def test_hugging_face_convnextv2_grn_with_its_eps_fixed_in_code_is_refused_in_words():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ConvNextV2Config(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=NUM_CLASSES)
+    layers, warned = found(transformers.ConvNextV2ForImageClassification(config).eval(), torch.randn(2, 3, 32, 32))
+    assert layers == []
+    assert (
+        "not pruning convnextv2.encoder.stages.0.layers.0.pwconv1: its neurons reach ConvNextV2GRN"
+        " convnextv2.encoder.stages.0.layers.0.grn (a global response normalisation over them)" in warned
+    )
 
 
 def test_phi3_fused_gate_up_rows_are_paired():
