@@ -2,7 +2,7 @@
 
 The rest of the package sees plain values (:class:`GroupEntry`, a pruner object with ``prune_out_channels`` /
 ``prune_in_channels``), never Torch-Pruning's nodes, dependencies or registries; each patch of its internals is
-undone when its block ends. Four things its ``DependencyGraph`` does not do for us:
+undone when its block ends. What its ``DependencyGraph`` does not do for us:
 
 * Reshapes it cannot map (a channel shuffle in ShuffleNetV2) raise inside its graph building and take the whole
   model with them. Such a reshape is left unmapped instead, and every group that reaches it is skipped.
@@ -11,6 +11,12 @@ undone when its block ends. Four things its ``DependencyGraph`` does not do for 
 * Index mappings that multiply (Swin's window partitions, Torch-Pruning issue #525) make a single group grow
   without bound. Each group holds at most :data:`GROUP_INDEX_LIMIT` indices, and the groups of one model are built
   within :data:`ANALYSIS_SECONDS`; past either, the group (or every group left) is skipped with a message.
+* A split along the features (a fused gate/up projection's ``chunk(2, dim=-1)``) is mapped only along dim 1, and
+  its merged groups forget that gate row ``j`` and up row ``H + j`` reach the same input of the down projection.
+  Such splits are mapped by the piece each consumer reads (:func:`feature_splits_mapped`), and root indices that
+  reach one index are one neuron (:meth:`_BoundedGroup.add_and_merge`).
+* Tracing keeps every tensor a backward pass would need, several times a forward pass's memory; none is kept
+  (:func:`_nothing_saved_for_backward`). timm's ``GlobalResponseNorm`` is one node with a pruner (see ``_grn``).
 """
 
 from __future__ import annotations
