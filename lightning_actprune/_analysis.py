@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple, TypeVar
@@ -20,15 +20,19 @@ import torch
 from torch import Tensor, nn
 
 from lightning_actprune._errors import ActivationPruningError
+from lightning_actprune._grn import global_response_norm, zero_grn_inputs
 from lightning_actprune._heads import GQA_UNITS, HEADS_SUFFIX, find_heads, measurable_attention
 from lightning_actprune._plan import plan_from_kept
-from lightning_actprune._statistics import FEATURES_LAST, MEASURED_TYPES, map_tensors
+from lightning_actprune._statistics import FEATURES_LAST, MEASURED_TYPES, _channel_dim, map_tensors
 from lightning_actprune._surgery import pruned_temporarily
 from lightning_actprune._torch_pruning import (
+    SPLIT_OPERATION,
     GroupEntry,
+    GroupTooLarge,
     concatenations_of_unknown_size_unmapped,
     dependency_graph,
     group_entries,
+    module_pruner,
     pruning_groups,
 )
 from lightning_actprune._types import ModuleSlice, PrunableLayer, PruningPlan
@@ -104,8 +108,11 @@ def find_prunable_layers(
     """Find the groups of neurons that can be removed, with Torch-Pruning's ``DependencyGraph``.
 
     Every hidden ``Linear``/``Conv`` whose outputs feed another such layer is a candidate; the model's output layer
-    never is. Groups that touch an operation which mixes channels (LayerNorm, attention, …), a layer called more
-    than once per forward, or a weight shared between layers are skipped with a warning that names them. With
+    never is. Groups that touch an operation which mixes channels (LayerNorm, attention, …) or a weight shared
+    between layers are skipped with a warning that names them. A layer called several times per forward (ALBERT's
+    shared transformer layer) is one member of its group, pruned once for every call; a fused projection whose
+    outputs are split into pieces multiplied together (a gate/up ``chunk``) has one neuron per row pair; timm's
+    Global Response Normalisation is pruned with its scale corrected. Every layer must then prune like zeroing. With
     ``prune_heads``, each attention module adds a layer ``<name>:heads`` whose neurons are its whole heads, found
     from its structure and its own numbers by probing it (see :mod:`lightning_actprune._heads`).
 
@@ -143,10 +150,11 @@ def find_prunable_layers(
         try:
             # inputs recorded under inference mode cannot enter autograd; a clone made here can
             args, kwargs = map_tensors(Tensor.clone, _few_samples(root, inputs[root_name]))
+            hints: dict[str, _Hint] = {}  # per layer, what to say if it fails the zeroing check
             heads = _head_candidates(model, root, args, kwargs, names, prune_heads, gqa_unit, skipped, owners)
             projections = {model.get_submodule(p) for layer in heads for p in layer.producers}
-            candidates = [*_layers_of_root(root, args, kwargs, context, skipped, projections), *heads]
-            found.extend(_keep_independent(model, root, args, kwargs, _no_overlap(candidates), skipped))
+            candidates = [*_layers_of_root(root, args, kwargs, context, skipped, projections, hints), *heads]
+            found.extend(_keep_independent(model, root, args, kwargs, _no_overlap(candidates), skipped, hints))
         except Exception as error:  # one root the tracer cannot handle must not stop the others, nor the fit
             skipped.append(_Skip(f"the layers inside {root_name or type(root).__name__}", _failure("tracing", error)))
     _warn_skipped(_attention_skips(owners, skipped, prune_heads))
@@ -290,14 +298,32 @@ def _describe(entry: GroupEntry, context: _TraceContext) -> str:
         if id(module) not in context.parameters:
             return "a parameter used outside a layer"
         name, owner = context.parameters[id(module)]
-        if _unsupported(owner):
+        if _unsupported(owner) and not _normalisation(owner):
             return f"{type(owner).__name__} {context.names[owner]} (not supported)"
+        if context.names.get(owner) and not any(True for _ in owner.children()):
+            return _module_using_its_parameters(owner, context.names[owner])
         return f"the parameter {name} (used outside a layer)"
     if isinstance(module, nn.RNNBase):
         return f"{type(module).__name__} {context.names[module]} (recurrent layers are not pruned)"
     if isinstance(module, nn.Module) and module in context.names:
         return f"{type(module).__name__} {context.names[module]}"
     return entry.operation
+
+
+def _normalisation(module: nn.Module) -> bool:
+    """A module whose class name says it normalises (``Phi3RMSNorm``, ``ConvNextV2GRN``): only its wording follows."""
+    kind = type(module).__name__.lower()
+    return "norm" in kind or "grn" in kind
+
+
+def _module_using_its_parameters(module: nn.Module, name: str) -> str:
+    """A module that uses its parameters in its own code (an RMSNorm, a GRN, a layer scale), in words."""
+    kind = type(module).__name__
+    if "grn" in kind.lower():
+        return f"{kind} {name} (a global response normalisation over them)"
+    if _normalisation(module):
+        return f"{kind} {name}"  # RMSNorm, LayerNorm2d: the name says what it does to the neurons
+    return f"{kind} {name} (its parameters are used outside a layer)"
 
 
 def grouped_convolution(module: Any) -> bool:
@@ -317,7 +343,21 @@ def _blocker(entry: GroupEntry, description: str) -> str | None:
         return f"{description} (a grouped convolution, groups={entry.module.groups})"
     if entry.unmapped:
         return "a reshape of its channels that cannot be followed (e.g. a channel shuffle)"
+    if _uneven_split(entry):
+        return "a torch.split/chunk of its features into pieces read apart (they would lose unequal numbers of neurons)"
     return None
+
+
+def _uneven_split(entry: GroupEntry) -> bool:
+    """A split whose pieces hold different neurons: a plan may shrink them unequally, which ``chunk`` cannot follow.
+
+    A fused gate/up projection is fine: each neuron has a row in every piece (:func:`group_entries` ties them), so
+    every piece loses the same rows.
+    """
+    if entry.operation != SPLIT_OPERATION:
+        return False
+    rows = Counter(entry.neurons)
+    return len(set(rows.values())) != 1 or min(rows.values()) < 2
 
 
 def _layers_of_root(
@@ -326,30 +366,107 @@ def _layers_of_root(
     kwargs: dict[str, Any],
     context: _TraceContext,
     skipped: list[_Skip],
-    projections: Collection[nn.Module] = (),
+    projections: Collection[nn.Module],
+    hints: dict[str, _Hint],
 ) -> Iterator[PrunableLayer]:
     """The coupled groups of Torch-Pruning's graph as layers; none is built from ``projections`` (heads go whole)."""
-    with _traceable(root):
+    with _traceable(root), torch.no_grad():
         _, counts = _call_counts(root, args, kwargs)
     with concatenations_of_unknown_size_unmapped():  # the graph is built, and its groups too
         with _traceable(root):
             graph = dependency_graph(root, args, kwargs, _tensors_with_grad)
-        for module, group in pruning_groups(graph, projections):
+        for module, group in pruning_groups(graph, projections, max(counts.values(), default=1)):
             if isinstance(group, Exception):
-                skipped.append(_Skip(context.names[module], _failure("tracing its group", group)))
+                skipped.append(_Skip(context.names[module], _group_failure(graph, group, context)))
                 continue
             try:
-                layer = _layer_of_group(group_entries(graph, group), counts, context, skipped)
+                entries = group_entries(graph, group)
+                layer = _layer_of_group(entries, context, skipped)
             except Exception as error:  # a group the tracer cannot describe is skipped, the others go on
                 skipped.append(_Skip(context.names[module], _failure("tracing its group", error)))
                 continue
             if layer is not None:
+                hints[layer.name] = _hint(entries, counts, context)
                 yield layer
+
+
+def _group_failure(graph: Any, error: Exception, context: _TraceContext) -> str:
+    """Why a group could not be built, in words: what stops its neurons, when the part that was built shows it."""
+    partial = error.partial if isinstance(error, GroupTooLarge) else None
+    if partial:
+        try:
+            unsafe = _unsafe_kinds(group_entries(graph, partial), context)
+        except Exception:  # the part built cannot be described: the failure is said as it is
+            unsafe = []
+        if unsafe:
+            # kinds, not names: the groups of one residual stream stop at different places, and make one warning
+            return (
+                f"its neurons reach {_listed(unsafe)}, which cannot lose neurons here (its coupled group is too large"
+                " to build whole)."
+            )
+    return _failure("tracing its group", error)
+
+
+def _unsafe_kinds(group: Sequence[GroupEntry], context: _TraceContext) -> list[str]:
+    """The kinds of members that stop a group's neurons (``LayerNorm layers``, ``a slice of its features``), sorted."""
+    kinds = set()
+    for entry in group:
+        if entry.kind == "output":
+            continue
+        blocker = _blocker(entry, _describe(entry, context))
+        if entry.kind != "unsafe" and blocker is None:
+            continue
+        if isinstance(entry.module, nn.Parameter):
+            owner = context.parameters.get(id(entry.module), ("", None))[1]
+            leaf = owner is not None and context.names.get(owner) and not any(True for _ in owner.children())
+            kinds.add(f"{type(owner).__name__} layers" if leaf else "parameters used outside a layer")
+        elif isinstance(entry.module, nn.Module) and entry.module in context.names:
+            kinds.add(f"{type(entry.module).__name__} layers")
+        else:
+            kinds.add(entry.operation)
+    return sorted(kinds)
+
+
+class _Hint(NamedTuple):
+    """What a group holds that explains a failed zeroing check: a layer called several times, a split of features."""
+
+    shared: Mapping[str, int]  # the layers called several times per forward, with their calls
+    split: bool
+
+
+def _hint(group: Sequence[GroupEntry], counts: Mapping[nn.Module, int], context: _TraceContext) -> _Hint:
+    shared = {
+        context.names[entry.module]: counts[entry.module]
+        for entry in group
+        if isinstance(entry.module, nn.Module) and counts.get(entry.module, 0) > 1
+    }
+    return _Hint(shared, any(entry.kind == "safe" and entry.operation == SPLIT_OPERATION for entry in group))
+
+
+def _why_not_exact(hint: _Hint | None, outcome: _Outcome) -> str:
+    """Why a layer fails the zeroing check, in words: a fused projection, a shared layer, or the general case.
+
+    A shared layer is named when, pruned, it got inputs of its old width: a call that reads other features.
+    """
+    if hint is not None and hint.split:
+        return (
+            "its outputs are split into pieces (a fused projection, e.g. gate and up in one Linear) that could not be"
+            " matched row for row, or whose sizes are fixed in code: removing its neurons does not equal zeroing them."
+        )
+    if hint is not None and outcome.misfed is not None and outcome.misfed in hint.shared:
+        name, calls = outcome.misfed, hint.shared[outcome.misfed]
+        return (
+            f"{name} is called {calls} times per forward (one layer, shared weights), and not every call reads these"
+            " neurons: removing them does not equal zeroing them."
+        )
+    return (
+        "removing its neurons does not equal zeroing them (an operation between it and its consumers mixes its"
+        " neurons, e.g. attention (Q·K, softmax) or a normalisation over them)."
+    )
 
 
 def _layer_of_group(
     group: Sequence[GroupEntry],
-    counts: Mapping[nn.Module, int],
     context: _TraceContext,
     skipped: list[_Skip],
 ) -> PrunableLayer | None:
@@ -373,8 +490,6 @@ def _layer_of_group(
         if not isinstance(module, nn.Module) or not any(True for _ in module.parameters(recurse=False)):
             continue
         name = names[module]
-        if counts.get(module, 0) > 1:
-            unsafe.append(f"{name} (called {counts[module]} times per forward)")
         if module in context.shared:
             unsafe.append(f"{name} (shares a parameter with another layer)")
         if isinstance(module, MEASURED_TYPES):
@@ -400,7 +515,7 @@ def _layer_of_group(
             )
         )
         return None
-    neurons = len(group[0].neurons)
+    neurons = len(set(group[0].neurons))  # root indices tied together (a fused gate/up projection) are one neuron
     return PrunableLayer(name=name, neurons=neurons, producers=tuple(producers), slices=tuple(slices))
 
 
@@ -464,9 +579,12 @@ def _zero_at_consumers(model: nn.Module, plan: PruningPlan) -> list[torch.utils.
     handles = []
     for operation in plan.operations:
         module = model.get_submodule(operation.module)
+        index = torch.tensor(operation.indices)
+        if global_response_norm(module):  # it normalises over the neurons: they are zero where it reads them
+            handles.append(zero_grn_inputs(module, index))
+            continue
         if operation.dim != "in" or not isinstance(module, MEASURED_TYPES):
             continue
-        index = torch.tensor(operation.indices)
 
         def zero(consumer: nn.Module, args: tuple[Any, ...], index: Tensor = index) -> tuple[Any, ...]:
             inputs = args[0].clone()
@@ -487,6 +605,7 @@ def _keep_independent(
     kwargs: dict[str, Any],
     layers: list[PrunableLayer],
     skipped: list[_Skip],
+    hints: Mapping[str, _Hint],
 ) -> list[PrunableLayer]:
     """Keep the layers whose pruning really equals zeroing their neurons, checked on the example batch.
 
@@ -512,22 +631,16 @@ def _keep_independent(
                 independent.append(layer)
                 continue
             try:  # again, alone, to say why
-                same = _prunes_like_zeroing(model, root, args, kwargs, [layer])
+                outcome = _pruned_outcome(model, root, args, kwargs, [layer])
             except Exception as error:  # the unpruned model failed with hooks on: this layer alone is skipped
                 skipped.append(_Skip(_label(layer), _failure("checking it", error)))
                 continue
-            if same:
+            if outcome.same:
                 independent.append(layer)
             elif layer.name.endswith(HEADS_SUFFIX):
                 skipped.append(_Skip(_label(layer), _heads_differ(model, root, args, kwargs, layer)))
             else:
-                skipped.append(
-                    _Skip(
-                        layer.name,
-                        "removing its neurons does not equal zeroing them (an operation between it and its consumers"
-                        " mixes its neurons, e.g. attention (Q·K, softmax) or a normalisation over them).",
-                    )
-                )
+                skipped.append(_Skip(layer.name, _why_not_exact(hints.get(layer.name), outcome)))
     return independent
 
 
@@ -573,23 +686,63 @@ def _kept_for_check(layer: PrunableLayer) -> list[int]:
 def _prunes_like_zeroing(
     model: nn.Module, root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], layers: Sequence[PrunableLayer]
 ) -> bool:
-    """Whether removing about half the neurons of each of ``layers`` gives the outputs that zeroing them gives.
+    """Whether removing about half the neurons of each of ``layers`` gives the outputs that zeroing them gives."""
+    return _pruned_outcome(model, root, args, kwargs, layers).same
+
+
+class _Outcome(NamedTuple):
+    """How the model pruned by a check compares with zeroing: the same, or why not."""
+
+    same: bool
+    runs: bool = True
+    misfed: str | None = None  # a layer that got inputs of its old width: one of its calls reads other features
+
+
+def _pruned_outcome(
+    model: nn.Module, root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], layers: Sequence[PrunableLayer]
+) -> _Outcome:
+    """Removing about half the neurons of each of ``layers``, compared with zeroing them.
 
     The neurons that go are those of :func:`_kept_for_check`.
     """
     plan = plan_from_kept(layers, {layer.name: _kept_for_check(layer) for layer in layers})
+    misfed: list[str] = []
     try:
-        with pruned_temporarily(model, plan):
+        with pruned_temporarily(model, plan), _inputs_checked(model, plan, misfed):
             pruned = _output_tensors(root(*args, **kwargs))
-    except Exception:
-        return False  # the pruned model does not run: its shapes do not follow the neurons
+    except Exception:  # its shapes do not follow the neurons
+        return _Outcome(same=False, runs=False, misfed=misfed[0] if misfed else None)
     handles = _zero_at_consumers(model, plan)
     try:
         reference = _output_tensors(root(*args, **kwargs))
     finally:
         for handle in handles:
             handle.remove()
-    return _same_outputs(pruned, reference)
+    return _Outcome(same=_same_outputs(pruned, reference))
+
+
+@contextmanager
+def _inputs_checked(model: nn.Module, plan: PruningPlan, misfed: list[str]) -> Iterator[None]:
+    """While the block runs, the consumers the plan prunes note in ``misfed`` if they get inputs of another width."""
+    handles = []
+    for name in {operation.module for operation in plan.operations if operation.dim == "in"}:
+        module = model.get_submodule(name)
+        pruner = module_pruner(module)
+        if not isinstance(module, MEASURED_TYPES) or pruner is None:
+            continue
+
+        def check(consumer: nn.Module, args: tuple[Any, ...], name: str = name, pruner: Any = pruner) -> None:
+            if args and isinstance(args[0], Tensor):
+                width = args[0].shape[_channel_dim(consumer, args[0])]
+                if width != pruner.get_in_channels(consumer):
+                    misfed.append(name)
+
+        handles.append(module.register_forward_pre_hook(check))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def layer_inventory(model: nn.Module) -> str:

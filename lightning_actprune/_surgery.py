@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lightning_actprune._errors import ActivationPruningError
+from lightning_actprune._grn import rescale_response_norms, response_norm_channels
 from lightning_actprune._heads import attribute_holders, head_pruner, heads_snapshot, sync_head_counts
 from lightning_actprune._torch_pruning import module_pruner
 from lightning_actprune._types import PruningPlan
@@ -160,6 +161,7 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> None:
             )
 
     current = "the model"
+    response_norms = response_norm_channels(model, plan.touched_modules)
     try:
         with restoring(model, plan.touched_modules):
             # biases first, on the full-size consumers: the surgery then keeps the entries of the outputs that stay
@@ -177,6 +179,8 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> None:
                     p.requires_grad_(flags.get(name, True))
             current = "the attention modules' head counts"
             sync_head_counts(model, plan)
+            current = "the global response normalisations' scales"
+            rescale_response_norms(model, response_norms)
     except Exception as error:
         raise ActivationPruningError(
             f"pruning {current} failed ({type(error).__name__}: {error}); the model was restored."

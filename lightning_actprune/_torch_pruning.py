@@ -2,7 +2,7 @@
 
 The rest of the package sees plain values (:class:`GroupEntry`, a pruner object with ``prune_out_channels`` /
 ``prune_in_channels``), never Torch-Pruning's nodes, dependencies or registries; each patch of its internals is
-undone when its block ends. Four things its ``DependencyGraph`` does not do for us:
+undone when its block ends. What its ``DependencyGraph`` does not do for us:
 
 * Reshapes it cannot map (a channel shuffle in ShuffleNetV2) raise inside its graph building and take the whole
   model with them. Such a reshape is left unmapped instead, and every group that reaches it is skipped.
@@ -11,6 +11,12 @@ undone when its block ends. Four things its ``DependencyGraph`` does not do for 
 * Index mappings that multiply (Swin's window partitions, Torch-Pruning issue #525) make a single group grow
   without bound. Each group holds at most :data:`GROUP_INDEX_LIMIT` indices, and the groups of one model are built
   within :data:`ANALYSIS_SECONDS`; past either, the group (or every group left) is skipped with a message.
+* A split along the features (a fused gate/up projection's ``chunk(2, dim=-1)``) is mapped only along dim 1, and
+  its merged groups forget that gate row ``j`` and up row ``H + j`` reach the same input of the down projection.
+  Such splits are mapped by the piece each consumer reads (:func:`feature_splits_mapped`), and root indices that
+  reach one index are one neuron (:meth:`_BoundedGroup.add_and_merge`).
+* Tracing keeps every tensor a backward pass would need, several times a forward pass's memory; none is kept
+  (:func:`_nothing_saved_for_backward`). timm's ``GlobalResponseNorm`` is one node with a pruner (see ``_grn``).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from lightning_actprune._conv1d import Conv1D
+from lightning_actprune._grn import global_response_norm
 from lightning_actprune._statistics import MEASURED_TYPES, map_tensors
 
 GROUP_INDEX_LIMIT = 100_000
@@ -43,7 +50,11 @@ _graph_module: Any = tp.dependency.graph
 
 
 class GroupTooLarge(Exception):
-    """A coupled group grew past :data:`GROUP_INDEX_LIMIT` indices."""
+    """A coupled group grew past :data:`GROUP_INDEX_LIMIT` indices; ``partial`` holds what was built of it."""
+
+    def __init__(self, message: str, partial: Any = None) -> None:
+        super().__init__(message)
+        self.partial = partial
 
 
 class BudgetExhausted(Exception):
@@ -87,14 +98,18 @@ def concatenations_of_unknown_size_unmapped() -> Iterator[None]:
 
     Torch-Pruning (1.6) gives up on such a concatenation too, but only after summing the widths, which fails on the
     unknown one: a key/value cache concatenates each step's keys with a cache tensor that autograd never saw, and the
-    whole model could not be traced.
+    whole model could not be traced. A width whose inference fails (a partial rotary embedding's concatenation of the
+    pieces of a per-head split) is unknown too.
     """
     update: Callable[..., None] = _index_mapping.update_concat_index_mapping
 
     @functools.wraps(update)
     def tolerant(graph: Any, node: Any) -> None:
         if node.type == tp.ops.OPTYPE.CONCAT and node.module.concat_sizes is None:
-            widths = [_shape_infer.infer_channels_between(graph, source, node) for source in node.inputs]
+            try:
+                widths = [_shape_infer.infer_channels_between(graph, source, node) for source in node.inputs]
+            except (IndexError, KeyError, TypeError):  # a width it cannot infer (a split it does not know): unknown
+                return
             if None in widths:
                 return
         update(graph, node)
@@ -103,22 +118,118 @@ def concatenations_of_unknown_size_unmapped() -> Iterator[None]:
         yield
 
 
+def _signed(dim: int) -> int:
+    """A dimension as autograd saved it: a negative one reads back as its unsigned 64-bit value."""
+    return dim - 2**64 if dim >= 2**63 else dim
+
+
+def _split_sizes(grad_fn: Any) -> tuple[int, list[int]] | None:
+    """The dimension a ``split``/``chunk`` cut (normalised) and the size of each piece, from its saved values."""
+    shape = getattr(grad_fn, "_saved_self_sym_sizes", None)
+    dim = getattr(grad_fn, "_saved_dim", None)
+    if shape is None or dim is None or not shape:
+        return None
+    dim = _signed(int(dim))
+    if not -len(shape) <= dim < len(shape):
+        return None
+    dim %= len(shape)
+    total = int(shape[dim])
+    if hasattr(grad_fn, "_saved_split_sizes"):
+        sizes = [int(size) for size in grad_fn._saved_split_sizes]
+    elif hasattr(grad_fn, "_saved_split_size"):
+        step = max(int(grad_fn._saved_split_size), 1)
+        sizes = [min(step, total - start) for start in range(0, total, step)]
+    else:
+        return None
+    return (dim, sizes) if sum(sizes) == total else None
+
+
+def _map_split_pieces(node: Any, sizes: list[int]) -> bool:
+    """Give each dependency of a split node the index mapping of the piece it reads; ``False`` if unclear.
+
+    Which piece a consumer reads is the output number autograd recorded for it (Torch-Pruning assumes the order in
+    which it met the consumers).
+    """
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
+
+    def mapping(piece: int, reverse: bool) -> Any:
+        return _index_mapping._SplitIndexMapping(offset=offsets[piece : piece + 2], reverse=reverse)
+
+    def pieces(consumer: Any) -> list[int]:
+        functions = getattr(consumer.grad_fn, "next_functions", ()) or ()
+        return [int(number) for function, number in functions if function is node.grad_fn]
+
+    forward: dict[int, list[int]] = {}
+    mappings: list[tuple[Any, Any]] = []
+    consumers = {id(consumer) for consumer in node.outputs}
+    for dep in node.dependencies:
+        if id(dep.target) not in consumers:
+            continue  # the dependency on the split's input
+        numbers = forward.setdefault(id(dep.target), pieces(dep.target))
+        if not numbers:
+            return False
+        mappings.append((dep, mapping(numbers.pop(0), reverse=False)))
+    for consumer in dict.fromkeys(node.outputs):
+        numbers = pieces(consumer)
+        for dep in consumer.dependencies:
+            if dep.target is node:
+                if not numbers:
+                    return False
+                mappings.append((dep, mapping(numbers.pop(0), reverse=True)))
+    for dep, piece_mapping in mappings:
+        dep.index_mapping[0] = piece_mapping
+    return True
+
+
+@contextmanager
+def feature_splits_mapped() -> Iterator[None]:
+    """While a graph is built, a ``split``/``chunk`` along the last dimension maps its pieces' indices.
+
+    Torch-Pruning maps a split along dimension 1 only (a conv's channels), and none downstream of a 3-D parameter
+    (its fix for a ViT's class token): the fused gate/up projection of a gated MLP (``fc1(x).chunk(2, dim=-1)``,
+    Phi-3, timm's ``GluMlp``) then couples its rows wrongly, or not at all. Along the last dimension, the features of
+    a ``Linear``, each piece is mapped to the rows it came from; whether that is right is checked afterwards, with
+    every layer (removing neurons must equal zeroing them).
+    """
+    update: Callable[..., None] = _index_mapping.update_split_index_mapping
+
+    @functools.wraps(update)
+    def along_features(graph: Any, node: Any) -> None:
+        split = _split_sizes(node.grad_fn) if node.type == tp.ops.OPTYPE.SPLIT else None
+        if split is not None and split[0] == len(node.grad_fn._saved_self_sym_sizes) - 1:
+            sizes = split[1]
+            node.module.split_sizes = sizes
+            node.module.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+            if _map_split_pieces(node, sizes):
+                return
+        update(graph, node)
+
+    with _patched(_index_mapping, "update_split_index_mapping", along_features):
+        yield
+
+
 class _BoundedGroup(tp.dependency.group.Group):
     """A group that stops growing past the index limit or the deadline, and finds its own entries in O(1)."""
 
     deadline = float("inf")
+    limit = GROUP_INDEX_LIMIT
 
     def __init__(self) -> None:
         super().__init__()
         self._entries = 0
         self._seen: dict[tuple[int, Any], set[tuple[Any, ...]]] = {}
+        self._root_at: dict[tuple[int, Any, int], int] = {}
+        self.tied: list[tuple[int, int]] = []
 
     def add_dep(self, dep: Any, idxs: Any) -> None:
         self._entries += len(idxs)
-        if self._entries > GROUP_INDEX_LIMIT:
+        if self._entries > self.limit:
             raise GroupTooLarge(
-                f"its coupled group grows past {GROUP_INDEX_LIMIT:,} indices (index mappings that multiply, e.g."
-                " window attention; Torch-Pruning issue #525)"
+                f"its coupled group grows past {self.limit:,} indices (index mappings that multiply, e.g."
+                " window attention; Torch-Pruning issue #525)",
+                partial=self,
             )
         if time.perf_counter() > self.deadline:
             raise BudgetExhausted
@@ -129,15 +240,32 @@ class _BoundedGroup(tp.dependency.group.Group):
         # the index lists hold (idx, root_idx) tuples: a set finds an equal list without comparing to every one
         return tuple(idxs) in self._seen.get((id(dep.target), dep.handler), ())
 
+    def add_and_merge(self, dep: Any, idxs: Any) -> None:
+        """Merge as Torch-Pruning does, noting the root indices that reach one index of a member: they are tied.
+
+        Torch-Pruning keeps the first root index it sees at each index of a member and forgets the others: for a
+        fused gate/up projection split by ``chunk(2)`` and multiplied, gate row ``j`` and up row ``H + j`` both reach
+        input ``j`` of the down projection, and must go together.
+        """
+        for index in idxs:
+            key = (id(dep.target), dep.handler, int(index.idx))
+            first = self._root_at.setdefault(key, int(index.root_idx))
+            if first != int(index.root_idx):
+                self.tied.append((first, int(index.root_idx)))
+        super().add_and_merge(dep, idxs)
+
 
 @contextmanager
-def bounded_groups() -> Iterator[None]:
+def bounded_groups(calls: int = 1) -> Iterator[None]:
     """Groups built inside are bounded in size and, all together, in time (:data:`ANALYSIS_SECONDS`).
 
-    The index mappings were computed when the graph was built and do not change while it is only read: Torch-Pruning
-    recomputing them for every group (a walk over the whole graph each time) is skipped.
+    A layer called ``calls`` times per forward (ALBERT's shared layer) puts each call's operations in its groups:
+    they may hold ``calls`` times :data:`GROUP_INDEX_LIMIT` indices. The index mappings were computed when the graph
+    was built and do not change while it is only read: Torch-Pruning recomputing them for every group (a walk over the
+    whole graph each time) is skipped.
     """
     _BoundedGroup.deadline = time.perf_counter() + ANALYSIS_SECONDS
+    _BoundedGroup.limit = GROUP_INDEX_LIMIT * max(calls, 1)
     try:
         with (
             _patched(_graph_module, "Group", _BoundedGroup),
@@ -146,6 +274,7 @@ def bounded_groups() -> Iterator[None]:
             yield
     finally:
         _BoundedGroup.deadline = float("inf")
+        _BoundedGroup.limit = GROUP_INDEX_LIMIT
 
 
 # Operations whose channels may be removed without changing what the other channels compute.
@@ -165,7 +294,9 @@ _SAFE_TYPES = frozenset(
 
 # Torch-Pruning marks the model's outputs in its graph (1.6); looked up by name, as older releases did not
 _OUTPUT = getattr(tp.ops.OPTYPE, "OUTPUT", None)
+SPLIT_OPERATION = "a split of its features (torch.split, torch.chunk)"
 _WORDS = {
+    tp.ops.OPTYPE.SPLIT: SPLIT_OPERATION,
     tp.ops.OPTYPE.UNBIND: "a torch.unbind of its features (e.g. splitting attention heads)",
     tp.ops.OPTYPE.SLICE: "a slice of its features",
     tp.ops.OPTYPE.EXPAND: "a torch.expand of its features",
@@ -196,16 +327,50 @@ class GroupEntry(NamedTuple):
     unmapped: bool
 
 
+def _indices_and_roots(item: Any) -> tuple[list[int], list[int]]:
+    """A group member's own indices and, for each, the root index it carries."""
+    roots = getattr(item, "root_idxs", None)
+    if roots is None:  # a group not merged (a part of one): its indices still hold their root index
+        return [int(index.idx) for index in item.idxs], [int(index.root_idx) for index in item.idxs]
+    return [int(i) for i in item.idxs], [int(r) for r in roots]
+
+
+def _neuron_of_root(group: Any) -> Callable[[int], int]:
+    """Each root index's neuron: root indices tied in the group (:meth:`_BoundedGroup.add_and_merge`) are one neuron.
+
+    Neurons are numbered by their smallest root index; without ties, a root index is its own neuron.
+    """
+    parent: dict[int, int] = {}
+
+    def find(root: int) -> int:
+        while parent.get(root, root) != root:
+            root = parent[root] = parent.get(parent[root], parent[root])
+        return root
+
+    for a, b in getattr(group, "tied", ()):
+        first, second = sorted((find(a), find(b)))
+        if first != second:
+            parent[second] = first
+    if not parent:
+        return int
+    roots = sorted({int(r) for item in group for r in _indices_and_roots(item)[1]})
+    number = {root: n for n, root in enumerate(r for r in roots if find(r) == r)}
+    return lambda root: number[find(root)]
+
+
 def group_entries(graph: tp.DependencyGraph, group: Any) -> list[GroupEntry]:
     """The members of one of Torch-Pruning's groups (:func:`pruning_groups`) as :class:`GroupEntry` values."""
+    neuron = _neuron_of_root(group)
     entries = []
     for item in group:
-        dep, indices = item
+        dep = item.dep
+        indices, roots = _indices_and_roots(item)
         node = dep.target
         module, optype = node.module, node.type
         if _OUTPUT is not None and optype == _OUTPUT:
             kind: Literal["output", "safe", "unsafe"] = "output"
-        elif optype in _SAFE_TYPES or isinstance(module, Conv1D):  # Conv1D: a customized node, like a Linear
+        elif optype in _SAFE_TYPES or isinstance(module, Conv1D) or global_response_norm(module):
+            # Conv1D: a customized node, like a Linear; a GRN: one made exact by its pruner (see _grn)
             kind = "safe"
         else:
             kind = "unsafe"
@@ -215,8 +380,8 @@ def group_entries(graph: tp.DependencyGraph, group: Any) -> list[GroupEntry]:
                 operation=_WORDS.get(optype, f"a {optype.name.lower()} operation"),
                 kind=kind,
                 dim="out" if graph.is_out_channel_pruning_fn(dep.handler) else "in",
-                indices=tuple(int(i) for i in indices),
-                neurons=tuple(int(r) for r in item.root_idxs),
+                indices=tuple(indices),
+                neurons=tuple(neuron(int(r)) for r in roots),
                 unmapped=node in getattr(graph, "_actprune_unmapped", ()),
             )
         )
@@ -275,6 +440,37 @@ def _recurrent_layers_opaque(root: nn.Module) -> Iterator[None]:
             handle.remove()
 
 
+def _nothing_saved_for_backward() -> Any:
+    """Autograd keeps the graph's nodes but none of the tensors a backward pass would need.
+
+    Torch-Pruning reads the graph's structure and the sizes and dimensions its nodes saved (plain ints), never a saved
+    tensor, and no backward pass runs: tracing then holds no more activations than a forward pass without gradients
+    (ConvMixer-768/32 at 224 px held some 13 GB of them for 8 samples).
+    """
+    return torch.autograd.graph.saved_tensors_hooks(lambda _: None, _never_unpacked)
+
+
+def _never_unpacked(_: Any) -> Tensor:
+    raise RuntimeError("lightning_actprune traces without saving tensors for backward: no backward may run")
+
+
+@contextmanager
+def _response_norms_opaque(root: nn.Module) -> Iterator[None]:
+    """Each GRN seen as one node from its input to its output, as a BatchNorm is: its pruner makes it exact."""
+
+    def opaque(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        if not (args and isinstance(args[0], Tensor) and isinstance(output, Tensor)):
+            return None
+        return _Opaque.apply(args[0], output.detach())
+
+    handles = [m.register_forward_hook(opaque) for m in root.modules() if global_response_norm(m)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def dependency_graph(
     root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], outputs: Callable[[Any], list[Tensor]]
 ) -> tp.DependencyGraph:
@@ -289,8 +485,16 @@ def dependency_graph(
             customized[type(module)] = _OpaqueRecurrent()
         elif isinstance(module, Conv1D):
             customized[type(module)] = CONV1D_PRUNER
+        elif global_response_norm(module):
+            customized[type(module)] = GRN_PRUNER
     graph = tp.DependencyGraph()
-    with _recurrent_layers_opaque(root), unmapped_reshapes(graph):
+    with (
+        _recurrent_layers_opaque(root),
+        _response_norms_opaque(root),
+        unmapped_reshapes(graph),
+        feature_splits_mapped(),
+        _nothing_saved_for_backward(),
+    ):
         graph.build_dependency(
             _comparable_modules(root) if customized else root,
             example_inputs=(args, kwargs),
@@ -317,15 +521,18 @@ def _comparable_modules(root: nn.Module) -> nn.Module:
     return container
 
 
-def pruning_groups(graph: tp.DependencyGraph, skip: Collection[nn.Module] = ()) -> Iterator[tuple[nn.Module, Any]]:
+def pruning_groups(
+    graph: tp.DependencyGraph, skip: Collection[nn.Module] = (), calls: int = 1
+) -> Iterator[tuple[nn.Module, Any]]:
     """Like ``graph.get_all_groups``, but a group that fails to build is handed back as its exception.
 
     No group is built from the modules in ``skip`` (the q/k/v projections whose heads are pruned as a whole).
+    ``calls``: the most times one layer is called per forward (see :func:`bounded_groups`).
     """
     visited: set[nn.Module] = set()
     built: list[tuple[nn.Module, Any]] = []
     candidates = [m for m in graph.module2node if isinstance(m, MEASURED_TYPES)]
-    with bounded_groups():  # built first, so that the bounds apply to Torch-Pruning's work alone
+    with bounded_groups(calls):  # built first, so that the bounds apply to Torch-Pruning's work alone
         for position, module in enumerate(candidates):
             if module in visited or module in skip:
                 continue
@@ -378,8 +585,34 @@ class Conv1DPruner(tp.pruner.function.BasePruningFunc):
 CONV1D_PRUNER = Conv1DPruner()
 
 
+class GlobalResponseNormPruner(tp.pruner.function.BasePruningFunc):
+    """Removes channels of a GRN: their weight and bias entries (:func:`rescale_response_norms` then scales)."""
+
+    TARGET_MODULES = None
+
+    def prune_out_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
+        """Remove the channels ``idxs``: a selection only, so that optimizer state can follow it entry by entry."""
+        keep = sorted(set(range(int(layer.weight.shape[0]))) - {int(i) for i in idxs})
+        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
+        layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
+        return layer
+
+    prune_in_channels = prune_out_channels  # one set of channels: Torch-Pruning couples its input and output
+
+    def get_out_channels(self, layer: Any) -> int:
+        """The number of channels."""
+        return int(layer.weight.shape[0])
+
+    get_in_channels = get_out_channels
+
+
+GRN_PRUNER = GlobalResponseNormPruner()
+
+
 def module_pruner(module: nn.Module) -> Any:
     """Torch-Pruning's pruner for this kind of layer (``prune_out_channels``, ``prune_in_channels``, …), or None."""
     if isinstance(module, Conv1D):  # Torch-Pruning has none for it
         return CONV1D_PRUNER
+    if global_response_norm(module):
+        return GRN_PRUNER
     return tp.pruner.function.PrunerBox.get(tp.ops.module2type(module))
