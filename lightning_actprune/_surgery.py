@@ -11,6 +11,8 @@ from torch import nn
 
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._heads import attribute_holders, head_pruner, sync_head_counts
+from lightning_actprune._recurrent import add_to_bias as add_to_recurrent_bias
+from lightning_actprune._recurrent import refresh_flat_weights
 from lightning_actprune._torch_pruning import module_pruner
 from lightning_actprune._types import PruningPlan
 
@@ -52,6 +54,8 @@ class ModuleSnapshot:
             module._buffers.clear()
             module._buffers.update(buffers)
             vars(module).update(attributes)
+            if isinstance(module, nn.RNNBase):  # it runs on a list of its weights, which must follow them
+                refresh_flat_weights(module)
 
 
 @contextmanager
@@ -181,6 +185,9 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> None:
 
 def _add_to_bias(module: nn.Module, delta: tuple[float, ...]) -> None:
     """A new bias parameter (created when the module had none); the old tensor is left untouched for restoring."""
+    if isinstance(module, nn.RNNBase):
+        add_to_recurrent_bias(module, torch.tensor(delta))
+        return
     weight = module.get_parameter("weight")
     values = torch.tensor(delta, dtype=weight.dtype, device=weight.device)
     bias = getattr(module, "bias", None)
