@@ -146,9 +146,10 @@ class ActivationPruning(Callback):
             BatchNorm skip it. The "after" metrics are then those of the recalibrated model, and the metrics right
             after the surgery are reported too (``actprune/M_pruned``); the λ table and ``max_metric_drop`` judge
             each λ recalibrated.
-        recovery_epochs: ``0`` (default) prunes at the end of ``fit``. ``R > 0`` prunes at the end of epoch
-            ``max_epochs - R`` (after its validation) and lets the same ``fit`` train the smaller model for the last
-            ``R`` epochs with the same optimizer (its per-parameter state sliced like the parameters, its
+        recovery_epochs: ``0`` (default) prunes at the end of ``fit``. ``R > 0`` prunes after epoch
+            ``max_epochs - R`` of ``max_epochs``, counting from 1 (after its validation; Lightning's
+            ``current_epoch`` is then ``max_epochs - R - 1``), and lets the same ``fit`` train the smaller model for
+            the last ``R`` epochs with the same optimizer (its per-parameter state sliced like the parameters, its
             hyper-parameters, schedulers and step counts kept); the report at the end of ``fit`` adds the metrics
             after recovery (``actprune/M_recovered``). ``threshold`` and ``target_params_reduction`` mean what they
             mean without recovery; ``max_metric_drop`` bounds the drop right after pruning (and recalibration),
@@ -220,7 +221,8 @@ class ActivationPruning(Callback):
         self.prunable_layers: list[PrunableLayer] | None = None
         """What the analysis at the start of ``fit`` found prunable (None until then): problems show before training."""
         self.pruned_at_epoch: int | None = None
-        """The epoch at whose end the model was pruned inside ``fit`` (``recovery_epochs > 0``), or None."""
+        """Lightning's ``current_epoch`` (from 0) at whose end the model was pruned inside ``fit``, or None."""
+        self._monitor_checked = False
 
     @property
     def effective_statistic(self) -> str:
@@ -235,6 +237,7 @@ class ActivationPruning(Callback):
         if stage != "fit":
             return
         self.prunable_layers = None  # this fit's model is analysed anew
+        self._monitor_checked = False  # `monitor` is checked against the first validation's metrics
         self.pruned_at_epoch = None  # a resumed fit gets it back from the checkpoint, restored after `setup`
         source = compat.data_source(trainer.fit_loop.epoch_loop.val_loop)
         if not is_overridden("validation_step", pl_module) or not source.is_defined():
@@ -259,7 +262,7 @@ class ActivationPruning(Callback):
         recovery = self.settings.recovery_epochs
         if epochs is None or epochs <= recovery or trainer.max_steps != -1:
             raise ActivationPruningError(
-                f"`recovery_epochs={recovery}` prunes at the end of epoch `max_epochs - recovery_epochs`:"
+                f"`recovery_epochs={recovery}` prunes after epoch `max_epochs - recovery_epochs` of `max_epochs`:"
                 f" it needs `Trainer(max_epochs)` > {recovery} and no `max_steps`; got"
                 f" max_epochs={epochs}, max_steps={trainer.max_steps}."
             )
@@ -293,8 +296,21 @@ class ActivationPruning(Callback):
                 callback.wait_count = 0
                 callback.best_score = torch.tensor(math.inf if callback.monitor_op == torch.lt else -math.inf)
             rank_zero_info(
-                f"ActivationPruning: pruned at the end of epoch {trainer.current_epoch}; the last"
+                f"ActivationPruning: pruned after epoch {trainer.current_epoch + 1} of {trainer.max_epochs}; the last"
                 f" {self.settings.recovery_epochs} epoch(s) train the smaller model."
+            )
+
+    def _check_monitor(self, logged: dict[str, float]) -> None:
+        """A ``monitor`` that the first validation of ``fit`` did not log fails then, not after training.
+
+        The first validation is the sanity check's when there is one.
+        """
+        self._monitor_checked = True
+        monitor = self.settings.monitor
+        if monitor is not None and monitor not in logged:
+            raise ActivationPruningError(
+                f"`monitor={monitor!r}` is not a metric that `validation_step` logs; logged:"
+                f" {', '.join(logged) or '(none)'} (metrics logged with `logger=False` are not seen)."
             )
 
     def _check_patterns(self, pl_module: pl.LightningModule) -> None:
@@ -472,7 +488,7 @@ class ActivationPruning(Callback):
         layers = self.prunable_layers
         warned = layers is not None  # the analysis at the start of fit already said what it found
         if layers is None:
-            layers = self._analyse(pl_module, recorder)
+            layers, _ = self._analyse(pl_module, recorder)
         if getattr(trainer, "fast_dev_run", False):  # set by the Trainer at init, not declared on the class
             rank_zero_info("ActivationPruning: `fast_dev_run` validates one batch; the statistics come from it alone.")
         if not layers:
@@ -494,8 +510,9 @@ class ActivationPruning(Callback):
             compensate=self.settings.compensate,
             normalize=self.settings.normalized,
         )
-        rows = {row.threshold: row for row in self._sweep(trainer, evaluator)}
-        plan, chosen_by = self._choose(evaluator, metrics_before, rows)
+        table = self._table(trainer, evaluator)
+        rows = {threshold: row for threshold, (row, _) in table.items()}
+        plan, chosen_by = self._choose(evaluator, metrics_before, rows, {t: plan for t, (_, plan) in table.items()})
         params_before, size_before = count_parameters(pl_module), model_size_mb(pl_module)
         metrics_pruned: dict[str, float] = {}
         if plan is None:  # no λ qualified: the model stays as it is, the table is still reported
@@ -552,11 +569,15 @@ class ActivationPruning(Callback):
         if rows and validated is None:
             params_after, size_after = count_parameters(pl_module), model_size_mb(pl_module)
             kept = params_after / params_before
-            rows[threshold] = SweepRow(threshold, params_after, kept, size_after, neurons, metrics_after)
+            target = self.settings.target_params_reduction  # a table for a target lists reductions
+            rows[threshold] = SweepRow(threshold, params_after, kept, size_after, neurons, metrics_after, target)
         return metrics_after, metrics_pruned
 
-    def _analyse(self, pl_module: pl.LightningModule, recorder: ActivationRecorder) -> list[PrunableLayer]:
-        """Which layers can be pruned (Torch-Pruning's analysis and the per-layer checks); skips warned once."""
+    def _analyse(self, pl_module: pl.LightningModule, recorder: ActivationRecorder) -> tuple[list[PrunableLayer], int]:
+        """Which layers can be pruned (Torch-Pruning's analysis and the per-layer checks), and how many warnings.
+
+        The warnings say which layers are not prunable and why; each is issued once, on rank zero.
+        """
         with warnings.catch_warnings(record=True) as skipped:  # re-issued once, on rank zero
             warnings.simplefilter("always")
             layers = find_prunable_layers(
@@ -568,7 +589,7 @@ class ActivationPruning(Callback):
             )
         for warning in skipped:
             rank_zero_warn(str(warning.message))
-        return layers
+        return layers, len(skipped)
 
     @staticmethod
     def _nothing_prunable(pl_module: pl.LightningModule) -> str:
@@ -617,6 +638,8 @@ class ActivationPruning(Callback):
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not self._monitor_checked:
+            self._check_monitor(compat.epoch_validation_metrics(trainer))
         recorder, self._recording = self._recording, None
         if recorder is None:
             return
@@ -635,7 +658,7 @@ class ActivationPruning(Callback):
         if self._recording is not None:  # the analysis runs the model: those passes are not validation data
             self._recording.__exit__(None, None, None)
         try:
-            layers = self._analyse(pl_module, recorder)
+            layers, warned = self._analyse(pl_module, recorder)
         except Exception as error:
             rank_zero_warn(
                 f"ActivationPruning: analysing {type(pl_module).__name__} at the start of fit failed"
@@ -655,22 +678,40 @@ class ActivationPruning(Callback):
         neurons = sum(layer.neurons for layer in layers)
         shown = ", ".join(f"{layer.name} ({layer.neurons})" for layer in layers[:8])
         more = f" and {len(layers) - 8} more" if len(layers) > 8 else ""
-        rank_zero_info(
-            f"ActivationPruning: {len(layers)} prunable layer(s), {neurons} neurons: {shown}{more}; the warnings"
-            " above name the layers that will not be pruned and why."
-        )
+        why = "; the warnings above name the layers that will not be pruned and why" if warned else ""
+        rank_zero_info(f"ActivationPruning: {len(layers)} prunable layer(s), {neurons} neurons: {shown}{more}{why}.")
 
-    def _sweep(self, trainer: pl.Trainer, evaluator: ThresholdEvaluator) -> list[SweepRow]:
-        thresholds = self.settings.sweep or []
-        rows = []
-        for index, threshold in enumerate(thresholds, start=1):
+    def _table(self, trainer: pl.Trainer, evaluator: ThresholdEvaluator) -> dict[float, tuple[SweepRow, PruningPlan]]:
+        """The rows of ``sweep``, each validated, with its plan, by λ.
+
+        With ``threshold`` the table lists λ values; when the callback picks λ it lists parameter reductions, each
+        planned like ``target_params_reduction`` (the same criterion as the λ the callback applies).
+        """
+        values = self.settings.sweep or []
+        by_reduction = self.settings.threshold is None
+        table: dict[float, tuple[SweepRow, PruningPlan]] = {}
+        for index, value in enumerate(values, start=1):
             if trainer.progress_bar_callback is not None:
-                rank_zero_info(f"ActivationPruning sweep: λ={threshold:g} ({index}/{len(thresholds)})")
-            rows.append(evaluator.evaluate(threshold))
-        return rows
+                what = f"-{100 * value:g}% of the parameters" if by_reduction else f"λ={value:g}"
+                rank_zero_info(f"ActivationPruning sweep: {what} ({index}/{len(values)})")
+            if not by_reduction:
+                plan = evaluator.plan(value)
+                table[plan.threshold] = (evaluator.evaluate(plan), plan)
+                continue
+            choice = plan_for_reduction(evaluator, value)
+            if choice.plan is None:
+                rank_zero_warn(f"ActivationPruning: the table leaves out -{100 * value:g}%: {choice.note}")
+                continue
+            row = dataclasses.replace(evaluator.evaluate(choice.plan), target=value)
+            table[row.threshold] = (row, choice.plan)
+        return table
 
     def _choose(
-        self, evaluator: ThresholdEvaluator, metrics_before: dict[str, float], rows: dict[float, SweepRow]
+        self,
+        evaluator: ThresholdEvaluator,
+        metrics_before: dict[str, float],
+        rows: dict[float, SweepRow],
+        plans: dict[float, PruningPlan],
     ) -> tuple[PruningPlan | None, str]:
         """The plan to apply and how it was chosen; ``None`` when no λ qualifies (the model stays as it is)."""
         if self.settings.threshold is not None:
@@ -697,13 +738,20 @@ class ActivationPruning(Callback):
         chosen = choose_within_drop(list(rows.values()), monitor, before, max_drop, self.settings.mode)
         if chosen is None:
             smallest = min(metric_drop(before, r.metrics[monitor], self.settings.mode) for r in rows.values())
+            ordered = [rows[t] for t in sorted(rows)]
+            if ordered[0].target is None:
+                evaluated = f"the λ evaluated ({', '.join(f'{r.threshold:g}' for r in ordered)})"
+            else:
+                evaluated = (
+                    f"the parameter reductions evaluated ({', '.join(f'-{100 * (r.target or 0):g}%' for r in ordered)})"
+                )
             rank_zero_warn(
                 f"ActivationPruning: no λ keeps `{monitor}` within `max_metric_drop={max_drop:g}`: the smallest drop"
-                f" among the λ evaluated ({', '.join(f'{t:g}' for t in sorted(rows))}) is {smallest:.4g}; the"
-                " trained model is left unpruned (the table is still written)."
+                f" among {evaluated} is {smallest:.4g}; the trained model is left unpruned (the table is still"
+                " written)."
             )
             return None, "max_metric_drop"
-        return evaluator.plan(chosen.threshold), "max_metric_drop"
+        return plans.get(chosen.threshold) or evaluator.plan(chosen.threshold), "max_metric_drop"
 
     def _best_checkpoint(self, trainer: pl.Trainer) -> str | None:
         if not self.settings.prune_best:

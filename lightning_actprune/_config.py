@@ -18,7 +18,10 @@ _MODES = ("max", "min")
 
 
 def _resolve_statistic(statistic: object, user_lambda: bool) -> object:
-    """The rule for ``statistic=None``: a λ the user writes is a mean activation; one the callback picks is not."""
+    """The rule for ``statistic=None``: a λ the user writes is a mean activation; one the callback picks is not.
+
+    ``sweep`` does not change it: a table for a target or a budget lists parameter reductions, not λ values.
+    """
     if statistic is not None:
         return statistic
     return "mean" if user_lambda else "fluctuation"
@@ -44,6 +47,23 @@ def _check_patterns(name: str, value: object) -> None:
         return
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise ActivationPruningError(f"`{name}` must be a list of module-name glob patterns; got {value!r}.")
+
+
+def _check_sweep(sweep: object, thresholds: bool, signed: bool, statistic: str) -> None:
+    """With ``threshold``, ``sweep`` lists λ values; when the callback picks λ, it lists parameter reductions."""
+    what = "thresholds (λ values)" if thresholds else "parameter reductions in (0, 1)"
+    if not isinstance(sweep, (list, tuple)) or not sweep:
+        raise ActivationPruningError(f"`sweep` must be a non-empty list of {what}; got {sweep!r}.")
+    for value in sweep:
+        if thresholds:
+            _check_number("sweep", value, minimum=-math.inf if signed else 0, why=_never_negative(statistic))
+            continue
+        _check_number("sweep", value, minimum=0)
+        if not 0 < value < 1:
+            raise ActivationPruningError(
+                f"`sweep` lists parameter reductions in (0, 1) when the callback picks λ (`target_params_reduction`"
+                f" or `max_metric_drop`; with `threshold` it lists λ values); got {value!r} in {list(sweep)!r}."
+            )
 
 
 @dataclass(frozen=True)
@@ -90,7 +110,7 @@ class PruningSettings:
             raise ActivationPruningError(
                 f"set exactly one of `threshold`, `max_metric_drop`, `target_params_reduction`; got {given}."
             )
-        scorer = as_scorer(_resolve_statistic(statistic, user_lambda=threshold is not None or sweep is not None))
+        scorer = as_scorer(_resolve_statistic(statistic, user_lambda=threshold is not None))
         resolved = scorer.name
         # `normalize=None`: standardise the statistic whose raw scale differs between layers (fluctuation)
         normalized = resolved == "fluctuation" if normalize is None else normalize
@@ -111,10 +131,7 @@ class PruningSettings:
         if mode not in _MODES:
             raise ActivationPruningError(f"`mode` can be one of {', '.join(_MODES)}; got {mode!r}.")
         if sweep is not None:
-            if not isinstance(sweep, (list, tuple)) or not sweep:
-                raise ActivationPruningError(f"`sweep` must be a non-empty list of thresholds; got {sweep!r}.")
-            for value in sweep:
-                _check_number("sweep", value, minimum=-math.inf if signed else 0, why=_never_negative(resolved))
+            _check_sweep(sweep, threshold is not None, signed, resolved)
         if monitor is not None and not isinstance(monitor, str):
             raise ActivationPruningError(f"`monitor` must be a metric name or None; got {monitor!r}.")
         _check_patterns("layers", layers)

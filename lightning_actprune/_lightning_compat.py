@@ -131,7 +131,10 @@ def validate_in_fit(trainer: pl.Trainer, dataloaders: Any = None) -> dict[str, f
 
     ``trainer.validate`` cannot run inside ``fit``; this runs ``trainer.fit_loop.epoch_loop.val_loop`` (public
     attributes, Lightning >= 2.0) with the Trainer's ``state.fn`` set to ``VALIDATING``, so that callbacks which act
-    on validation while fitting (``ModelCheckpoint``, ``EarlyStopping``) skip this pass, with no logger attached,
+    on validation while fitting (``ModelCheckpoint``, ``EarlyStopping``) skip this pass, and with
+    ``trainer.validate_loop`` pointing at that loop meanwhile: under ``VALIDATING`` the Trainer answers
+    ``num_val_batches`` (what progress bars size their bar by) and ``val_dataloaders`` from ``validate_loop``, which
+    never ran inside ``fit``. No logger is attached,
     and with the logger connector's metrics (``_callback_metrics``, ``_logged_metrics``, ``_progress_bar_metrics``),
     the loop's ``batch_progress`` and, when ``dataloaders`` replaces the data, the loop's private
     ``_combined_loader`` (Lightning >= 2.0) put back afterwards.
@@ -145,18 +148,20 @@ def validate_in_fit(trainer: pl.Trainer, dataloaders: Any = None) -> dict[str, f
     """
     loop = trainer.fit_loop.epoch_loop.val_loop
     progress = loop.batch_progress.state_dict()
-    fn, stage, loggers = trainer.state.fn, trainer.state.stage, trainer.loggers
+    fn, stage, loggers, validate_loop = trainer.state.fn, trainer.state.stage, trainer.loggers, trainer.validate_loop
     source = data_source(loop)
     instance, combined = source.instance, loop._combined_loader
     with logger_metrics_kept(trainer):
         trainer.state.fn = TrainerFn.VALIDATING
         trainer.loggers = []
+        trainer.validate_loop = loop
         if dataloaders is not None:
             source.instance, loop._combined_loader = dataloaders, None
         try:
             outputs = loop.run()
         finally:
             trainer.state.fn, trainer.state.stage, trainer.loggers = fn, stage, loggers
+            trainer.validate_loop = validate_loop
             loop.batch_progress.load_state_dict(progress)
             if dataloaders is not None:
                 source.instance, loop._combined_loader = instance, combined

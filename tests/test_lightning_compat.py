@@ -85,6 +85,7 @@ def trainer(tmp_path: Any, **kwargs: Any) -> pl.Trainer:
         "max_epochs": 1,
         "limit_train_batches": 1,
         "limit_val_batches": 1,
+        # each access is checked on a bare Trainer; tests/test_defaults.py covers the defaults (see `quiet_trainer`)
         "logger": False,
         "enable_checkpointing": False,
         "enable_progress_bar": False,
@@ -241,7 +242,15 @@ def test_declared_floors_are_the_versions_ci_pins_for_its_lowest_run():
     block = re.search(r"^dependencies = \[(.*?)^\]", (root / "pyproject.toml").read_text(), re.MULTILINE | re.DOTALL)
     assert block is not None, "pyproject.toml has no `dependencies = [...]` block"
     floors = {name: Version(v) for name, v in re.findall(r'"([\w-]+)>=([\w.]+)', block.group(1))}
+    every_floor = {
+        name: Version(v)
+        for name, v in re.findall(r'"([\w-]+)(?:\[\w+\])?>=([\w.]+)', (root / "pyproject.toml").read_text())
+    }
     lines = (root / ".ci" / "lowest.txt").read_text().splitlines()
     pins = {name: Version(v) for name, v in (line.split("==") for line in lines if line and not line.startswith("#"))}
-    assert floors == pins, "the floors in pyproject.toml and the pins in .ci/lowest.txt differ"
+    assert {name: pins.get(name) for name in floors} == floors, (
+        "the floors in pyproject.toml and the pins in .ci/lowest.txt differ"
+    )
+    # a pin beyond the dependencies (an extra's package) is that extra's declared floor
+    assert {name: every_floor.get(name) for name in pins} == pins
     assert re.search(r'"lightning>=[\w.]+,<\d+\.\d+"', block.group(1)), "lightning needs an upper bound"
