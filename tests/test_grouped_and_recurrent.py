@@ -40,7 +40,14 @@ from lightning_actprune.core import (
     plan_from_kept,
     plan_pruning,
 )
-from tests.helpers import NUM_CLASSES, Classifier, KeepUnpruned, assert_matches_oracle, make_data
+from tests.helpers import (
+    NUM_CLASSES,
+    Classifier,
+    KeepUnpruned,
+    assert_matches_oracle,
+    make_data,
+    replace_removed_by_means,
+)
 
 STEPS, FEATURES = 6, 5
 
@@ -406,6 +413,26 @@ def test_a_pruned_recurrent_model_reloads_and_exports_to_onnx(tmp_path):
     onnx.checker.check_model(str(path))
     (exported,) = ReferenceEvaluator(str(path)).run(None, {"inputs": x.numpy()})
     torch.testing.assert_close(torch.from_numpy(exported), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_compensation_folds_a_removed_input_feature_into_the_recurrent_biases_exactly():
+    torch.manual_seed(0)
+    model, x = Recurrent(nn.LSTM, num_layers=2, bidirectional=True).eval(), torch.randn(4, STEPS, FEATURES)
+    layers, moments = recorded(model, x)
+    embed = [layer for layer in layers if layer.name == "embed.0"]
+    plan = plan_pruning(embed, moments, threshold=0.3, model=model, compensate=True)
+    assert [update.module for update in plan.bias_updates] == ["rnn"]
+    assert 0 < plan.neurons_after < 12
+    original = copy.deepcopy(model)
+    apply_plan(model, plan)
+    replace_removed_by_means(original, plan, moments)  # the held features enter every gate linearly: exact
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), original(x))
+    no_bias = Recurrent(nn.GRU, bias=False).eval()
+    layers, moments = recorded(no_bias, x)
+    plan = plan_pruning([layers[0]], moments, threshold=0.3, model=no_bias, compensate=True)
+    with pytest.raises(ActivationPruningError, match=r"bias compensation needs the biases of GRU .*bias=False"):
+        apply_plan(no_bias, plan)
 
 
 def test_adam_state_follows_every_recurrent_parameter_through_the_surgery():

@@ -173,7 +173,7 @@ def render_markdown(runs: Sequence[Run], header: dict[str, object]) -> str:
             continue
         reduction = [1 - run.params_after / run.params for run in mine if run.params_after]
         lines.append(
-            f"| {kind} | {mine[0].params:,} | {_mean_spread([r.prunable_fraction for r in mine])}% |"
+            f"| {kind} | {mine[0].params:,} | {100 * mine[0].prunable_fraction:.1f}% |"  # the same for every seed
             f" {_mean_spread(reduction)}% | {_mean_spread([r.acc_before for r in mine])} |"
             f" {_mean_spread([r.acc_pruned for r in mine])} | {_mean_spread([r.acc_recovered for r in mine])} |"
         )
