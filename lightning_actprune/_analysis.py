@@ -102,10 +102,13 @@ def find_prunable_layers(
     """Find the groups of neurons that can be removed, with Torch-Pruning's ``DependencyGraph``.
 
     Every hidden ``Linear``/``Conv`` whose outputs feed another such layer is a candidate; the model's output layer
-    never is. Groups that touch an operation which mixes channels (LayerNorm, attention, …), a layer called more
-    than once per forward, or a weight shared between layers are skipped with a warning that names them. With
-    ``prune_heads``, each attention module of a known implementation adds a layer ``<name>:heads`` whose neurons
-    are its whole heads (see :mod:`lightning_actprune._heads`).
+    never is. A layer that reaches a grouped convolution keeps the same number of neurons in each of its groups
+    (``PrunableLayer.groups``, :mod:`lightning_actprune._grouped`); a recurrent layer (``nn.LSTM``/``nn.GRU``/
+    ``nn.RNN``) is a layer named after it whose neurons are its hidden units, the same number kept in every layer
+    and direction (:mod:`lightning_actprune._recurrent`). Groups that touch an operation which mixes channels
+    (LayerNorm, attention, …), a layer called more than once per forward, or a weight shared between layers are
+    skipped with a warning that names them. With ``prune_heads``, each attention module of a known implementation
+    adds a layer ``<name>:heads`` whose neurons are its whole heads (see :mod:`lightning_actprune._heads`).
 
     Args:
         model: the model; it is traced once with gradients on and is not modified.

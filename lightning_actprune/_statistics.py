@@ -218,7 +218,9 @@ class ActivationRecorder:
 
     While active, every forward call updates one :class:`ActivationStatistics` per measured layer (keyed by the
     layer's module name) and remembers the first call's arguments of the model and of each submodule that holds
-    a measured layer: the examples the dependency analysis traces with. Gradients are never needed.
+    a measured layer: the examples the dependency analysis traces with. Gradients are never needed. A recurrent
+    layer's statistics hold its input features, then its hidden units, each over every time step of every sequence
+    (padding of a ``PackedSequence`` excluded).
 
     Args:
         model: any ``nn.Module``.

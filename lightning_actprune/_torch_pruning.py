@@ -2,7 +2,7 @@
 
 The rest of the package sees plain values (:class:`GroupEntry`, a pruner object with ``prune_out_channels`` /
 ``prune_in_channels``), never Torch-Pruning's nodes, dependencies or registries; each patch of its internals is
-undone when its block ends. Four things its ``DependencyGraph`` does not do for us:
+undone when its block ends. Things its ``DependencyGraph`` does not do for us:
 
 * Reshapes it cannot map (a channel shuffle in ShuffleNetV2) raise inside its graph building and take the whole
   model with them. Such a reshape is left unmapped instead, and every group that reaches it is skipped.
@@ -12,6 +12,11 @@ undone when its block ends. Four things its ``DependencyGraph`` does not do for 
   without bound. Each group holds at most :data:`GROUP_INDEX_LIMIT` indices beyond one per neuron in each member,
   and the groups of one model are built within :data:`ANALYSIS_SECONDS`; past either, the group (or every group
   left) is skipped with a message.
+* Recurrent layers record their time steps in autograd (GRU), and ``pad_packed_sequence`` slices packed rows, which
+  it misreads as features. While a graph is built, each recurrent layer is one opaque node from its input to its
+  output sequence, its final state ``h_n`` is built from that sequence where it holds the last layer's units (one
+  direction), and ``pad_packed_sequence`` is one element-wise node; a final state that cannot be followed is a
+  node of its own, whose readers :func:`read_final_states` reports.
 """
 
 from __future__ import annotations
