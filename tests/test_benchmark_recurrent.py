@@ -1,14 +1,27 @@
 """benchmarks.recurrent: one short run end to end (a GRU, one seed, one epoch before the prune), and its table."""
 
 import json
+import logging
 
 import pytest
+import torch
 
 pytest.importorskip("sklearn")
 
 from benchmarks.recurrent.run import RESULTS_FILE, Run, main, render_markdown
 
 
+@pytest.fixture
+def _command_line_side_effects():
+    """The command line quiets Lightning's logger and sets the thread count: put both back for the other tests."""
+    logger, threads = logging.getLogger("lightning.pytorch"), torch.get_num_threads()
+    level = logger.level
+    yield
+    logger.setLevel(level)
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("_command_line_side_effects")
 def test_one_short_run_prunes_the_recurrent_units_and_writes_its_results(tmp_path, capsys):
     main(["--epochs", "1", "--seeds", "0", "--kinds", "GRU", "--cache-dir", str(tmp_path)])
     (run,) = json.loads((tmp_path / RESULTS_FILE).read_text())["runs"]
