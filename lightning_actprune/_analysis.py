@@ -228,7 +228,7 @@ def _parameter_owners(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:
 def _unsupported(module: nn.Module) -> bool:
     """A layer with a matrix or kernel that this package does not prune (``ConvTranspose2d``, ``Bilinear``)."""
     weight = getattr(module, "weight", None)
-    known = (*MEASURED_TYPES, nn.Embedding, nn.RNNBase)
+    known = (*MEASURED_TYPES, nn.Embedding)
     return isinstance(weight, Tensor) and weight.dim() >= 2 and not isinstance(module, known)
 
 
@@ -289,7 +289,7 @@ def _layers_of_root(
             try:
                 entries = group_entries(graph, group)
                 if isinstance(module, nn.RNNBase):
-                    layer = _hidden_units_layer(module, entries, counts, context, skipped, module in states_read)
+                    layer = _hidden_units_layer(module, entries, counts, context, skipped)
                 else:
                     layer = _layer_of_group(entries, counts, context, skipped)
             except Exception as error:  # a group the tracer cannot describe is skipped, the others go on
