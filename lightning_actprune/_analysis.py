@@ -12,7 +12,7 @@ import dataclasses
 import fnmatch
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple, TypeVar
 
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._grouped import couples_wrongly, equal_count_blocks
-from lightning_actprune._heads import head_layers, measurable_attention, projection_owners
+from lightning_actprune._heads import GQA_UNITS, HEADS_SUFFIX, find_heads, measurable_attention
 from lightning_actprune._plan import plan_from_kept
 from lightning_actprune._recurrent import RecurrentShape, hidden_units_layer, zero_hidden_units, zero_input_features
 from lightning_actprune._statistics import FEATURES_LAST, MEASURED_TYPES, map_tensors
@@ -51,12 +51,16 @@ def _as_example_inputs(example_inputs: Any) -> ExampleInputs:
     return {"": (args, {})}
 
 
-def _trace_roots(example_inputs: ExampleInputs) -> list[str]:
-    """The outermost modules that were called: nothing above them ran a forward."""
+def outermost_called(example_inputs: ExampleInputs) -> list[str]:
+    """The outermost modules that were called (nothing above them ran a forward), in the order of their first call."""
     if "" in example_inputs:
         return [""]
-    names = sorted(example_inputs)
+    names = list(example_inputs)
     return [n for n in names if not any(n.startswith(other + ".") for other in names if other != n)]
+
+
+def _trace_roots(example_inputs: ExampleInputs) -> list[str]:
+    return sorted(outermost_called(example_inputs))
 
 
 @contextmanager
@@ -98,6 +102,7 @@ def find_prunable_layers(
     layers: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
     prune_heads: bool = True,
+    gqa_unit: str = "query_heads",
 ) -> list[PrunableLayer]:
     """Find the groups of neurons that can be removed, with Torch-Pruning's ``DependencyGraph``.
 
@@ -107,8 +112,9 @@ def find_prunable_layers(
     ``nn.RNN``) is a layer named after it whose neurons are its hidden units, the same number kept in every layer
     and direction (:mod:`lightning_actprune._recurrent`). Groups that touch an operation which mixes channels
     (LayerNorm, attention, …), a layer called more than once per forward, or a weight shared between layers are
-    skipped with a warning that names them. With ``prune_heads``, each attention module of a known implementation
-    adds a layer ``<name>:heads`` whose neurons are its whole heads (see :mod:`lightning_actprune._heads`).
+    skipped with a warning that names them. With ``prune_heads``, each attention module adds a layer
+    ``<name>:heads`` whose neurons are its whole heads, found from its structure and its own numbers by probing it
+    (see :mod:`lightning_actprune._heads`).
 
     Args:
         model: the model; it is traced once with gradients on and is not modified.
@@ -117,34 +123,39 @@ def find_prunable_layers(
         layers: glob patterns of layer names to prune (default: all). A coupled group is pruned only when all of
             its producing layers are selected.
         exclude: glob patterns of layer names never to prune.
-        prune_heads: add the heads of every known attention module (timm ``Attention``, Hugging Face BERT-style
-            attention, GPT-2's ``GPT2Attention``, ``nn.MultiheadAttention``) as layers of their own.
+        prune_heads: add the heads of every attention module (one that declares ``num_heads``/``head_dim`` or
+            the like, Hugging Face's families, timm's, ``nn.MultiheadAttention``) as layers of their own.
+        gqa_unit: under grouped-query attention, ``"query_heads"`` removes query heads, the same number from every
+            key/value group; ``"kv_groups"`` removes key/value heads with all of their query heads.
 
     Returns:
         The prunable layers, in the model's module order.
 
     Raises:
         ActivationPruningError: a ``layers`` pattern matches no prunable layer, or the selection leaves nothing to
-            prune.
+            prune; ``gqa_unit`` is not one of its values.
     """
+    if gqa_unit not in GQA_UNITS:
+        raise ActivationPruningError(f"`gqa_unit` can be one of {', '.join(GQA_UNITS)}; got {gqa_unit!r}.")
     names = {m: n for n, m in reversed(list(model.named_modules(remove_duplicate=False)))}
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     context = _TraceContext(names, order, _modules_sharing_parameters(model), _parameter_owners(model))
     inputs = _as_example_inputs(example_inputs)
     found: list[PrunableLayer] = []
     skipped: list[_Skip] = []
+    owners: dict[str, str] = {}  # every projection of an attention module -> that module
     for root_name in _trace_roots(inputs):
         root = model.get_submodule(root_name) if root_name else model
         try:
             # inputs recorded under inference mode cannot enter autograd; a clone made here can
             args, kwargs = map_tensors(Tensor.clone, _few_samples(root, inputs[root_name]))
-            candidates = list(_layers_of_root(root, args, kwargs, context, skipped))
-            if prune_heads:
-                candidates += _head_candidates(root, names, skipped)
-            found.extend(_keep_independent(model, root, args, kwargs, candidates, skipped))
+            heads = _head_candidates(model, root, args, kwargs, names, prune_heads, gqa_unit, skipped, owners)
+            projections = {model.get_submodule(p) for layer in heads for p in layer.producers}
+            candidates = [*_layers_of_root(root, args, kwargs, context, skipped, projections), *heads]
+            found.extend(_keep_independent(model, root, args, kwargs, _no_overlap(candidates), skipped))
         except Exception as error:  # one root the tracer cannot handle must not stop the others, nor the fit
             skipped.append(_Skip(f"the layers inside {root_name or type(root).__name__}", _failure("tracing", error)))
-    _warn_skipped(_attention_skips(model, skipped, prune_heads))
+    _warn_skipped(_attention_skips(owners, skipped, prune_heads))
     found.sort(key=lambda layer: order[layer.producers[0]])
     return _select(found, layers, exclude)
 
@@ -154,25 +165,59 @@ class _Skip(NamedTuple):
 
     layer: str
     reason: str
+    producers: tuple[str, ...] = ()
+    """The layers it names, when the name shortens them (``a and the 5 layers coupled to it``)."""
 
 
-def _head_candidates(root: nn.Module, names: Mapping[nn.Module, str], skipped: list[_Skip]) -> list[PrunableLayer]:
-    """The head layers of the attention modules under ``root``; those that cannot be pruned go to ``skipped``."""
-    layers = []
-    for name, layer in head_layers(root, names):
-        if isinstance(layer, str):
-            skipped.append(_Skip(f"the heads of {name}", layer))
-        else:
-            layers.append(layer)
-    return layers
+def _head_candidates(
+    model: nn.Module,
+    root: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    names: Mapping[nn.Module, str],
+    prune_heads: bool,
+    gqa_unit: str,
+    skipped: list[_Skip],
+    owners: dict[str, str],
+) -> list[PrunableLayer]:
+    """The head layers of the attention modules under ``root``; those that cannot be pruned go to ``skipped``.
+
+    Without ``prune_heads`` the attention modules are only located, for the hint that names them.
+    """
+    try:
+        # the probes need shapes and a little data: two samples keep every attention's recorded inputs small
+        args, kwargs = _few_samples(root, (args, kwargs), size=2)
+        with _traceable(root):
+            search = find_heads(model, root, args, kwargs, names, prune_heads, gqa_unit)
+    except Exception as error:  # the heads cannot be found: the other layers are still pruned
+        if prune_heads:
+            skipped.append(_Skip(f"the heads inside {names[root] or type(root).__name__}", _failure("probing", error)))
+        return []
+    owners.update(search.owners)
+    skipped.extend(_Skip(what, why) for what, why in search.skipped)
+    return search.layers
 
 
-def _attention_skips(model: nn.Module, skipped: list[_Skip], prune_heads: bool) -> list[_Skip]:
-    """The q/k/v groups of known attention modules: silent with head pruning, which handles them; else a hint."""
-    owners = projection_owners(model)
+def _no_overlap(candidates: list[PrunableLayer]) -> list[PrunableLayer]:
+    """The candidates without the coupled groups that share a module's outputs or inputs with a head layer.
+
+    A q/k/v group the dependency graph found is the head layer's business: the heads decide how those features go.
+    """
+    taken = {
+        (piece.module, piece.dim) for layer in candidates if layer.name.endswith(HEADS_SUFFIX) for piece in layer.slices
+    }
+    return [
+        layer
+        for layer in candidates
+        if layer.name.endswith(HEADS_SUFFIX) or not any((p.module, p.dim) in taken for p in layer.slices)
+    ]
+
+
+def _attention_skips(owners: Mapping[str, str], skipped: list[_Skip], prune_heads: bool) -> list[_Skip]:
+    """The q/k/v groups of attention modules: silent with head pruning (the heads say why they stay); else a hint."""
     kept = []
     for skip in skipped:
-        parts = skip.layer.split("+")
+        parts = skip.producers or skip.layer.split("+")
         if not all(part in owners for part in parts):
             kept.append(skip)
         elif not prune_heads:
@@ -271,7 +316,9 @@ def _layers_of_root(
     kwargs: dict[str, Any],
     context: _TraceContext,
     skipped: list[_Skip],
+    projections: Collection[nn.Module] = (),
 ) -> Iterator[PrunableLayer]:
+    """The coupled groups of Torch-Pruning's graph as layers; none is built from ``projections`` (heads go whole)."""
     with _traceable(root):
         _, counts = _call_counts(root, args, kwargs)
     with concatenations_of_unknown_size_unmapped():  # the graph is built, and its groups too
@@ -280,7 +327,7 @@ def _layers_of_root(
         states_read = read_final_states(graph)
         for recurrent in sorted(states_read, key=lambda m: context.order[context.names[m]]):
             _hidden_units_layer(recurrent, (), counts, context, skipped, state_read=True)  # says why, once each
-        for module, group in pruning_groups(graph):
+        for module, group in pruning_groups(graph, projections):
             if module in states_read:
                 continue
             if isinstance(group, Exception):
@@ -350,6 +397,7 @@ def _layer_of_group(
             _Skip(
                 label,
                 f"its neurons reach {_listed(unsafe)}, which cannot lose neurons here.",
+                tuple(producers),
             )
         )
         return None
@@ -553,10 +601,12 @@ def _keep_independent(
             try:  # again, alone, to say why
                 same = _prunes_like_zeroing(model, root, args, kwargs, [layer])
             except Exception as error:  # the unpruned model failed with hooks on: this layer alone is skipped
-                skipped.append(_Skip(layer.name, _failure("checking it", error)))
+                skipped.append(_Skip(_label(layer), _failure("checking it", error)))
                 continue
             if same:
                 independent.append(layer)
+            elif layer.name.endswith(HEADS_SUFFIX):
+                skipped.append(_Skip(_label(layer), _heads_differ(model, root, args, kwargs, layer)))
             else:
                 skipped.append(
                     _Skip(
@@ -568,16 +618,56 @@ def _keep_independent(
     return independent
 
 
+def _label(layer: PrunableLayer) -> str:
+    """A layer as a warning names it: ``the heads of blocks.0`` for a head layer."""
+    if not layer.name.endswith(HEADS_SUFFIX):
+        return layer.name
+    return ", ".join(f"the heads of {name}" for name in layer.name.removesuffix(HEADS_SUFFIX).split("+"))
+
+
+def _heads_differ(
+    model: nn.Module, root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], layer: PrunableLayer
+) -> str:
+    """Why removing a head layer's heads does not give what zeroing them gives, in words."""
+    try:
+        with pruned_temporarily(model, plan_from_kept([layer], {layer.name: _kept_for_check(layer)})):
+            root(*args, **kwargs)
+    except Exception as error:
+        return (
+            f"with fewer heads the model does not run ({_failure('its forward', error)}): it splits or reshapes its"
+            " projections into a head count that its attributes do not give."
+        )
+    return (
+        "removing heads does not equal zeroing them before the out projection: something beside its projections"
+        " depends on every head (a normalisation over all heads, a per-head bias or weight built elsewhere)."
+    )
+
+
+def _kept_for_check(layer: PrunableLayer) -> list[int]:
+    """About half the neurons of each block of ``layer``: every other one, and one more goes where it can.
+
+    The count that stays then shares no factor but 1 or 2 with an even width, so a reshape into attention heads
+    (``view(batch, tokens, -1, head_size)``) fails, where exactly half the neurons would still fit. Every block of a
+    layer whose blocks keep equal counts (:attr:`PrunableLayer.groups`) keeps the same number, each starting one
+    position later than the block before: a consumer whose columns follow the wrong block (a recurrent layer's final
+    state of another layer than the last) then fails the check.
+    """
+    size = layer.neurons // layer.groups
+    count = max(1, len(range(1, size, 2)) - 1) if size > 1 else 1
+    kept = []
+    for block, neurons in enumerate(layer.blocks()):
+        kept += [neurons[(1 + block + 2 * i) % size] for i in range(count)]
+    return kept
+
+
 def _prunes_like_zeroing(
     model: nn.Module, root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], layers: Sequence[PrunableLayer]
 ) -> bool:
     """Whether removing about half the neurons of each of ``layers`` gives the outputs that zeroing them gives.
 
-    Every other neuron goes, and one more: the count that stays then shares no factor but 1 or 2 with an even width,
-    so a reshape into attention heads (``view(batch, tokens, -1, head_size)``) fails, where exactly half the neurons
-    would still fit.
+    The neurons that go are those of :func:`_kept_for_check`.
     """
-    plan = plan_from_kept(layers, {layer.name: _kept_by_the_check(layer) for layer in layers})
+    plan = plan_from_kept(layers, {layer.name: _kept_for_check(layer) for layer in layers})
     try:
         with pruned_temporarily(model, plan):
             pruned = _output_tensors(root(*args, **kwargs))
@@ -586,20 +676,6 @@ def _prunes_like_zeroing(
     with _zeroed_at_consumers(model, plan):
         reference = _output_tensors(root(*args, **kwargs))
     return _same_outputs(pruned, reference)
-
-
-def _kept_by_the_check(layer: PrunableLayer) -> list[int]:
-    """The neurons the zeroing check keeps: every other one, and one fewer, in each block of equal counts.
-
-    Each block starts one position later than the block before, so that blocks keep different positions: a consumer
-    whose columns follow the wrong block (an interleaving the analysis misread) then fails the check.
-    """
-    size = layer.neurons // layer.groups
-    count = max(1, len(range(1, size, 2)) - 1) if size > 1 else 1
-    kept = []
-    for block, neurons in enumerate(layer.blocks()):
-        kept += [neurons[(1 + block + 2 * i) % size] for i in range(count)]
-    return kept
 
 
 def layer_inventory(model: nn.Module) -> str:

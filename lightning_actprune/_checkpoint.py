@@ -16,7 +16,6 @@ Everything is read with ``torch.load(..., weights_only=True)``: no module or cla
 
 from __future__ import annotations
 
-import inspect
 import os
 import weakref
 from collections.abc import Callable, Mapping
@@ -31,7 +30,6 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_actprune import _lightning_compat as compat
 from lightning_actprune._errors import ActivationPruningError
-from lightning_actprune._scoring import NeuronScorer
 from lightning_actprune._surgery import apply_plan, restoring
 from lightning_actprune._types import BiasUpdate, LayerPlan, ModulePruning, PruningPlan, PruningResult, SweepRow
 
@@ -421,14 +419,21 @@ def _save_pruned_checkpoint(trainer: pl.Trainer, pl_module: pl.LightningModule, 
 
 
 def _watch_loading(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, pruned_checkpoint: Callable[[], str | None]
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    pruned_checkpoint: Callable[[], str | None],
+    full_size: Callable[[nn.Module, Mapping[str, Any]], None] | None = None,
 ) -> RemovableHandle:
-    """Before the Trainer loads a checkpoint into ``pl_module``: shrink it to the checkpoint's plan, or explain."""
-    trainer_ref = weakref.ref(trainer)
+    """Before the Trainer loads a checkpoint into ``pl_module``: shrink it to the checkpoint's plan, or explain.
+
+    ``full_size(module, checkpoint)`` is called first, while the fresh module still has its full size (the teacher of
+    a distillation is rebuilt from it).
+    """
+    trainer_ref, watched = weakref.ref(trainer), weakref.ref(pl_module)
 
     def before_load(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
         trainer = trainer_ref()
-        if prefix or trainer is None:
+        if prefix or trainer is None or module is not watched():  # a copy of the module carries the hook too
             return
         checkpoint = compat.loaded_checkpoint(trainer)
         saved = checkpoint.get("state_dict") if checkpoint else None
@@ -442,6 +447,8 @@ def _watch_loading(
                 f" fine-tune the pruned model, load it (`{type(module).__name__}.load_from_checkpoint` with"
                 " PrunedCheckpointMixin, or `load_pruned`) and call `trainer.fit(model)` without `ckpt_path`."
             )
+        if full_size is not None:
+            full_size(module, checkpoint)
         _fit_to_state(module, plan, state_dict, source, pruned_checkpoint())
 
     return pl_module.register_load_state_dict_pre_hook(before_load)
@@ -463,13 +470,6 @@ def _legacy_state(callback: Callback, trainer: pl.Trainer, checkpoint: Mapping[s
     layers, exclude = getattr(callback, "layers", None), getattr(callback, "exclude", [])
     same = state.get("layers") == layers and (state.get("exclude") or []) == exclude
     return state if alone or same else None
-
-
-def _settings_state(callback: object) -> dict[str, Any]:
-    """Every constructor argument, read from the attribute of the same name (plain values: a scorer by its name)."""
-    names = [n for n in inspect.signature(type(callback).__init__).parameters if n != "self"]
-    values = {name: getattr(callback, name, None) for name in names}
-    return {name: value.name if isinstance(value, NeuronScorer) else value for name, value in values.items()}
 
 
 def _floats(values: Mapping[str, Any]) -> dict[str, float]:
@@ -497,6 +497,7 @@ def _result_state(result: PruningResult | None) -> dict[str, Any] | None:
                 "size_mb": float(row.size_mb),
                 "neurons": {str(k): int(v) for k, v in row.neurons.items()},
                 "metrics": _floats(row.metrics),
+                "target": None if row.target is None else float(row.target),
             }
             for row in result.sweep
         ],

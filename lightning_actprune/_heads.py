@@ -1,10 +1,19 @@
-"""Whole attention heads as prunable units: where each attention implementation keeps its heads.
+"""Whole attention heads as prunable units: one layer ``<attention>:heads`` per attention module.
 
-A head is one "neuron" of a :class:`PrunableLayer` named ``<attention>:heads``: its slices are the head's
-``head_dim`` output channels in every projection that produces them (each of q, k, v, however they are stored) and
-the same channels at the input of the out projection, where its activations are measured. Scoring, planning, the
-zeroing check and the surgery are then those of any other layer; after the surgery the attention module's own
-head-count attributes are set from its projections' new width, so it still runs, saves and exports.
+A head is one "neuron" of a :class:`PrunableLayer`: its slices are the head's output blocks in every projection that
+produces it (q, k, v however they are stored, a position-bias column) and its ``head_dim`` channels at the input of
+the out projection, where its activations are measured. Where heads are is found by :mod:`lightning_actprune._attention`
+from the module structure and the model's own numbers, by probing the module alone, for every implementation alike
+(timm, Hugging Face's families, your own); ``nn.MultiheadAttention``, whose q/k/v are one packed parameter that its
+forward never calls as a layer, is the one implementation described here by hand. Scoring, planning, the zeroing check
+and the surgery are those of any other layer; after the surgery the module's own head counts follow
+(:func:`sync_head_counts`), so it still runs, generates with its key/value cache, saves and reloads.
+
+Grouped-query attention has two units (``gqa_unit``): ``"query_heads"`` (default) removes query heads, the same number
+from every key/value group (the layer's ``groups`` are the key/value heads, so ``num_key_value_groups`` stays whole);
+``"kv_groups"`` removes a key/value head with all of its query heads. Heads whose position biases are passed from layer
+to layer (T5: the first layer of a stack computes them for all) are coupled across those layers: head ``h`` goes from
+every layer of the stack at once, with its column of the bias table.
 
 How heads compete with FFN neurons under one λ or ``target_params_reduction``: a head's score is the statistic of
 its channels at the out projection (``fluctuation``: Σ over its channels of variance × squared out-projection
@@ -15,7 +24,7 @@ lowest score first and counts each one's true parameter cost by sizing the prune
 model takes about ``4·d·head_dim`` parameters with it, an FFN neuron about ``2·d``). At least ``min_neurons`` (≥ 1)
 heads per module stay.
 
-Implementations are recognised by their class's module and attributes, never by importing timm or transformers.
+Implementations are recognised by their structure and attributes, never by importing timm or transformers.
 """
 
 from __future__ import annotations
@@ -29,52 +38,34 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_actprune._attention import (
+    STATE,
+    Call,
+    HeadNumbers,
+    HeadsSnapshot,
+    HeadState,
+    Layout,
+    Site,
+    capture,
+    declares_heads,
+    head_numbers,
+    head_state,
+    holder_of,
+    innermost_holders,
+    install_head_inputs,
+    locate,
+    probe,
+    set_head_numbers,
+)
 from lightning_actprune._conv1d import Conv1D, out_in_weight
-from lightning_actprune._types import ModuleSlice, PrunableLayer
+from lightning_actprune._errors import ActivationPruningError
+from lightning_actprune._types import ModuleSlice, PrunableLayer, PruningPlan
 
 HEADS_SUFFIX = ":heads"
 """The end of a head layer's name: ``blocks.0.attn:heads``."""
 
-
-class Projection(NamedTuple):
-    """A module that produces every head's channels: ``blocks`` stacked copies (3 for a fused q/k/v)."""
-
-    module: str
-    blocks: int
-
-
-class AttentionAdapter:
-    """Where one attention implementation keeps its heads; module names are relative to the attention module."""
-
-    kind = ""
-
-    def matches(self, module: nn.Module) -> bool:
-        """Whether ``module`` is an attention module of this implementation."""
-        raise NotImplementedError
-
-    def projections(self, module: nn.Module) -> tuple[Projection, ...]:
-        """The modules that produce the heads' channels (q, k, v, a gate)."""
-        raise NotImplementedError
-
-    def out_projection(self, module: nn.Module) -> str:
-        """The module that reads the concatenated heads."""
-        raise NotImplementedError
-
-    def head_dim(self, module: nn.Module) -> int:
-        """Channels per head: the module's ``head_dim`` unless the implementation keeps it elsewhere."""
-        return int(module.head_dim)  # type: ignore[arg-type]
-
-    def holders(self, module: nn.Module) -> tuple[str, ...]:
-        """The modules whose attributes :meth:`sync` changes (``""``: the attention module itself)."""
-        return ("",)
-
-    def unsupported(self, module: nn.Module) -> str | None:
-        """Why this module's heads cannot be removed one by one, or ``None``."""
-        return None
-
-    def sync(self, module: nn.Module) -> None:
-        """Set the module's head-count attributes from its (pruned) projections."""
-        raise NotImplementedError
+GQA_UNITS: tuple[str, ...] = ("query_heads", "kv_groups")
+"""What one unit of a grouped-query attention module is: a query head, or a key/value head with its query heads."""
 
 
 def _width(module: nn.Module) -> int:
@@ -83,112 +74,20 @@ def _width(module: nn.Module) -> int:
     return int(out_in_weight(module).shape[0])
 
 
-class TimmAttention(AttentionAdapter):
-    """timm's ``Attention`` (ViT, DeiT, …): one fused ``qkv`` Linear, ``proj``; ``num_heads``, ``attn_dim``."""
+def known_limit(module: nn.Module) -> str | None:
+    """Why an implementation known by its structure cannot lose heads one by one, said before any probe; or ``None``.
 
-    kind = "timm"
-
-    def matches(self, module: nn.Module) -> bool:
-        return (
-            type(module).__module__.startswith("timm.")
-            and isinstance(getattr(module, "qkv", None), nn.Linear)
-            and isinstance(getattr(module, "proj", None), nn.Linear)
-            and isinstance(getattr(module, "num_heads", None), int)
-            and isinstance(getattr(module, "head_dim", None), int)
-        )
-
-    def projections(self, module: nn.Module) -> tuple[Projection, ...]:
-        gate = (Projection("gate", 1),) if isinstance(getattr(module, "gate", None), nn.Linear) else ()
-        return (Projection("qkv", 3), *gate)
-
-    def out_projection(self, module: nn.Module) -> str:
-        return "proj"
-
-    def head_dim(self, module: nn.Module) -> int:
-        return int(module.head_dim)  # type: ignore[arg-type]
-
-    def unsupported(self, module: nn.Module) -> str | None:
-        norm = getattr(module, "norm", None)
-        if norm is not None and not isinstance(norm, nn.Identity):
-            return f"its {type(norm).__name__} (scale_norm) normalises over all heads together."
-        return None
-
-    def sync(self, module: nn.Module) -> None:
-        heads = _width(module.get_submodule("qkv")) // (3 * self.head_dim(module))
-        module.__dict__["num_heads"] = heads  # plain attributes: not parameters, buffers or submodules
-        if hasattr(module, "attn_dim"):
-            module.__dict__["attn_dim"] = heads * self.head_dim(module)
-
-
-class BertAttention(AttentionAdapter):
-    """Hugging Face BERT-style attention (BERT, RoBERTa, …): ``self.query/key/value``, ``output.dense``.
-
-    ``self`` holds ``num_attention_heads`` and ``all_head_size``.
+    timm's ``scale_norm`` normalises the heads together before the out projection; GPT-2's cross-attention is kept
+    whole (its heads are not removed: only GPT-2's self-attention loses heads).
     """
-
-    kind = "bert"
-
-    def matches(self, module: nn.Module) -> bool:
-        inner = getattr(module, "self", None)
-        output = getattr(module, "output", None)
-        return (
-            type(module).__module__.startswith("transformers.")
-            and isinstance(inner, nn.Module)
-            and all(isinstance(getattr(inner, n, None), nn.Linear) for n in ("query", "key", "value"))
-            and isinstance(getattr(inner, "attention_head_size", None), int)
-            and isinstance(getattr(output, "dense", None), nn.Linear)
-        )
-
-    def projections(self, module: nn.Module) -> tuple[Projection, ...]:
-        return tuple(Projection(f"self.{n}", 1) for n in ("query", "key", "value"))
-
-    def out_projection(self, module: nn.Module) -> str:
-        return "output.dense"
-
-    def head_dim(self, module: nn.Module) -> int:
-        return int(module.get_submodule("self").attention_head_size)  # type: ignore[arg-type]
-
-    def holders(self, module: nn.Module) -> tuple[str, ...]:
-        return ("self",)
-
-    def sync(self, module: nn.Module) -> None:
-        inner = module.get_submodule("self")
-        width = _width(inner.get_submodule("query"))
-        inner.__dict__.update(num_attention_heads=width // self.head_dim(module), all_head_size=width)
-
-
-class GPT2Attention(AttentionAdapter):
-    """Hugging Face GPT-2's ``GPT2Attention``: one fused ``c_attn`` ``Conv1D`` (q, k, v), ``c_proj``.
-
-    Its forward splits ``c_attn``'s output every ``split_size`` features and views each part as ``head_dim``-wide
-    heads, so after the surgery ``split_size`` (and ``num_heads``) follow the heads that stay; ``embed_dim`` is the
-    residual stream's width and does not change. The key/value cache stores each layer's heads as they come.
-    """
-
-    kind = "gpt2"
-
-    def matches(self, module: nn.Module) -> bool:
-        return (
-            type(module).__module__.startswith("transformers.")
-            and isinstance(getattr(module, "c_attn", None), Conv1D)
-            and isinstance(getattr(module, "c_proj", None), Conv1D)
-            and all(isinstance(getattr(module, n, None), int) for n in ("num_heads", "head_dim", "split_size"))
-        )
-
-    def projections(self, module: nn.Module) -> tuple[Projection, ...]:
-        return (Projection("c_attn", 3),)
-
-    def out_projection(self, module: nn.Module) -> str:
-        return "c_proj"
-
-    def unsupported(self, module: nn.Module) -> str | None:
-        if getattr(module, "is_cross_attention", False) or hasattr(module, "q_attn"):
-            return "it is cross-attention (q_attn, k/v from the encoder): only GPT-2's self-attention loses heads."
-        return None
-
-    def sync(self, module: nn.Module) -> None:
-        heads = _width(module.get_submodule("c_attn")) // (3 * self.head_dim(module))
-        module.__dict__.update(num_heads=heads, split_size=heads * self.head_dim(module))
+    norm = getattr(module, "norm", None)
+    if type(module).__module__.startswith("timm.") and norm is not None and not isinstance(norm, nn.Identity):
+        return f"its {type(norm).__name__} (scale_norm) normalises over all heads together."
+    if isinstance(getattr(module, "c_attn", None), Conv1D) and (
+        getattr(module, "is_cross_attention", False) or hasattr(module, "q_attn")
+    ):
+        return "it is cross-attention (q_attn, k/v from the encoder): only GPT-2's self-attention loses heads."
+    return None
 
 
 class PrunedMultiheadAttention(nn.MultiheadAttention):
@@ -261,27 +160,26 @@ def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return mask.to(dtype)
 
 
-class TorchMultiheadAttention(AttentionAdapter):
+class TorchMultiheadAttention:
     """``torch.nn.MultiheadAttention`` with a packed ``in_proj_weight``; pruned, it becomes the class below.
 
     That class is :class:`PrunedMultiheadAttention`: same parameters, a forward that allows fewer heads.
     """
 
-    kind = "torch"
-
     def matches(self, module: nn.Module) -> bool:
+        """Whether ``module`` is one (pruned or not)."""
         return type(module) in (nn.MultiheadAttention, PrunedMultiheadAttention)
 
-    def projections(self, module: nn.Module) -> tuple[Projection, ...]:
-        return (Projection("", 3),)
-
     def out_projection(self, module: nn.Module) -> str:
+        """Its out projection, relative to it."""
         return "out_proj"
 
     def head_dim(self, module: nn.Module) -> int:
+        """Channels per head."""
         return int(module.head_dim)  # type: ignore[arg-type]
 
     def unsupported(self, module: nn.Module) -> str | None:
+        """Why its heads cannot be removed one by one, or ``None``."""
         if getattr(module, "in_proj_weight", None) is None:
             return "its key/value widths differ from the query's (kdim/vdim): separate projections are not supported."
         if getattr(module, "bias_k", None) is not None or getattr(module, "add_zero_attn", False):
@@ -289,6 +187,7 @@ class TorchMultiheadAttention(AttentionAdapter):
         return None
 
     def sync(self, module: nn.Module) -> None:
+        """Become a :class:`PrunedMultiheadAttention` whose head count follows the packed projection."""
         module.__class__ = PrunedMultiheadAttention
         module.__dict__["num_heads"] = _width(module) // (3 * self.head_dim(module))
 
@@ -352,92 +251,387 @@ _measuring: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionar
 """The ``nn.MultiheadAttention`` modules :func:`measurable_attention` has swapped, with how many contexts hold them."""
 
 
-ADAPTERS: tuple[AttentionAdapter, ...] = (
-    TimmAttention(),
-    BertAttention(),
-    GPT2Attention(),
-    TorchMultiheadAttention(),
-)
-"""The attention implementations whose heads can be pruned, tried in this order."""
-
-
-def adapter_for(module: nn.Module) -> AttentionAdapter | None:
-    """The adapter that knows ``module``'s attention implementation, or ``None``."""
-    return next((a for a in ADAPTERS if a.matches(module)), None)
-
-
 def _joined(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
-def attention_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, AttentionAdapter]]:
-    """Every attention module of ``model`` that an adapter knows, with its name and adapter."""
+def _torch_attention(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    adapter = TorchMultiheadAttention()
     for name, module in model.named_modules():
-        adapter = adapter_for(module)
-        if adapter is not None:
-            yield name, module, adapter
+        if adapter.matches(module):
+            yield name, module
 
 
 def projection_owners(model: nn.Module) -> dict[str, str]:
-    """The name of every q/k/v projection of a known attention module, mapped to that module's name."""
-    return {
-        _joined(name, projection.module): name
-        for name, module, adapter in attention_modules(model)
-        for projection in adapter.projections(module)
-    }
+    """The packed q/k/v "projection" of every ``nn.MultiheadAttention``: the module itself, by its name.
+
+    Its q/k/v are not layers of their own; every other implementation's projections are ``Linear`` layers, found by
+    :func:`find_heads`.
+    """
+    return {name: name for name, _ in _torch_attention(model)}
 
 
-def head_layer(name: str, module: nn.Module, adapter: AttentionAdapter) -> PrunableLayer | str:
-    """The heads of one attention module as a :class:`PrunableLayer`, or why they cannot be pruned."""
+def _torch_head_layer(name: str, module: nn.Module) -> PrunableLayer | str:
+    """The heads of one ``nn.MultiheadAttention``, or why they cannot be pruned."""
+    adapter = TorchMultiheadAttention()
     reason = adapter.unsupported(module)
     if reason is not None:
         return reason
     head_dim = adapter.head_dim(module)
     out_name = adapter.out_projection(module)
-    out = module.get_submodule(out_name)
-    inner = int(out_in_weight(out).shape[1])
+    inner = int(out_in_weight(module.get_submodule(out_name)).shape[1])
     heads = inner // head_dim
-    if head_dim <= 0 or heads * head_dim != inner:
-        return f"its out projection reads {inner} features, not a whole number of {head_dim}-channel heads."
     channels = range(inner)
     owner = [c // head_dim for c in channels]
+    if _width(module) != 3 * inner:
+        return f"its packed in_proj_weight has {_width(module)} rows, not 3 × {inner}."
+    indices = tuple(b * inner + c for b in range(3) for c in channels)
+    slices = (
+        ModuleSlice(name, "out", indices, tuple(owner * 3)),
+        ModuleSlice(_joined(name, out_name), "in", tuple(channels), tuple(owner)),
+    )
+    return PrunableLayer(name=name + HEADS_SUFFIX, neurons=heads, producers=(name,), slices=slices)
+
+
+# --- finding the heads of a model ------------------------------------------------------------------------------------
+
+
+class HeadSearch(NamedTuple):
+    """What :func:`find_heads` found under one traced module.
+
+    Attributes:
+        layers: one head layer per attention module (or per set of modules whose heads are coupled).
+        skipped: ``(what, why)`` for every attention module whose heads stay.
+        owners: every projection of a located attention module (what makes its heads), mapped to the module's name.
+    """
+
+    layers: list[PrunableLayer]
+    skipped: list[tuple[str, str]]
+    owners: dict[str, str]
+
+
+def _parents(root: nn.Module) -> dict[nn.Module, nn.Module]:
+    return {child: module for module in root.modules() for child in module.children()}
+
+
+def find_heads(
+    model: nn.Module,
+    root: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    names: Mapping[nn.Module, str],
+    probe_heads: bool = True,
+    gqa_unit: str = "query_heads",
+) -> HeadSearch:
+    """Every attention module under ``root``: its projections, and its head layer or why it has none.
+
+    ``root`` runs once on ``args``/``kwargs`` (its first call of each attention module is kept), then each attention
+    module runs alone, once per probed block (:mod:`lightning_actprune._attention`). Without ``probe_heads`` only the
+    modules and their projections are located (for the hints of ``prune_heads=False``).
+    """
+    search = HeadSearch([], [], {})
+    for _name, module in _torch_attention(root):
+        search.owners[names[module]] = names[module]
+        if probe_heads:
+            layer = _torch_head_layer(names[module], module)
+            if isinstance(layer, str):
+                search.skipped.append((f"the heads of {names[module]}", layer))
+            else:
+                search.layers.append(layer)
+    holders = [m for _, m in innermost_holders(root)]
+    if not holders:
+        return search
+    captured = capture(root, args, kwargs, holders)
+    sites = {holder: _located(names, holder, [holder], captured.calls) for holder in holders}
+    # BERT-style: the declaring module (`self`) holds no out projection; its parent (`output.dense`) does
+    parents = _parents(root)
+    declaring = {id(m) for m in holders}
+    around = {
+        holder: parents[holder]
+        for holder, site in sites.items()
+        if isinstance(site, str)
+        and holder in parents
+        and not any(id(c) in declaring for c in parents[holder].modules() if c is not holder)
+    }
+    if around:
+        calls = capture(root, args, kwargs, list(around.values())).calls
+        for holder, parent in around.items():
+            sites[holder] = _located(names, holder, [parent], {**captured.calls, **calls}, str(sites[holder]))
+            captured.calls[parent] = calls[parent]
+    layouts: dict[str, Layout | str] = {}
+    module_of: dict[nn.Module, str] = {}  # declaring module -> attention module name
+    for holder, site in sites.items():
+        label = site.module if isinstance(site, Site) else names[holder]
+        module_of[holder] = label
+        if isinstance(site, Site):
+            search.owners.update(dict.fromkeys(site.producers, site.module))
+        if not probe_heads:
+            continue
+        limit = known_limit(holder)
+        if isinstance(site, Site) and limit is None:
+            limit = _shared_weights(model, site)
+        if limit is not None or isinstance(site, str):
+            layouts[label] = limit or str(site)
+            continue
+        call = captured.calls.pop(model.get_submodule(site.module))  # its arguments are not needed after its probe
+        try:
+            layouts[label] = probe(model, site, call)
+        except Exception as error:
+            layouts[label] = _failure("probing its heads", error)
+    if probe_heads:
+        for members in _coupled(layouts, captured.ties, module_of):
+            layer = head_layer([layouts[m] for m in members], gqa_unit, members)
+            if isinstance(layer, str):
+                search.skipped.append((", ".join(f"the heads of {m}" for m in members), layer))
+            else:
+                search.layers.append(layer)
+    return search
+
+
+def _located(
+    names: Mapping[nn.Module, str],
+    holder: nn.Module,
+    candidates: Sequence[nn.Module],
+    calls: Mapping[nn.Module, Call],
+    otherwise: str | None = None,
+) -> Site | str:
+    """The site around ``holder`` in the first of ``candidates`` that holds its out projection, or why none does."""
+    try:
+        site = locate(names[holder], holder, [(names[m], m) for m in candidates], calls)
+    except Exception as error:  # one module that cannot be located must not stop the others
+        return _failure("locating its out projection", error)
+    return site if isinstance(site, Site) or otherwise is None else otherwise
+
+
+def _shared_weights(model: nn.Module, site: Site) -> str | None:
+    """Why the site's projections cannot shrink alone: one shares a parameter with another module; or ``None``."""
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for parameter in module.parameters(recurse=False):
+            holders.setdefault(id(parameter), []).append(name)
+    for name in (*site.producers, site.out_projection):
+        for key, parameter in model.get_submodule(name).named_parameters(recurse=False):
+            others = [other for other in holders[id(parameter)] if other != name]
+            if others:
+                return f"its {name}.{key} is shared with {others[0]} (tied weights), which would lose rows with it."
+    return None
+
+
+def _failure(step: str, error: Exception) -> str:
+    message = " ".join(str(error).split())
+    return f"{step} failed: {type(error).__name__}: {message[:119] + '…' if len(message) > 120 else message}"
+
+
+def _coupled(
+    layouts: Mapping[str, Layout | str], ties: Sequence[tuple[nn.Module, nn.Module]], module_of: Mapping[nn.Module, str]
+) -> list[list[str]]:
+    """The attention modules in sets whose heads go together: those that pass per-head biases on are one set."""
+    root = {name: name for name in layouts}
+
+    def find(name: str) -> str:
+        while root[name] != name:
+            root[name] = root[root[name]]
+            name = root[name]
+        return name
+
+    for a, b in ties:
+        first, second = module_of.get(a), module_of.get(b)
+        if first in root and second in root:
+            root[find(second)] = find(first)
+    sets: dict[str, list[str]] = {}
+    for name in layouts:
+        sets.setdefault(find(name), []).append(name)
+    return list(sets.values())
+
+
+def head_layer(layouts: Sequence[Layout | str], gqa_unit: str, members: Sequence[str]) -> PrunableLayer | str:
+    """The head layer of one attention module, or of modules whose heads are coupled; or why there is none.
+
+    Args:
+        layouts: each module's probed layout, or why it has none.
+        gqa_unit: ``"query_heads"`` or ``"kv_groups"`` (see the module's documentation).
+        members: the modules' names.
+    """
+    reasons = [(m, x) for m, x in zip(members, layouts, strict=True) if isinstance(x, str)]
+    if reasons:
+        if len(members) == 1:
+            return reasons[0][1]
+        others = [m for m in members if m != reasons[0][0]]
+        return (
+            f"its heads share position biases with {_short(others)} (passed from layer to layer), and"
+            f" {reasons[0][0]}'s heads cannot go: {reasons[0][1]}"
+        )
+    found = [x for x in layouts if not isinstance(x, str)]
+    numbers = {x.site.numbers for x in found}
+    if len(numbers) > 1:
+        return f"its heads share position biases with {_short(members[1:])}, which has other head counts."
+    heads, kv_heads, head_dim = found[0].site.numbers
+    head_dim = int(head_dim or 0)
+    size = heads // kv_heads
+    by_groups = gqa_unit == "kv_groups" and kv_heads < heads
+    if by_groups and kv_heads == 1:
+        return (
+            "it has one key/value head (multi-query attention): no key/value group can go with"
+            " `gqa_unit='kv_groups'`; `gqa_unit='query_heads'` removes its query heads."
+        )
+
+    def unit(head: int) -> int:
+        return head // size if by_groups else head
+
     slices = []
-    for projection in adapter.projections(module):
-        width = _width(module.get_submodule(projection.module))
-        if width != projection.blocks * inner:
-            return f"{projection.module} outputs {width} features, not {projection.blocks} × {inner}."
-        indices = tuple(b * inner + c for b in range(projection.blocks) for c in channels)
-        slices.append(ModuleSlice(_joined(name, projection.module), "out", indices, tuple(owner * projection.blocks)))
-    slices.append(ModuleSlice(_joined(name, out_name), "in", tuple(channels), tuple(owner)))
-    producers = tuple(_joined(name, p.module) for p in adapter.projections(module))
-    return PrunableLayer(name=name + HEADS_SUFFIX, neurons=heads, producers=producers, slices=tuple(slices))
+    producers: list[str] = []
+    for layout in found:
+        pieces: dict[str, tuple[list[int], list[int]]] = {}
+        for block in layout.blocks:
+            units = {unit(h) for h in block.heads}
+            if len(units) != 1 or (not by_groups and len(block.heads) != 1):
+                continue  # a key/value block (query-head unit) or one shared by groups: it stays while they do
+            indices, neurons = pieces.setdefault(block.module, ([], []))
+            indices.extend(range(block.start, block.stop))
+            neurons.extend([units.pop()] * (block.stop - block.start))
+        for module, (indices, neurons) in pieces.items():
+            slices.append(ModuleSlice(module, "out", tuple(indices), tuple(neurons)))
+            producers.append(module)
+        channels = range(heads * head_dim)
+        owner = tuple(unit(c // head_dim) for c in channels)
+        slices.append(ModuleSlice(layout.site.out_projection, "in", tuple(channels), owner))
+    groups = kv_heads if not by_groups and 1 < kv_heads < heads else 1
+    return PrunableLayer(
+        name="+".join(members) + HEADS_SUFFIX,
+        neurons=kv_heads if by_groups else heads,
+        producers=tuple(producers),
+        slices=tuple(slices),
+        groups=groups,
+    )
 
 
-def head_layers(root: nn.Module, names: Mapping[nn.Module, str]) -> Iterator[tuple[str, PrunableLayer | str]]:
-    """Every known attention module under ``root``: its model name, and its head layer or why there is none."""
-    for module in root.modules():
-        adapter = adapter_for(module)
-        if adapter is not None:
-            yield names[module], head_layer(names[module], module, adapter)
+def _short(names: Sequence[str]) -> str:
+    return names[0] if len(names) == 1 else f"{names[0]} and {len(names) - 1} more"
 
 
-def _touched_attention(model: nn.Module, touched: Iterable[str]) -> Iterator[tuple[str, nn.Module, AttentionAdapter]]:
-    touched = set(touched)
-    for name, module, adapter in attention_modules(model):
-        if any(_joined(name, p.module) in touched for p in adapter.projections(module)):
-            yield name, module, adapter
+# --- after the surgery -----------------------------------------------------------------------------------------------
 
 
 def attribute_holders(model: nn.Module, touched: Iterable[str]) -> list[str]:
-    """The modules whose head-count attributes a surgery on the ``touched`` modules changes."""
-    return [
-        _joined(name, h)
-        for name, module, adapter in _touched_attention(model, touched)
-        for h in adapter.holders(module)
-    ]
+    """The modules whose head counts a surgery on the ``touched`` modules may change (to snapshot them first)."""
+    holders = []
+    adapter = TorchMultiheadAttention()
+    for name in touched:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:  # the caller says which module is missing
+            continue
+        if adapter.matches(module):
+            holders.append(name)
+            continue
+        holder = holder_of(name, model)
+        if holder is not None:
+            holders.append(holder)
+    return list(dict.fromkeys(holders))
 
 
-def sync_head_counts(model: nn.Module, touched: Iterable[str]) -> None:
-    """After a surgery: every attention module whose projections were touched takes its new head count."""
-    for _, module, adapter in _touched_attention(model, touched):
-        adapter.sync(module)
+def _declaring(model: nn.Module, name: str) -> nn.Module:
+    """The module that declares the heads of attention module ``name``: itself, or the one inside it that does."""
+    module = model.get_submodule(name)
+    if declares_heads(module):
+        return module
+    inside = [m for m in module.modules() if declares_heads(m)]
+    if len(inside) != 1:
+        raise ActivationPruningError(
+            f"{name} declares no head count of its own and holds {len(inside)} modules that do."
+        )
+    return inside[0]
+
+
+def _kept_heads(name: str, numbers: HeadNumbers, neurons: int, kept: Sequence[int]) -> tuple[tuple[int, ...], int]:
+    """The query heads a head layer's plan keeps, and the key/value heads that stay."""
+    heads, kv_heads, _ = numbers
+    if neurons == heads:  # query heads are the units; key/value heads stay unless they are the same heads
+        return tuple(kept), kv_heads if kv_heads < heads else len(kept)
+    if neurons == kv_heads:  # key/value groups are the units
+        size = heads // kv_heads
+        return tuple(g * size + i for g in kept for i in range(size)), len(kept)
+    raise ActivationPruningError(
+        f"the plan's heads of {name} number {neurons}; it has {heads} heads and {kv_heads} key/value heads."
+    )
+
+
+def sync_head_counts(model: nn.Module, plan: PruningPlan) -> None:
+    """After a surgery: every attention module whose heads the plan removes takes its new head counts.
+
+    Its attributes that hold the counts follow (:func:`~lightning_actprune._attention.set_head_numbers`), it remembers
+    its counts as built and the heads that stay, and inputs with one slice per head are cut to those heads when it is
+    called (:class:`~lightning_actprune._attention.HeadInputs`).
+    """
+    adapter = TorchMultiheadAttention()
+    for layer in plan.layers:
+        if not layer.name.endswith(HEADS_SUFFIX) or len(layer.kept) == layer.neurons:
+            continue
+        for name in layer.name[: -len(HEADS_SUFFIX)].split("+"):
+            module = model.get_submodule(name)
+            if adapter.matches(module):
+                adapter.sync(module)
+                continue
+            holder = _declaring(model, name)
+            numbers = head_numbers(holder)
+            if numbers is None:
+                raise ActivationPruningError(f"{name} no longer says how many heads it has.")
+            kept, kv_heads = _kept_heads(layer.name, numbers, layer.neurons, layer.kept)
+            state = head_state(holder) or HeadState(numbers.heads, numbers.kv_heads, tuple(range(numbers.heads)))
+            set_head_numbers(holder, numbers, len(kept), kv_heads)
+            vars(holder)[STATE] = state._replace(kept=tuple(state.kept[h] for h in kept))
+            install_head_inputs(holder)
+
+
+def heads_snapshot(module: nn.Module) -> HeadsSnapshot:
+    """What the head surgery adds to ``module`` beyond its public attributes (restored with them on failure)."""
+    return HeadsSnapshot(module)
+
+
+class HeadCounts(NamedTuple):
+    """The heads of one attention module now and as it was built.
+
+    Attributes:
+        heads: query heads now.
+        kv_heads: key/value heads now.
+        head_dim: channels per head (pruning never changes it).
+        heads_before: query heads as built.
+        kv_heads_before: key/value heads as built.
+    """
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    heads_before: int
+    kv_heads_before: int
+
+    @property
+    def pruned(self) -> bool:
+        """Whether the module lost heads."""
+        return self.heads != self.heads_before
+
+
+def head_counts(model: nn.Module) -> dict[str, HeadCounts]:
+    """Every attention module's head counts, now and as built, by the name of the module that declares them.
+
+    What writing a Hugging Face ``config`` per layer needs (``num_attention_heads``, ``num_key_value_heads``,
+    ``head_dim``): plain ints. Modules that say nothing of their head width are left out.
+
+    Example:
+        >>> import torch
+        >>> head_counts(torch.nn.MultiheadAttention(8, 2))
+        {'': HeadCounts(heads=2, kv_heads=2, head_dim=4, heads_before=2, kv_heads_before=2)}
+    """
+    counts = {}
+    for name, module in _torch_attention(model):
+        heads, head_dim = int(module.num_heads), int(module.head_dim)  # type: ignore[arg-type]
+        before = int(module.embed_dim) // head_dim  # type: ignore[arg-type]
+        counts[name] = HeadCounts(heads, heads, head_dim, before, before)
+    for name, holder in innermost_holders(model):
+        numbers = head_numbers(holder)
+        if numbers is None or numbers.head_dim is None:
+            continue
+        state = head_state(holder)
+        original = (state.heads, state.kv_heads) if state is not None else (numbers.heads, numbers.kv_heads)
+        counts[name] = HeadCounts(numbers.heads, numbers.kv_heads, numbers.head_dim, *original)
+    return counts

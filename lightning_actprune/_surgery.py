@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lightning_actprune._errors import ActivationPruningError
-from lightning_actprune._heads import attribute_holders, head_pruner, sync_head_counts
+from lightning_actprune._heads import attribute_holders, head_pruner, heads_snapshot, sync_head_counts
 from lightning_actprune._recurrent import add_to_bias as add_to_recurrent_bias
 from lightning_actprune._recurrent import refresh_flat_weights
 from lightning_actprune._torch_pruning import module_pruner
@@ -39,11 +39,13 @@ class ModuleSnapshot:
     def __init__(self, model: nn.Module, names: Iterable[str]) -> None:
         self._saved: list[tuple[nn.Module, type[nn.Module], dict[str, Any], dict[str, Any], dict[str, Any]]] = []
         names = list(names)
-        for name in dict.fromkeys([*names, *attribute_holders(model, names)]):
+        holders = attribute_holders(model, names)
+        for name in dict.fromkeys([*names, *holders]):
             module = _submodule(model, name)
             attributes = {k: v for k, v in vars(module).items() if not k.startswith("_")}
             saved = (module, type(module), dict(module._parameters), dict(module._buffers), attributes)
             self._saved.append(saved)
+        self._heads = [heads_snapshot(_submodule(model, name)) for name in holders]
 
     def restore(self) -> None:
         """Put every snapshotted module back exactly as it was."""
@@ -56,6 +58,8 @@ class ModuleSnapshot:
             vars(module).update(attributes)
             if isinstance(module, nn.RNNBase):  # it runs on a list of its weights, which must follow them
                 refresh_flat_weights(module)
+        for heads in self._heads:  # the heads' state and the hook that cuts per-head inputs
+            heads.restore()
 
 
 @contextmanager
@@ -176,7 +180,7 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> None:
                 for name, p in module.named_parameters(recurse=False):
                     p.requires_grad_(flags.get(name, True))
             current = "the attention modules' head counts"
-            sync_head_counts(model, plan.touched_modules)
+            sync_head_counts(model, plan)
     except Exception as error:
         raise ActivationPruningError(
             f"pruning {current} failed ({type(error).__name__}: {error}); the model was restored."

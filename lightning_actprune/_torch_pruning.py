@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal, NamedTuple, TypeVar
 
@@ -33,7 +33,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from lightning_actprune._conv1d import CONV1D_PRUNER, Conv1D
+from lightning_actprune._conv1d import Conv1D
 from lightning_actprune._grouped import GROUPED_CONV_PRUNER, couples_wrongly, grouped_convolution
 from lightning_actprune._recurrent import RECURRENT_PRUNER, RecurrentShape
 from lightning_actprune._statistics import MEASURED_TYPES, map_tensors
@@ -127,7 +127,7 @@ class _BoundedGroup(tp.dependency.group.Group):
         super().__init__()
         self._entries = 0
         self._neurons: int | None = None
-        self._seen: dict[tuple[int, Any], list[Any]] = {}
+        self._seen: dict[tuple[int, Any], set[tuple[Any, ...]]] = {}
 
     def add_dep(self, dep: Any, idxs: Any) -> None:
         key = (id(dep.target), dep.handler)
@@ -142,11 +142,12 @@ class _BoundedGroup(tp.dependency.group.Group):
             )
         if time.perf_counter() > self.deadline:
             raise BudgetExhausted
-        self._seen.setdefault(key, []).append(idxs)
+        self._seen.setdefault(key, set()).add(tuple(idxs))
         super().add_dep(dep, idxs)
 
     def has_pruning_op(self, dep: Any, idxs: Any) -> bool:
-        return any(seen == idxs for seen in self._seen.get((id(dep.target), dep.handler), ()))
+        # the index lists hold (idx, root_idx) tuples: a set finds an equal list without comparing to every one
+        return tuple(idxs) in self._seen.get((id(dep.target), dep.handler), ())
 
 
 @contextmanager
@@ -412,14 +413,17 @@ def _comparable_modules(root: nn.Module) -> nn.Module:
     return container
 
 
-def pruning_groups(graph: tp.DependencyGraph) -> Iterator[tuple[nn.Module, Any]]:
-    """Like ``graph.get_all_groups``, but a group that fails to build is handed back as its exception."""
+def pruning_groups(graph: tp.DependencyGraph, skip: Collection[nn.Module] = ()) -> Iterator[tuple[nn.Module, Any]]:
+    """Like ``graph.get_all_groups``, but a group that fails to build is handed back as its exception.
+
+    No group is built from the modules in ``skip`` (the q/k/v projections whose heads are pruned as a whole).
+    """
     visited: set[nn.Module] = set()
     built: list[tuple[nn.Module, Any]] = []
     candidates = [m for m in graph.module2node if isinstance(m, MEASURED_TYPES)]
     with bounded_groups():  # built first, so that the bounds apply to Torch-Pruning's work alone
         for position, module in enumerate(candidates):
-            if module in visited:
+            if module in visited or module in skip:
                 continue
             try:
                 pruner = graph.get_pruner_of_module(module)
@@ -434,6 +438,40 @@ def pruning_groups(graph: tp.DependencyGraph) -> Iterator[tuple[nn.Module, Any]]
             visited.update(dep.target.module for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler))
             built.append((module, group))
     yield from built
+
+
+class Conv1DPruner(tp.pruner.function.BasePruningFunc):
+    """Torch-Pruning's prune functions for ``Conv1D``: those of a ``Linear``, on the transposed weight."""
+
+    TARGET_MODULES = None
+
+    def prune_out_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
+        """Remove the output features ``idxs``: weight columns and bias entries."""
+        keep = sorted(set(range(int(layer.nf))) - {int(i) for i in idxs})
+        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 1)
+        if layer.bias is not None:
+            layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
+        layer.nf = len(keep)
+        return layer
+
+    def prune_in_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
+        """Remove the input features ``idxs``: weight rows."""
+        keep = sorted(set(range(self.get_in_channels(layer))) - {int(i) for i in idxs})
+        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
+        if hasattr(layer, "nx"):
+            layer.nx = len(keep)
+        return layer
+
+    def get_out_channels(self, layer: Any) -> int:
+        """``nf``, the number of output features."""
+        return int(layer.nf)
+
+    def get_in_channels(self, layer: Any) -> int:
+        """The number of input features: the weight's first dimension."""
+        return int(layer.weight.shape[0])
+
+
+CONV1D_PRUNER = Conv1DPruner()
 
 
 def module_pruner(module: nn.Module) -> Any:

@@ -17,7 +17,6 @@ ranks by running the same command again. Every rank writes what it saw to ``OUT_
 from __future__ import annotations
 
 import copy
-import dataclasses
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -72,7 +71,7 @@ class RankDependentPruning(ActivationPruning):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        self.settings = dataclasses.replace(self.settings, threshold=0.05 + 0.3 * trainer.global_rank)
+        object.__setattr__(self, "threshold", 0.05 + 0.3 * trainer.global_rank)  # the settings are frozen
 
 
 def spy_on_statistics(captured: list[Any]) -> None:
@@ -174,6 +173,14 @@ def main(out: Path) -> None:
         "metrics_after": dict(pruning.result.metrics_after),
         "metrics_recovered": dict(pruning.result.metrics_recovered),
     }
+
+    pl.seed_everything(0)
+    model = LossRecorder(MLPModule(), [])
+    pruning = ActivationPruning(
+        target_params_reduction=0.5, recovery_epochs=2, distill_weight=0.5, pruned_checkpoint=None
+    )
+    trainer_for(out / "distilled", pruning, max_epochs=4).fit(model, *loaders())
+    seen["distilled"] = {"final": model.state_dict(), "plan": pruning.result.plan.to_dict()}
 
     torch.save(seen, out / f"rank{trainer.global_rank}.pt")
 

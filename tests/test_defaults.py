@@ -172,3 +172,30 @@ def test_pruned_checkpoint_loads_and_tests(tmp_path):
     assert "test_loss" in metrics
     unpruned = copy.deepcopy(Model())
     assert sum(p.numel() for p in fresh.parameters()) < sum(p.numel() for p in unpruned.parameters())
+
+
+def test_distillation_during_recovery_by_steps(tmp_path, caplog):
+    pl.seed_everything(0)
+    train, val = loaders((8,))
+    pruning = ActivationPruning(target_params_reduction=0.5, recovery_steps=6, distill_weight=0.5)
+    trainer = pl.Trainer(max_steps=12, default_root_dir=tmp_path, callbacks=[pruning])
+    with caplog.at_level("INFO"):
+        trainer.fit(Model(), train, val)
+    assert pruning.pruned_at_step == 6
+    assert pruning.result.metrics_recovered
+    assert "the teacher holds" in caplog.text
+    assert "actprune/distillation_epoch" in logged_scalars(trainer)
+
+
+def test_prune_on_fit_start_from_a_trained_checkpoint(tmp_path):
+    pl.seed_everything(0)
+    train, val = loaders((8,))
+    first = defaults(tmp_path / "train")
+    first.fit(Model(), train, val)
+    (trained,) = Path(first.checkpoint_callback.dirpath).glob("*.ckpt")
+    pruning = ActivationPruning(target_params_reduction=0.4, prune_on="fit_start")
+    second = defaults(tmp_path / "recover", pruning, max_epochs=5)
+    second.fit(Model(), train, val, ckpt_path=trained)
+    assert pruning.pruned_at_epoch == 3
+    assert pruning.result.params_reduction >= 0.4
+    assert pruning.result.metrics_recovered

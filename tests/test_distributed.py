@@ -233,3 +233,13 @@ def test_bf16_mixed_accumulates_in_float64_and_prunes(make_trainer, monkeypatch)
     assert sum(p.numel() for p in model.parameters()) == pruning.result.params_after
     # the pruned model is the trained one with the removed activations zeroed (in float32, outside autocast)
     assert_matches_oracle(model, keep.model, pruning.result.plan, val.dataset.tensors[0])
+
+
+def test_ddp_distillation_teaches_every_rank_identically(ddp_run):
+    """Issue 21: every rank holds a teacher; the distilled recovery differs from the plain one and the ranks agree."""
+    zero, one = (rank["distilled"] for rank in ddp_run)
+    assert zero["plan"] == one["plan"]
+    for name, tensor in zero["final"].items():
+        assert torch.equal(one["final"][name], tensor), name
+    plain = ddp_run[0]["recovery"]["final"]
+    assert any(not torch.equal(plain[name], tensor) for name, tensor in zero["final"].items() if name in plain)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_actprune import ActivationPruning, load_pruned
+from lightning_actprune import ActivationPruning, ActivationPruningError, load_pruned
 from lightning_actprune._surgery import pruned_temporarily
 from lightning_actprune.core import ActivationRecorder, apply_plan, find_prunable_layers, plan_from_kept, plan_pruning
 from tests.helpers import NUM_CLASSES, Classifier, KeepUnpruned, assert_matches_oracle, loaders, zero_removed_inputs
@@ -342,3 +342,149 @@ def test_overlapping_recorders_measure_multihead_attention_until_the_last_one_en
     assert "layers.0.self_attn.out_proj" in second.moments()  # the heads' activations were still measured
     second.__exit__(None, None, None)
     assert type(model.layers[0].self_attn) is nn.MultiheadAttention
+
+
+class TinyAttention(nn.Module):
+    """Attention written by hand, 4 heads of 8 channels over 2 key/value heads, its q/k/v stored in ``layout``.
+
+    No class name, module name or library says where its heads are: only its own numbers (``num_heads``,
+    ``num_key_value_heads``, ``head_dim``) and what its forward does.
+
+    Layouts: ``separate`` (q, k, v), ``kvq`` (one projection, ``[k | v | q]``), ``per_group`` (one projection, each
+    key/value head's queries then its key and value), ``per_channel`` (one projection storing channel ``d`` of every
+    head together: its blocks are not heads), ``fixed`` (``separate``, but its forward splits into 4 heads whatever
+    its attributes say).
+    """
+
+    def __init__(self, layout: str, kv_heads: int = 2) -> None:
+        super().__init__()
+        self.layout, self.num_heads, self.num_key_value_heads, self.head_dim = layout, 4, kv_heads, 8
+        if layout in ("separate", "fixed"):
+            self.q, self.k, self.v = nn.Linear(32, 32), nn.Linear(32, 8 * kv_heads), nn.Linear(32, 8 * kv_heads)
+        else:
+            self.qkv = nn.Linear(32, 8 * (4 + 2 * kv_heads))
+        self.out = nn.Linear(32, 32)
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch, tokens, _ = x.shape
+        heads, kv_heads, width = self.num_heads, self.num_key_value_heads, self.head_dim
+        if self.layout in ("separate", "fixed"):
+            q_heads = 4 if self.layout == "fixed" else heads
+            q = self.q(x).view(batch, tokens, q_heads, width)
+            return q, self.k(x).view(batch, tokens, -1, width), self.v(x).view(batch, tokens, -1, width)
+        fused = self.qkv(x)
+        if self.layout == "kvq":
+            k, v, q = fused.split([kv_heads * width, kv_heads * width, heads * width], dim=-1)
+            return q.view(batch, tokens, heads, width), *(t.view(batch, tokens, kv_heads, width) for t in (k, v))
+        if self.layout == "per_group":
+            grouped = fused.view(batch, tokens, kv_heads, heads // kv_heads + 2, width)
+            q = grouped[..., :-2, :].reshape(batch, tokens, heads, width)
+            return q, grouped[..., -2, :], grouped[..., -1, :]
+        by_channel = fused.view(batch, tokens, width, heads + 2 * kv_heads).transpose(-1, -2)
+        return by_channel.split([heads, kv_heads, kv_heads], dim=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (t.transpose(1, 2) for t in self.split(x))  # (batch, heads, tokens, head_dim)
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        heads = F.scaled_dot_product_attention(q, k, v)
+        return self.out(heads.transpose(1, 2).reshape(*x.shape[:2], -1))
+
+
+class Stack(nn.Module):
+    """Two residual blocks of :class:`TinyAttention`, a mean over tokens and a linear head."""
+
+    def __init__(self, layout: str, kv_heads: int = 2) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(TinyAttention(layout, kv_heads) for _ in "ab")
+        self.head = nn.Linear(32, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("layout", ["separate", "kvq", "per_group"])
+@pytest.mark.parametrize("gqa_unit", ["query_heads", "kv_groups"])
+def test_heads_of_an_attention_written_by_hand_are_found_from_its_numbers_in_any_qkv_layout(layout, gqa_unit):
+    model, x = Stack(layout).eval(), torch.randn(3, 6, 32)
+    heads = [layer for layer in find_prunable_layers(model, x, gqa_unit=gqa_unit) if layer.name.endswith(":heads")]
+    assert [layer.name for layer in heads] == ["blocks.0:heads", "blocks.1:heads"]
+    by_groups = gqa_unit == "kv_groups"
+    assert [(layer.neurons, layer.groups) for layer in heads] == [(2, 1) if by_groups else (4, 2)] * 2
+    # query heads: one of each key/value head's two goes; key/value groups: the first goes with its two queries
+    kept = {heads[0].name: [1] if by_groups else [1, 3], heads[1].name: [1] if by_groups else [0, 2]}
+    removed = [[0, 1], [0, 1]] if by_groups else [[0, 2], [1, 3]]
+    reference = copy.deepcopy(model)
+
+    apply_plan(model, plan_from_kept(heads, kept))
+
+    for block, gone in zip(range(2), removed, strict=True):
+        attention = model.blocks[block]
+        assert (attention.num_heads, attention.num_key_value_heads) == (2, 1 if by_groups else 2)
+        zero_heads_before(reference.blocks[block], "out", gone, head_dim=8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x))
+
+
+def tied_weights() -> tuple[nn.Module, torch.Tensor]:
+    model = Stack("separate", kv_heads=4).eval()
+    model.blocks[0].k.weight = model.blocks[0].q.weight
+    return model, torch.randn(3, 6, 32)
+
+
+@pytest.mark.parametrize(
+    ("build", "gqa_unit", "message"),
+    [
+        (
+            lambda: (Stack("per_channel").eval(), torch.randn(3, 6, 32)),
+            "query_heads",
+            "not pruning the heads of blocks.0: the layout of blocks.0.qkv could not be proven: zeroing its outputs 0-7"
+            " changes heads 0, 1, 2, 3, and no block of its projections feeds a single head (its channels are not"
+            " stored head by head).",
+        ),
+        (
+            lambda: (Stack("fixed").eval(), torch.randn(3, 6, 32)),
+            "query_heads",
+            "not pruning the heads of blocks.0, the heads of blocks.1: with fewer heads the model does not run (its"
+            " forward failed: RuntimeError: shape '[3, 6, 4, 8]' is invalid",
+        ),
+        (
+            lambda: (Stack("kvq", kv_heads=1).eval(), torch.randn(3, 6, 32)),
+            "kv_groups",
+            "it has one key/value head (multi-query attention): no key/value group can go with"
+            " `gqa_unit='kv_groups'`; `gqa_unit='query_heads'` removes its query heads.",
+        ),
+        (
+            tied_weights,
+            "query_heads",
+            "not pruning the heads of blocks.0: its blocks.0.q.weight is shared with blocks.0.k (tied weights), which"
+            " would lose rows with it.",
+        ),
+    ],
+    ids=["channels_not_heads", "fixed_head_count", "multi_query_by_groups", "tied_weights"],
+)
+def test_heads_that_cannot_go_are_kept_and_the_warning_says_why_in_words(build, gqa_unit, message):
+    model, x = build()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layers = find_prunable_layers(model, x, gqa_unit=gqa_unit)
+    messages = "\n".join(str(w.message) for w in caught)
+    assert message in messages
+    assert "GroupTooLarge" not in messages
+    assert "IndexError" not in messages
+    assert "blocks.0:heads" not in [layer.name for layer in layers]
+
+
+def test_gqa_unit_must_be_one_of_its_values(tmp_path):
+    with pytest.raises(ActivationPruningError, match=r"`gqa_unit` can be one of query_heads, kv_groups; got 'heads'"):
+        ActivationPruning(threshold=0.1, gqa_unit="heads")  # type: ignore[arg-type]
+    model, x = Stack("separate").eval(), torch.randn(3, 6, 32)
+    with pytest.raises(ActivationPruningError, match=r"`gqa_unit` can be one of query_heads, kv_groups; got 'kv'"):
+        find_prunable_layers(model, x, gqa_unit="kv")
+    from tests.test_cli import callback_config, parse, pruning_callback
+
+    callback = pruning_callback(parse(callback_config(tmp_path, "{threshold: 0.1, gqa_unit: kv_groups}")))
+    assert callback.gqa_unit == "kv_groups"
+    assert callback.settings.to_state()["gqa_unit"] == "kv_groups"
