@@ -337,17 +337,18 @@ def test_an_lstm_left_with_exactly_proj_size_units_keeps_one_silent_placeholder(
 
 
 class FinalState(nn.Module):
-    """A GRU (2 layers, one direction) whose final state of the last layer, ``h_n[-1]``, the head reads."""
+    """A GRU (2 layers) whose final state of the last layer, ``h_n[-1]`` (or of another: ``read``), the head reads."""
 
-    def __init__(self, bidirectional: bool = False) -> None:
+    def __init__(self, bidirectional: bool = False, read: int = -1) -> None:
         super().__init__()
         self.embed = nn.Sequential(nn.Linear(FEATURES, 12), nn.ReLU())
         self.rnn = nn.GRU(12, 8, num_layers=2, batch_first=True, bidirectional=bidirectional)
         self.out = nn.Linear(8, NUM_CLASSES)
+        self.read = read
 
     def forward(self, x: Tensor) -> Tensor:
         _, state = self.rnn(self.embed(x))
-        return self.out(state[-1])
+        return self.out(state[self.read])
 
 
 def test_the_final_state_of_one_direction_is_followed_and_of_two_is_skipped_with_its_reason():
@@ -363,6 +364,14 @@ def test_the_final_state_of_one_direction_is_followed_and_of_two_is_skipped_with
     assert messages == [
         "lightning_actprune: not pruning rnn: its final state h_n (or c_n) is read and it is bidirectional: only one"
         " direction's final state is followed (the output sequence is, in both directions)."
+    ]
+
+    # the first layer's final state is taken for the last layer's by the tracer: the zeroing check catches it
+    layers, messages = found(FinalState(read=0).eval(), x)
+    assert [layer.name for layer in layers] == ["embed.0"]
+    assert messages == [
+        "lightning_actprune: not pruning rnn: removing its neurons does not equal zeroing them (an operation between it"
+        " and its consumers mixes its neurons, e.g. attention (Q·K, softmax) or a normalisation over them)."
     ]
 
 
