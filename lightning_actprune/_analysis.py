@@ -21,10 +21,12 @@ from torch import Tensor, nn
 
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._grn import global_response_norm, zero_grn_inputs
+from lightning_actprune._grouped import couples_wrongly, equal_count_blocks
 from lightning_actprune._heads import GQA_UNITS, HEADS_SUFFIX, find_heads, measurable_attention
 from lightning_actprune._plan import plan_from_kept
+from lightning_actprune._recurrent import RecurrentShape, hidden_units_layer, zero_hidden_units, zero_input_features
 from lightning_actprune._statistics import FEATURES_LAST, MEASURED_TYPES, _channel_dim, map_tensors
-from lightning_actprune._surgery import pruned_temporarily
+from lightning_actprune._surgery import pruned_temporarily, restoring
 from lightning_actprune._torch_pruning import (
     SPLIT_OPERATION,
     GroupEntry,
@@ -34,6 +36,7 @@ from lightning_actprune._torch_pruning import (
     group_entries,
     module_pruner,
     pruning_groups,
+    read_final_states,
 )
 from lightning_actprune._types import ModuleSlice, PrunableLayer, PruningPlan
 
@@ -108,13 +111,17 @@ def find_prunable_layers(
     """Find the groups of neurons that can be removed, with Torch-Pruning's ``DependencyGraph``.
 
     Every hidden ``Linear``/``Conv`` whose outputs feed another such layer is a candidate; the model's output layer
-    never is. Groups that touch an operation which mixes channels (LayerNorm, attention, …) or a weight shared
-    between layers are skipped with a warning that names them. A layer called several times per forward (ALBERT's
-    shared transformer layer) is one member of its group, pruned once for every call; a fused projection whose
-    outputs are split into pieces multiplied together (a gate/up ``chunk``) has one neuron per row pair; timm's
-    Global Response Normalisation is pruned with its scale corrected. Every layer must then prune like zeroing. With
-    ``prune_heads``, each attention module adds a layer ``<name>:heads`` whose neurons are its whole heads, found
-    from its structure and its own numbers by probing it (see :mod:`lightning_actprune._heads`).
+    never is. A layer that reaches a grouped convolution keeps the same number of neurons in each of its groups
+    (``PrunableLayer.groups``, :mod:`lightning_actprune._grouped`); a recurrent layer (``nn.LSTM``/``nn.GRU``/
+    ``nn.RNN``) is a layer named after it whose neurons are its hidden units, the same number kept in every layer
+    and direction (:mod:`lightning_actprune._recurrent`). Groups that touch an operation which mixes channels
+    (LayerNorm, attention, …) or a weight shared between layers are skipped with a warning that names them. A layer
+    called several times per forward (ALBERT's shared transformer layer) is one member of its group, pruned once for
+    every call; a fused projection whose outputs are split into pieces multiplied together (a gate/up ``chunk``) has
+    one neuron per row pair; timm's Global Response Normalisation is pruned with its scale corrected. Every layer
+    must then prune like zeroing. With ``prune_heads``, each attention module adds a layer ``<name>:heads`` whose
+    neurons are its whole heads, found from its structure and its own numbers by probing it (see
+    :mod:`lightning_actprune._heads`).
 
     Args:
         model: the model; it is traced once with gradients on and is not modified.
@@ -146,7 +153,6 @@ def find_prunable_layers(
     owners: dict[str, str] = {}  # every projection of an attention module -> that module
     for root_name in _trace_roots(inputs):
         root = model.get_submodule(root_name) if root_name else model
-        skipped.extend(_recurrent_layers(root, names))
         try:
             # inputs recorded under inference mode cannot enter autograd; a clone made here can
             args, kwargs = map_tensors(Tensor.clone, _few_samples(root, inputs[root_name]))
@@ -275,15 +281,8 @@ def _parameter_owners(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:
 def _unsupported(module: nn.Module) -> bool:
     """A layer with a matrix or kernel that this package does not prune (``ConvTranspose2d``, ``Bilinear``)."""
     weight = getattr(module, "weight", None)
-    known = (*MEASURED_TYPES, nn.Embedding, nn.RNNBase)
+    known = (*MEASURED_TYPES, nn.Embedding)
     return isinstance(weight, Tensor) and weight.dim() >= 2 and not isinstance(module, known)
-
-
-def _recurrent_layers(root: nn.Module, names: Mapping[nn.Module, str]) -> Iterator[_Skip]:
-    for module in root.modules():
-        if isinstance(module, nn.RNNBase):
-            name = f"the hidden size of {type(module).__name__} {names[module]}"
-            yield _Skip(name, "recurrent layers keep their sizes.")
 
 
 def _tensors_with_grad(output: Any) -> list[Tensor]:
@@ -303,8 +302,6 @@ def _describe(entry: GroupEntry, context: _TraceContext) -> str:
         if context.names.get(owner) and not any(True for _ in owner.children()):
             return _module_using_its_parameters(owner, context.names[owner])
         return f"the parameter {name} (used outside a layer)"
-    if isinstance(module, nn.RNNBase):
-        return f"{type(module).__name__} {context.names[module]} (recurrent layers are not pruned)"
     if isinstance(module, nn.Module) and module in context.names:
         return f"{type(module).__name__} {context.names[module]}"
     return entry.operation
@@ -326,21 +323,14 @@ def _module_using_its_parameters(module: nn.Module, name: str) -> str:
     return f"{kind} {name} (its parameters are used outside a layer)"
 
 
-def grouped_convolution(module: Any) -> bool:
-    """A convolution whose channels are split into groups, other than a plain depthwise one (one channel each)."""
-    if not isinstance(module, nn.modules.conv._ConvNd) or module.groups == 1:
-        return False
-    return not module.groups == module.in_channels == module.out_channels
-
-
 def _blocker(entry: GroupEntry, description: str) -> str | None:
     """Why a member stops its group's neurons from being removed, though Torch-Pruning calls it safe; else ``None``.
 
-    Grouped convolutions (RegNet, ResNeXt): Torch-Pruning's in-channel pruner keeps the first ``kept / groups``
-    indices of every group, which is only right when the same positions go in every group.
+    Grouped convolutions lose an equal number of channels per group (:mod:`lightning_actprune._grouped`), except
+    one with ``groups == out_channels != in_channels``, which Torch-Pruning couples like a depthwise convolution.
     """
-    if grouped_convolution(entry.module):
-        return f"{description} (a grouped convolution, groups={entry.module.groups})"
+    if couples_wrongly(entry.module):
+        return f"{description} (a grouped convolution with one output channel per group, groups={entry.module.groups})"
     if entry.unmapped:
         return "a reshape of its channels that cannot be followed (e.g. a channel shuffle)"
     if _uneven_split(entry):
@@ -375,13 +365,21 @@ def _layers_of_root(
     with concatenations_of_unknown_size_unmapped():  # the graph is built, and its groups too
         with _traceable(root):
             graph = dependency_graph(root, args, kwargs, _tensors_with_grad)
+        states_read = read_final_states(graph)
+        for recurrent in sorted(states_read, key=lambda m: context.order[context.names[m]]):
+            _hidden_units_layer(recurrent, (), counts, context, skipped, state_read=True)  # says why, once each
         for module, group in pruning_groups(graph, projections, max(counts.values(), default=1)):
+            if module in states_read:
+                continue
             if isinstance(group, Exception):
                 skipped.append(_Skip(context.names[module], _group_failure(graph, group, context)))
                 continue
             try:
                 entries = group_entries(graph, group)
-                layer = _layer_of_group(entries, context, skipped)
+                if isinstance(module, nn.RNNBase):
+                    layer = _hidden_units_layer(module, entries, counts, context, skipped)
+                else:
+                    layer = _layer_of_group(entries, context, skipped)
             except Exception as error:  # a group the tracer cannot describe is skipped, the others go on
                 skipped.append(_Skip(context.names[module], _failure("tracing its group", error)))
                 continue
@@ -472,6 +470,7 @@ def _layer_of_group(
 ) -> PrunableLayer | None:
     names = context.names
     slices: list[ModuleSlice] = []
+    members: list[tuple[nn.Module, ModuleSlice]] = []  # each slice with its module, for the grouped convolutions
     unsafe: list[str] = []  # operations that mix the neurons, and layers that cannot lose them
     blocking = 0  # how many of them are operations or layers other than the Linear/Conv ones
     producers: list[str] = []
@@ -498,6 +497,7 @@ def _layer_of_group(
             else:
                 has_consumer = True
         slices.append(ModuleSlice(name, entry.dim, entry.indices, entry.neurons))
+        members.append((module, slices[-1]))
     if not producers or not (has_consumer or blocking):
         return None  # the output layer: its neurons are the model's outputs
     producers = sorted(set(producers), key=context.order.__getitem__)
@@ -516,7 +516,65 @@ def _layer_of_group(
         )
         return None
     neurons = len(set(group[0].neurons))  # root indices tied together (a fused gate/up projection) are one neuron
-    return PrunableLayer(name=name, neurons=neurons, producers=tuple(producers), slices=tuple(slices))
+    blocks = equal_count_blocks(neurons, members)
+    if isinstance(blocks, str):
+        skipped.append(_Skip(name, blocks))
+        return None
+    return PrunableLayer(
+        name=name,
+        neurons=neurons,
+        producers=tuple(producers),
+        slices=tuple(blocks.apply(piece) for piece in slices),
+        groups=blocks.groups,
+    )
+
+
+def _hidden_units_layer(
+    module: nn.RNNBase,
+    group: Sequence[GroupEntry],
+    counts: Mapping[nn.Module, int],
+    context: _TraceContext,
+    skipped: list[_Skip],
+    state_read: bool = False,
+) -> PrunableLayer | None:
+    """The hidden units of a recurrent layer (:mod:`lightning_actprune._recurrent`), from the group of its outputs.
+
+    Without a projection the outputs are the last layer's units: what reads them (found in ``group``) reads those
+    units. With one, the outputs (``proj_size`` wide) stay, and only the module itself reads its cell units.
+    ``state_read``: the model reads a final state that the tracer does not follow (a bidirectional layer's ``h_n``,
+    the cell state ``c_n`` beside a projection).
+    """
+    name = context.names[module]
+    shape = RecurrentShape.of(module)
+    if state_read:
+        reason = (
+            "its cell state c_n is read beside a projection, which hides its units from the outputs."
+            if shape.proj
+            else "its final state h_n (or c_n) is read and it is bidirectional: only one direction's final state is"
+            " followed (the output sequence is, in both directions)."
+        )
+        skipped.append(_Skip(name, reason))
+        return None
+    if shape.proj:
+        unsafe = [f"{name} (called {counts[module]} times per forward)"] if counts.get(module, 0) > 1 else []
+        unsafe += [f"{name} (shares a parameter with another layer)"] if module in context.shared else []
+        if unsafe:
+            skipped.append(_Skip(name, f"its neurons reach {_listed(unsafe)}, which cannot lose neurons here."))
+            return None
+        return hidden_units_layer(name, shape)
+    others = [e.module for e in group if isinstance(e.module, nn.RNNBase) and e.module is not module and e.dim == "out"]
+    if others:
+        other = f"{type(others[0]).__name__} {context.names[others[0]]}"
+        skipped.append(_Skip(name, f"its outputs are coupled to those of {other}, a recurrent layer too."))
+        return None
+    outputs = _layer_of_group(group, context, skipped)
+    if outputs is None:
+        return None
+    if outputs.groups > 1:
+        skipped.append(_Skip(outputs.name, "its outputs reach a grouped convolution, which cannot follow its units."))
+        return None
+    readers = [piece for piece in outputs.slices if not (piece.module == name and piece.dim == "out")]
+    return hidden_units_layer(name, shape, readers, outputs.name, outputs.producers)
 
 
 def _few_samples(
@@ -574,9 +632,15 @@ def _same_outputs(pruned: list[Tensor], reference: list[Tensor]) -> bool:
     return True
 
 
-def _zero_at_consumers(model: nn.Module, plan: PruningPlan) -> list[torch.utils.hooks.RemovableHandle]:
-    """Force the planned neurons' activations to zero where their consumers read them (the pruning oracle)."""
+@contextmanager
+def _zeroed_at_consumers(model: nn.Module, plan: PruningPlan) -> Iterator[None]:
+    """Force the planned neurons' activations to zero where their consumers read them (the pruning oracle).
+
+    A recurrent layer's hidden units are zeroed at their source instead: their rows of every gate are zeroed, so
+    their states stay zero at every time step (:func:`lightning_actprune._recurrent.zero_hidden_units`).
+    """
     handles = []
+    recurrent: dict[str, list[int]] = {}
     for operation in plan.operations:
         module = model.get_submodule(operation.module)
         index = torch.tensor(operation.indices)
@@ -584,6 +648,13 @@ def _zero_at_consumers(model: nn.Module, plan: PruningPlan) -> list[torch.utils.
             handles.append(zero_grn_inputs(module, index))
             continue
         if operation.dim != "in" or not isinstance(module, MEASURED_TYPES):
+            continue
+        if isinstance(module, nn.RNNBase):
+            inputs = int(module.input_size)
+            features = [i for i in operation.indices if i < inputs]
+            recurrent[operation.module] = [i - inputs for i in operation.indices if i >= inputs]
+            if features:
+                handles.append(module.register_forward_pre_hook(_zero_recurrent_inputs(torch.tensor(features))))
             continue
 
         def zero(consumer: nn.Module, args: tuple[Any, ...], index: Tensor = index) -> tuple[Any, ...]:
@@ -595,7 +666,22 @@ def _zero_at_consumers(model: nn.Module, plan: PruningPlan) -> list[torch.utils.
             return (inputs, *args[1:])
 
         handles.append(module.register_forward_pre_hook(zero))
-    return handles
+    try:
+        with restoring(model, list(recurrent), always=True):
+            for name, units in recurrent.items():
+                if units:
+                    zero_hidden_units(model.get_submodule(name), units)  # type: ignore[arg-type]
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _zero_recurrent_inputs(features: Tensor) -> Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...]]:
+    def zero(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (zero_input_features(args[0], features), *args[1:])
+
+    return zero
 
 
 def _keep_independent(
@@ -674,12 +760,15 @@ def _kept_for_check(layer: PrunableLayer) -> list[int]:
 
     The count that stays then shares no factor but 1 or 2 with an even width, so a reshape into attention heads
     (``view(batch, tokens, -1, head_size)``) fails, where exactly half the neurons would still fit. Every block of a
-    layer whose blocks keep equal counts (:attr:`PrunableLayer.groups`) keeps the same number.
+    layer whose blocks keep equal counts (:attr:`PrunableLayer.groups`) keeps the same number, each starting one
+    position later than the block before: a consumer whose columns follow the wrong block (a recurrent layer's final
+    state of another layer than the last) then fails the check.
     """
+    size = layer.neurons // layer.groups
+    count = max(1, len(range(1, size, 2)) - 1) if size > 1 else 1
     kept = []
-    for block in layer.blocks():
-        every_other = range(block.start + 1, block.stop, 2) if len(block) > 1 else block
-        kept += list(every_other[:-1] if len(every_other) > 1 else every_other)
+    for block, neurons in enumerate(layer.blocks()):
+        kept += [neurons[(1 + block + 2 * i) % size] for i in range(count)]
     return kept
 
 
@@ -712,12 +801,8 @@ def _pruned_outcome(
             pruned = _output_tensors(root(*args, **kwargs))
     except Exception:  # its shapes do not follow the neurons
         return _Outcome(same=False, runs=False, misfed=misfed[0] if misfed else None)
-    handles = _zero_at_consumers(model, plan)
-    try:
+    with _zeroed_at_consumers(model, plan):
         reference = _output_tensors(root(*args, **kwargs))
-    finally:
-        for handle in handles:
-            handle.remove()
     return _Outcome(same=_same_outputs(pruned, reference))
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_actprune import _recurrent as recurrent
 from lightning_actprune._conv1d import out_in_weight
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._statistics import (
@@ -203,9 +204,13 @@ def input_columns(module: nn.Module) -> Tensor:
     Hugging Face's transposed ``Conv1D``), the kernel
     sum ``Σ_k W[:, f, k]`` for a Conv (grouped convs only reach their own group's outputs).
     """
+    if isinstance(module, nn.RNNBase):  # its inputs: features, then hidden units (see _recurrent)
+        return recurrent.input_columns(module)
     return _by_input(module, lambda kernel: kernel.sum(-1))
 
 
 def _squared_column_norms(module: nn.Module) -> Tensor:
     """``‖W[:, f]‖²`` for each input feature ``f``, over every output and kernel position."""
+    if isinstance(module, nn.RNNBase):
+        return recurrent.squared_column_norms(module)
     return _by_input(module, lambda kernel: kernel.square().sum(-1)).sum(1)

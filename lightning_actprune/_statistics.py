@@ -13,6 +13,7 @@ from torchmetrics import Metric
 from lightning_actprune._conv1d import Conv1D
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._heads import measurable_attention
+from lightning_actprune._recurrent import recurrent_features
 
 Statistic = Literal["mean", "mean_abs", "rms", "nonzero_fraction", "std", "fluctuation"]
 """The per-neuron statistics λ can be compared against."""
@@ -22,10 +23,12 @@ STATISTICS: tuple[str, ...] = get_args(Statistic)
 SIGNED_STATISTICS: tuple[str, ...] = ("mean",)
 """Statistics that can be negative (the mean of GELU, SiLU, hardswish or tanh outputs): λ may be too."""
 
-MEASURED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, Conv1D)
+MEASURED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, Conv1D, nn.RNNBase)
 """Layers whose *inputs* are measured: a neuron's activation is what its consumers receive.
 
-``Conv1D`` is Hugging Face's transposed Linear (GPT-2), recognised without importing ``transformers``.
+``Conv1D`` is Hugging Face's transposed Linear (GPT-2), recognised without importing ``transformers``. A recurrent
+layer (``nn.LSTM``/``nn.GRU``/``nn.RNN``) reads its input features and its own hidden units at every time step: both
+are measured (:func:`lightning_actprune._recurrent.recurrent_features`).
 """
 
 FEATURES_LAST: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
@@ -211,11 +214,13 @@ def _channel_dim(module: nn.Module, inputs: Tensor) -> int:
 
 
 class ActivationRecorder:
-    """Context manager that measures the input of every ``Linear``/``Conv`` layer of a model.
+    """Context manager that measures the input of every ``Linear``/``Conv``/recurrent layer of a model.
 
     While active, every forward call updates one :class:`ActivationStatistics` per measured layer (keyed by the
     layer's module name) and remembers the first call's arguments of the model and of each submodule that holds
-    a measured layer: the examples the dependency analysis traces with. Gradients are never needed.
+    a measured layer: the examples the dependency analysis traces with. Gradients are never needed. A recurrent
+    layer's statistics hold its input features, then its hidden units, each over every time step of every sequence
+    (padding of a ``PackedSequence`` excluded).
 
     Args:
         model: any ``nn.Module``.
@@ -242,7 +247,10 @@ class ActivationRecorder:
         self._handles.append(self.model.register_forward_pre_hook(self._note_model_inputs, with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(self._forget_model_inputs))
         for name, module in self.model.named_modules():
-            if isinstance(module, MEASURED_TYPES):
+            if isinstance(module, nn.RNNBase):
+                hook = self._recurrent_hook(name)
+                self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+            elif isinstance(module, MEASURED_TYPES):
                 self._handles.append(module.register_forward_pre_hook(self._measure_hook(name)))
             elif any(isinstance(m, MEASURED_TYPES) for m in module.modules()):
                 self._handles.append(module.register_forward_pre_hook(self._capture_hook(name), with_kwargs=True))
@@ -275,6 +283,18 @@ class ActivationRecorder:
                 metric.set_dtype(_accumulator_dtype(inputs.device))
                 self.metrics[name] = metric
             metric.update(inputs)
+
+        return hook
+
+    def _recurrent_hook(self, name: str) -> Any:
+        def hook(module: nn.RNNBase, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            features = recurrent_features(module, args, kwargs, output)
+            metric = self.metrics.get(name)
+            if metric is None:
+                metric = ActivationStatistics(int(features.shape[-1])).to(features.device)
+                metric.set_dtype(_accumulator_dtype(features.device))
+                self.metrics[name] = metric
+            metric.update(features)
 
         return hook
 

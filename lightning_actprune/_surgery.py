@@ -12,6 +12,8 @@ from torch import nn
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._grn import rescale_response_norms, response_norm_channels
 from lightning_actprune._heads import attribute_holders, head_pruner, heads_snapshot, sync_head_counts
+from lightning_actprune._recurrent import add_to_bias as add_to_recurrent_bias
+from lightning_actprune._recurrent import refresh_flat_weights
 from lightning_actprune._torch_pruning import module_pruner
 from lightning_actprune._types import PruningPlan
 
@@ -55,6 +57,8 @@ class ModuleSnapshot:
             module._buffers.clear()
             module._buffers.update(buffers)
             vars(module).update(attributes)
+            if isinstance(module, nn.RNNBase):  # it runs on a list of its weights, which must follow them
+                refresh_flat_weights(module)
         for heads in self._heads:  # the heads' state and the hook that cuts per-head inputs
             heads.restore()
 
@@ -189,6 +193,9 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> None:
 
 def _add_to_bias(module: nn.Module, delta: tuple[float, ...]) -> None:
     """A new bias parameter (created when the module had none); the old tensor is left untouched for restoring."""
+    if isinstance(module, nn.RNNBase):
+        add_to_recurrent_bias(module, torch.tensor(delta))
+        return
     weight = module.get_parameter("weight")
     values = torch.tensor(delta, dtype=weight.dtype, device=weight.device)
     bias = getattr(module, "bias", None)

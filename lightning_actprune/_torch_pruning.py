@@ -9,8 +9,14 @@ undone when its block ends. What its ``DependencyGraph`` does not do for us:
 * A concatenation with an input of unknown width (a key/value cache, GPT-2's ``use_cache``) fails its index
   mapping and, with it, the whole model; such a concatenation is left unmapped, as Torch-Pruning would leave it.
 * Index mappings that multiply (Swin's window partitions, Torch-Pruning issue #525) make a single group grow
-  without bound. Each group holds at most :data:`GROUP_INDEX_LIMIT` indices, and the groups of one model are built
-  within :data:`ANALYSIS_SECONDS`; past either, the group (or every group left) is skipped with a message.
+  without bound. Each group holds at most :data:`GROUP_INDEX_LIMIT` indices beyond one per neuron in each member,
+  and the groups of one model are built within :data:`ANALYSIS_SECONDS`; past either, the group (or every group
+  left) is skipped with a message.
+* Recurrent layers record their time steps in autograd (GRU), and ``pad_packed_sequence`` slices packed rows, which
+  it misreads as features. While a graph is built, each recurrent layer is one opaque node from its input to its
+  output sequence, its final state ``h_n`` is built from that sequence where it holds the last layer's units (one
+  direction), and ``pad_packed_sequence`` is one element-wise node; a final state that cannot be followed is a
+  node of its own, whose readers :func:`read_final_states` reports.
 * A split along the features (a fused gate/up projection's ``chunk(2, dim=-1)``) is mapped only along dim 1, and
   its merged groups forget that gate row ``j`` and up row ``H + j`` reach the same input of the down projection.
   Such splits are mapped by the piece each consumer reads (:func:`feature_splits_mapped`), and root indices that
@@ -21,6 +27,7 @@ undone when its block ends. What its ``DependencyGraph`` does not do for us:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -30,14 +37,22 @@ from typing import Any, Literal, NamedTuple, TypeVar
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 
 from lightning_actprune._conv1d import Conv1D
 from lightning_actprune._grn import global_response_norm
+from lightning_actprune._grouped import GROUPED_CONV_PRUNER, couples_wrongly, grouped_convolution
+from lightning_actprune._recurrent import RECURRENT_PRUNER, RecurrentShape
 from lightning_actprune._statistics import MEASURED_TYPES, map_tensors
 
 GROUP_INDEX_LIMIT = 100_000
-"""Index entries one coupled group may hold; a legitimate group (a wide residual stream read by a few dozen layers,
-a conv flattened into a Linear) holds a few tens of thousands (at most 43k in torchvision's models)."""
+"""Index entries one coupled group may hold beyond one per neuron in each member it reaches.
+
+A legitimate group gives each member at most one index per neuron, however many members it has (DenseNet-201's last
+transition layer reaches 137 of them through its block's concatenations: 122,752 indices, none beyond); only a
+conv flattened into a Linear gives more, one per position (25,088 for 512 channels at 7×7). Index mappings that
+multiply (Swin's window partitions, Torch-Pruning issue #525; a channel shuffle) give one member a million indices,
+or reach the same member again and again: those are what the limit counts."""
 
 ANALYSIS_SECONDS = 30.0
 """Seconds spent building the coupled groups of one traced module before the remaining ones are skipped."""
@@ -219,21 +234,26 @@ class _BoundedGroup(tp.dependency.group.Group):
     def __init__(self) -> None:
         super().__init__()
         self._entries = 0
+        self._neurons: int | None = None
         self._seen: dict[tuple[int, Any], set[tuple[Any, ...]]] = {}
         self._root_at: dict[tuple[int, Any, int], int] = {}
         self.tied: list[tuple[int, int]] = []
 
     def add_dep(self, dep: Any, idxs: Any) -> None:
-        self._entries += len(idxs)
+        key = (id(dep.target), dep.handler)
+        if self._neurons is None:  # the root: every neuron once
+            self._neurons = len(idxs)
+        # a member reached again counts whole, a first visit only its indices beyond one per neuron
+        self._entries += len(idxs) if key in self._seen else max(0, len(idxs) - self._neurons)
         if self._entries > self.limit:
             raise GroupTooLarge(
-                f"its coupled group grows past {self.limit:,} indices (index mappings that multiply, e.g."
-                " window attention; Torch-Pruning issue #525)",
+                f"its coupled group grows past {self.limit:,} indices beyond one per neuron and member (index"
+                " mappings that multiply, e.g. window attention; Torch-Pruning issue #525)",
                 partial=self,
             )
         if time.perf_counter() > self.deadline:
             raise BudgetExhausted
-        self._seen.setdefault((id(dep.target), dep.handler), set()).add(tuple(idxs))
+        self._seen.setdefault(key, set()).add(tuple(idxs))
         super().add_dep(dep, idxs)
 
     def has_pruning_op(self, dep: Any, idxs: Any) -> bool:
@@ -369,8 +389,8 @@ def group_entries(graph: tp.DependencyGraph, group: Any) -> list[GroupEntry]:
         module, optype = node.module, node.type
         if _OUTPUT is not None and optype == _OUTPUT:
             kind: Literal["output", "safe", "unsafe"] = "output"
-        elif optype in _SAFE_TYPES or isinstance(module, Conv1D) or global_response_norm(module):
-            # Conv1D: a customized node, like a Linear; a GRN: one made exact by its pruner (see _grn)
+        elif optype in _SAFE_TYPES or isinstance(module, (Conv1D, nn.RNNBase)) or global_response_norm(module):
+            # Conv1D and recurrent layers: customized nodes, like a Linear; a GRN: one made exact by its pruner
             kind = "safe"
         else:
             kind = "unsafe"
@@ -391,17 +411,20 @@ def group_entries(graph: tp.DependencyGraph, group: Any) -> list[GroupEntry]:
 class _OpaqueRecurrent(tp.pruner.function.BasePruningFunc):
     """Makes Torch-Pruning see a recurrent layer as one node (its own LSTM pruner is not exact, GRU/RNN crash).
 
-    The groups that reach such a node are skipped, so its prune functions are never called.
+    Its outputs are the last layer's output features (``proj_size`` or ``hidden_size`` per direction), its inputs the
+    input features; the analysis turns the group of its outputs into its hidden units
+    (:mod:`lightning_actprune._recurrent`), and the surgery never calls these prune functions.
     """
 
     def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        raise NotImplementedError("lightning_actprune does not prune recurrent layers")
+        raise NotImplementedError("recurrent layers are pruned by lightning_actprune._recurrent")
 
     def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        raise NotImplementedError("lightning_actprune does not prune recurrent layers")
+        raise NotImplementedError("recurrent layers are pruned by lightning_actprune._recurrent")
 
     def get_out_channels(self, layer: nn.RNNBase) -> int:
-        return int(layer.hidden_size) * (2 if layer.bidirectional else 1)
+        shape = RecurrentShape.of(layer)
+        return shape.directions * shape.outputs
 
     def get_in_channels(self, layer: nn.RNNBase) -> int:
         return int(layer.input_size)
@@ -423,18 +446,72 @@ class _Opaque(torch.autograd.Function):
         return None, grad
 
 
+def _final_state(module: nn.RNNBase, sequence: Tensor, state: Tensor) -> Tensor:
+    """The final hidden state as the tracer sees it: the last layer's units, from the traced output sequence.
+
+    ``h_n[-1]`` (and ``h_n.squeeze(0)`` of one layer) holds the units of the last layer; built from the traced
+    sequence, what reads it joins the group of those units. A model that reads another layer's final state gets the
+    wrong units here, and the zeroing check that follows skips the layer.
+    """
+    step = sequence
+    while step.dim() > 1:
+        step = step.select(0, 0)
+    return step + torch.zeros(*state.shape[:-1], 1, dtype=step.dtype, device=step.device)
+
+
+class _Unfollowed(_Opaque):
+    """A final state the tracer does not follow: a node of its own, after the layer's, that says it is read."""
+
+
+def _traced_outputs(graph: Any, module: nn.RNNBase, inputs: Any, output: Any) -> Any:
+    """The module's outputs for the tracer: the sequence one opaque node of the input; the final states from it.
+
+    The final states follow the sequence where the last layer's units are all they hold (one direction; with a
+    projection, its outputs). The others (a bidirectional layer's, an LSTM's cell state beside a projection) become
+    :class:`_Unfollowed` nodes, so that :func:`read_final_states` can tell whether the model reads them.
+    """
+    sequence, states = output
+    packed = isinstance(sequence, PackedSequence)
+    source = inputs.data if packed else inputs
+    if not source.requires_grad:  # the model's own input: the layer is a node all the same, with no input node
+        source = torch.zeros((), dtype=source.dtype, device=source.device, requires_grad=True)
+    data = _Opaque.apply(source, (sequence.data if packed else sequence).detach())
+    traced = PackedSequence(data, *sequence[1:]) if packed else data
+    shape = RecurrentShape.of(module)
+
+    def final(state: Tensor) -> Tensor:
+        projected = shape.proj and state.shape[-1] == shape.proj
+        if shape.directions == 1 and (projected or not shape.proj):
+            return _final_state(module, data, state)
+        unfollowed = _Unfollowed.apply(data, state.detach())
+        # a projected state's width never changes: whether it is read does not matter
+        graph._actprune_final_states[unfollowed.grad_fn] = None if projected else module
+        return unfollowed
+
+    return traced, map_tensors(final, states)
+
+
+def read_final_states(graph: Any) -> set[nn.RNNBase]:
+    """The recurrent layers whose unfollowed final states (:func:`_traced_outputs`) something in the graph reads."""
+    markers: dict[Any, nn.RNNBase | None] = getattr(graph, "_actprune_final_states", {})
+    read = {markers.get(node.grad_fn) for node in graph.module2node.values()}
+    return {module for module in read if module is not None}
+
+
 @contextmanager
-def _recurrent_layers_opaque(root: nn.Module) -> Iterator[None]:
+def _recurrent_layers_opaque(root: nn.Module, graph: Any) -> Iterator[None]:
     """Recurrent layers seen as single nodes: some (GRU) record their time steps, which Torch-Pruning misreads."""
+    graph._actprune_final_states = {}
 
     def opaque(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        if not (args and isinstance(args[0], Tensor) and isinstance(output, tuple) and isinstance(output[0], Tensor)):
-            return None  # a PackedSequence: left as it is
-        return map_tensors(lambda t: _Opaque.apply(args[0], t.detach()), output)
+        if not (args and isinstance(args[0], (Tensor, PackedSequence)) and isinstance(output, tuple)):
+            return None
+        return _traced_outputs(graph, module, args[0], output)  # type: ignore[arg-type]
 
     handles = [m.register_forward_hook(opaque) for m in root.modules() if isinstance(m, nn.RNNBase)]
     try:
-        yield
+        with _padding_opaque() if handles else contextlib.nullcontext():
+            yield
     finally:
         for handle in handles:
             handle.remove()
@@ -471,6 +548,25 @@ def _response_norms_opaque(root: nn.Module) -> Iterator[None]:
             handle.remove()
 
 
+@contextmanager
+def _padding_opaque() -> Iterator[None]:
+    """``pad_packed_sequence`` as one element-wise node, from the packed features to the padded ones.
+
+    Its backward slices the packed rows (dim 0), which Torch-Pruning would map as if they were features.
+    """
+    pad: Callable[..., tuple[Tensor, Tensor]] = torch._VF._pad_packed_sequence
+
+    def opaque(data: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
+        padded, lengths = pad(data, *args)
+        return (_Opaque.apply(data, padded.detach()) if data.requires_grad else padded), lengths
+
+    setattr(torch._VF, "_pad_packed_sequence", opaque)  # noqa: B010  # torch._VF forwards unknown names to C++
+    try:
+        yield
+    finally:
+        delattr(torch._VF, "_pad_packed_sequence")
+
+
 def dependency_graph(
     root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], outputs: Callable[[Any], list[Tensor]]
 ) -> tp.DependencyGraph:
@@ -489,7 +585,7 @@ def dependency_graph(
             customized[type(module)] = GRN_PRUNER
     graph = tp.DependencyGraph()
     with (
-        _recurrent_layers_opaque(root),
+        _recurrent_layers_opaque(root, graph),
         _response_norms_opaque(root),
         unmapped_reshapes(graph),
         feature_splits_mapped(),
@@ -610,9 +706,17 @@ GRN_PRUNER = GlobalResponseNormPruner()
 
 
 def module_pruner(module: nn.Module) -> Any:
-    """Torch-Pruning's pruner for this kind of layer (``prune_out_channels``, ``prune_in_channels``, …), or None."""
+    """The pruner for this kind of layer (``prune_out_channels``, ``prune_in_channels``, …), or None.
+
+    Torch-Pruning's, except where it has none (Hugging Face's ``Conv1D``, GRU, RNN) or its own is not exact (grouped
+    convolutions: :mod:`lightning_actprune._grouped`; LSTM: :mod:`lightning_actprune._recurrent`).
+    """
     if isinstance(module, Conv1D):  # Torch-Pruning has none for it
         return CONV1D_PRUNER
     if global_response_norm(module):
         return GRN_PRUNER
+    if isinstance(module, nn.RNNBase):
+        return RECURRENT_PRUNER
+    if grouped_convolution(module) and not couples_wrongly(module):
+        return GROUPED_CONV_PRUNER
     return tp.pruner.function.PrunerBox.get(tp.ops.module2type(module))

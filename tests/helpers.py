@@ -183,7 +183,10 @@ def hf_conv1d() -> tuple[type, ...]:
 
 
 def zero_removed_inputs(model: nn.Module, plan: PruningPlan) -> list[torch.utils.hooks.RemovableHandle]:
-    """The oracle: on the *unpruned* model, force the removed neurons' activations to zero at every consumer."""
+    """The oracle: on the *unpruned* model, force the removed neurons' activations to zero at every consumer.
+
+    A recurrent layer's hidden units are silenced at their source instead (their parameters change: use a copy).
+    """
     return _replace_removed_inputs(model, plan, None)
 
 
@@ -200,6 +203,10 @@ def _replace_removed_inputs(
     handles = []
     for op in plan.operations:
         module = model.get_submodule(op.module)
+        if op.dim == "in" and isinstance(module, nn.RNNBase):
+            means = None if moments is None else moments[op.module].mean.float()
+            handles += _silence_recurrent(module, op.indices, means)
+            continue
         if op.dim != "in" or not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *hf_conv1d())):
             continue
         index = torch.tensor(op.indices)
@@ -217,6 +224,40 @@ def _replace_removed_inputs(
 
         handles.append(module.register_forward_pre_hook(hook))
     return handles
+
+
+def _silence_recurrent(
+    module: nn.RNNBase, indices: tuple[int, ...], means: Tensor | None = None
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """The oracle of a recurrent consumer, written out here rather than taken from the package.
+
+    Its inputs ``< input_size`` are zeroed as they arrive (a tensor or a ``PackedSequence``), or set to ``means``;
+    a hidden unit ``input_size + block * hidden_size + j`` loses its rows in every gate of its layer and direction,
+    so that its state stays zero at every time step (with ``means``, compensation, hidden units are not allowed:
+    holding a recurrent unit at its mean is no exact oracle).
+    """
+    inputs, hidden = module.input_size, module.hidden_size
+    assert means is None or all(i < inputs for i in indices), "compensated hidden units have no exact oracle"
+    gates = {"LSTM": 4, "GRU": 3}.get(module.mode, 1)
+    directions = 2 if module.bidirectional else 1
+    features = torch.tensor([i for i in indices if i < inputs], dtype=torch.long)
+    with torch.no_grad():
+        for unit in (i - inputs for i in indices if i >= inputs):
+            layer, direction = divmod(unit // hidden, directions)
+            suffix = f"_l{layer}" + ("_reverse" if direction else "")
+            for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                if hasattr(module, kind + suffix):
+                    getattr(module, kind + suffix)[[g * hidden + unit % hidden for g in range(gates)]] = 0
+
+    def hook(mod: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        x = args[0]
+        data = (x.data if isinstance(x, nn.utils.rnn.PackedSequence) else x).clone()
+        data[..., features] = 0 if means is None else means[features].to(data)
+        if isinstance(x, nn.utils.rnn.PackedSequence):
+            data = nn.utils.rnn.PackedSequence(data, x.batch_sizes, x.sorted_indices, x.unsorted_indices)
+        return (data, *args[1:])
+
+    return [module.register_forward_pre_hook(hook)] if len(features) else []
 
 
 def assert_matches_oracle(pruned: nn.Module, unpruned: nn.Module, plan: PruningPlan, *inputs: Any) -> None:

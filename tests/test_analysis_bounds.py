@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_actprune import _analysis, _torch_pruning
+from lightning_actprune import _analysis, _grouped, _torch_pruning
 from lightning_actprune._counting import parameters_after
 from lightning_actprune._surgery import pruned_temporarily
 from lightning_actprune.core import apply_plan, count_parameters, find_prunable_layers, plan_from_kept
@@ -68,22 +68,21 @@ def assert_half_of_each_prunes_exactly(model: nn.Module, layers: list, x: Tensor
     assert_matches_oracle(model, original, plan, x)
 
 
-def test_a_grouped_convolution_skips_its_groups_by_name_and_the_rest_prunes_exactly():
+def test_a_grouped_convolution_loses_an_equal_count_per_group_on_both_sides_exactly():
     torch.manual_seed(0)
     model, x = GroupedConvNet().eval(), torch.randn(4, 3, 6, 6)
     layers, warned = found_and_warned(model, x)
-    assert [layer.name for layer in layers] == ["expand"]
-    assert "not pruning stem" in warned
-    assert "Conv2d grouped (a grouped convolution, groups=2)" in warned
+    assert [(layer.name, layer.groups) for layer in layers] == [("stem", 2), ("grouped", 2), ("expand", 1)]
+    assert warned == ""
     assert_half_of_each_prunes_exactly(model, layers, x)
 
 
 def test_a_depthwise_convolution_is_not_a_grouped_one():
     depthwise, grouped = nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 4, 3, groups=2)
-    assert not _analysis.grouped_convolution(depthwise)
-    assert _analysis.grouped_convolution(grouped)
-    assert not _analysis.grouped_convolution(nn.Conv2d(4, 4, 3))
-    assert not _analysis.grouped_convolution(nn.Linear(4, 4))
+    assert not _grouped.grouped_convolution(depthwise)
+    assert _grouped.grouped_convolution(grouped)
+    assert not _grouped.grouped_convolution(nn.Conv2d(4, 4, 3))
+    assert not _grouped.grouped_convolution(nn.Linear(4, 4))
 
 
 def test_a_channel_shuffle_prunes_exactly_or_skips_with_a_message():
@@ -99,12 +98,16 @@ def test_a_channel_shuffle_prunes_exactly_or_skips_with_a_message():
 
 
 def test_a_group_that_grows_past_the_limit_is_skipped_with_a_message(monkeypatch):
-    monkeypatch.setattr(_torch_pruning, "GROUP_INDEX_LIMIT", 100)  # group "0" holds 64 indices per node, group "2" 4
-    model = nn.Sequential(nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 4), nn.ReLU(), nn.Linear(4, 2))
-    message = r"not pruning 0: tracing its group failed: GroupTooLarge: .* past 100 indices"
+    # group "0": 4 channels flattened into 144 features, 140 indices beyond one per neuron; group "3": 64 neurons in
+    # 3 members, 192 indices but none beyond one per neuron and member (a wide legitimate group: no false alarm)
+    monkeypatch.setattr(_torch_pruning, "GROUP_INDEX_LIMIT", 100)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(144, 64), nn.ReLU(), nn.Linear(64, 2)
+    )
+    message = r"not pruning 0: tracing its group failed: GroupTooLarge: .* past 100 indices beyond one per neuron"
     with pytest.warns(UserWarning, match=message):
-        layers = find_prunable_layers(model, torch.randn(4, 4))
-    assert [layer.name for layer in layers] == ["2"]
+        layers = find_prunable_layers(model, torch.randn(4, 1, 6, 6))
+    assert [layer.name for layer in layers] == ["3"]
 
 
 def test_groups_past_the_time_budget_are_skipped_with_one_message(monkeypatch):
@@ -140,8 +143,12 @@ def test_the_parameter_count_of_a_plan_equals_the_count_after_surgery(kind):
     before = count_parameters(model)
     generator = torch.Generator().manual_seed(1)
     for _ in range(3):
-        kept = {
-            layer.name: torch.randperm(layer.neurons, generator=generator)[: layer.neurons // 2 + 1].tolist()
+        kept = {  # random neurons, as many from each block of a grouped convolution's layer
+            layer.name: [
+                block[int(i)]
+                for block in layer.blocks()
+                for i in torch.randperm(len(block), generator=generator)[: len(block) // 2 + 1]
+            ]
             for layer in layers
         }
         plan = plan_from_kept(layers, kept)

@@ -68,7 +68,7 @@ def _gpt2() -> nn.Module:
 
 
 class RecurrentClassifier(nn.Module):
-    """Linear → ReLU → LSTM/GRU → last step → Linear → ReLU → Linear: only the head after the recurrent layer prunes."""
+    """Linear → ReLU → LSTM/GRU → last step → Linear → ReLU → Linear: the Linear feeding it and its units prune too."""
 
     def __init__(self, rnn: type[nn.RNNBase]) -> None:
         super().__init__()
@@ -113,8 +113,8 @@ CASES = {
         _bert, _tokens, r"net\.bert\.(encoder\.layer\.\d\.(intermediate\.dense|attention:heads)|pooler\.dense)"
     ),
     "gpt2": Case(_gpt2, _tokens, r"net\.transformer\.h\.\d\.(mlp\.c_fc|attn:heads)"),
-    "lstm": Case(lambda: RecurrentClassifier(nn.LSTM), _sequences, r"net\.head\.0"),
-    "gru": Case(lambda: RecurrentClassifier(nn.GRU), _sequences, r"net\.head\.0"),
+    "lstm": Case(lambda: RecurrentClassifier(nn.LSTM), _sequences, r"net\.(embed\.0|rnn|head\.0)"),
+    "gru": Case(lambda: RecurrentClassifier(nn.GRU), _sequences, r"net\.(embed\.0|rnn|head\.0)"),
 }
 
 
@@ -175,11 +175,9 @@ def test_architecture_prunes_exactly_reloads_and_exports(name, make_trainer, tmp
     plan = pruning.result.plan
     assert plan.neurons_after < plan.neurons_before
     assert [layer.name for layer in plan.layers if layer.removed and not re.fullmatch(case.pruned, layer.name)] == []
-    if name in ("lstm", "gru"):  # the Linear that feeds the recurrent layer keeps its neurons, and says why
-        recurrent = type(model.net.rnn).__name__
-        assert f"lightning_actprune: not pruning net.embed.0: its neurons reach {recurrent} net.rnn" in "\n".join(
-            messages
-        )
+    if name in ("lstm", "gru"):  # the Linear that feeds the recurrent layer and its hidden units are pruned
+        assert not [m for m in messages if "not pruning" in m]
+        assert {layer.name for layer in plan.layers if layer.removed} >= {"net.rnn"}
 
     x = case.inputs(4, torch.Generator().manual_seed(2))
     model.eval()

@@ -67,21 +67,15 @@ class Recurrent(nn.Module):
 
 
 @pytest.mark.parametrize("rnn", [nn.GRU, nn.LSTM, nn.RNN])
-def test_a_linear_feeding_a_recurrent_layer_is_skipped_by_name_and_the_rest_is_pruned(rnn, fit):
+def test_a_linear_feeding_a_recurrent_layer_and_its_hidden_units_are_pruned(rnn, fit):
     model = Classifier(Recurrent(rnn))
     pruning, keep, messages = fit(model, SEQUENCE)
-    kind = rnn.__name__
-    assert f"lightning_actprune: not pruning net.embed.0: its neurons reach {kind} net.rnn (recurrent" in "\n".join(
-        messages
-    )
-    assert any(
-        f"not pruning the hidden size of {kind} net.rnn: recurrent layers keep their sizes" in m for m in messages
-    )
-    assert_readable(messages)
-    assert [layer.name for layer in pruning.result.plan.layers] == ["net.head.0"]
-    assert model.net.head[0].out_features < 64
-    assert model.net.embed[0].out_features == 16
-    assert model.net.rnn.input_size == 16
+    assert [m for m in messages if "not pruning" in m] == []
+    assert [layer.name for layer in pruning.result.plan.layers] == ["net.embed.0", "net.rnn", "net.head.0"]
+    widths = {layer.name: len(layer.kept) for layer in pruning.result.plan.layers}
+    assert model.net.embed[0].out_features == model.net.rnn.input_size == widths["net.embed.0"]
+    assert model.net.rnn.hidden_size == model.net.head[0].in_features == widths["net.rnn"]
+    assert pruning.result.params_reduction >= 0.3
     x = torch.randn(6, *SEQUENCE)
     assert_matches_oracle(model, keep.model, pruning.result.plan, x)
 
@@ -229,25 +223,26 @@ def test_skip_messages_name_the_layers_and_the_reason_in_words():
 
 
 def test_many_layers_with_one_reason_make_one_short_warning():
-    model = nn.Sequential(*(nn.LSTM(8, 8, batch_first=True) for _ in range(6)))
+    model = nn.ModuleList(nn.LSTM(8, 8, batch_first=True, bidirectional=True) for _ in range(6))
 
-    class LastOutput(nn.Module):
+    class FinalStates(nn.Module):
+        """Six bidirectional LSTMs read by their final states, which the analysis does not follow."""
+
         def __init__(self) -> None:
             super().__init__()
             self.layers, self.out = model, nn.Linear(8, NUM_CLASSES)
 
         def forward(self, x: Tensor) -> Tensor:
-            for layer in self.layers:
-                x, _ = layer(x)
-            return self.out(x[:, -1])
+            return self.out(sum(layer(x)[1][0][-1] for layer in self.layers))
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert find_prunable_layers(LastOutput(), torch.randn(3, *SEQUENCE)) == []
+        assert find_prunable_layers(FinalStates(), torch.randn(3, *SEQUENCE)) == []
     (message,) = [str(w.message) for w in caught if "actprune" in str(w.message)]
     assert message == (
-        "lightning_actprune: not pruning the hidden size of LSTM layers.0, the hidden size of LSTM layers.1, the hidden"
-        " size of LSTM layers.2 and 3 more: recurrent layers keep their sizes."
+        "lightning_actprune: not pruning layers.0, layers.1, layers.2 and 3 more: its final state h_n (or c_n) is read"
+        " and it is bidirectional: only one direction's final state is followed (the output sequence is, in both"
+        " directions)."
     )
 
 
@@ -352,19 +347,30 @@ def test_the_analysis_runs_once_before_training_and_the_prune_uses_it(make_train
             self.layers = pruning.prunable_layers
             self.step = trainer.global_step
 
+    class FinalState(Recurrent):
+        """The head reads a bidirectional GRU's final state, which the analysis does not follow: a skip warning."""
+
+        def __init__(self) -> None:
+            super().__init__(nn.GRU)
+            self.rnn = nn.GRU(16, 12, batch_first=True, bidirectional=True)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(self.rnn(self.embed(x))[1][-1])
+
     pl.seed_everything(0)
     pruning = ActivationPruning(target_params_reduction=0.3, pruned_checkpoint=None)
     seen = SeenAtTrainStart()
     trainer = make_trainer(seen, pruning, max_epochs=2, logger=False, enable_checkpointing=False)
     with caplog.at_level("INFO"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(Classifier(Recurrent(nn.GRU)), *loaders(SEQUENCE, batch_size=16))
+        trainer.fit(Classifier(FinalState()), *loaders(SEQUENCE, batch_size=16))
     assert seen.step == 0
-    assert [layer.name for layer in seen.layers] == ["net.head.0"]  # known before the first training step
-    assert [layer.name for layer in pruning.result.plan.layers] == ["net.head.0"]
-    assert "ActivationPruning: 1 prunable layer(s), 64 neurons: net.head.0 (64)" in caplog.text
+    names = ["net.embed.0", "net.head.0"]
+    assert [layer.name for layer in seen.layers] == names  # known before the first training step
+    assert [layer.name for layer in pruning.result.plan.layers] == names
+    assert "ActivationPruning: 2 prunable layer(s), 80 neurons: net.embed.0 (16), net.head.0 (64)" in caplog.text
     # the skip warnings were given once, at the start, not again at the prune
-    assert sum("recurrent layers keep their sizes" in str(w.message) for w in caught) == 1
+    assert sum("not pruning net.rnn: its final state h_n" in str(w.message) for w in caught) == 1
 
 
 def test_gpt2_conv1d_scores_and_compensates_like_the_linear_it_transposes():

@@ -1,0 +1,5 @@
+"""``python -m benchmarks.recurrent``: see :mod:`benchmarks.recurrent.run`."""
+
+from .run import main
+
+main()
