@@ -40,6 +40,7 @@ from lightning_actprune._distributed import (
 )
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._heads import projection_owners
+from lightning_actprune._huggingface import sync_pretrained_configs, uniform_ties
 from lightning_actprune._loggers import report
 from lightning_actprune._optimizer import OptimizerSnapshot, apply_plan_with_optimizers
 from lightning_actprune._recalibration import batchnorm_layers
@@ -159,6 +160,13 @@ class ActivationPruning(Callback):
             ``<name>:heads`` whose neurons are its heads, scored by the activations that reach its out projection
             and chosen with the other neurons by the same λ; at least one head per module stays, and the module's
             head count is updated. ``False`` leaves attention as it is.
+        uniform_widths: the layers of one role in every block keep the same number of neurons and heads (layers whose
+            names are equal once block indices are masked, ``model.layers.*.mlp.down_proj``, and in a Hugging Face
+            model the layers one config field sets, such as T5's ``d_ff``), so that a config holding one width per
+            role describes the pruned model. A pruned Hugging Face model's config is always brought in step with its
+            widths where it can state them, so ``model.save_pretrained(dir)`` then reloads with ``from_pretrained``;
+            with ``False`` (default) every layer keeps its own width, and :func:`lightning_actprune.save_pretrained`
+            writes a form the stock ``from_pretrained`` loads (zero-padded; the same outputs).
 
     Example::
 
@@ -187,6 +195,7 @@ class ActivationPruning(Callback):
         recalibration_batches: int = 20,
         recovery_epochs: int = 0,
         prune_heads: bool = True,
+        uniform_widths: bool = False,
     ) -> None:
         self.settings = PruningSettings(
             threshold=threshold,
@@ -207,6 +216,7 @@ class ActivationPruning(Callback):
             recalibration_batches=recalibration_batches,
             recovery_epochs=recovery_epochs,
             prune_heads=prune_heads,
+            uniform_widths=uniform_widths,
         )
         """The arguments, validated: read them here or as the callback's attributes of the same names."""
         self.result: PruningResult | None = None
@@ -288,6 +298,7 @@ class ActivationPruning(Callback):
         self.result = result
         if result.pruned:
             _record_pruning(pl_module, result.plan)  # every checkpoint from now on carries the plan
+            self._sync_pretrained_configs(pl_module)
             rewrap_after_pruning(trainer, pl_module)  # DDP: the wrapper must reduce the new parameters' gradients
             for callback in trainer.early_stopping_callbacks:  # a new, smaller model: its patience starts afresh
                 callback.wait_count = 0
@@ -331,6 +342,7 @@ class ActivationPruning(Callback):
             return
         if not recovered:  # pruned inside fit, the plan is recorded already
             _record_pruning(pl_module, result.plan)  # the module remembers its plan: every checkpoint carries it
+            self._sync_pretrained_configs(pl_module)
         # the model is pruned and validated: a failure to report or save is a warning, never an undone pruning
         try:
             self._report(trainer, result)
@@ -493,6 +505,7 @@ class ActivationPruning(Callback):
             validate=passes.metrics_recalibrated,
             compensate=self.settings.compensate,
             normalize=self.settings.normalized,
+            tied=uniform_ties(pl_module, layers) if self.settings.uniform_widths else (),
         )
         rows = {row.threshold: row for row in self._sweep(trainer, evaluator)}
         plan, chosen_by = self._choose(evaluator, metrics_before, rows)
@@ -554,6 +567,17 @@ class ActivationPruning(Callback):
             kept = params_after / params_before
             rows[threshold] = SweepRow(threshold, params_after, kept, size_after, neurons, metrics_after)
         return metrics_after, metrics_pruned
+
+    def _sync_pretrained_configs(self, pl_module: pl.LightningModule) -> None:
+        """Hugging Face models: their configs state the pruned widths, or a message says what cannot be stated."""
+        try:
+            unstated = sync_pretrained_configs(pl_module)
+        except Exception as error:  # the model is pruned: a config left behind is a warning, never an undone pruning
+            rank_zero_warn(f"ActivationPruning: the model is pruned, but its config was not updated: {error!r}")
+            return
+        say = rank_zero_warn if self.settings.uniform_widths else rank_zero_info  # expected when widths are free
+        for message in unstated:
+            say(f"ActivationPruning: {message}")
 
     def _analyse(self, pl_module: pl.LightningModule, recorder: ActivationRecorder) -> list[PrunableLayer]:
         """Which layers can be pruned (Torch-Pruning's analysis and the per-layer checks); skips warned once."""

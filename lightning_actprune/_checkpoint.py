@@ -246,7 +246,9 @@ def shrink_to_checkpoint(module: nn.Module, checkpoint: Mapping[str, Any]) -> Pr
                 shrink_to_checkpoint(self, checkpoint)
     """
     plan = _plan_in(checkpoint, "the checkpoint")
-    return _fit_to_state(module, plan, checkpoint.get("state_dict", {}), "the checkpoint")
+    plan = _fit_to_state(module, plan, checkpoint.get("state_dict", {}), "the checkpoint")
+    _configs_in_step(module, plan)
+    return plan
 
 
 class PrunedCheckpointMixin:
@@ -386,7 +388,16 @@ def load_pruned(
         if remembered is not None:
             module.__dict__[_ATTRIBUTE] = remembered
         raise
+    _configs_in_step(module, plan)
     return module
+
+
+def _configs_in_step(module: nn.Module, plan: PruningPlan | None) -> None:
+    """After a shrink to ``plan``: the Hugging Face models inside ``module`` get configs that state their widths."""
+    if plan is not None:
+        from lightning_actprune._huggingface import sync_pretrained_configs  # it builds on this module
+
+        sync_pretrained_configs(module)
 
 
 # ---- the callback's side: writing, guarding the Trainer's loading, its own state ----------------------------
@@ -442,7 +453,7 @@ def _watch_loading(
                 f" fine-tune the pruned model, load it (`{type(module).__name__}.load_from_checkpoint` with"
                 " PrunedCheckpointMixin, or `load_pruned`) and call `trainer.fit(model)` without `ckpt_path`."
             )
-        _fit_to_state(module, plan, state_dict, source, pruned_checkpoint())
+        _configs_in_step(module, _fit_to_state(module, plan, state_dict, source, pruned_checkpoint()))
 
     return pl_module.register_load_state_dict_pre_hook(before_load)
 

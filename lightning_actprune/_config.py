@@ -74,6 +74,7 @@ class PruningSettings:
     recalibration_batches: int = 20
     recovery_epochs: int = 0
     prune_heads: bool = True
+    uniform_widths: bool = False
     scorer: NeuronScorer = field(init=False, repr=False)
     normalized: bool = field(init=False, repr=False)
 
@@ -81,7 +82,7 @@ class PruningSettings:
         (
             threshold, statistic, monitor, mode, sweep, max_metric_drop, target_params_reduction, compensate,
             normalize, layers, exclude, min_neurons, prune_best, on_error, pruned_checkpoint, recalibration_batches,
-            recovery_epochs, prune_heads,
+            recovery_epochs, prune_heads, uniform_widths,
         ) = (getattr(self, f.name) for f in dataclasses.fields(self) if f.init)  # fmt: skip
         choices = {"threshold": threshold, "max_metric_drop": max_metric_drop}
         choices["target_params_reduction"] = target_params_reduction
@@ -133,6 +134,8 @@ class PruningSettings:
             raise ActivationPruningError(f"`normalize` must be True, False or None (automatic); got {normalize!r}.")
         if not isinstance(prune_heads, bool):
             raise ActivationPruningError(f"`prune_heads` must be True or False; got {prune_heads!r}.")
+        if not isinstance(uniform_widths, bool):
+            raise ActivationPruningError(f"`uniform_widths` must be True or False; got {uniform_widths!r}.")
         if not isinstance(prune_best, bool):
             raise ActivationPruningError(f"`prune_best` must be True or False; got {prune_best!r}.")
         if on_error not in _ON_ERROR:
