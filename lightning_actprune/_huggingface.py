@@ -15,10 +15,11 @@ a pruned model loads only if its config states the new widths. Three pieces keep
 - **Equal widths where a config needs them** (:func:`uniform_ties`, for ``uniform_widths=True``): the layers of one
   role in every block, and the layers one config field governs, keep the same number of neurons.
 - **A form ``from_pretrained`` always loads** (:func:`save_pretrained`): when the config cannot hold the widths,
-  the weights are written zero-padded back to the widths it holds: zeros inserted at the removed neurons' own
-  positions, in the producing rows and the consuming columns, so every padded neuron or head adds exactly nothing
-  and the stock class gives the pruned model's outputs. A small file beside them, ``actprune_padding.json``, lists
-  the padding; :func:`from_pretrained` removes it again, so the model comes back at its real widths.
+  the weights are written zero-padded to widths it holds (the widest layer of each field; a layer no field sets,
+  and attention heads, back to their width before pruning): zeros put back at removed neurons' own positions, in
+  the producing rows and the consuming columns, so every padded neuron or head adds exactly nothing and the stock
+  class gives the pruned model's outputs. A small file beside them, ``actprune_padding.json``, lists the padding;
+  :func:`from_pretrained` removes it again, so the model comes back at its real widths.
 
 Attention heads plug in through :class:`HeadShape` and :func:`head_shapes` (today from :mod:`._heads`' adapters).
 
@@ -38,7 +39,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -88,8 +89,6 @@ HEAD_DIM_FIELDS = ("head_dim", "d_kv", "kv_channels")
 
 _ORIGINAL_CONFIG = "_actprune_original_config"  # the config before this package first changed it
 _DIGITS = re.compile(r"(^|[.+])\d+(?=$|[.:+])")
-
-ModelT = TypeVar("ModelT", bound=nn.Module)
 
 
 # ---- recognising Hugging Face models --------------------------------------------------------------------------
@@ -710,18 +709,19 @@ def _to_widest(
 
     A layer that no width field governs (a pooler, attention heads) comes back to its width before pruning.
     """
-    layers = {layout.layer.name: layout.layer for layout in layouts.values()}
+    layers = {layer.name: layer for layer in plan.layers}
     padded = {layout.layer.name for op, layout in layouts.items() if _needs_padding(pretrained, op, built)}
-    producers: dict[str, set[str]] = defaultdict(set)
+    # a layer's producers: its operations' outputs, or its name for a layer that lost nothing (and has none)
+    producers = {name: set(name.split("+")) for name in layers}
     for operation, layout in layouts.items():
         if operation.dim == "out":
             producers[layout.layer.name].add(operation.module)
     target = {name: layers[name].neurons for name in padded}
     for slot in _slots(pretrained.config, WIDTH_FIELDS):
         governed = _producers(pretrained, _probe(pretrained, pretrained.config, slot, built))
-        members = [name for name in padded if producers[name] & governed]
+        members = [name for name in layers if producers[name] & governed]
         widest = max((len(layers[name].kept) for name in members), default=0)
-        target.update({name: min(target[name], widest) for name in members})
+        target.update({name: min(target[name], widest) for name in members if name in padded})
     back = {name: layers[name].removed[: target[name] - len(layers[name].kept)] for name in padded}
     paddings = []
     for operation, layout in layouts.items():

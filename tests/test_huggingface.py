@@ -250,6 +250,25 @@ def test_the_padding_goes_to_the_widest_layer_of_each_field(tmp_path):
     assert model.config.encoder_ffn_dim == 48  # the model's own config is not changed by a padded save
 
 
+def test_a_layer_that_kept_every_neuron_sets_the_padded_width(tmp_path):
+    unpruned, layers, _ = _analysed("llama", (), True)
+    model = copy.deepcopy(unpruned)
+    plan = plan_from_kept(layers, {layers[1].name: range(0, 64, 2)})  # block 0 keeps its 64 neurons, block 1 half
+    apply_plan(model, plan)
+    save_pretrained(model, tmp_path, plan=plan)
+    padding = json.loads((tmp_path / PADDING_FILE).read_text())
+    assert {o["module"] for o in padding["operations"]} == {
+        f"model.layers.1.mlp.{n}_proj" for n in ("gate", "up", "down")
+    }
+    stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert stock.config.intermediate_size == 64
+    assert parameters(stock) == parameters(unpruned)
+    assert_same_behaviour("llama", stock, model)
+    ours = from_pretrained(transformers.AutoModelForCausalLM, tmp_path)
+    assert [layer.mlp.up_proj.out_features for layer in ours.model.layers] == [64, 32]
+    assert_same_behaviour("llama", ours, model)
+
+
 @pytest.mark.parametrize("name", ["bert", "gpt2"])
 def test_heads_the_config_cannot_state_are_padded_and_the_ffn_keeps_its_uniform_width(name, tmp_path):
     model, plan = pruned(name, uniform=True)
