@@ -16,7 +16,6 @@ Everything is read with ``torch.load(..., weights_only=True)``: no module or cla
 
 from __future__ import annotations
 
-import inspect
 import os
 import weakref
 from collections.abc import Callable, Mapping
@@ -31,7 +30,6 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_actprune import _lightning_compat as compat
 from lightning_actprune._errors import ActivationPruningError
-from lightning_actprune._scoring import NeuronScorer
 from lightning_actprune._surgery import apply_plan, restoring
 from lightning_actprune._types import BiasUpdate, LayerPlan, ModulePruning, PruningPlan, PruningResult, SweepRow
 
@@ -476,13 +474,6 @@ def _legacy_state(callback: Callback, trainer: pl.Trainer, checkpoint: Mapping[s
     return state if alone or same else None
 
 
-def _settings_state(callback: object) -> dict[str, Any]:
-    """Every constructor argument, read from the attribute of the same name (plain values: a scorer by its name)."""
-    names = [n for n in inspect.signature(type(callback).__init__).parameters if n != "self"]
-    values = {name: getattr(callback, name, None) for name in names}
-    return {name: value.name if isinstance(value, NeuronScorer) else value for name, value in values.items()}
-
-
 def _floats(values: Mapping[str, Any]) -> dict[str, float]:
     return {str(k): float(v) for k, v in values.items()}
 
@@ -508,6 +499,7 @@ def _result_state(result: PruningResult | None) -> dict[str, Any] | None:
                 "size_mb": float(row.size_mb),
                 "neurons": {str(k): int(v) for k, v in row.neurons.items()},
                 "metrics": _floats(row.metrics),
+                "target": None if row.target is None else float(row.target),
             }
             for row in result.sweep
         ],

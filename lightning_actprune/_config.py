@@ -1,6 +1,8 @@
-"""The callback's arguments: validated once, stored in one frozen object, serialisable as plain values."""
+"""The callback's arguments, declared once: a frozen dataclass that validates them and serialises them as plain values.
 
-from __future__ import annotations
+:class:`~lightning_actprune.ActivationPruning` inherits it, so its constructor (what LightningCLI reads) is this
+dataclass's and its arguments are typed attributes that cannot be reassigned after validation.
+"""
 
 import dataclasses
 import math
@@ -9,7 +11,7 @@ from typing import Any, Literal
 
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._scoring import NeuronScorer, as_scorer
-from lightning_actprune._statistics import STATISTICS
+from lightning_actprune._statistics import STATISTICS, Statistic
 
 OnError = Literal["raise", "warn"]
 _ON_ERROR = ("raise", "warn")
@@ -18,7 +20,10 @@ _MODES = ("max", "min")
 
 
 def _resolve_statistic(statistic: object, user_lambda: bool) -> object:
-    """The rule for ``statistic=None``: a λ the user writes is a mean activation; one the callback picks is not."""
+    """The rule for ``statistic=None``: a λ the user writes is a mean activation; one the callback picks is not.
+
+    ``sweep`` does not change it: a table for a target or a budget lists parameter reductions, not λ values.
+    """
     if statistic is not None:
         return statistic
     return "mean" if user_lambda else "fluctuation"
@@ -46,20 +51,38 @@ def _check_patterns(name: str, value: object) -> None:
         raise ActivationPruningError(f"`{name}` must be a list of module-name glob patterns; got {value!r}.")
 
 
-@dataclass(frozen=True)
+def _check_sweep(sweep: object, thresholds: bool, signed: bool, statistic: str) -> None:
+    """With ``threshold``, ``sweep`` lists λ values; when the callback picks λ, it lists parameter reductions."""
+    what = "thresholds (λ values)" if thresholds else "parameter reductions in (0, 1)"
+    if not isinstance(sweep, (list, tuple)) or not sweep:
+        raise ActivationPruningError(f"`sweep` must be a non-empty list of {what}; got {sweep!r}.")
+    for value in sweep:
+        if thresholds:
+            _check_number("sweep", value, minimum=-math.inf if signed else 0, why=_never_negative(statistic))
+            continue
+        _check_number("sweep", value, minimum=0)
+        if not 0 < value < 1:
+            raise ActivationPruningError(
+                f"`sweep` lists parameter reductions in (0, 1) when the callback picks λ (`target_params_reduction`"
+                f" or `max_metric_drop`; with `threshold` it lists λ values); got {value!r} in {list(sweep)!r}."
+            )
+
+
+@dataclass(frozen=True, eq=False)
 class PruningSettings:
     """Every argument of :class:`~lightning_actprune.ActivationPruning`, checked and normalised at construction.
 
     Each bad value raises an :class:`ActivationPruningError` that names the argument, what is allowed and what came
-    in. The fields mean what the callback's arguments of the same names mean; ``scorer`` and ``normalized`` are
-    derived: the criterion λ is compared against (the issue-11 rule for ``statistic=None``) and whether scores are
-    standardised per layer.
+    in. The fields mean what the callback's arguments of the same names mean (see its docstring); ``scorer`` and
+    ``normalized`` are derived: the criterion λ is compared against (the rule for ``statistic=None``) and whether
+    scores are standardised per layer. Identity, not the values, makes two instances equal (``eq=False``): two
+    callbacks with the same arguments are still two callbacks.
     """
 
     threshold: float | None = None
-    statistic: str | NeuronScorer | None = None
+    statistic: Statistic | NeuronScorer | None = None
     monitor: str | None = None
-    mode: str = "max"
+    mode: Mode = "max"
     sweep: list[float] | None = None
     max_metric_drop: float | None = None
     target_params_reduction: float | None = None
@@ -69,7 +92,7 @@ class PruningSettings:
     exclude: list[str] | None = None
     min_neurons: int = 1
     prune_best: bool = False
-    on_error: str = "raise"
+    on_error: OnError = "raise"
     pruned_checkpoint: str | None = "pruned.ckpt"
     recalibration_batches: int = 20
     recovery_epochs: int = 0
@@ -79,81 +102,82 @@ class PruningSettings:
     normalized: bool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        (
-            threshold, statistic, monitor, mode, sweep, max_metric_drop, target_params_reduction, compensate,
-            normalize, layers, exclude, min_neurons, prune_best, on_error, pruned_checkpoint, recalibration_batches,
-            recovery_epochs, prune_heads, uniform_widths,
-        ) = (getattr(self, f.name) for f in dataclasses.fields(self) if f.init)  # fmt: skip
-        choices = {"threshold": threshold, "max_metric_drop": max_metric_drop}
-        choices["target_params_reduction"] = target_params_reduction
-        if sum(v is not None for v in choices.values()) != 1:
-            given = ", ".join(f"{k}={v!r}" for k, v in choices.items())
-            raise ActivationPruningError(
-                f"set exactly one of `threshold`, `max_metric_drop`, `target_params_reduction`; got {given}."
-            )
-        scorer = as_scorer(_resolve_statistic(statistic, user_lambda=threshold is not None or sweep is not None))
-        resolved = scorer.name
+        self._check_choice_of_threshold()
+        scorer = as_scorer(_resolve_statistic(self.statistic, user_lambda=self.threshold is not None))
         # `normalize=None`: standardise the statistic whose raw scale differs between layers (fluctuation)
-        normalized = resolved == "fluctuation" if normalize is None else normalize
+        normalized = scorer.name == "fluctuation" if self.normalize is None else self.normalize
         # standardised scores and the mean of GELU/SiLU/tanh outputs can be negative; the other statistics cannot
-        signed = normalized or scorer.signed
-        if threshold is not None:
-            _check_number("threshold", threshold, minimum=-math.inf if signed else 0, why=_never_negative(resolved))
-        if max_metric_drop is not None:
-            _check_number("max_metric_drop", max_metric_drop, minimum=0)
-            if monitor is None:
-                raise ActivationPruningError("`max_metric_drop` needs `monitor`: the metric whose drop is bounded.")
-        if target_params_reduction is not None:
-            _check_number("target_params_reduction", target_params_reduction, minimum=0)
-            if not 0 < target_params_reduction < 1:
-                raise ActivationPruningError(
-                    f"`target_params_reduction` must be in (0, 1); got {target_params_reduction!r}."
-                )
-        if mode not in _MODES:
-            raise ActivationPruningError(f"`mode` can be one of {', '.join(_MODES)}; got {mode!r}.")
-        if sweep is not None:
-            if not isinstance(sweep, (list, tuple)) or not sweep:
-                raise ActivationPruningError(f"`sweep` must be a non-empty list of thresholds; got {sweep!r}.")
-            for value in sweep:
-                _check_number("sweep", value, minimum=-math.inf if signed else 0, why=_never_negative(resolved))
-        if monitor is not None and not isinstance(monitor, str):
-            raise ActivationPruningError(f"`monitor` must be a metric name or None; got {monitor!r}.")
-        _check_patterns("layers", layers)
-        _check_patterns("exclude", exclude)
-        _check_number("min_neurons", min_neurons, minimum=1, integer=True)
-        _check_number("recalibration_batches", recalibration_batches, minimum=0, integer=True)
-        _check_number("recovery_epochs", recovery_epochs, minimum=0, integer=True)
-        if recovery_epochs and prune_best:
-            raise ActivationPruningError(
-                "`prune_best=True` cannot be combined with `recovery_epochs`: the best weights were trained with"
-                " another optimizer state than the one training goes on with; prune the last weights instead."
-            )
-        if not isinstance(compensate, bool):
-            raise ActivationPruningError(f"`compensate` must be True or False; got {compensate!r}.")
-        if normalize is not None and not isinstance(normalize, bool):
-            raise ActivationPruningError(f"`normalize` must be True, False or None (automatic); got {normalize!r}.")
-        if not isinstance(prune_heads, bool):
-            raise ActivationPruningError(f"`prune_heads` must be True or False; got {prune_heads!r}.")
-        if not isinstance(uniform_widths, bool):
-            raise ActivationPruningError(f"`uniform_widths` must be True or False; got {uniform_widths!r}.")
-        if not isinstance(prune_best, bool):
-            raise ActivationPruningError(f"`prune_best` must be True or False; got {prune_best!r}.")
-        if on_error not in _ON_ERROR:
-            raise ActivationPruningError(f"`on_error` can be one of {', '.join(_ON_ERROR)}; got {on_error!r}.")
-        if pruned_checkpoint is not None and (not isinstance(pruned_checkpoint, str) or not pruned_checkpoint):
-            raise ActivationPruningError(f"`pruned_checkpoint` must be a file path or None; got {pruned_checkpoint!r}.")
+        self._check_thresholds(signed=normalized or scorer.signed, statistic=scorer.name)
+        self._check_options()
         normalised = {
-            "threshold": float(threshold) if threshold is not None else None,
-            "sweep": sorted({float(v) for v in sweep}) if sweep is not None else None,
-            "max_metric_drop": float(max_metric_drop) if max_metric_drop is not None else None,
-            "target_params_reduction": float(target_params_reduction) if target_params_reduction is not None else None,
-            "layers": list(layers) if layers is not None else None,
-            "exclude": list(exclude or []),
+            "threshold": float(self.threshold) if self.threshold is not None else None,
+            "sweep": sorted({float(v) for v in self.sweep}) if self.sweep is not None else None,
+            "max_metric_drop": float(self.max_metric_drop) if self.max_metric_drop is not None else None,
+            "target_params_reduction": _float_or_none(self.target_params_reduction),
+            "layers": list(self.layers) if self.layers is not None else None,
+            "exclude": list(self.exclude or []),
             "scorer": scorer,
             "normalized": normalized,
         }
         for name, value in normalised.items():
             object.__setattr__(self, name, value)
+
+    def _check_choice_of_threshold(self) -> None:
+        choices = {
+            "threshold": self.threshold,
+            "max_metric_drop": self.max_metric_drop,
+            "target_params_reduction": self.target_params_reduction,
+        }
+        if sum(v is not None for v in choices.values()) != 1:
+            given = ", ".join(f"{k}={v!r}" for k, v in choices.items())
+            raise ActivationPruningError(
+                f"set exactly one of `threshold`, `max_metric_drop`, `target_params_reduction`; got {given}."
+            )
+        if self.max_metric_drop is not None:
+            _check_number("max_metric_drop", self.max_metric_drop, minimum=0)
+            if self.monitor is None:
+                raise ActivationPruningError("`max_metric_drop` needs `monitor`: the metric whose drop is bounded.")
+        target = self.target_params_reduction
+        if target is not None:
+            _check_number("target_params_reduction", target, minimum=0)
+            if not 0 < target < 1:
+                raise ActivationPruningError(f"`target_params_reduction` must be in (0, 1); got {target!r}.")
+
+    def _check_thresholds(self, signed: bool, statistic: str) -> None:
+        if self.threshold is not None:
+            _check_number(
+                "threshold", self.threshold, minimum=-math.inf if signed else 0, why=_never_negative(statistic)
+            )
+        if self.sweep is not None:
+            _check_sweep(self.sweep, self.threshold is not None, signed, statistic)
+
+    def _check_options(self) -> None:
+        if self.mode not in _MODES:
+            raise ActivationPruningError(f"`mode` can be one of {', '.join(_MODES)}; got {self.mode!r}.")
+        if self.monitor is not None and not isinstance(self.monitor, str):
+            raise ActivationPruningError(f"`monitor` must be a metric name or None; got {self.monitor!r}.")
+        _check_patterns("layers", self.layers)
+        _check_patterns("exclude", self.exclude)
+        _check_number("min_neurons", self.min_neurons, minimum=1, integer=True)
+        _check_number("recalibration_batches", self.recalibration_batches, minimum=0, integer=True)
+        _check_number("recovery_epochs", self.recovery_epochs, minimum=0, integer=True)
+        if self.recovery_epochs and self.prune_best:
+            raise ActivationPruningError(
+                "`prune_best=True` cannot be combined with `recovery_epochs`: the best weights were trained with"
+                " another optimizer state than the one training goes on with; prune the last weights instead."
+            )
+        for name in ("compensate", "prune_heads", "prune_best", "uniform_widths"):
+            if not isinstance(getattr(self, name), bool):
+                raise ActivationPruningError(f"`{name}` must be True or False; got {getattr(self, name)!r}.")
+        if self.normalize is not None and not isinstance(self.normalize, bool):
+            raise ActivationPruningError(
+                f"`normalize` must be True, False or None (automatic); got {self.normalize!r}."
+            )
+        if self.on_error not in _ON_ERROR:
+            raise ActivationPruningError(f"`on_error` can be one of {', '.join(_ON_ERROR)}; got {self.on_error!r}.")
+        path = self.pruned_checkpoint
+        if path is not None and (not isinstance(path, str) or not path):
+            raise ActivationPruningError(f"`pruned_checkpoint` must be a file path or None; got {path!r}.")
 
     @property
     def effective_statistic(self) -> str:
@@ -162,5 +186,9 @@ class PruningSettings:
 
     def to_state(self) -> dict[str, Any]:
         """Every argument as a plain value (a scorer by its name): what a checkpoint stores."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(PruningSettings) if f.init}
         return {name: value.name if isinstance(value, NeuronScorer) else value for name, value in values.items()}
+
+
+def _float_or_none(value: float | None) -> float | None:
+    return float(value) if value is not None else None

@@ -7,10 +7,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
-from typing import Any
 
-import torch_pruning as tp
 from torch import Tensor, nn
 
 
@@ -41,37 +38,3 @@ def out_in_weight(module: nn.Module) -> Tensor:
     """The layer's weight with outputs first, ``(out, in, *kernel)``, as ``Linear`` and ``Conv`` store it."""
     weight = module.get_parameter("weight")
     return weight.t() if isinstance(module, Conv1D) else weight
-
-
-class Conv1DPruner(tp.pruner.function.BasePruningFunc):
-    """Torch-Pruning's prune functions for ``Conv1D``: those of a ``Linear``, on the transposed weight."""
-
-    TARGET_MODULES = None
-
-    def prune_out_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
-        """Remove the output features ``idxs``: weight columns and bias entries."""
-        keep = sorted(set(range(int(layer.nf))) - {int(i) for i in idxs})
-        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 1)
-        if layer.bias is not None:
-            layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
-        layer.nf = len(keep)
-        return layer
-
-    def prune_in_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
-        """Remove the input features ``idxs``: weight rows."""
-        keep = sorted(set(range(self.get_in_channels(layer))) - {int(i) for i in idxs})
-        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
-        if hasattr(layer, "nx"):
-            layer.nx = len(keep)
-        return layer
-
-    def get_out_channels(self, layer: Any) -> int:
-        """``nf``, the number of output features."""
-        return int(layer.nf)
-
-    def get_in_channels(self, layer: Any) -> int:
-        """The number of input features: the weight's first dimension."""
-        return int(layer.weight.shape[0])
-
-
-CONV1D_PRUNER = Conv1DPruner()

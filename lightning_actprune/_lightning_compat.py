@@ -10,12 +10,15 @@ versions CI runs (the lowest declared and the newest).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.trainer.connectors.data_connector import _DataLoaderSource, _request_dataloader
@@ -26,11 +29,13 @@ from torch.utils.data import DataLoader, Sampler
 __all__ = [
     "data_source",
     "dump_checkpoint",
+    "epoch_validation_metrics",
     "launches_processes",
     "loaded_checkpoint",
     "logger_metrics_kept",
     "request_dataloader",
     "requires_distributed_sampler",
+    "restart_early_stopping",
     "set_ckpt_path",
     "update_dataloader",
     "validate_in_fit",
@@ -131,7 +136,10 @@ def validate_in_fit(trainer: pl.Trainer, dataloaders: Any = None) -> dict[str, f
 
     ``trainer.validate`` cannot run inside ``fit``; this runs ``trainer.fit_loop.epoch_loop.val_loop`` (public
     attributes, Lightning >= 2.0) with the Trainer's ``state.fn`` set to ``VALIDATING``, so that callbacks which act
-    on validation while fitting (``ModelCheckpoint``, ``EarlyStopping``) skip this pass, with no logger attached,
+    on validation while fitting (``ModelCheckpoint``, ``EarlyStopping``) skip this pass, and with
+    ``trainer.validate_loop`` pointing at that loop meanwhile: under ``VALIDATING`` the Trainer answers
+    ``num_val_batches`` (what progress bars size their bar by) and ``val_dataloaders`` from ``validate_loop``, which
+    never ran inside ``fit``. No logger is attached,
     and with the logger connector's metrics (``_callback_metrics``, ``_logged_metrics``, ``_progress_bar_metrics``),
     the loop's ``batch_progress`` and, when ``dataloaders`` replaces the data, the loop's private
     ``_combined_loader`` (Lightning >= 2.0) put back afterwards.
@@ -145,18 +153,20 @@ def validate_in_fit(trainer: pl.Trainer, dataloaders: Any = None) -> dict[str, f
     """
     loop = trainer.fit_loop.epoch_loop.val_loop
     progress = loop.batch_progress.state_dict()
-    fn, stage, loggers = trainer.state.fn, trainer.state.stage, trainer.loggers
+    fn, stage, loggers, validate_loop = trainer.state.fn, trainer.state.stage, trainer.loggers, trainer.validate_loop
     source = data_source(loop)
     instance, combined = source.instance, loop._combined_loader
     with logger_metrics_kept(trainer):
         trainer.state.fn = TrainerFn.VALIDATING
         trainer.loggers = []
+        trainer.validate_loop = loop
         if dataloaders is not None:
             source.instance, loop._combined_loader = dataloaders, None
         try:
             outputs = loop.run()
         finally:
             trainer.state.fn, trainer.state.stage, trainer.loggers = fn, stage, loggers
+            trainer.validate_loop = validate_loop
             loop.batch_progress.load_state_dict(progress)
             if dataloaders is not None:
                 source.instance, loop._combined_loader = instance, combined
@@ -170,3 +180,13 @@ def epoch_validation_metrics(trainer: pl.Trainer) -> dict[str, float]:
     Lightning >= 2.0) before calling that hook.
     """
     return {name: float(value) for name, value in trainer._logger_connector.metrics["log"].items()}
+
+
+def restart_early_stopping(callback: EarlyStopping) -> None:
+    """``EarlyStopping`` counts afresh: no best score, no patience used (a smaller model starts its own history).
+
+    Writes ``EarlyStopping.wait_count`` and ``best_score`` (Lightning >= 2.0; public attributes, but written by the
+    callback alone), to the values its constructor sets: ``best_score`` is ±inf by ``monitor_op``.
+    """
+    callback.wait_count = 0
+    callback.best_score = torch.tensor(math.inf if callback.monitor_op == torch.lt else -math.inf)

@@ -11,8 +11,13 @@ from typing import Any
 from lightning_actprune._types import PruningResult
 
 
+def _by_reduction(result: PruningResult) -> bool:
+    """Whether the table lists parameter reductions (a target or a budget) rather than λ values."""
+    return bool(result.sweep) and result.sweep[0].target is not None
+
+
 def sweep_records(result: PruningResult) -> list[dict[str, Any]]:
-    """The λ table as flat records (one per λ), with a ``chosen`` column; ascending λ."""
+    """The table as flat records (one per λ, or per parameter reduction), with a ``chosen`` column; ascending λ."""
     return [
         {**row.to_dict(result.metrics_before), "chosen": row.threshold == result.plan.threshold} for row in result.sweep
     ]
@@ -41,7 +46,8 @@ def format_sweep_table(result: PruningResult) -> str:
             lines.append(f"{mark:1} " + "  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
         return "\n".join(lines)
     unit = "std of standardised " if result.plan.normalize else ""
-    table = Table(title=f"ActivationPruning λ sweep ({unit}{result.plan.statistic}); * = applied")
+    listed = "parameter reductions" if _by_reduction(result) else "λ values"
+    table = Table(title=f"ActivationPruning table of {listed} (λ in {unit}{result.plan.statistic}); * = applied")
     table.add_column("")
     for column in columns:
         table.add_column(column, justify="right")
@@ -104,6 +110,8 @@ def write_sweep_files(result: PruningResult, directory: str | Path, monitor: str
 def plot_sweep(result: PruningResult, monitor: str | None = None) -> Any:
     """A matplotlib figure: ``monitor`` (default: the first metric) and parameters kept (%) against λ.
 
+    A table of parameter reductions is drawn against the reduction asked for instead.
+
     Returns:
         The figure, or ``None`` when matplotlib is not installed or the table is empty.
     """
@@ -118,11 +126,12 @@ def plot_sweep(result: PruningResult, monitor: str | None = None) -> Any:
     if not rows:
         return None
     metric = monitor or next(iter(rows[0].metrics))
-    thresholds = [row.threshold for row in rows]
+    by_reduction = _by_reduction(result)
+    thresholds = [100 * (row.target or 0.0) if by_reduction else row.threshold for row in rows]
     figure, left = plt.subplots(figsize=(6.4, 4.0))
     left.plot(thresholds, [row.metrics.get(metric, float("nan")) for row in rows], "o-", color="tab:blue")
     unit = "std of standardised " if result.plan.normalize else ""
-    left.set_xlabel(f"λ ({unit}{result.plan.statistic})")
+    left.set_xlabel("parameters removed (%)" if by_reduction else f"λ ({unit}{result.plan.statistic})")
     left.set_ylabel(metric, color="tab:blue")
     if metric in result.metrics_before:
         left.axhline(result.metrics_before[metric], color="tab:blue", linestyle=":", label=f"{metric} unpruned")
@@ -132,9 +141,11 @@ def plot_sweep(result: PruningResult, monitor: str | None = None) -> Any:
     right.set_ylim(0, 105)
     if result.pruned:
         threshold = result.plan.threshold
-        left.axvline(threshold, color="gray", linestyle="--")
-        left.annotate(f"applied λ={threshold:.3g}", (threshold, 0.02), xycoords=("data", "axes fraction"),
+        at = 100 * result.params_reduction if by_reduction else threshold
+        left.axvline(at, color="gray", linestyle="--")
+        left.annotate(f"applied λ={threshold:.3g}", (at, 0.02), xycoords=("data", "axes fraction"),
                       rotation=90, va="bottom", ha="right", color="gray")  # fmt: skip
-    left.set_title("Activation pruning: λ sweep" + ("" if result.pruned else " (no λ qualified: nothing applied)"))
+    title = "Activation pruning: " + ("parameter reductions" if by_reduction else "λ sweep")
+    left.set_title(title + ("" if result.pruned else " (no λ qualified: nothing applied)"))
     figure.tight_layout()
     return figure

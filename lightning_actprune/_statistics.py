@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from typing import Any, Literal, NamedTuple, get_args
 
 import torch
@@ -253,6 +253,15 @@ class ActivationRecorder:
             handle.remove()
         self._handles.clear()
         self._swapped.close()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Inside, the model's calls are not recorded (the sums so far are kept); outside, recording goes on."""
+        self.__exit__(None, None, None)
+        try:
+            yield
+        finally:
+            self.__enter__()
 
     def _measure_hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:

@@ -25,7 +25,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from lightning_actprune._conv1d import CONV1D_PRUNER, Conv1D
+from lightning_actprune._conv1d import Conv1D
 from lightning_actprune._statistics import MEASURED_TYPES, map_tensors
 
 GROUP_INDEX_LIMIT = 100_000
@@ -338,6 +338,40 @@ def pruning_groups(graph: tp.DependencyGraph) -> Iterator[tuple[nn.Module, Any]]
             visited.update(dep.target.module for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler))
             built.append((module, group))
     yield from built
+
+
+class Conv1DPruner(tp.pruner.function.BasePruningFunc):
+    """Torch-Pruning's prune functions for ``Conv1D``: those of a ``Linear``, on the transposed weight."""
+
+    TARGET_MODULES = None
+
+    def prune_out_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
+        """Remove the output features ``idxs``: weight columns and bias entries."""
+        keep = sorted(set(range(int(layer.nf))) - {int(i) for i in idxs})
+        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 1)
+        if layer.bias is not None:
+            layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
+        layer.nf = len(keep)
+        return layer
+
+    def prune_in_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
+        """Remove the input features ``idxs``: weight rows."""
+        keep = sorted(set(range(self.get_in_channels(layer))) - {int(i) for i in idxs})
+        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
+        if hasattr(layer, "nx"):
+            layer.nx = len(keep)
+        return layer
+
+    def get_out_channels(self, layer: Any) -> int:
+        """``nf``, the number of output features."""
+        return int(layer.nf)
+
+    def get_in_channels(self, layer: Any) -> int:
+        """The number of input features: the weight's first dimension."""
+        return int(layer.weight.shape[0])
+
+
+CONV1D_PRUNER = Conv1DPruner()
 
 
 def module_pruner(module: nn.Module) -> Any:

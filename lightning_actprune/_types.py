@@ -234,6 +234,8 @@ class SweepRow:
         size_mb: parameters + buffers after pruning, in MB.
         neurons: neurons kept per layer.
         metrics: validation metrics after pruning (empty when λ was only sized, not validated).
+        target: the parameter reduction this row was asked for (a table for a target or a budget lists
+            reductions), or ``None`` in a table of λ values.
     """
 
     threshold: float
@@ -242,10 +244,12 @@ class SweepRow:
     size_mb: float
     neurons: Mapping[str, int]
     metrics: Mapping[str, float] = field(default_factory=dict)
+    target: float | None = None
 
     def to_dict(self, metrics_before: Mapping[str, float]) -> dict[str, Any]:
         """A flat row: λ, sizes, neurons per layer, every metric and its change against ``metrics_before``."""
-        row: dict[str, Any] = {
+        row: dict[str, Any] = {} if self.target is None else {"target_reduction": self.target}
+        row |= {
             "threshold": self.threshold,
             "params": self.params,
             "params_kept_pct": 100.0 * self.params_kept,
@@ -350,8 +354,13 @@ class PruningResult:
             lines += [f"  {name}: {value:.4f}" for name, value in self.metrics_before.items()]
             return "\n".join(lines)
         threshold = describe_threshold(self.plan.threshold, self.plan.statistic, self.plan.normalize)
+        chosen = "" if self.chosen_by == "threshold" else f", chosen by {self.chosen_by}"
+        table = ""
+        if self.sweep:
+            listed = "parameter reductions" if self.sweep[0].target is not None else "λ values"
+            table = f" (the table lists {listed})"
         lines = [
-            f"Activation pruning, {threshold}: "
+            f"Activation pruning, {threshold}{chosen}{table}: "
             f"parameters {self.params_before:,} -> {self.params_after:,} (-{self.params_reduction:.1%}), "
             f"size {self.size_mb_before:.3f} MB -> {self.size_mb_after:.3f} MB, "
             f"neurons {self.plan.neurons_before:,} -> {self.plan.neurons_after:,}",

@@ -17,7 +17,6 @@ ranks by running the same command again. Every rank writes what it saw to ``OUT_
 from __future__ import annotations
 
 import copy
-import dataclasses
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -72,7 +71,7 @@ class RankDependentPruning(ActivationPruning):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        self.settings = dataclasses.replace(self.settings, threshold=0.05 + 0.3 * trainer.global_rank)
+        object.__setattr__(self, "threshold", 0.05 + 0.3 * trainer.global_rank)  # the settings are frozen
 
 
 def spy_on_statistics(captured: list[Any]) -> None:

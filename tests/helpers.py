@@ -150,7 +150,14 @@ def loaders(shape: tuple[int, ...], batch_size: int = 32) -> tuple[DataLoader, D
 
 
 def quiet_trainer(root: str | Path, *callbacks: Callback, **kwargs: Any) -> pl.Trainer:
-    """A CPU Trainer that writes under ``root`` and prints no progress bar or summary; ``kwargs`` override."""
+    """A CPU Trainer that writes under ``root`` and prints no progress bar or summary; ``kwargs`` override.
+
+    Why the defaults are off here: the bar and the summary only print, and hundreds of fits would bury the suite's
+    output. ``tests/test_defaults.py`` and the README's snippets (``tests/test_readme.py``) run every feature with the
+    Trainer's defaults (bar, checkpointing, logger), so a feature that breaks under them fails there. Tests that also
+    pass ``logger=False``/``enable_checkpointing=False`` check files or state of their own, which the default logger's
+    and checkpoint's files would only slow down.
+    """
     options = {
         "accelerator": "cpu",
         "default_root_dir": root,

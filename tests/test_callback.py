@@ -1,3 +1,4 @@
+import copy
 import csv
 
 import lightning.pytorch as pl
@@ -136,17 +137,23 @@ def test_no_validation_loader_fails_at_setup_not_after_training(tmp_path):
     assert trainer.global_step == 0
 
 
-def test_unknown_monitor_leaves_model_unchanged(tmp_path):
+@pytest.mark.parametrize("sanity_steps", [2, 0], ids=["sanity_check", "no_sanity_check"])
+def test_unknown_monitor_fails_at_the_first_validation_not_after_training(tmp_path, sanity_steps):
+    """Issue 19: a misspelt `monitor` is found by the sanity check (or the first epoch's validation), not at the end."""
     train, val = loaders((8,))
     model = Classifier(ARCHITECTURES["mlp_modules"]())
-    keep = KeepUnpruned()
-    trainer = trainer_for(tmp_path, keep, ActivationPruning(threshold=0.2, monitor="val_f1"), max_epochs=1)
+    trained = copy.deepcopy(model.state_dict())
+    pruning = ActivationPruning(threshold=0.2, monitor="val_f1")
+    trainer = trainer_for(tmp_path, pruning, max_epochs=30, num_sanity_val_steps=sanity_steps)
     with pytest.raises(
-        ActivationPruningError, match=r"`monitor='val_f1'` is not a validation metric; logged: val_loss, val_acc"
+        ActivationPruningError, match=r"`monitor='val_f1'` is not a metric that `validation_step` logs; logged: val_lo"
     ):
         trainer.fit(model, train, val)
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(tensor, keep.model.state_dict()[name])
+    assert trainer.current_epoch == 0  # not 30 epochs later
+    assert trainer.global_step == (0 if sanity_steps else len(train))
+    if sanity_steps:
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(tensor, trained[name])
 
 
 @pytest.mark.parametrize(
@@ -200,7 +207,15 @@ def test_unknown_monitor_leaves_model_unchanged(tmp_path):
         ({"target_params_reduction": 1.0}, r"`target_params_reduction` must be in \(0, 1\); got 1.0"),
         ({"target_params_reduction": 0}, r"`target_params_reduction` must be in \(0, 1\); got 0"),
         ({"threshold": 0.1, "mode": "maximize"}, r"`mode` can be one of max, min; got 'maximize'"),
-        ({"threshold": 0.1, "sweep": []}, r"`sweep` must be a non-empty list of thresholds; got \[\]"),
+        ({"threshold": 0.1, "sweep": []}, r"`sweep` must be a non-empty list of thresholds \(λ values\); got \[\]"),
+        (
+            {"target_params_reduction": 0.5, "sweep": [0.3, 1.0]},
+            r"`sweep` lists parameter reductions in \(0, 1\) when the callback picks λ .*; got 1.0 in \[0.3, 1.0\]",
+        ),
+        (
+            {"max_metric_drop": 0.1, "monitor": "val_acc", "sweep": ()},
+            r"`sweep` must be a non-empty list of parameter reductions in \(0, 1\); got \(\)",
+        ),
         ({"threshold": 0.1, "sweep": [0.1, -1], "statistic": "std"}, r"`sweep` must be a finite number >= 0; got -1"),
     ],
 )
@@ -243,3 +258,13 @@ def test_a_negative_threshold_is_allowed_for_signed_scores_and_only_then():
         ActivationPruning(threshold=-0.5, statistic="fluctuation", normalize=False)
     with pytest.raises(ActivationPruningError, match=r"`compensate` must be True or False; got 1"):
         ActivationPruning(threshold=0.1, compensate=1)
+
+
+def test_the_analysis_message_mentions_warnings_only_when_there_are_some(tmp_path, caplog):
+    """Issue 19: "the warnings above name the layers that will not be pruned" was printed with no warning above."""
+    train, val = loaders((8,))
+    trainer = trainer_for(tmp_path, ActivationPruning(threshold=0.1), max_epochs=1)
+    with caplog.at_level("INFO"):
+        trainer.fit(Classifier(ARCHITECTURES["mlp_modules"]()), train, val)
+    assert "ActivationPruning: 2 prunable layer(s), 28 neurons: net.net.0 (16), net.net.2 (12).\n" in caplog.text
+    assert "warnings above" not in caplog.text

@@ -85,6 +85,7 @@ def test_bad_value_in_yaml_names_the_argument(tmp_path):
 @pytest.mark.slow
 def test_cli_fit_runs_the_example_end_to_end(tmp_path):
     config = yaml.safe_load((ROOT / "examples" / "digits.yaml").read_text())
+    # quiet, as in `quiet_trainer` (see its docstring); the README's YAML runs with the defaults in test_readme.py
     config["trainer"].update(max_epochs=2, enable_progress_bar=False, enable_model_summary=False)
     for logger in config["trainer"]["logger"]:
         logger["init_args"]["save_dir"] = str(tmp_path)
@@ -105,6 +106,7 @@ def test_example_exports_an_ordinary_dense_network_to_onnx(tmp_path):
     from digits import export
 
     config = yaml.safe_load((ROOT / "examples" / "digits.yaml").read_text())
+    # quiet, as in `quiet_trainer` (see its docstring): this test checks the exported files only
     config["trainer"].update(max_epochs=3, enable_progress_bar=False, enable_model_summary=False, logger=False)
     config["trainer"]["default_root_dir"] = str(tmp_path)
     path = tmp_path / "input.yaml"  # LightningCLI saves its own config.yaml into the run directory
@@ -120,7 +122,7 @@ def test_example_exports_an_ordinary_dense_network_to_onnx(tmp_path):
 
 
 def test_own_scorer_from_yaml_prunes_what_a_hand_computation_predicts(tmp_path):
-    config = tmp_path / "config.yaml"
+    config = tmp_path / "config.yaml"  # quiet, as in `quiet_trainer`: this test checks the plan only
     config.write_text(
         "seed_everything: 0\n"
         "trainer:\n"

@@ -85,6 +85,7 @@ def trainer(tmp_path: Any, **kwargs: Any) -> pl.Trainer:
         "max_epochs": 1,
         "limit_train_batches": 1,
         "limit_val_batches": 1,
+        # each access is checked on a bare Trainer; tests/test_defaults.py covers the defaults (see `quiet_trainer`)
         "logger": False,
         "enable_checkpointing": False,
         "enable_progress_bar": False,
@@ -241,7 +242,75 @@ def test_declared_floors_are_the_versions_ci_pins_for_its_lowest_run():
     block = re.search(r"^dependencies = \[(.*?)^\]", (root / "pyproject.toml").read_text(), re.MULTILINE | re.DOTALL)
     assert block is not None, "pyproject.toml has no `dependencies = [...]` block"
     floors = {name: Version(v) for name, v in re.findall(r'"([\w-]+)>=([\w.]+)', block.group(1))}
+    every_floor = {
+        name: Version(v)
+        for name, v in re.findall(r'"([\w-]+)(?:\[\w+\])?>=([\w.]+)', (root / "pyproject.toml").read_text())
+    }
     lines = (root / ".ci" / "lowest.txt").read_text().splitlines()
     pins = {name: Version(v) for name, v in (line.split("==") for line in lines if line and not line.startswith("#"))}
-    assert floors == pins, "the floors in pyproject.toml and the pins in .ci/lowest.txt differ"
+    assert {name: pins.get(name) for name in floors} == floors, (
+        "the floors in pyproject.toml and the pins in .ci/lowest.txt differ"
+    )
+    # a pin beyond the dependencies (an extra's package) is that extra's declared floor
+    assert {name: every_floor.get(name) for name in pins} == pins
     assert re.search(r'"lightning>=[\w.]+,<\d+\.\d+"', block.group(1)), "lightning needs an upper bound"
+
+
+class ValidatesInFit(pl.Callback):
+    """At the end of the training epoch, runs `validate_in_fit` and notes what the Trainer says while it runs."""
+
+    def __init__(self, compat: Any) -> None:
+        self.compat = compat
+        self.during: dict[str, Any] = {}
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.state.fn == "validate":  # our pass, not the fit's own validation
+            self.during = {
+                "num_val_batches": list(trainer.num_val_batches),
+                "validate_loop": trainer.validate_loop,
+                "val_loop": trainer.fit_loop.epoch_loop.val_loop,
+            }
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.validate_loop = trainer.validate_loop
+        self.logged = dict(trainer.logged_metrics)
+        self.metrics = self.compat.validate_in_fit(trainer)
+        self.after = {"fn": trainer.state.fn, "validate_loop": trainer.validate_loop, "logged": trainer.logged_metrics}
+
+
+def test_validate_in_fit_runs_the_fit_val_loop_unseen_with_its_batch_count(compat, tmp_path):
+    """The progress bars size their bar by `trainer.num_val_batches`, which reads `validate_loop` (issue 19)."""
+    probe = ValidatesInFit(compat)
+    fit = trainer(tmp_path, callbacks=[probe], limit_val_batches=2)
+    fit.fit(Tiny(), data(), data(seed=1))
+    with reaching("trainer.validate_loop / fit_loop.epoch_loop.val_loop.max_batches"):
+        assert probe.during["num_val_batches"] == [2]
+        assert probe.during["validate_loop"] is probe.during["val_loop"]
+    assert set(probe.metrics) == {"val_loss"}
+    assert probe.after["fn"] == "fit"
+    assert probe.after["validate_loop"] is probe.validate_loop
+    assert dict(probe.after["logged"]) == probe.logged  # nothing logged
+
+
+def test_epoch_validation_metrics_are_what_the_validation_logged(compat, tmp_path):
+    class Seen(pl.Callback):
+        def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            self.metrics = compat.epoch_validation_metrics(trainer)
+
+    seen = Seen()
+    fit = trainer(tmp_path, callbacks=[seen])
+    fit.fit(Tiny(), data(), data(seed=1))
+    with reaching("trainer._logger_connector.metrics['log']"):
+        assert seen.metrics == {"val_loss": pytest.approx(float(fit.callback_metrics["val_loss"]))}
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_restart_early_stopping_is_a_fresh_early_stopping(compat, mode):
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    used, fresh = EarlyStopping(monitor="val_loss", mode=mode), EarlyStopping(monitor="val_loss", mode=mode)
+    used.wait_count, used.best_score = 3, torch.tensor(0.25)
+    compat.restart_early_stopping(used)
+    with reaching("EarlyStopping.wait_count / best_score"):
+        assert used.wait_count == fresh.wait_count == 0
+        assert torch.equal(used.best_score, fresh.best_score)

@@ -122,6 +122,7 @@ def test_recalibration_failure_is_a_warning_and_keeps_the_trained_statistics(tmp
     pl.seed_everything(0)
     pruning = ActivationPruning(target_params_reduction=0.4, recalibration_batches=2, pruned_checkpoint=None)
     keep = KeepUnpruned()
+    # the defaults are off as in `quiet_trainer` (see its docstring): this test checks the model, not the output
     trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[keep, pruning])  # fmt: skip
     model = FailsOnTrainingBatches(ARCHITECTURES["cnn"]())

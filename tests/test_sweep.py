@@ -16,6 +16,7 @@ from lightning_actprune.core import ActivationRecorder, find_prunable_layers
 from tests.helpers import ARCHITECTURES, Classifier, loaders, quiet_trainer
 
 SWEEP = [0.0, 0.05, 0.1, 0.2, 0.4]
+REDUCTIONS = [0.2, 0.4, 0.6, 0.8]  # a table for a target or a budget lists parameter reductions
 
 
 class CountValidations(Callback):
@@ -85,7 +86,7 @@ def test_sweep_with_threshold_prunes_exactly_as_threshold_alone(tmp_path):
         assert torch.equal(tensor, direct_state[name]), name
 
 
-@pytest.mark.parametrize("sweep", [SWEEP, None], ids=["from_sweep", "bisection"])
+@pytest.mark.parametrize("sweep", [REDUCTIONS, None], ids=["from_sweep", "bisection"])
 def test_max_metric_drop_applies_the_most_pruning_within_budget(tmp_path, sweep):
     budget = 0.05
     pruning = ActivationPruning(max_metric_drop=budget, monitor="val_loss", mode="min", sweep=sweep)
@@ -99,6 +100,30 @@ def test_max_metric_drop_applies_the_most_pruning_within_budget(tmp_path, sweep)
     if sweep is None:
         neurons = result.plan.neurons_before
         assert counter.runs <= 1 + 1 + math.ceil(math.log2(neurons + 1))
+    else:
+        assert [row.target for row in result.sweep] == sweep
+        assert all(1 - row.params_kept >= row.target for row in result.sweep)
+
+
+def test_a_table_for_a_target_lists_reductions_and_never_changes_the_criterion(tmp_path, caplog):
+    """Asking for a table must not change which neurons a target removes (issue 19): same plan with and without."""
+    with caplog.at_level("INFO"):
+        _, tabled, _ = fit(
+            tmp_path / "a", tabled_pruning := ActivationPruning(target_params_reduction=0.5, sweep=REDUCTIONS)
+        )
+    _, plain, _ = fit(tmp_path / "b", plain_pruning := ActivationPruning(target_params_reduction=0.5))
+    assert tabled_pruning.effective_statistic == plain_pruning.effective_statistic == "fluctuation"
+    assert tabled_pruning.result.plan.to_dict() == plain_pruning.result.plan.to_dict()
+    for name, tensor in tabled.state_dict().items():
+        assert torch.equal(tensor, plain.state_dict()[name]), name
+    result = tabled_pruning.result
+    assert [row.target for row in result.sweep] == sorted([*REDUCTIONS, 0.5])  # the applied target has its row
+    assert [1 - row.params_kept >= row.target for row in result.sweep] == [True] * 5
+    summary = result.summary().splitlines()[0]
+    assert "chosen by target_params_reduction (the table lists parameter reductions)" in summary
+    assert "ActivationPruning sweep: -20% of the parameters (1/4)" not in caplog.text  # progress bar off here
+    with open(tmp_path / "a" / "csv" / "version_0" / "actprune_sweep.csv") as f:
+        assert [float(r["target_reduction"]) for r in csv.DictReader(f)] == sorted([*REDUCTIONS, 0.5])
 
 
 def test_target_params_reduction_is_the_smallest_threshold_reaching_it(tmp_path):

@@ -48,7 +48,7 @@ def mlp(activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
 def fit(tmp_path, net, *callbacks, max_epochs=3, lr=0.05):
     pl.seed_everything(0)
     keep = KeepCopy()
-    trainer = pl.Trainer(
+    trainer = pl.Trainer(  # quiet, as in `quiet_trainer` (see its docstring); the loggers are the test's own
         max_epochs=max_epochs,
         accelerator="cpu",
         logger=[CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")],
@@ -87,24 +87,31 @@ def test_a_chosen_threshold_uses_standardised_fluctuation_and_says_so(tmp_path, 
         fit(tmp_path, mlp(), pruning)
     plan = pruning.result.plan
     assert (pruning.effective_statistic, plan.statistic, plan.normalize) == ("fluctuation", "fluctuation", True)
-    assert f"λ = {plan.threshold:.4g} std of standardised fluctuation per layer: parameters" in caplog.text
-    # a user sweep is in the user's units again, even when the callback picks among it
-    assert ActivationPruning(max_metric_drop=0.1, monitor="val_acc", sweep=[0.0, 0.1]).effective_statistic == "mean"
+    chosen = "chosen by target_params_reduction: parameters"
+    assert f"λ = {plan.threshold:.4g} std of standardised fluctuation per layer, {chosen}" in caplog.text
+    # a table for a budget lists parameter reductions and keeps the criterion the callback picks λ by
+    assert ActivationPruning(max_metric_drop=0.1, monitor="val_acc", sweep=[0.3, 0.5]).effective_statistic == (
+        "fluctuation"
+    )
     assert ActivationPruning(max_metric_drop=0.1, monitor="val_acc").effective_statistic == "fluctuation"
     assert ActivationPruning(threshold=0.1, statistic="rms").effective_statistic == "rms"
 
 
 def test_max_metric_drop_with_no_admissible_threshold_keeps_the_model_and_still_writes_the_table(tmp_path):
-    sweep = [0.5, 1.0, 2.0]  # each removes most of the network
+    sweep = [0.8, 0.9, 0.95]  # each removes most of the network
     pruning = ActivationPruning(max_metric_drop=0.0, monitor="val_loss", mode="min", sweep=sweep)
-    with pytest.warns(UserWarning, match=r"no λ keeps `val_loss` within `max_metric_drop=0`.*\(0.5, 1, 2\) is \d"):
-        trainer, model, unpruned, _ = fit(tmp_path, mlp(), pruning)
+    with pytest.warns(
+        UserWarning,
+        match=r"no λ keeps `val_loss` within `max_metric_drop=0`.*reductions evaluated"
+        r" \(-80%, -90%, -95%\) is \d",
+    ):
+        trainer, model, unpruned, _ = fit(tmp_path, mlp(), pruning, max_epochs=20, lr=0.2)
     for name, tensor in unpruned.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor), name
     result = pruning.result
     assert not result.pruned
     assert result.chosen_by == "none"
-    assert [row.threshold for row in result.sweep] == sweep
+    assert [row.target for row in result.sweep] == sweep
     assert result.params_after == result.params_before == count_parameters(model)
     assert pruning.pruned_checkpoint_path is None
     log_dir = trainer.log_dir
