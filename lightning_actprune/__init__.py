@@ -2,7 +2,8 @@
 
 The names here are what a Lightning user needs: the callback (:class:`ActivationPruning`), its report and plan
 (:class:`PruningResult`, :class:`PruningPlan`), the helpers that load and export pruned checkpoints
-(:func:`load_pruned`, :func:`export_pruned`, …), and the statistics it can prune by (:data:`STATISTICS`, gathered
+(:func:`load_pruned`, :func:`export_pruned`, …) and pruned Hugging Face models (:func:`save_pretrained`,
+:func:`from_pretrained`), and the statistics it can prune by (:data:`STATISTICS`, gathered
 by the torchmetrics ``Metric`` :class:`ActivationStatistics`), or :class:`NeuronScorer` to write your own. The
 plain-PyTorch building blocks (statistics → plan → surgery → report, no Lightning) live in
 :mod:`lightning_actprune.core`.
@@ -22,6 +23,7 @@ from lightning_actprune._checkpoint import (
     shrink_to_checkpoint,
 )
 from lightning_actprune._errors import ActivationPruningError
+from lightning_actprune._huggingface import from_pretrained, save_pretrained
 from lightning_actprune._scoring import NeuronScorer
 from lightning_actprune._statistics import STATISTICS, ActivationStatistics
 from lightning_actprune._types import PruningPlan, PruningResult
@@ -36,8 +38,10 @@ __all__ = [
     "PruningPlan",
     "PruningResult",
     "export_pruned",
+    "from_pretrained",
     "load_pruned",
     "pruning_plan_of",
+    "save_pretrained",
     "shrink_to_checkpoint",
 ]
 

@@ -16,7 +16,6 @@ from lightning_actprune import _lightning_compat as compat
 from lightning_actprune._checkpoint import (
     _add_plan,
     _legacy_state,
-    _record_pruning,
     _result_from_state,
     _result_state,
     _save_pruned_checkpoint,
@@ -27,7 +26,9 @@ from lightning_actprune._distillation import Teaching
 from lightning_actprune._distributed import rewrap_after_pruning
 from lightning_actprune._fit_checks import check_fit
 from lightning_actprune._fit_validations import FitValidations
+from lightning_actprune._huggingface import sync_pretrained_configs
 from lightning_actprune._loggers import report
+from lightning_actprune._module_plan import _record_pruning
 from lightning_actprune._pipeline import PruningPipeline, run_guarded
 from lightning_actprune._trainer import has_compiled_modules, trainer_state_kept, validate
 from lightning_actprune._types import PrunableLayer, PruningResult
@@ -136,6 +137,13 @@ class ActivationPruning(PruningSettings, Callback):
         distill_temperature: ``T`` of the distillation (``> 0``).
         distill_output: the field of a structured output to distil (a key or attribute, e.g. ``"logits"``); None:
             the output itself when it is a tensor, else its ``logits``, else its first tensor.
+        uniform_widths: the layers of one role keep the same number of neurons and heads in every block (layers whose
+            names are equal once block indices are masked, ``model.layers.*.mlp.down_proj``, and in a Hugging Face
+            model the layers one config field sets, such as T5's ``d_ff``), so that a config holding one width per
+            role describes the pruned model. A pruned Hugging Face model's config is always brought in step with its
+            widths where it can state them, so ``model.save_pretrained(dir)`` then reloads with ``from_pretrained``;
+            with ``False`` (default) every layer keeps its own width, and :func:`lightning_actprune.save_pretrained`
+            writes a form the stock ``from_pretrained`` loads (zero-padded; the same outputs).
 
     Example::
 
@@ -239,6 +247,7 @@ class ActivationPruning(PruningSettings, Callback):
         result = self._prune(trainer, pl_module, in_fit=False)
         if result is not None and result.pruned:
             _record_pruning(pl_module, result.plan)  # the module remembers its plan: every checkpoint carries it
+            self._sync_pretrained_configs(pl_module)
         self._finish(trainer, pl_module, result)
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, in_fit: bool) -> PruningResult | None:
@@ -258,6 +267,7 @@ class ActivationPruning(PruningSettings, Callback):
         if not result.pruned:
             return
         _record_pruning(pl_module, result.plan)  # every checkpoint from now on carries the plan
+        self._sync_pretrained_configs(pl_module)
         self._teaching.start(pl_module)
         rewrap_after_pruning(trainer, pl_module)  # DDP: the wrapper must reduce the new parameters' gradients
         for callback in trainer.early_stopping_callbacks:  # a new, smaller model: its patience starts afresh
@@ -270,6 +280,17 @@ class ActivationPruning(PruningSettings, Callback):
         else:
             when = "at the start of fit; the whole fit trains"
         rank_zero_info(f"ActivationPruning: pruned {when} the smaller model.")
+
+    def _sync_pretrained_configs(self, pl_module: pl.LightningModule) -> None:
+        """Hugging Face models: their configs state the pruned widths, or a message says what cannot be stated."""
+        try:
+            unstated = sync_pretrained_configs(pl_module)
+        except Exception as error:  # the model is pruned: a config left behind is a warning, never an undone pruning
+            rank_zero_warn(f"ActivationPruning: the model is pruned, but its config was not updated: {error!r}")
+            return
+        say = rank_zero_warn if self.uniform_widths else rank_zero_info  # expected when widths are free
+        for message in unstated:
+            say(f"ActivationPruning: {message}")
 
     def _report_recovered(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """At the end of a ``fit`` that pruned inside: the metrics after the recovery epochs, then the report."""

@@ -107,6 +107,7 @@ class PruningSettings:
     distill_temperature: float = 2.0
     distill_output: str | None = None
     gqa_unit: GqaUnit = "query_heads"
+    uniform_widths: bool = False
     scorer: NeuronScorer = field(init=False, repr=False)
     normalized: bool = field(init=False, repr=False)
 
@@ -170,7 +171,7 @@ class PruningSettings:
         _check_number("min_neurons", self.min_neurons, minimum=1, integer=True)
         _check_number("recalibration_batches", self.recalibration_batches, minimum=0, integer=True)
         self._check_recovery()
-        for name in ("compensate", "prune_heads", "prune_best"):
+        for name in ("compensate", "prune_heads", "prune_best", "uniform_widths"):
             if not isinstance(getattr(self, name), bool):
                 raise ActivationPruningError(f"`{name}` must be True or False; got {getattr(self, name)!r}.")
         if self.normalize is not None and not isinstance(self.normalize, bool):

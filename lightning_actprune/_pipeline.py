@@ -23,6 +23,7 @@ from lightning_actprune._analysis import ExampleInputs, find_prunable_layers, la
 from lightning_actprune._config import PruningSettings
 from lightning_actprune._distributed import check_same_on_every_rank, is_distributed, reduced_moments, synced_metrics
 from lightning_actprune._errors import ActivationPruningError
+from lightning_actprune._huggingface import uniform_ties
 from lightning_actprune._optimizer import OptimizerSnapshot, apply_plan_with_optimizers
 from lightning_actprune._recalibration import batchnorm_layers
 from lightning_actprune._statistics import ActivationMoments, ActivationRecorder
@@ -196,6 +197,7 @@ class PruningPipeline:
             validate=self.passes.metrics_recalibrated,
             compensate=self.settings.compensate,
             normalize=self.settings.normalized,
+            tied=uniform_ties(self.pl_module, layers) if self.settings.uniform_widths else (),
         )
 
     def table(self, evaluator: ThresholdEvaluator) -> Table:

@@ -21,7 +21,7 @@ from lightning_actprune import (
     pruning_plan_of,
     shrink_to_checkpoint,
 )
-from lightning_actprune._checkpoint import _compose
+from lightning_actprune._module_plan import _compose
 from lightning_actprune._types import BiasUpdate
 from lightning_actprune.core import ActivationRecorder, ModulePruning, apply_plan, find_prunable_layers, plan_pruning
 from tests.helpers import ARCHITECTURES, Classifier, MLPModule, input_shape, loaders, quiet_trainer

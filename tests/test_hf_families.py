@@ -557,7 +557,7 @@ def test_the_parameter_count_of_a_head_plan_is_that_of_the_pruned_model(name, gq
 
 @pytest.mark.parametrize("name", ["llama", "bloom", "t5"])
 def test_a_model_pruned_twice_reloads_from_the_composed_plan(name, tmp_path):
-    from lightning_actprune._checkpoint import _record_pruning
+    from lightning_actprune._module_plan import _record_pruning
 
     family = FAMILIES[name]
     net, x = build(family)
