@@ -41,6 +41,10 @@ TP_IMPORTANCES: dict[str, Callable[[], Any]] = {
     "magnitude": lambda: tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean"),
     "taylor": lambda: tp.importance.GroupTaylorImportance(),
 }
+TP_SCOPES = ("recipe", "ffn", "hidden")
+"""What Torch-Pruning may prune: ``recipe`` heads and FFN neurons (its LLM recipe with the hidden size kept), ``ffn``
+FFN neurons only (q, k and v ignored: what ours prunes of a Llama today), ``hidden`` the recipe as its script runs
+it (the hidden size too)."""
 TP_MAX_RATIO = 0.95
 """The largest ``pruning_ratio`` tried: every layer keeps some FFN neurons and one query head per key/value head."""
 
@@ -194,7 +198,7 @@ def ours(
     return model, pruning.result, clock, seconds[0] if recovery_epochs else seconds[-1], messages
 
 
-def _tp_pruned(model: ByteLM, importance: str, ratio: float, example: torch.Tensor, hidden: bool) -> ByteLM:
+def _tp_pruned(model: ByteLM, importance: str, ratio: float, example: torch.Tensor, scope: str) -> ByteLM:
     pruned = copy.deepcopy(model)
     for copied, source in zip(pruned.parameters(), model.parameters(), strict=True):
         if source.grad is not None:  # deepcopy leaves them out; Taylor importance reads them
@@ -205,8 +209,11 @@ def _tp_pruned(model: ByteLM, importance: str, ratio: float, example: torch.Tens
         num_heads[attention.q_proj] = attention.q_proj.out_features // attention.head_dim
         num_heads[attention.k_proj] = attention.k_proj.out_features // attention.head_dim
         num_heads[attention.v_proj] = attention.v_proj.out_features // attention.head_dim
-    # the recipe ignores only the LM head and so prunes the hidden size too; ignoring the embedding keeps it
-    ignored = [net.lm_head] if hidden else [net.lm_head, net.model.embed_tokens]
+    # the recipe ignores only the LM head and so prunes the hidden size too; ignoring the embedding keeps it; ignoring
+    # q, k and v (the roots of the attention group) keeps the heads
+    ignored = [net.lm_head] if scope == "hidden" else [net.lm_head, net.model.embed_tokens]
+    if scope == "ffn":
+        ignored += [projection for projection in num_heads if projection not in ignored]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Unwrapped parameters detected")
         pruner = tp.pruner.MetaPruner(
@@ -225,7 +232,7 @@ def _tp_pruned(model: ByteLM, importance: str, ratio: float, example: torch.Tens
         for group in pruner.step(interactive=True):
             group.prune()
     sync_attention(net)
-    if hidden:
+    if scope == "hidden":
         net.config.hidden_size = net.lm_head.in_features
     pruned.zero_grad(set_to_none=True)
     return pruned.eval()
@@ -247,20 +254,26 @@ def torch_pruning_at(
     example: torch.Tensor,
     gradient_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
     steps: int,
-    hidden: bool = False,
+    scope: str = "recipe",
 ) -> tuple[ByteLM, float, float, float]:
-    """The recipe with the smallest ``pruning_ratio`` (bisected) whose model has at most ``max_params`` parameters.
+    """The recipe with a ``pruning_ratio`` (bisected) whose model has at most ``max_params`` parameters.
+
+    ``scope``: what it may prune (:data:`TP_SCOPES`). The parameter count is not monotone in the ratio (with 4 query
+    heads per key/value head, Torch-Pruning 1.6.1 removes heads up to a ratio of 0.5 and none above it), so the
+    bisection finds a ratio whose count is at most ``max_params`` and, in its last interval, the closest to it.
 
     Returns:
         The pruned model (eval mode), its ratio, the seconds of the whole search and of one prune at that ratio.
     """
     if importance not in TP_IMPORTANCES:
         raise ValueError(f"`importance` can be one of {', '.join(TP_IMPORTANCES)}; got {importance!r}.")
+    if scope not in TP_SCOPES:
+        raise ValueError(f"`scope` can be one of {', '.join(TP_SCOPES)}; got {scope!r}.")
     started = time.perf_counter()
     source = with_taylor_gradients(model, gradient_batches) if importance == "taylor" else model
 
     def prune(ratio: float) -> ByteLM:
-        return _tp_pruned(source, importance, ratio, example, hidden)
+        return _tp_pruned(source, importance, ratio, example, scope)
 
     low, high = 0.0, TP_MAX_RATIO
     best = prune(high)

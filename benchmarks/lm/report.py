@@ -247,11 +247,22 @@ def render_markdown(results: LMResults) -> str:
         " **Torch-Pruning** is its LLM recipe (`examples/LLMs/prune_llm.py`): `MetaPruner` with `num_heads` of"
         " q/k/v, `prune_num_heads=True`, `prune_head_dims=False`, `head_pruning_ratio = pruning_ratio`, local"
         " ranking, `round_to=4`, the LM head ignored and, unlike its script, the embedding too, so that the hidden"
-        " size stays and heads and FFN are what it prunes; magnitude (`GroupMagnitudeImportance(p=2,"
+        " size stays and heads and FFN are what it prunes (with grouped-query attention it removes query heads evenly"
+        " per key/value head and keeps every key/value head; with 4 query heads per key/value head, torch-pruning"
+        " 1.6.1 removes no head at all above a ratio of 0.5, so its parameter count is not monotone in the ratio);"
+        " *FFN only* is the same with q, k and v ignored (what ours prunes of a Llama today)"
+        + (
+            ", *hidden size too* the recipe as its script runs it (only the LM head ignored)"
+            if "hidden" in config.tp_scopes
+            else ""
+        )
+        + "; magnitude (`GroupMagnitudeImportance(p=2,"
         ' group_reduction="mean")`) or Taylor (`GroupTaylorImportance`, gradients of'
-        f" {config.taylor_batches} training batches) importance; its ratio is bisected to the largest parameter count"
-        " not above ours; *epochs after prune* 1 is fine-tuning with a fresh AdamW on the very batches of ours'"
-        " recovery epoch. Δ ppl is against the unpruned model after E epochs.",
+        f" {config.taylor_batches} training batches) importance; its ratio is bisected"
+        f" ({config.bisection_steps} halvings) to a parameter count at most ours' and, in the last interval, the"
+        " closest to it; *epochs after prune* 1 is fine-tuning with a fresh AdamW on the very batches of ours'"
+        " recovery epoch. Δ ppl is against the unpruned model after E epochs; *unpruned, trained on* is the same"
+        " model after E + R epochs, for the recovery rows' total training.",
         "",
         _table(results),
         "",

@@ -20,9 +20,12 @@ OURS_RECOVERED = "ours + recovery"
 SCRATCH = "from scratch, ours' widths"
 
 
-def tp_method(importance: str, hidden: bool = False) -> str:
-    """The row label of one Torch-Pruning setting."""
-    return f"Torch-Pruning {importance}" + (", hidden size too" if hidden else "")
+TP_SCOPE_LABELS = {"recipe": "", "ffn": ", FFN only", "hidden": ", hidden size too"}
+
+
+def tp_method(importance: str, scope: str = "recipe") -> str:
+    """The row label of one Torch-Pruning setting (``scope``: see :data:`~.methods.TP_SCOPES`)."""
+    return f"Torch-Pruning {importance}{TP_SCOPE_LABELS[scope]}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +36,7 @@ class RunConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     epochs: int = 8
     """``E``: epochs before pruning."""
-    steps_per_epoch: int = 100
+    steps_per_epoch: int = 80
     """``S``: training batches per epoch (``limit_train_batches``)."""
     recovery_epochs: int = 1
     """``R``: epochs of training after the prune (ours' recovery, Torch-Pruning's fine-tuning)."""
@@ -46,8 +49,8 @@ class RunConfig:
     bisection_steps: int = 14
     """Halvings of Torch-Pruning's ``pruning_ratio`` interval when matching ours' parameter count."""
     scratch: bool = False
-    tp_hidden: bool = False
-    """Also run Torch-Pruning's recipe as its script does: the hidden size pruned too."""
+    tp_scopes: tuple[str, ...] = ("recipe", "ffn")
+    """What Torch-Pruning may prune, one setting each (``hidden``: the recipe as its script runs it)."""
 
     def __post_init__(self) -> None:
         if self.epochs < 2:
@@ -59,6 +62,8 @@ class RunConfig:
             raise ValueError(f"every reduction must be in (0, 1); got {self.reductions!r}.")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"`seeds` must be distinct integers, at least one; got {self.seeds!r}.")
+        if not self.tp_scopes or set(self.tp_scopes) - set(TP_SCOPE_LABELS):
+            raise ValueError(f"`tp_scopes` can hold {', '.join(TP_SCOPE_LABELS)}; got {self.tp_scopes!r}.")
         if self.corpus.context != self.model.context:
             raise ValueError(
                 f"the corpus's context ({self.corpus.context}) must be the model's ({self.model.context})."

@@ -192,11 +192,11 @@ def run_seed(
             )
         )
         budget = count_parameters(one_shot)
-        for hidden in (False, True) if config.tp_hidden else (False,):
+        for scope in config.tp_scopes:
             for importance in TP_IMPORTANCES:
-                method = tp_method(importance, hidden)
+                method = tp_method(importance, scope)
                 pruned, ratio, search, prune = torch_pruning_at(
-                    unpruned, importance, budget, example, gradient_batches, config.bisection_steps, hidden
+                    unpruned, importance, budget, example, gradient_batches, config.bisection_steps, scope
                 )
                 tp_params, tp_widths = count_parameters(pruned), layer_widths(pruned)
                 add(
@@ -298,7 +298,8 @@ def parse_config(args: argparse.Namespace) -> RunConfig:
         }.items()
         if value is not None
     }
-    return dataclasses.replace(base, scratch=args.scratch, tp_hidden=args.tp_hidden, **changes)
+    scopes = (*base.tp_scopes, "hidden") if args.tp_hidden else base.tp_scopes
+    return dataclasses.replace(base, scratch=args.scratch, tp_scopes=scopes, **changes)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
