@@ -26,7 +26,7 @@ from benchmarks.lm.data import (
 from benchmarks.lm.methods import _tp_pruned
 from benchmarks.lm.model import ByteLM, attention_modules, layer_widths, mlp_modules
 from benchmarks.lm.report import BEGIN, END, compact_widths, goals, render_markdown
-from benchmarks.lm.results import OURS, OURS_RECOVERED, UNPRUNED, UNPRUNED_LONGER, LMResults
+from benchmarks.lm.results import OURS, OURS_RECOVERED, SCRATCH, UNPRUNED, UNPRUNED_LONGER, LMResults
 from benchmarks.lm.run import QUICK, main
 
 needs_transformers = pytest.mark.skipif(
@@ -158,7 +158,7 @@ def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("lm") / "results.json"
     torch_threads = torch.get_num_threads()
     try:
-        main(["--quick", "--threads", "1", "--out", str(out)])
+        main(["--quick", "--threads", "1", "--scratch", "--tp-hidden", "--out", str(out)])
     finally:
         torch.set_num_threads(torch_threads)
     return out
@@ -169,8 +169,8 @@ def test_quick_run_writes_every_method_s_records(quick):
     data = json.loads(quick.read_text())
     results = LMResults.from_json(quick.read_text())
     assert results.to_json() == json.dumps(data, indent=2)
-    assert results.config == QUICK
-    assert results.command == f"python -m benchmarks.lm --quick --threads 1 --out {quick}"
+    assert results.config == dataclasses.replace(QUICK, scratch=True, tp_scopes=("recipe", "ffn", "hidden"))
+    assert results.command == f"python -m benchmarks.lm --quick --threads 1 --scratch --tp-hidden --out {quick}"
     assert results.corpus.files[0].path == "__future__.py"
     assert {f.split for f in results.corpus.files} == {"train", "val", "test"}
     (run,) = results.seeds
@@ -192,6 +192,11 @@ def test_quick_run_writes_every_method_s_records(quick):
         (0.3, "Torch-Pruning magnitude, FFN only", 1),
         (0.3, "Torch-Pruning taylor, FFN only", 0),
         (0.3, "Torch-Pruning taylor, FFN only", 1),
+        (0.3, "Torch-Pruning magnitude, hidden size too", 0),
+        (0.3, "Torch-Pruning magnitude, hidden size too", 1),
+        (0.3, "Torch-Pruning taylor, hidden size too", 0),
+        (0.3, "Torch-Pruning taylor, hidden size too", 1),
+        (0.3, SCRATCH, 1),
     }
     ours = rows[(0.3, OURS, 0)]
     assert rows[(0.0, UNPRUNED, 0)].params == total
@@ -204,6 +209,10 @@ def test_quick_run_writes_every_method_s_records(quick):
         assert tp_row.search_seconds > 0
         assert rows[(0.3, method, 1)].widths == tp_row.widths
     assert {w.query_heads for w in rows[(0.3, "Torch-Pruning taylor, FFN only", 0)].widths} == {8}
+    hidden = rows[(0.3, "Torch-Pruning magnitude, hidden size too", 0)]
+    assert hidden.params <= ours.params
+    assert rows[(0.3, SCRATCH, 1)].params == ours.params  # ours' architecture, trained from random weights
+    assert rows[(0.3, SCRATCH, 1)].widths == ours.widths
     for row in run.rows:
         assert len(row.widths) == QUICK.model.layers
         assert 1 < row.test_ppl < 259
@@ -223,7 +232,7 @@ def test_quick_report_renders_the_table_the_goals_and_what_was_pruned(quick):
     assert text.startswith(BEGIN)
     assert text.rstrip().endswith(END)
     assert render_markdown(results) in text
-    assert f"Command: `python -m benchmarks.lm --quick --threads 1 --out {quick}`" in text
+    assert f"Command: `python -m benchmarks.lm --quick --threads 1 --scratch --tp-hidden --out {quick}`" in text
     header = (
         "| target | method | epochs after prune (of 2 steps) | parameters | widths per layer (q heads/kv heads/FFN) |"
     )
@@ -259,9 +268,9 @@ def test_goals_say_met_or_missed_from_the_numbers(quick):
     with_loss(OURS_RECOVERED, 1, base + 0.03)  # 3 % above unpruned
     lines = goals(results)
     assert "**met**" in lines[0]
-    assert "**met** (+3.0 %)" in lines[1]
+    assert "**met** (+3.0 %; against the unpruned model trained as many steps, E + R epochs: " in lines[1]
     with_loss(OURS, 0, base + 0.04)
     with_loss(OURS_RECOVERED, 1, base + 0.1)  # 10.5 % above
     lines = goals(results)
     assert "**missed**" in lines[0]
-    assert "**missed by 5.5 points** (+10.5 %)" in lines[1]
+    assert "**missed by 5.5 points** (+10.5 %;" in lines[1]

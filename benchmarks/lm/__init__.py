@@ -1,6 +1,6 @@
 """Language-model benchmark: a small Llama trained on the Python standard library's bytes, pruned by each method.
 
-Run from the repository root (CPU only; 15 minutes on 2 idle cores at the defaults, about an hour on busy ones)::
+Run from the repository root (CPU only; at the defaults about 5 minutes a seed on 2 idle cores, 20+ on busy ones)::
 
     nice -n 10 python -m benchmarks.lm                     # one seed, -30 % and -50 %
     python -m benchmarks.lm --seeds 0 1 2                  # the published table: mean ± spread over 3 seeds
