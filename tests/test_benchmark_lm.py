@@ -5,7 +5,9 @@ import dataclasses
 import doctest
 import importlib.util
 import json
+import logging
 import shlex
+import warnings
 
 import pytest
 import torch
@@ -156,11 +158,16 @@ def test_torch_pruning_recipe_equals_zeroing_the_removed_heads_and_neurons(impor
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("lm") / "results.json"
-    torch_threads = torch.get_num_threads()
+    # the command line quiets Lightning's loggers and sets the thread count: give the other tests theirs back
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels, threads = [logger.level for logger in loggers], torch.get_num_threads()
     try:
-        main(["--quick", "--threads", "1", "--scratch", "--tp-hidden", "--out", str(out)])
+        with warnings.catch_warnings():
+            main(["--quick", "--threads", "1", "--scratch", "--tp-hidden", "--out", str(out)])
     finally:
-        torch.set_num_threads(torch_threads)
+        torch.set_num_threads(threads)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
     return out
 
 

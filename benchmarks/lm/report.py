@@ -122,7 +122,7 @@ def _table(results: LMResults) -> str:
             "method",
             f"epochs after prune (of {config.steps_per_epoch} steps)",
             "parameters",
-            "widths per layer (q heads/kv heads/FFN)",
+            "widths per layer (q heads/kv heads/FFN)" + (f", seed {config.seeds[0]}" if len(config.seeds) > 1 else ""),
             "test ppl",
             "Δ ppl",
         ],
