@@ -1,0 +1,281 @@
+"""The Markdown report: the perplexity table, the goals, what ours pruned, and the cost of each step."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+from benchmarks.common import markdown_table, mean_spread
+
+from .model import LayerWidths
+from .results import OURS, OURS_RECOVERED, UNPRUNED, UNPRUNED_LONGER, LMResults, Row, SeedRun
+
+BEGIN, END = "<!-- lm:begin -->", "<!-- lm:end -->"
+GOAL_REDUCTION = 0.3
+GOAL_SHARE = 0.5
+"""Goal 1: ours' one-shot perplexity increase at -30 % is at most half of the best Torch-Pruning setting's."""
+GOAL_RECOVERED = 0.05
+"""Goal 2: after one recovery epoch, ours' perplexity is within 5 % of the unpruned model's."""
+
+
+def _key(row: Row) -> tuple[float, str, int]:
+    return row.reduction, row.method, row.epochs_after_prune
+
+
+def _groups(results: LMResults) -> dict[tuple[float, str, int], list[Row]]:
+    groups: dict[tuple[float, str, int], list[Row]] = defaultdict(list)
+    for row in results.rows():
+        groups[_key(row)].append(row)
+    return dict(groups)
+
+
+def _unpruned(results: LMResults, method: str = UNPRUNED) -> dict[int, float]:
+    return {run.seed: next(r.test_ppl for r in run.rows if r.method == method) for run in results.seeds}
+
+
+def _mean(values: Sequence[float]) -> float:
+    return statistics.fmean(values) if values else math.nan
+
+
+def compact_widths(widths: Sequence[LayerWidths]) -> str:
+    """Per decoder layer ``query heads/kv heads/FFN neurons``, runs of equal layers written once: ``8/2/512 ×4``."""
+    runs: list[tuple[str, int]] = []
+    for layer in widths:
+        text = f"{layer.query_heads}/{layer.kv_heads}/{layer.ffn}"
+        if runs and runs[-1][0] == text:
+            runs[-1] = (text, runs[-1][1] + 1)
+        else:
+            runs.append((text, 1))
+    return ", ".join(text if count == 1 else f"{text} ×{count}" for text, count in runs)
+
+
+def _increase(rows: Sequence[Row], unpruned: dict[int, float]) -> list[float]:
+    return [row.test_ppl - unpruned[row.seed] for row in rows]
+
+
+def goals(results: LMResults) -> list[str]:
+    """Each goal, met or missed, with its numbers (means over seeds), one line each."""
+    groups, unpruned = _groups(results), _unpruned(results)
+    lines = []
+    ours_one_shot = groups.get((GOAL_REDUCTION, OURS, 0))
+    tp_one_shot = {
+        method: rows
+        for (reduction, method, epochs), rows in groups.items()
+        if reduction == GOAL_REDUCTION and method.startswith("Torch-Pruning") and epochs == 0
+    }
+    if ours_one_shot and tp_one_shot:
+        ours_increase = _mean(_increase(ours_one_shot, unpruned))
+        best_method, best_rows = min(tp_one_shot.items(), key=lambda item: _mean(_increase(item[1], unpruned)))
+        best_increase = _mean(_increase(best_rows, unpruned))
+        met = ours_increase <= GOAL_SHARE * best_increase
+        share = ours_increase / best_increase if best_increase > 0 else math.inf
+        lines.append(
+            f"- Goal 1, one-shot at -{GOAL_REDUCTION:.0%}: ours' perplexity increase at most {GOAL_SHARE:.0%} of the"
+            f" best Torch-Pruning setting's: **{'met' if met else 'missed'}** (ours {ours_increase:+.3f}, best"
+            f" Torch-Pruning ({best_method}) {best_increase:+.3f}: {share:.0%} of it)."
+        )
+    else:
+        lines.append(f"- Goal 1 not measured: no one-shot rows of ours and Torch-Pruning at -{GOAL_REDUCTION:.0%}.")
+    for reduction in results.config.reductions:
+        recovered = groups.get((reduction, OURS_RECOVERED, results.config.recovery_epochs))
+        if not recovered:
+            continue
+        ratios = [row.test_ppl / unpruned[row.seed] - 1 for row in recovered]
+        gap = _mean(ratios)
+        verdict = "met" if gap <= GOAL_RECOVERED else f"missed by {100 * (gap - GOAL_RECOVERED):.1f} points"
+        longer = _unpruned(results, UNPRUNED_LONGER)
+        same_steps = _mean([row.test_ppl / longer[row.seed] - 1 for row in recovered])
+        lines.append(
+            f"- Goal 2 at -{reduction:.0%}, after {results.config.recovery_epochs} recovery epoch: within"
+            f" {GOAL_RECOVERED:.0%} of the unpruned perplexity: **{verdict}** ({100 * gap:+.1f} %; against the"
+            f" unpruned model trained as many steps, E + R epochs: {100 * same_steps:+.1f} %)."
+        )
+    return lines
+
+
+def _table(results: LMResults) -> str:
+    unpruned, config = _unpruned(results), results.config
+    params0 = results.parameters.total
+    lines = []
+    for (reduction, method, epochs), rows in _groups(results).items():
+        target = "—" if reduction == 0 else f"-{reduction:.0%}"
+        if method == UNPRUNED_LONGER:
+            method = f"{UNPRUNED_LONGER} {epochs} more epoch{'s' if epochs > 1 else ''}"
+        params = round(_mean([row.params for row in rows]))
+        ratios = [row.ratio for row in rows if row.ratio is not None]
+        lines.append(
+            [
+                target,
+                method + (f" (ratio {_mean(ratios):.3f})" if ratios else ""),
+                "—" if method.startswith(UNPRUNED) else epochs,
+                f"{params:,} ({1 - params / params0:.1%} off)",
+                compact_widths(rows[0].widths),
+                mean_spread([row.test_ppl for row in rows], 3),
+                "—" if method == UNPRUNED else mean_spread(_increase(rows, unpruned), 3),
+            ]
+        )
+    return markdown_table(
+        [
+            "target",
+            "method",
+            f"epochs after prune (of {config.steps_per_epoch} steps)",
+            "parameters",
+            "widths per layer (q heads/kv heads/FFN)" + (f", seed {config.seeds[0]}" if len(config.seeds) > 1 else ""),
+            "test ppl",
+            "Δ ppl",
+        ],
+        lines,
+        "llrrlrr",
+    )
+
+
+def _what_ours_pruned(results: LMResults) -> list[str]:
+    lines = []
+    run = results.seeds[0]
+    for plan in run.plans:
+        kinds: dict[str, int] = defaultdict(int)
+        for layer in plan.layers:
+            kinds[layer.kind] += 1
+        per_layer: dict[int | None, dict[str, str]] = defaultdict(dict)
+        for layer in plan.layers:
+            per_layer[layer.decoder_layer][layer.kind] = f"{layer.neurons} → {layer.kept}"
+        cells = [
+            [
+                "—" if index is None else index,
+                parts.get("ffn", "not a prunable layer"),
+                parts.get("heads", "not a prunable layer"),
+                parts.get("other", ""),
+            ]
+            for index, parts in sorted(per_layer.items(), key=lambda item: -1 if item[0] is None else item[0])
+        ]
+        found = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items())) or "none"
+        lines += [
+            "",
+            f"At -{plan.reduction:.0%} (seed {plan.seed}): {plan.statistic}, λ = {plan.threshold:.4g}; prunable layers"
+            f" found: {found}; validation loss {plan.val_loss_before:.4f} → {plan.val_loss_after:.4f}.",
+            "",
+            markdown_table(["decoder layer", "FFN neurons", "attention heads", "other"], cells, "rlll"),
+        ]
+        if plan.messages:
+            lines += ["", "What the callback said it skipped:", ""]
+            lines += [f"- {message.removeprefix('lightning_actprune: ')[:300]}" for message in plan.messages]
+    return lines
+
+
+def _cost(results: LMResults) -> str:
+    """Seconds of each step and their ratio to one validation pass, mean over seeds."""
+    cells: list[list[object]] = []
+
+    def add(label: str, seconds: Callable[[SeedRun], float | None]) -> None:
+        pairs = [(s, run.validation_pass) for run in results.seeds if (s := seconds(run)) is not None]
+        if pairs:
+            cells.append([label, f"{_mean([s for s, _ in pairs]):.2f}", f"{_mean([s / v for s, v in pairs]):.2f}"])
+
+    def row(run: SeedRun, reduction: float, method: str, epochs: int) -> Row | None:
+        return next((r for r in run.rows if _key(r) == (reduction, method, epochs)), None)
+
+    steps, recovery = results.config.steps_per_epoch, results.config.recovery_epochs
+    add("one validation pass (`trainer.validate`, the unit)", lambda run: run.validation_pass)
+    add("one test pass (plain no-grad loop)", lambda run: run.test_seconds)
+    add(f"one training epoch of the unpruned model ({steps} steps)", lambda run: run.train_epoch_seconds)
+    add("ours: analysis (`find_prunable_layers`, at the start of `fit`)", lambda run: run.analysis_seconds)
+    methods = sorted({r.method for r in results.rows() if r.method.startswith("Torch-Pruning")})
+    for reduction in results.config.reductions:
+        pct = f"-{reduction:.0%}"
+
+        def field(
+            method: str, epochs: int, name: str, reduction: float = reduction
+        ) -> Callable[[SeedRun], float | None]:
+            def get(run: SeedRun) -> float | None:
+                found = row(run, reduction, method, epochs)
+                if found is None:
+                    return None
+                value = getattr(found, name)
+                if isinstance(value, list):
+                    return _mean(value) if value else None
+                return value
+
+            return get
+
+        add(f"{pct} ours: the prune at the end of `fit` (`on_fit_end`)", field(OURS, 0, "prune_seconds"))
+        add(
+            f"{pct} ours: the prune inside `fit` (`on_train_epoch_end`)",
+            field(OURS_RECOVERED, recovery, "prune_seconds"),
+        )
+        add(f"{pct} ours: one recovery epoch", field(OURS_RECOVERED, recovery, "train_epoch_seconds"))
+        for method in methods:
+            add(f"{pct} {method}: ratio search (bisection)", field(method, 0, "search_seconds"))
+            add(f"{pct} {method}: one prune", field(method, 0, "prune_seconds"))
+            add(f"{pct} {method}: one fine-tuning epoch", field(method, recovery, "train_epoch_seconds"))
+    return markdown_table(["step", "seconds", "/ validation pass"], cells, "lrr")
+
+
+def render_markdown(results: LMResults) -> str:
+    """The report: how it was run, the table, the goals, what ours pruned, the cost of each step."""
+    config, corpus, params = results.config, results.corpus, results.parameters
+    model = config.model
+    seeds = ", ".join(str(s) for s in config.seeds)
+    unpruned_val = [run.unpruned_val_loss for run in results.seeds]
+    parts = [
+        "### Language model: a small Llama on the standard library's bytes (generated)",
+        "",
+        f"Command: `{results.command}` ({results.total_seconds / 60:.1f} min). Machine: {results.machine.describe()}.",
+        "",
+        f"Data: {len(corpus.files)} files of the Python standard library (`{corpus.root}`, every non-empty `*.py`"
+        f" outside {', '.join(f'`{d}`' for d in corpus.excluded_directories)}), as bytes, split by a hash of each"
+        f" file's path: "
+        + ", ".join(
+            f"{split} {corpus.bytes[split]:,} bytes ({corpus.chunks[split]:,} chunks)" for split in corpus.bytes
+        )
+        + f"; chunks of {config.corpus.context} bytes; validation and test perplexity per byte over every byte of"
+        " their files.",
+        "",
+        f"Model: `LlamaForCausalLM` from `LlamaConfig`, {model.layers} layers, width {model.hidden_size},"
+        f" {model.heads} query heads over {model.kv_heads} key/value heads of {model.head_dim}, SwiGLU FFN of"
+        f" {model.intermediate_size}, RMSNorm, rotary; {params.total:,} parameters, embeddings and LM head included"
+        f" ({'tied' if params.tied else 'untied'}: embedding {params.embedding:,}, LM head {params.lm_head:,},"
+        f" attention {params.attention:,}, FFN {params.ffn:,}, norms {params.norms:,}); every reduction is of that"
+        f" total. AdamW (lr {model.lr}, betas 0.9/0.95, weight decay {model.weight_decay}, constant rate), batches of"
+        f" {config.batch_size} chunks; an epoch is {config.steps_per_epoch} steps (`limit_train_batches`). Trained"
+        f" E = {config.epochs} epochs before pruning (validation loss {mean_spread(unpruned_val, 4)}, perplexity"
+        f" {mean_spread([math.exp(v) for v in unpruned_val], 3)}); R = {config.recovery_epochs} epoch after it."
+        f" Seeds: {seeds} (mean ± standard deviation over seeds where there are several).",
+        "",
+        "Methods, each from the same trained weights: **ours, one-shot** is"
+        " `ActivationPruning(target_params_reduction=r)` at the end of `fit` (every other argument at its default);"
+        " **ours + recovery** adds `recovery_epochs=1`"
+        " (prunes after epoch E, then trains the smaller model with the same AdamW, its state sliced);"
+        " **Torch-Pruning** is its LLM recipe (`examples/LLMs/prune_llm.py`): `MetaPruner` with `num_heads` of"
+        " q/k/v, `prune_num_heads=True`, `prune_head_dims=False`, `head_pruning_ratio = pruning_ratio`, local"
+        " ranking, `round_to=4`, the LM head ignored and, unlike its script, the embedding too, so that the hidden"
+        " size stays and heads and FFN are what it prunes (with grouped-query attention it removes query heads evenly"
+        " per key/value head and keeps every key/value head; with 4 query heads per key/value head, torch-pruning"
+        " 1.6.1 removes no head at all above a ratio of 0.5, so its parameter count is not monotone in the ratio);"
+        " *FFN only* is the same with q, k and v ignored (what ours prunes of a Llama today)"
+        + (
+            ", *hidden size too* the recipe as its script runs it (only the LM head ignored)"
+            if "hidden" in config.tp_scopes
+            else ""
+        )
+        + "; magnitude (`GroupMagnitudeImportance(p=2,"
+        ' group_reduction="mean")`) or Taylor (`GroupTaylorImportance`, gradients of'
+        f" {config.taylor_batches} training batches) importance; its ratio is bisected"
+        f" ({config.bisection_steps} halvings) to a parameter count at most ours' and, in the last interval, the"
+        " closest to it; *epochs after prune* 1 is fine-tuning with a fresh AdamW on the very batches of ours'"
+        " recovery epoch. Δ ppl is against the unpruned model after E epochs; *unpruned, trained on* is the same"
+        " model after E + R epochs, for the recovery rows' total training.",
+        "",
+        _table(results),
+        "",
+        *goals(results),
+        "",
+        "What ours pruned (read from `callback.result.plan`):",
+        *_what_ours_pruned(results),
+        "",
+        "Wall-clock of each step (mean over seeds), and as a ratio to one validation pass measured in the same run:",
+        "",
+        _cost(results),
+    ]
+    return "\n".join(parts)

@@ -1,0 +1,212 @@
+"""Typed records of one language-model benchmark run and their JSON form (``--out``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+
+from benchmarks.common import JsonRecord, Machine
+
+from .data import CorpusConfig, SourceFile
+from .model import LayerWidths, ModelConfig
+
+UNPRUNED = "unpruned"
+UNPRUNED_LONGER = "unpruned, trained on"
+OURS = "ours, one-shot"
+OURS_RECOVERED = "ours + recovery"
+SCRATCH = "from scratch, ours' widths"
+
+
+TP_SCOPE_LABELS = {"recipe": "", "ffn": ", FFN only", "hidden": ", hidden size too"}
+
+
+def tp_method(importance: str, scope: str = "recipe") -> str:
+    """The row label of one Torch-Pruning setting (``scope``: see :data:`~.methods.TP_SCOPES`)."""
+    return f"Torch-Pruning {importance}{TP_SCOPE_LABELS[scope]}"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """What the run measures; the defaults are the published run."""
+
+    corpus: CorpusConfig = dataclasses.field(default_factory=CorpusConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    epochs: int = 8
+    """``E``: epochs before pruning."""
+    steps_per_epoch: int = 80
+    """``S``: training batches per epoch (``limit_train_batches``)."""
+    recovery_epochs: int = 1
+    """``R``: epochs of training after the prune (ours' recovery, Torch-Pruning's fine-tuning)."""
+    batch_size: int = 16
+    eval_batch_size: int = 32
+    reductions: tuple[float, ...] = (0.3, 0.5)
+    seeds: tuple[int, ...] = (0,)
+    taylor_batches: int = 4
+    """Training batches whose gradients Torch-Pruning's Taylor importance reads."""
+    bisection_steps: int = 14
+    """Halvings of Torch-Pruning's ``pruning_ratio`` interval when matching ours' parameter count."""
+    scratch: bool = False
+    tp_scopes: tuple[str, ...] = ("recipe", "ffn")
+    """What Torch-Pruning may prune, one setting each (``hidden``: the recipe as its script runs it)."""
+
+    def __post_init__(self) -> None:
+        if self.epochs < 2:
+            raise ValueError(f"`epochs` must be at least 2 (the base is resumed after epochs - 1); got {self.epochs}.")
+        for name in ("steps_per_epoch", "recovery_epochs", "batch_size", "eval_batch_size", "taylor_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be a positive integer; got {getattr(self, name)!r}.")
+        if not self.reductions or not all(0 < r < 1 for r in self.reductions):
+            raise ValueError(f"every reduction must be in (0, 1); got {self.reductions!r}.")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"`seeds` must be distinct integers, at least one; got {self.seeds!r}.")
+        if not self.tp_scopes or set(self.tp_scopes) - set(TP_SCOPE_LABELS):
+            raise ValueError(f"`tp_scopes` can hold {', '.join(TP_SCOPE_LABELS)}; got {self.tp_scopes!r}.")
+        if self.corpus.context != self.model.context:
+            raise ValueError(
+                f"the corpus's context ({self.corpus.context}) must be the model's ({self.model.context})."
+            )
+
+    def base_key(self, seed: int) -> str:
+        """A short hash of what the base checkpoint of ``seed`` depends on, for its file name."""
+        fields = {
+            "corpus": dataclasses.asdict(self.corpus),
+            "model": dataclasses.asdict(self.model),
+            "epochs": self.epochs,
+            "steps_per_epoch": self.steps_per_epoch,
+            "batch_size": self.batch_size,
+            "seed": seed,
+        }
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclasses.dataclass
+class Row:
+    """One model: a method at one reduction (0 for the unpruned rows), after ``epochs_after_prune`` epochs."""
+
+    seed: int
+    reduction: float
+    method: str
+    epochs_after_prune: int
+    params: int
+    test_loss: float
+    widths: list[LayerWidths]
+    prune_seconds: float | None = None
+    """The prune itself: the callback's hook, or one Torch-Pruning prune at the ratio found."""
+    search_seconds: float | None = None
+    """Torch-Pruning only: the bisection of its ratio (every trial prune), Taylor's gradients included."""
+    train_epoch_seconds: list[float] = dataclasses.field(default_factory=list)
+    """Seconds of each training epoch after the prune (training batches only)."""
+    ratio: float | None = None
+    """Torch-Pruning's ``pruning_ratio`` (= ``head_pruning_ratio``)."""
+
+    @property
+    def test_ppl(self) -> float:
+        """Test perplexity per byte."""
+        return math.exp(self.test_loss) if self.test_loss < 700 else math.inf
+
+
+@dataclasses.dataclass
+class PlanLayer:
+    """One layer of ours' plan: its name in the model, what its units are, how many it had and kept."""
+
+    name: str
+    kind: str
+    """``"heads"`` (``<attention>:heads``), ``"ffn"`` (an MLP's neurons) or ``"other"``."""
+    decoder_layer: int | None
+    neurons: int
+    kept: int
+
+    @classmethod
+    def of(cls, name: str, neurons: int, kept: int) -> PlanLayer:
+        """Classify a plan layer by its name."""
+        kind = "heads" if name.endswith(":heads") else "ffn" if ".mlp." in name else "other"
+        match = re.search(r"layers\.(\d+)\.", name)
+        return cls(name, kind, int(match.group(1)) if match else None, neurons, kept)
+
+
+@dataclasses.dataclass
+class OursPlan:
+    """What the callback did at one reduction: its plan's layers, its λ, and what it said."""
+
+    seed: int
+    reduction: float
+    threshold: float
+    statistic: str
+    layers: list[PlanLayer]
+    prunable_layers: list[str]
+    val_loss_before: float
+    val_loss_after: float
+    test_loss_right_after_prune_in_fit: float
+    """With recovery: the test loss at the end of the prune epoch, after the prune (the same plan as one-shot's)."""
+    messages: list[str]
+    """The package's warnings during the fit (layers it skipped, and why)."""
+
+
+@dataclasses.dataclass
+class SeedRun:
+    """Everything one seed measured."""
+
+    seed: int
+    base_seconds: float
+    base_cached: bool
+    unpruned_val_loss: float
+    validation_seconds: list[float]
+    """Seconds of one ``trainer.validate`` pass over the validation split, measured at the start and at the end."""
+    test_seconds: float
+    """Seconds of one plain no-grad pass over the test split."""
+    train_epoch_seconds: float
+    """Seconds of one unpruned training epoch (``S`` steps)."""
+    analysis_seconds: float
+    """Seconds of ``find_prunable_layers`` on the unpruned model: the analysis the callback runs at the start of fit."""
+    rows: list[Row]
+    plans: list[OursPlan]
+
+    @property
+    def validation_pass(self) -> float:
+        """The timing unit: the mean of the validation passes."""
+        return sum(self.validation_seconds) / len(self.validation_seconds)
+
+
+@dataclasses.dataclass
+class CorpusFacts:
+    """The files and what each split holds."""
+
+    root: str
+    excluded_directories: list[str]
+    files: list[SourceFile]
+    bytes: dict[str, int]
+    chunks: dict[str, int]
+    scored_tokens: dict[str, int]
+
+
+@dataclasses.dataclass
+class ParameterCount:
+    """The unpruned model's parameters by part (embeddings and LM head are in the total)."""
+
+    total: int
+    embedding: int
+    lm_head: int
+    attention: int
+    ffn: int
+    norms: int
+    tied: bool
+
+
+@dataclasses.dataclass
+class LMResults(JsonRecord):
+    """One run: its configuration, the corpus, every seed's measurements, and where and how it ran."""
+
+    config: RunConfig
+    corpus: CorpusFacts
+    parameters: ParameterCount
+    seeds: list[SeedRun]
+    machine: Machine
+    command: str
+    total_seconds: float
+
+    def rows(self) -> list[Row]:
+        """Every row of every seed."""
+        return [row for run in self.seeds for row in run.rows]
