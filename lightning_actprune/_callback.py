@@ -18,7 +18,6 @@ from lightning_actprune._checkpoint import (
     _legacy_state,
     _result_from_state,
     _result_state,
-    _save_pruned_checkpoint,
     _watch_loading,
 )
 from lightning_actprune._config import PruningSettings
@@ -26,8 +25,7 @@ from lightning_actprune._distillation import Teaching
 from lightning_actprune._distributed import rewrap_after_pruning
 from lightning_actprune._fit_checks import check_fit
 from lightning_actprune._fit_validations import FitValidations
-from lightning_actprune._huggingface import sync_pretrained_configs
-from lightning_actprune._loggers import report
+from lightning_actprune._loggers import keep_configs_in_step, publish
 from lightning_actprune._module_plan import _record_pruning
 from lightning_actprune._pipeline import PruningPipeline, run_guarded
 from lightning_actprune._trainer import has_compiled_modules, trainer_state_kept, validate
@@ -247,7 +245,7 @@ class ActivationPruning(PruningSettings, Callback):
         result = self._prune(trainer, pl_module, in_fit=False)
         if result is not None and result.pruned:
             _record_pruning(pl_module, result.plan)  # the module remembers its plan: every checkpoint carries it
-            self._sync_pretrained_configs(pl_module)
+            keep_configs_in_step(pl_module, self.uniform_widths)
         self._finish(trainer, pl_module, result)
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, in_fit: bool) -> PruningResult | None:
@@ -267,7 +265,7 @@ class ActivationPruning(PruningSettings, Callback):
         if not result.pruned:
             return
         _record_pruning(pl_module, result.plan)  # every checkpoint from now on carries the plan
-        self._sync_pretrained_configs(pl_module)
+        keep_configs_in_step(pl_module, self.uniform_widths)
         self._teaching.start(pl_module)
         rewrap_after_pruning(trainer, pl_module)  # DDP: the wrapper must reduce the new parameters' gradients
         for callback in trainer.early_stopping_callbacks:  # a new, smaller model: its patience starts afresh
@@ -281,17 +279,6 @@ class ActivationPruning(PruningSettings, Callback):
             when = "at the start of fit; the whole fit trains"
         rank_zero_info(f"ActivationPruning: pruned {when} the smaller model.")
 
-    def _sync_pretrained_configs(self, pl_module: pl.LightningModule) -> None:
-        """Hugging Face models: their configs state the pruned widths, or a message says what cannot be stated."""
-        try:
-            unstated = sync_pretrained_configs(pl_module)
-        except Exception as error:  # the model is pruned: a config left behind is a warning, never an undone pruning
-            rank_zero_warn(f"ActivationPruning: the model is pruned, but its config was not updated: {error!r}")
-            return
-        say = rank_zero_warn if self.uniform_widths else rank_zero_info  # expected when widths are free
-        for message in unstated:
-            say(f"ActivationPruning: {message}")
-
     def _report_recovered(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """At the end of a ``fit`` that pruned inside: the metrics after the recovery epochs, then the report."""
         self._teaching.stop()
@@ -303,30 +290,9 @@ class ActivationPruning(PruningSettings, Callback):
         self._finish(trainer, pl_module, result)
 
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, result: PruningResult | None) -> None:
-        """Report and save; the model is pruned and validated, so a failure here is a warning, never an undo."""
-        if result is None:
-            return
-        self.result = result
-        try:
-            report(trainer, result, self.monitor)
-        except Exception as error:
-            if not result.pruned:
-                raise
-            rank_zero_warn(
-                f"ActivationPruning: the model is pruned, but reporting failed: {type(error).__name__}: {error}"
-            )
-        filename = self.pruned_checkpoint
-        if not result.pruned or filename is None:
-            return
-        try:
-            self.pruned_checkpoint_path = _save_pruned_checkpoint(trainer, pl_module, filename)
-        except Exception as error:
-            rank_zero_warn(
-                f"ActivationPruning: the model is pruned, but saving `pruned_checkpoint={filename!r}` failed:"
-                f" {type(error).__name__}: {error}"
-            )
-        else:
-            rank_zero_info(f"ActivationPruning: saved the pruned model to {self.pruned_checkpoint_path}")
+        if result is not None:
+            self.result = result
+            self.pruned_checkpoint_path = publish(trainer, pl_module, result, self) or self.pruned_checkpoint_path
 
     @property
     def _pruned_in_fit(self) -> bool:

@@ -6,8 +6,12 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
 
+from lightning_actprune._checkpoint import _save_pruned_checkpoint
+from lightning_actprune._config import PruningSettings
+from lightning_actprune._huggingface import sync_pretrained_configs
 from lightning_actprune._report import (
     PruningResult,
     format_sweep_table,
@@ -16,6 +20,34 @@ from lightning_actprune._report import (
     sweep_records,
     write_sweep_files,
 )
+
+
+def publish(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, result: PruningResult, settings: PruningSettings
+) -> str | None:
+    """Report a result and save the pruned model (``pruned_checkpoint``); the path written, or None.
+
+    The model is pruned and validated already: a failure here is a warning, never an undone pruning.
+    """
+    try:
+        report(trainer, result, settings.monitor)
+    except Exception as error:
+        if not result.pruned:
+            raise
+        rank_zero_warn(f"ActivationPruning: the model is pruned, but reporting failed: {type(error).__name__}: {error}")
+    filename = settings.pruned_checkpoint
+    if not result.pruned or filename is None:
+        return None
+    try:
+        path = _save_pruned_checkpoint(trainer, pl_module, filename)
+    except Exception as error:
+        rank_zero_warn(
+            f"ActivationPruning: the model is pruned, but saving `pruned_checkpoint={filename!r}` failed:"
+            f" {type(error).__name__}: {error}"
+        )
+        return None
+    rank_zero_info(f"ActivationPruning: saved the pruned model to {path}")
+    return path
 
 
 def report(trainer: pl.Trainer, result: PruningResult, monitor: str | None) -> None:
@@ -66,3 +98,19 @@ def __send_sweep_to_wandb(logger: WandbLogger, result: PruningResult, paths: lis
     if images:
         caption = f"applied λ={result.plan.threshold:.4g} ({result.plan.statistic})"
         logger.log_image("actprune/sweep_plot", images=images, step=step, caption=[caption])
+
+
+def keep_configs_in_step(model: nn.Module, uniform_widths: bool) -> None:
+    """After a prune, Hugging Face configs state the pruned widths (:func:`sync_pretrained_configs`).
+
+    What a config cannot state is said (a warning when the widths were meant to be uniform, an info line otherwise);
+    a failure is a warning, never an undone pruning.
+    """
+    try:
+        unstated = sync_pretrained_configs(model)
+    except Exception as error:
+        rank_zero_warn(f"ActivationPruning: the model is pruned, but its config was not updated: {error!r}")
+        return
+    say = rank_zero_warn if uniform_widths else rank_zero_info  # expected when widths are free
+    for message in unstated:
+        say(f"ActivationPruning: {message}")
