@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.fashion_mnist.measure import machine_info
+from benchmarks.common import machine_info
 
 from .report import render_markdown, write_section
 from .results import ERROR, ModelResult, SweepResults
@@ -84,7 +84,7 @@ def run(names: Sequence[str] | None, timeout: float, log: Path | None = None) ->
         threads=1,
         torch=torch.__version__,
         torchvision=importlib.metadata.version("torchvision"),
-        torch_pruning=machine.torch_pruning,
+        torch_pruning=machine.versions["torch-pruning"],
         total_seconds=time.perf_counter() - start,
     )
 
