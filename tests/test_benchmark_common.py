@@ -1,11 +1,17 @@
-"""benchmarks.common: the records' JSON (flat, nested, older shapes) and its helpers' examples."""
+"""benchmarks.common: the records' JSON (flat, nested, older shapes), and the rule that benchmarks import only it."""
 
+import ast
 import dataclasses
 import doctest
 import json
+from pathlib import Path
+
+import pytest
 
 from benchmarks import common
 from benchmarks.common import FlatJsonRecord, JsonRecord, Machine, from_plain, machine_info
+
+BENCHMARKS = Path(common.__file__).resolve().parents[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,3 +77,36 @@ def test_a_plain_record_round_trips():
 
     rows = Rows(machine_info(), [0.1, 1 / 3])
     assert Rows.from_json(rows.to_json()) == rows
+
+
+def _imports(path: Path) -> list[tuple[str, list[str]]]:
+    """``(module, names)`` of every import in ``path``, relative imports resolved."""
+    package = path.relative_to(BENCHMARKS.parent).with_suffix("").parts[:-1]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(package[: len(package) - node.level + 1]) if node.level else ""
+            module = ".".join(part for part in (base, node.module or "") if part)
+            found.append((module, [alias.name for alias in node.names]))
+    return found
+
+
+def _own_package(path: Path) -> str:
+    """``benchmarks.<name>`` of a benchmark's module (a subpackage, or a module of its own)."""
+    return ".".join(path.relative_to(BENCHMARKS.parent).with_suffix("").parts[:2])
+
+
+@pytest.mark.parametrize(
+    "path", sorted(BENCHMARKS.rglob("*.py")), ids=lambda path: str(path.relative_to(BENCHMARKS.parent))
+)
+def test_a_benchmark_imports_no_other_benchmark_and_no_private_name_of_another_package(path):
+    own = _own_package(path)
+    for module, names in _imports(path):
+        inside = module == own or module.startswith(own + ".")
+        if module.startswith("benchmarks.") and not inside:
+            assert module.split(".")[1] == "common", f"{path.name} imports {module}"
+        if not inside:
+            private = [name for name in names if name.startswith("_") and name != "__future__"]
+            assert not private, f"{path.name} imports {private} from {module}"
