@@ -43,6 +43,8 @@ class Machine:
 
 
 def _version(distribution: str) -> str | None:
+    if distribution == "torch":
+        return torch.__version__  # the build's own version keeps its local tag (``+cu130``); the metadata's may not
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
