@@ -19,7 +19,6 @@ import copy
 import dataclasses
 import json
 import math
-import statistics
 import sysconfig
 import tempfile
 import time
@@ -31,9 +30,15 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from benchmarks.fashion_mnist.measure import machine_info
-from benchmarks.fashion_mnist.report import write_markdown
-from benchmarks.fashion_mnist.run import DEFAULT_CACHE, DEFAULT_MARKDOWN, command_line, last_results
+from benchmarks.common import (
+    DEFAULT_CACHE,
+    DEFAULT_MARKDOWN,
+    command_line,
+    last_results,
+    machine_info,
+    mean_spread,
+    write_section,
+)
 from lightning_actprune import save_pretrained
 from lightning_actprune._huggingface import uniform_ties
 from lightning_actprune.core import (
@@ -182,13 +187,6 @@ def measure(
     return {"trained": trained, "rows": rows, "bytes": sizes, "steps": steps, "seeds": list(seeds)}
 
 
-def _spread(values: Sequence[float], digits: int = 3) -> str:
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
 def render(results: dict, command: str, minutes: float, machine: str) -> str:
     trained, rows = results["trained"], results["rows"]
     full = trained[0]["parameters"]
@@ -199,8 +197,8 @@ def render(results: dict, command: str, minutes: float, machine: str) -> str:
         f" {results['steps']} steps of 32 × {SEQUENCE} bytes (AdamW, one-cycle lr 3e-3) on the standard library's"
         f" `.py` files ({results['bytes']['train']:,} bytes; {results['bytes']['validation']:,} validation bytes for"
         f" the statistics, {results['bytes']['test']:,} test bytes, other files); seeds {results['seeds']}."
-        f" Unpruned: {_spread([t['bits_per_byte'] for t in trained])} bits/byte on the test bytes. Each row prunes"
-        " the same trained models one-shot to the target (normalised fluctuation, the default of"
+        f" Unpruned: {mean_spread([t['bits_per_byte'] for t in trained], 3)} bits/byte on the test bytes. Each row"
+        " prunes the same trained models one-shot to the target (normalised fluctuation, the default of"
         " `target_params_reduction`); mean ± standard deviation over the seeds.",
         "",
         "| target | bits/byte, uniform | bits/byte, free | uniform − free (paired) | per seed"
@@ -212,14 +210,14 @@ def render(results: dict, command: str, minutes: float, machine: str) -> str:
     for target in sorted({row["target"] for row in rows}):
         of = {u: [r for r in rows if r["target"] == target and r["uniform"] is u] for u in (True, False)}
         paired = [u["bits_per_byte"] - f["bits_per_byte"] for u, f in zip(of[True], of[False], strict=True)]
-        reached = " / ".join(_spread([r["reduction"] * 100 for r in of[u]], 1) + "%" for u in of)
+        reached = " / ".join(mean_spread([r["reduction"] * 100 for r in of[u]], 1) + "%" for u in of)
         loaded = " / ".join(
-            _spread([r["stock_parameters"] / full * 100 for r in of[u]], 1) + "%" for u in (True, False)
+            mean_spread([r["stock_parameters"] / full * 100 for r in of[u]], 1) + "%" for u in (True, False)
         )
         widths = " / ".join(str(of[u][0]["widths"]) for u in (True, False))
         lines.append(
-            f"| −{target:.0%} | {_spread([r['bits_per_byte'] for r in of[True]])}"
-            f" | {_spread([r['bits_per_byte'] for r in of[False]])} | {_spread(paired)}"
+            f"| −{target:.0%} | {mean_spread([r['bits_per_byte'] for r in of[True]], 3)}"
+            f" | {mean_spread([r['bits_per_byte'] for r in of[False]], 3)} | {mean_spread(paired, 3)}"
             f" | {', '.join(f'{d:+.3f}' for d in paired)} | {reached} | {loaded}"
             f" | {widths} |"
         )
@@ -244,11 +242,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         start = time.perf_counter()
         results = measure(args.seeds, args.steps, args.targets, args.train_bytes)
-        info = machine_info()
-        machine = (
-            f"{info.cpu}, {info.usable_cores} usable cores, {info.torch_threads} torch thread(s), torch {info.torch},"
-            f" transformers {__import__('transformers').__version__}"
-        )
+        machine = machine_info().describe()
         saved = {
             "results": results,
             "command": command_line("benchmarks.uniform_widths", argv),
@@ -258,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.cache_dir.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(saved, indent=1))
     report = render(saved["results"], saved["command"], saved["minutes"], saved["machine"])
-    write_markdown(args.markdown, report, BEGIN, END)
+    write_section(args.markdown, report, BEGIN, END)
     print(report)
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+from benchmarks.common import SplitDataModule, machine_info, quiet_trainer, write_section
 from benchmarks.fashion_cnn.methods import (
     EpochTimer,
     fine_tuned,
@@ -30,12 +31,8 @@ from benchmarks.fashion_cnn.results import (
     CNNTrainingFacts,
 )
 from benchmarks.fashion_cnn.run import run_benchmark
-from benchmarks.fashion_mnist.data import SplitDataModule
-from benchmarks.fashion_mnist.measure import machine_info
-from benchmarks.fashion_mnist.models import quiet_trainer
 from benchmarks.fashion_mnist.report import BEGIN as MLP_BEGIN
 from benchmarks.fashion_mnist.report import END as MLP_END
-from benchmarks.fashion_mnist.report import write_markdown
 from lightning_actprune.core import count_parameters
 
 WIDTHS = (4, 8)
@@ -184,7 +181,7 @@ def test_rows_at_every_target_and_the_report(trained, tmp_path):
     assert again == results
     markdown = tmp_path / "BENCHMARKS.md"
     markdown.write_text(f"intro\n\n{MLP_BEGIN}\nMLP TABLES\n{MLP_END}\n\nreading\n\n{BEGIN}\nSTALE\n{END}\n\nend\n")
-    write_markdown(markdown, render_markdown(again), BEGIN, END)
+    write_section(markdown, render_markdown(again), BEGIN, END)
     text = markdown.read_text()
     assert "MLP TABLES" in text
     assert "STALE" not in text

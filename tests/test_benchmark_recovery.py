@@ -7,9 +7,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from benchmarks.fashion_mnist.measure import machine_info
-from benchmarks.fashion_mnist.models import MLPClassifier, quiet_trainer
-from benchmarks.fashion_mnist.results import TrainConfig
+from benchmarks.common import MLPClassifier, TrainConfig, machine_info, quiet_trainer
 from benchmarks.recovery.protocol import EpochSeededDataModule
 from benchmarks.recovery.report import BEGIN, END, render_markdown, write_section
 from benchmarks.recovery.results import Base, RecoveryConfig, RecoveryResults, Row

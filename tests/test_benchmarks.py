@@ -10,21 +10,24 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from benchmarks.fashion_mnist.compare import compare_at_reduction, grid_at_reduction, summarize_grid
-from benchmarks.fashion_mnist.data import IDX_FILES, SplitDataModule, locate_fashion_mnist, read_idx
-from benchmarks.fashion_mnist.measure import (
+from benchmarks.common import (
     Evaluator,
+    MLPClassifier,
+    SplitDataModule,
+    TrainConfig,
     gather_statistics,
+    locate_fashion_mnist,
     machine_info,
-    measure_cost,
-    measure_latency,
-    nonzero_parameters,
-    state_dict_bytes,
+    ours_at_reduction,
+    pruned_copy,
+    quiet_trainer,
 )
-from benchmarks.fashion_mnist.methods import Variant, magnitude_kept, option_grid, ours_at_reduction, pruned_copy
-from benchmarks.fashion_mnist.models import MLPClassifier, quiet_trainer
+from benchmarks.common.data import IDX_FILES, read_idx
+from benchmarks.fashion_mnist.compare import compare_at_reduction, grid_at_reduction, summarize_grid
+from benchmarks.fashion_mnist.measure import measure_cost, measure_latency, nonzero_parameters, state_dict_bytes
+from benchmarks.fashion_mnist.methods import Variant, magnitude_kept, option_grid
 from benchmarks.fashion_mnist.report import plot, render_markdown, write_markdown
-from benchmarks.fashion_mnist.results import BenchmarkResults, GridRow, RunInfo, Settings, TrainConfig, TrainingFacts
+from benchmarks.fashion_mnist.results import BenchmarkResults, GridRow, RunInfo, Settings, TrainingFacts
 from benchmarks.fashion_mnist.run import main, run_benchmark
 from lightning_actprune import STATISTICS
 from lightning_actprune.core import ThresholdEvaluator, count_parameters, layer_scores, plan_from_kept, plan_pruning

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.fashion_mnist.report import write_markdown
+from benchmarks import common
 
 from .results import ERROR, EXACT, SKIPPED, SweepResults
 
@@ -68,4 +68,4 @@ def render_markdown(results: SweepResults) -> str:
 
 def write_section(path: Path, generated: str) -> None:
     """Replace what lies between the architecture markers of ``path`` (appended at its end if missing)."""
-    write_markdown(path, generated, BEGIN, END)
+    common.write_section(path, generated, BEGIN, END)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 
-from benchmarks.fashion_mnist.results import from_plain
+from benchmarks.common import JsonRecord
 
 EXACT, SKIPPED, ERROR = "pruned exactly", "skipped", "error"
 
@@ -44,8 +43,8 @@ class ModelResult:
 
 
 @dataclasses.dataclass
-class SweepResults:
-    """Every model of one run, and where it ran."""
+class SweepResults(JsonRecord):
+    """Every model of one run, and where it ran; its JSON is the results file."""
 
     rows: list[ModelResult]
     command: str
@@ -55,12 +54,3 @@ class SweepResults:
     torchvision: str
     torch_pruning: str
     total_seconds: float
-
-    def to_json(self) -> str:
-        """The JSON object of the whole run."""
-        return json.dumps(dataclasses.asdict(self), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> SweepResults:
-        """The records back from :meth:`to_json`'s text."""
-        return from_plain(cls, json.loads(text))

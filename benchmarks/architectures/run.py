@@ -14,15 +14,14 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.fashion_mnist.measure import machine_info
+from benchmarks.common import DEFAULT_CACHE, DEFAULT_MARKDOWN, machine_info
 
 from .report import render_markdown, write_section
 from .results import ERROR, ModelResult, SweepResults
 
 MAX_PARAMS = 30_000_000
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_JSON = ROOT / "benchmarks" / ".cache" / "architectures.json"
-DEFAULT_MARKDOWN = ROOT / "BENCHMARKS.md"
+DEFAULT_JSON = DEFAULT_CACHE / "architectures.json"
 
 
 def small_models(max_params: int = MAX_PARAMS) -> list[tuple[str, int]]:
@@ -84,7 +83,7 @@ def run(names: Sequence[str] | None, timeout: float, log: Path | None = None) ->
         threads=1,
         torch=torch.__version__,
         torchvision=importlib.metadata.version("torchvision"),
-        torch_pruning=machine.torch_pruning,
+        torch_pruning=importlib.metadata.version("torch-pruning"),
         total_seconds=time.perf_counter() - start,
     )
 

@@ -8,6 +8,7 @@ import os
 import platform
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,6 +27,14 @@ class Machine:
     platform: str
     versions: dict[str, str | None]
 
+    @classmethod
+    def from_older(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """The JSON data of a record written before ``versions``, with ``torch``, ``lightning``, ``torch_pruning``."""
+        if "versions" in data:
+            return data
+        older = {"torch": "torch", "lightning": "lightning", "torch_pruning": "torch-pruning"}
+        return {**data, "versions": {name: data.get(key) for key, name in older.items()}}
+
     def describe(self) -> str:
         """One line for a report: ``"<cpu>, 2 usable cores, 2 torch threads, torch 2.x, …, Python 3.11"``."""
         threads = f"{self.torch_threads} torch thread{'' if self.torch_threads == 1 else 's'}"
@@ -34,6 +43,8 @@ class Machine:
 
 
 def _version(distribution: str) -> str | None:
+    if distribution == "torch":
+        return torch.__version__  # the build's own version keeps its local tag (``+cu130``); the metadata's may not
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:

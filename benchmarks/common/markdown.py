@@ -1,4 +1,4 @@
-"""Markdown for reports: tables, ``mean ± spread`` cells and a generated section between two markers of a file."""
+"""Markdown for reports: tables, number cells, ``mean ± spread`` cells and a generated section between two markers."""
 
 from __future__ import annotations
 
@@ -35,6 +35,36 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]], alig
     lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "|".join(spec) + "|"]
     lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def pct(fraction: float) -> str:
+    """A fraction as a percentage with one decimal.
+
+    Example:
+        >>> pct(0.7012)
+        '70.1%'
+    """
+    return f"{100 * fraction:.1f}%"
+
+
+def acc(accuracy: float) -> str:
+    """An accuracy in percent with two decimals, unsigned.
+
+    Example:
+        >>> acc(0.8734)
+        '87.34'
+    """
+    return f"{100 * accuracy:.2f}"
+
+
+def delta(accuracy: float, base: float) -> str:
+    """The change of an accuracy from ``base``, in percentage points, signed.
+
+    Example:
+        >>> delta(0.85, 0.8734), delta(0.9, 0.8734)
+        ('-2.34', '+2.66')
+    """
+    return f"{100 * (accuracy - base):+.2f}"
 
 
 def mean_spread(values: Sequence[float], digits: int = 2) -> str:

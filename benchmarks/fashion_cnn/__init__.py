@@ -1,6 +1,6 @@
 """Benchmark BatchNorm recalibration after pruning a small ResNet on Fashion-MNIST (issue 13).
 
-Run from the repository root (CPU only; the data must be installed, see :mod:`benchmarks.fashion_mnist.data`)::
+Run from the repository root (CPU only; the data must be installed, see :mod:`benchmarks.common.data`)::
 
     python -m benchmarks.fashion_cnn
 
@@ -14,7 +14,8 @@ with a fresh Adam, and from scratch with one more epoch; it times the recovery e
 rewrites the part of ``BENCHMARKS.md`` between the ``benchmark-cnn:begin``/``benchmark-cnn:end`` markers and stores
 every number in ``benchmarks/.cache/fashion_cnn_results.json`` (``--report-only`` re-renders from it).
 
-The data loading is :mod:`benchmarks.fashion_mnist.data`'s. Modules: :mod:`.models` (the ResNet, training and its
-cache), :mod:`.methods` (recalibration, Torch-Pruning, the from-scratch widths), :mod:`.results` (typed records and
-their JSON), :mod:`.report` (Markdown), :mod:`.run` (the whole run and the command line).
+The data, the classifier's training and the measurements are :mod:`benchmarks.common`'s. Modules: :mod:`.models`
+(the ResNet, training and its cache), :mod:`.methods` (recalibration, Torch-Pruning, the from-scratch widths),
+:mod:`.results` (typed records and their JSON), :mod:`.report` (Markdown), :mod:`.run` (the whole run and the command
+line).
 """

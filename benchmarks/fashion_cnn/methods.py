@@ -18,7 +18,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from benchmarks.fashion_mnist.models import quiet_trainer
+from benchmarks.common import quiet_trainer
 from lightning_actprune import ActivationPruning
 from lightning_actprune._recalibration import recalibrating_batchnorm
 from lightning_actprune.core import PrunableLayer, PruningPlan, count_parameters

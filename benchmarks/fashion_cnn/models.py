@@ -8,8 +8,7 @@ from pathlib import Path
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.fashion_mnist.data import SplitDataModule
-from benchmarks.fashion_mnist.models import Classifier, train_cached
+from benchmarks.common import Classifier, SplitDataModule, train_cached
 
 from .results import CNNTrainConfig, CNNTrainingFacts
 

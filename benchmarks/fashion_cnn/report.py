@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks.fashion_mnist.report import _acc, _delta, _pct
+from benchmarks.common import acc, delta, pct
 
 from .results import (
     OURS,
@@ -21,13 +21,14 @@ BEGIN, END = "<!-- benchmark-cnn:begin -->", "<!-- benchmark-cnn:end -->"
 
 
 def _cell(row: CNNRow | None, base: float) -> str:
-    return "not run" if row is None else f"{_acc(row.test_acc)} ({_delta(row.test_acc, base)})"
+    return "not run" if row is None else f"{acc(row.test_acc)} ({delta(row.test_acc, base)})"
 
 
 def render_markdown(results: CNNBenchmarkResults) -> str:
     """The generated CNN section: setting, the accuracy table, the details per row, recovery and recalibration costs."""
     measured, run = results.measurements, results.run
     machine, config, settings = run.machine, run.training.config, measured.settings
+    versions = machine.versions
     before, base = measured.params_before, measured.test_acc_before
     cost = measured.recalibration
 
@@ -41,14 +42,14 @@ def render_markdown(results: CNNBenchmarkResults) -> str:
         f" the unpruned network's training took {run.training.train_seconds / 60:.1f} min)._",
         "",
         f"- Machine: {machine.cpu}, {machine.cores} cores ({machine.usable_cores} usable), shared with other jobs;"
-        f" `torch.set_num_threads({machine.torch_threads})`; torch {machine.torch}, lightning {machine.lightning},"
-        f" torch-pruning {machine.torch_pruning}.",
+        f" `torch.set_num_threads({machine.torch_threads})`; torch {versions['torch']}, lightning"
+        f" {versions['lightning']}, torch-pruning {versions['torch-pruning']}.",
         f"- Model: a ResNet for 1×28×28 images: stride-2 stem conv3×3-BN-ReLU ({config.widths[0]} channels), one"
         f" BasicBlock per stage (conv-BN-ReLU-conv-BN + identity or 1×1 conv-BN shortcut; channels {widths}, stride"
         f" 2 between stages), global average pool, Linear to 10; {measured.batchnorm_layers} BatchNorm layers."
         f" Adam lr {config.lr}, batch {config.batch_size}, {config.epochs} epochs, seed {config.seed}, on the"
         " 50,000 training images (the last 10,000 are the validation split: statistics, recalibration cost).",
-        f"- Unpruned: **{before:,} parameters, test accuracy {_acc(base)}%**. Prunable groups (channels tied by"
+        f"- Unpruned: **{before:,} parameters, test accuracy {acc(base)}%**. Prunable groups (channels tied by"
         " the residual additions count as one group): "
         + ", ".join(f"`{name}` {n}" for name, n in measured.groups.items())
         + ".",
@@ -72,7 +73,7 @@ def render_markdown(results: CNNBenchmarkResults) -> str:
         f"- **from scratch**: a ResNet built at the channels ours kept, trained like the unpruned one ({config.epochs}"
         f" epochs, same seed), and the same for {config.epochs + 1} epochs (as many as ours with recovery).",
         "",
-        f"Test accuracy in % (Δ in points against the unpruned {_acc(base)}%). Rows marked *not run* were left out"
+        f"Test accuracy in % (Δ in points against the unpruned {acc(base)}%). Rows marked *not run* were left out"
         f" of this run (`--recovery-targets`).",
         "",
         "| target | ours: parameters | one-shot | + BN recalibration | + 1 recovery epoch | Torch-Pruning:"
@@ -82,8 +83,8 @@ def render_markdown(results: CNNBenchmarkResults) -> str:
     ]
     for target in settings.targets:
         ours, theirs = find(target, OURS), find(target, TP)
-        ours_size = "—" if ours is None else f"{ours.params:,} (−{_pct(ours.reduction)})"
-        their_size = "—" if theirs is None else f"{theirs.params:,} (−{_pct(theirs.reduction)})"
+        ours_size = "—" if ours is None else f"{ours.params:,} (−{pct(ours.reduction)})"
+        their_size = "—" if theirs is None else f"{theirs.params:,} (−{pct(theirs.reduction)})"
         lines.append(
             f"| −{target:.0%} | {ours_size} | {_cell(ours, base)} | {_cell(find(target, OURS_RECALIBRATED), base)}"
             f" | {_cell(find(target, OURS_RECOVERED), base)} | {their_size} | {_cell(theirs, base)}"
@@ -124,11 +125,11 @@ def render_markdown(results: CNNBenchmarkResults) -> str:
             "|---|---|---|---|---|---|---|---|",
         ]
         for facts in measured.recovery:
-            unpruned = "—" if facts.val_acc_base is None else _acc(facts.val_acc_base)
+            unpruned = "—" if facts.val_acc_base is None else acc(facts.val_acc_base)
             before_prune = ", ".join(f"{s:.1f}" for s in facts.epoch_seconds[:-1])
             lines.append(
-                f"| −{facts.target:.0%} | {unpruned} | {_acc(facts.val_acc_before_prune)}"
-                f" | {_acc(facts.val_acc_after_prune)} | {_acc(facts.val_acc_recovered)} | {before_prune}"
+                f"| −{facts.target:.0%} | {unpruned} | {acc(facts.val_acc_before_prune)}"
+                f" | {acc(facts.val_acc_after_prune)} | {acc(facts.val_acc_recovered)} | {before_prune}"
                 f" | {facts.epoch_seconds[-1]:.1f} | {facts.epoch_ratio:.2f}× |"
             )
     lines += [

@@ -6,7 +6,7 @@ import dataclasses
 import hashlib
 import json
 
-from benchmarks.fashion_mnist.results import Machine, from_plain
+from benchmarks.common import FlatJsonRecord, Machine
 
 OURS, OURS_RECALIBRATED = "ours one-shot", "ours + BN recalibration"
 TP, TP_RECALIBRATED = "Torch-Pruning L2 one-shot", "Torch-Pruning L2 + BN recalibration"
@@ -144,18 +144,12 @@ class CNNRunInfo:
 
 
 @dataclasses.dataclass
-class CNNBenchmarkResults:
-    """One run: the measurements and the run they come from; what the report renders."""
+class CNNBenchmarkResults(FlatJsonRecord):
+    """One run: the measurements and the run they come from; what the report renders.
+
+    Its JSON (the results cache) is one flat object: the fields of :class:`CNNMeasurements`, then those of
+    :class:`CNNRunInfo`.
+    """
 
     measurements: CNNMeasurements
     run: CNNRunInfo
-
-    def to_json(self) -> str:
-        """The flat JSON object of both records (the format of the results cache)."""
-        return json.dumps(dataclasses.asdict(self.measurements) | dataclasses.asdict(self.run), indent=2, default=str)
-
-    @classmethod
-    def from_json(cls, text: str) -> CNNBenchmarkResults:
-        """The records back from :meth:`to_json`'s text."""
-        data = json.loads(text)
-        return cls(from_plain(CNNMeasurements, data), from_plain(CNNRunInfo, data))

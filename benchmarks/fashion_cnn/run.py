@@ -13,11 +13,21 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from benchmarks.fashion_mnist.data import SplitDataModule, load_fashion_mnist, locate_fashion_mnist
-from benchmarks.fashion_mnist.measure import Evaluator, gather_statistics, machine_info
-from benchmarks.fashion_mnist.methods import ours_at_reduction, pruned_copy
-from benchmarks.fashion_mnist.report import write_markdown
-from benchmarks.fashion_mnist.run import add_common_arguments, command_line, last_results, quiet_run_log
+from benchmarks.common import (
+    Evaluator,
+    SplitDataModule,
+    add_common_arguments,
+    command_line,
+    gather_statistics,
+    last_results,
+    load_fashion_mnist,
+    locate_fashion_mnist,
+    machine_info,
+    ours_at_reduction,
+    pruned_copy,
+    quiet_run_log,
+    write_section,
+)
 from lightning_actprune._recalibration import batchnorm_layers
 from lightning_actprune.core import STATISTICS, count_parameters
 
@@ -230,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     results_path = args.cache_dir / RESULTS_FILE
     if args.report_only:
         results = CNNBenchmarkResults.from_json(last_results(results_path))
-        write_markdown(args.markdown, render_markdown(results), BEGIN, END)
+        write_section(args.markdown, render_markdown(results), BEGIN, END)
         return
 
     started = time.perf_counter()
@@ -276,5 +286,5 @@ def main(argv: Sequence[str] | None = None) -> None:
     results = CNNBenchmarkResults(measurements, run)
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     results_path.write_text(results.to_json())
-    write_markdown(args.markdown, render_markdown(results), BEGIN, END)
+    write_section(args.markdown, render_markdown(results), BEGIN, END)
     log(f"wrote {args.markdown}; total {run.total_seconds / 60:.1f} min")

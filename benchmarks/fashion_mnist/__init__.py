@@ -19,8 +19,9 @@ The data come from the Debian package ``dataset-fashion-mnist`` (standard IDX fi
 ``/usr/share/datasets/fashion-mnist``). The benchmark installs it with ``apt-get`` only when asked
 (``--install-data``); otherwise a missing dataset stops it with the command to run.
 
-Modules: :mod:`.data` (locate, install, load), :mod:`.models` (the MLP, training and its cache), :mod:`.methods`
-(ours and the alternatives), :mod:`.measure` (accuracy, statistics, size, latency, cost), :mod:`.compare` (tables 2
-and 3 and the rule for the defaults), :mod:`.results` (typed records and their JSON), :mod:`.report` (Markdown and
-plot), :mod:`.run` (the whole run and the command line).
+The data (locate, install, load), the MLP, the Trainer, the accuracy and statistics passes and ours at a target
+reduction are :mod:`benchmarks.common`'s, which the other benchmarks share. Modules: :mod:`.models` (the MLP's
+training cache), :mod:`.methods` (the alternatives to ours and the settings of our options), :mod:`.measure` (size,
+latency, cost), :mod:`.compare` (tables 2 and 3 and the rule for the defaults), :mod:`.results` (typed records and
+their JSON), :mod:`.report` (Markdown and plot), :mod:`.run` (the whole run and the command line).
 """

@@ -16,19 +16,11 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from benchmarks.common import Evaluator, ours_at_reduction, pruned_copy, widths_of
 from lightning_actprune.core import ActivationMoments, PrunableLayer, PruningPlan, count_parameters, plan_from_kept
 
-from .measure import Evaluator, nonzero_parameters, state_dict_bytes
-from .methods import (
-    Variant,
-    lightning_structured,
-    lightning_unstructured,
-    magnitude_kept,
-    ours_at_reduction,
-    pruned_copy,
-    random_kept,
-    widths_of,
-)
+from .measure import nonzero_parameters, state_dict_bytes
+from .methods import Variant, lightning_structured, lightning_unstructured, magnitude_kept, random_kept
 from .results import Choice, GridRow, MethodRow, Settings, TargetGap, VariantSummary
 
 

@@ -1,88 +1,35 @@
-"""What the benchmark measures on a model: accuracy, activation statistics, size, latency, and the cost of pruning."""
+"""What this benchmark measures on a model besides accuracy: size, latency, and the cost of pruning.
+
+Accuracy and the statistics pass are :class:`benchmarks.common.Evaluator` and
+:func:`benchmarks.common.gather_statistics`.
+"""
 
 from __future__ import annotations
 
 import copy
-import importlib.metadata
 import io
-import os
-import platform
 import statistics as stats
 import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
-import lightning
 import lightning.pytorch as pl
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.common import quiet_trainer
 from lightning_actprune import ActivationPruning
 from lightning_actprune.core import (
-    ActivationMoments,
     ActivationRecorder,
-    PrunableLayer,
     apply_plan,
     count_parameters,
     find_prunable_layers,
     plan_pruning,
 )
 
-from .models import quiet_trainer
-from .results import Cost, Machine, PeakMemory
-
-
-class Evaluator:
-    """Test accuracy and validation passes through one quiet Lightning Trainer."""
-
-    def __init__(self, datamodule: pl.LightningDataModule) -> None:
-        self.datamodule = datamodule
-        self.trainer = quiet_trainer()
-        self.calls = 0
-
-    def test_accuracy(self, model: pl.LightningModule) -> float:
-        """Accuracy on the test set."""
-        self.calls += 1
-        (result,) = self.trainer.test(model, datamodule=self.datamodule, verbose=False)
-        return float(result["test_acc"])
-
-    def test_correct(self, model: nn.Module) -> Tensor:
-        """Whether each test example is classified correctly (in order); its mean is the test accuracy.
-
-        A plain forward over the test loader, not ``trainer.test``: the paired comparisons of table 3 need the
-        examples, not only their mean (which is the same number ``trainer.test`` logs).
-        """
-        self.calls += 1
-        model.eval()
-        with torch.inference_mode():
-            return torch.cat([model(x).argmax(-1) == y for x, y in self.datamodule.test_dataloader()])
-
-    def validate(self, model: pl.LightningModule) -> dict[str, float]:
-        """One plain validation pass; returns the logged metrics."""
-        (result,) = self.trainer.validate(model, datamodule=self.datamodule, verbose=False)
-        return {k: float(v) for k, v in result.items()}
-
-
-def gather_statistics(
-    evaluator: Evaluator, model: pl.LightningModule
-) -> tuple[list[PrunableLayer], dict[str, ActivationMoments], dict[str, int]]:
-    """One validation pass with an :class:`ActivationRecorder` attached: the prunable layers and their moments.
-
-    Returns:
-        The layers, the moments by measured module, and the bytes of every layer's metric state.
-    """
-    with ActivationRecorder(model) as recorder:
-        evaluator.validate(model)
-    recorder.check_finite()
-    layers = find_prunable_layers(model, recorder.example_inputs)
-    state_bytes = {
-        name: sum(t.numel() * t.element_size() for t in metric.metric_state.values() if isinstance(t, Tensor))
-        for name, metric in recorder.metrics.items()
-    }
-    return layers, recorder.moments(), state_bytes
+from .results import Cost, PeakMemory
 
 
 def nonzero_parameters(model: nn.Module) -> int:
@@ -245,28 +192,4 @@ def _measure_cost(
         plain_functions_params_after=count_parameters(pruned[-1]),
         callback_params_after=None if result is None else result.params_after,
         threshold=threshold,
-    )
-
-
-def machine_info() -> Machine:
-    """Cores, CPU model, library versions and the torch thread count."""
-    model_name = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model_name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return Machine(
-        cpu=model_name,
-        cores=os.cpu_count(),
-        usable_cores=usable,
-        torch_threads=torch.get_num_threads(),
-        python=platform.python_version(),
-        torch=torch.__version__,
-        lightning=lightning.__version__,
-        torch_pruning=importlib.metadata.version("torch-pruning"),  # tp.__version__ is new in 1.6.1
-        platform=platform.platform(),
     )

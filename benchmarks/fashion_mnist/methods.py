@@ -1,7 +1,8 @@
 """The pruning methods compared: ours, Torch-Pruning's magnitude importance, random removal, ``ModelPruning``.
 
-Ours is the package's plain functions. Each method returns a pruned copy (or the neurons to keep) and never touches
-the model it is given.
+Ours is the package's plain functions (:func:`benchmarks.common.ours_at_reduction`); the others are here, and the
+settings of our options (:class:`Variant`). Each method returns a pruned copy (or the neurons to keep) and never
+touches the model it is given.
 """
 
 from __future__ import annotations
@@ -16,63 +17,7 @@ import torch_pruning as tp
 from lightning.pytorch.callbacks import ModelPruning
 from torch import Tensor, nn
 
-from lightning_actprune._sweep import plan_for_reduction
-from lightning_actprune.core import (
-    ActivationMoments,
-    ActivationPruningError,
-    PrunableLayer,
-    PruningPlan,
-    ThresholdEvaluator,
-    apply_plan,
-    count_parameters,
-)
-
-
-def pruned_copy(model: nn.Module, plan: PruningPlan) -> nn.Module:
-    """A deep copy of ``model`` with ``plan`` applied; ``model`` is untouched."""
-    pruned = copy.deepcopy(model)
-    apply_plan(pruned, plan)
-    return pruned
-
-
-def widths_of(plan: PruningPlan) -> dict[str, int]:
-    """Neurons kept per layer."""
-    return {layer.name: len(layer.kept) for layer in plan.layers}
-
-
-def ours_at_reduction(
-    model: nn.Module,
-    layers: Sequence[PrunableLayer],
-    moments: Mapping[str, ActivationMoments],
-    statistic: str,
-    target: float,
-    compensate: bool = False,
-    normalize: bool = False,
-) -> tuple[float, PruningPlan, int]:
-    """Our plan that removes at least ``target`` of the parameters, as ``target_params_reduction`` chooses it.
-
-    The plan is :func:`lightning_actprune._sweep.plan_for_reduction` on a
-    :class:`~lightning_actprune.ThresholdEvaluator` with the same options: neurons go one at a time in the
-    evaluator's removal order (ascending score; equal scores broken by RMS activation, then by the next layers'
-    weight norm), found by bisection on the plan's size, so the result lands within one neuron of the target. The
-    plan is then applied to another copy and its parameters counted. ``compensate`` folds the removed neurons' mean
-    activations into their consumers' biases (it changes no parameter count, so the plan removes the same neurons
-    as without); ``normalize`` standardises the scores per layer (λ is then in standard deviations and may be
-    negative).
-
-    Returns:
-        λ (the plan's ``threshold``), the plan and the pruned model's parameter count.
-
-    Raises:
-        ActivationPruningError: the target is out of reach (removing every prunable neuron is not enough).
-    """
-    evaluator = ThresholdEvaluator(
-        copy.deepcopy(model), layers, moments, statistic, min_neurons=1, compensate=compensate, normalize=normalize
-    )
-    choice = plan_for_reduction(evaluator, target)
-    if choice.plan is None:
-        raise ActivationPruningError(str(choice.note))
-    return choice.plan.threshold, choice.plan, count_parameters(pruned_copy(model, choice.plan))
+from lightning_actprune.core import PrunableLayer
 
 
 def _top(scores: Tensor, count: int) -> list[int]:

@@ -1,86 +1,12 @@
-"""The classifier under test: a ReLU MLP trained once with Lightning, its weights cached between runs."""
+"""The MLP under test, trained once with Lightning, its weights cached between runs."""
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
-import json
-import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
 
-import lightning.pytorch as pl
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
+from benchmarks.common import MLPClassifier, SplitDataModule, TrainConfig, train_cached
 
-from .data import SplitDataModule
-from .results import TrainConfig, TrainingFacts, from_plain
-
-
-class Classifier(pl.LightningModule):
-    """Cross-entropy training with Adam; logs ``val_loss``, ``val_acc`` and ``test_acc``. Subclasses add ``forward``.
-
-    Args:
-        num_classes: the number of classes.
-        lr: Adam's learning rate.
-    """
-
-    def __init__(self, num_classes: int, lr: float) -> None:
-        super().__init__()
-        self.lr = lr
-        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
-        logits = self(x)
-        self.val_acc(logits, y)
-        self.log("val_loss", F.cross_entropy(logits, y))
-        self.log("val_acc", self.val_acc)
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
-        self.test_acc(self(x), y)
-        self.log("test_acc", self.test_acc)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
-
-
-class MLPClassifier(Classifier):
-    """A ReLU MLP (``sizes`` = input, hidden…, classes) trained with Adam; logs ``val_acc`` and ``test_acc``."""
-
-    def __init__(self, sizes: Sequence[int] = (784, 1024, 1024, 10), lr: float = 1e-3) -> None:
-        super().__init__(sizes[-1], lr)
-        self.save_hyperparameters()
-        layers: list[nn.Module] = []
-        for width_in, width_out in itertools.pairwise(sizes[:-1]):
-            layers += [nn.Linear(width_in, width_out), nn.ReLU()]
-        self.net = nn.Sequential(*layers, nn.Linear(sizes[-2], sizes[-1]))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-
-def quiet_trainer(**kwargs: Any) -> pl.Trainer:
-    """A CPU Trainer that writes nothing: no logger, checkpoint, progress bar or model summary."""
-    options: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-    }
-    return pl.Trainer(**{**options, **kwargs})
+from .results import TrainingFacts
 
 
 def train_or_load(
@@ -99,45 +25,3 @@ def train_or_load(
         cache_dir / f"mlp_{config.key()}.pt",
         retrain,
     )
-
-
-ModelT = TypeVar("ModelT", bound=Classifier)
-FactsT = TypeVar("FactsT")
-
-
-def train_cached(
-    build: Callable[[], ModelT],
-    datamodule: pl.LightningDataModule,
-    config: Any,
-    facts_type: type[FactsT],
-    weights: Path,
-    retrain: bool = False,
-) -> tuple[ModelT, FactsT]:
-    """Train ``build()`` for ``config.epochs`` (seeded with ``config.seed``) once; later runs load ``weights``.
-
-    The facts (``facts_type(train_seconds, threads, config, final_val_acc)``, with a ``cached`` flag) are stored
-    beside the weights, in JSON.
-    """
-    facts_path = weights.with_suffix(".json")
-    if weights.is_file() and facts_path.is_file() and not retrain:
-        model = build()
-        model.load_state_dict(torch.load(weights, weights_only=True))
-        facts = from_plain(facts_type, json.loads(facts_path.read_text()))
-        return model.eval(), dataclasses.replace(facts, cached=True)  # type: ignore[type-var]
-    pl.seed_everything(config.seed, workers=True, verbose=False)
-    model = build()
-    trainer = quiet_trainer(max_epochs=config.epochs)
-    start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule)
-    facts = facts_type(
-        train_seconds=time.perf_counter() - start,  # type: ignore[call-arg]
-        threads=torch.get_num_threads(),
-        config=config,
-        final_val_acc=float(trainer.callback_metrics["val_acc"]),
-    )
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), weights)
-    written = dataclasses.asdict(facts)  # type: ignore[call-overload]
-    del written["cached"]  # a property of the run that reads the file, not of the training
-    facts_path.write_text(json.dumps(written, indent=2))
-    return model.eval(), facts

@@ -8,21 +8,11 @@ from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 
+from benchmarks.common import acc, delta, pct, write_section
+
 from .results import BenchmarkResults, Measurements, MethodRow
 
 BEGIN, END = "<!-- benchmark:begin -->", "<!-- benchmark:end -->"
-
-
-def _pct(value: float) -> str:
-    return f"{100 * value:.1f}%"
-
-
-def _acc(value: float) -> str:
-    return f"{100 * value:.2f}"
-
-
-def _delta(value: float, base: float) -> str:
-    return f"{100 * (value - base):+.2f}"
 
 
 def _mb(size: float) -> str:
@@ -44,7 +34,7 @@ def _grid_lines(measured: Measurements) -> list[str]:
     z = choice.z
 
     def cell(value: float, best: float) -> str:
-        return f"**{_acc(value)}**" if round(100 * value, 2) == round(100 * best, 2) else _acc(value)
+        return f"**{acc(value)}**" if round(100 * value, 2) == round(100 * best, 2) else acc(value)
 
     def yes(flag: bool) -> str:
         return "yes" if flag else "no"
@@ -91,8 +81,8 @@ def _grid_lines(measured: Measurements) -> list[str]:
     for method, accuracy in reference.items():
         lines.append(
             f"| - | {method} | {yes(method.endswith('compensate'))} | - | "
-            + " | ".join(_acc(accuracy[t]) for t in targets)
-            + f" | {_acc(stats.fmean(accuracy[t] for t in targets))} | - |"
+            + " | ".join(acc(accuracy[t]) for t in targets)
+            + f" | {acc(stats.fmean(accuracy[t] for t in targets))} | - |"
         )
     chosen, best = choice.variant(choice.recommended), choice.variant(choice.best)
     seed = next((v for v in variants if v.label == choice.seed), None)
@@ -100,17 +90,17 @@ def _grid_lines(measured: Measurements) -> list[str]:
     per_target_rank = [1 + sum(w.test_acc[t] > chosen.test_acc[t] for w in variants) for t in targets]
     lines += [
         "",
-        f"\\* more than {z:g} standard errors below the best. Unpruned: {_acc(measured.baseline.test_acc)}%.",
+        f"\\* more than {z:g} standard errors below the best. Unpruned: {acc(measured.baseline.test_acc)}%.",
         "",
-        f"**Best mean over the targets: `{choice.best}`**, {_acc(best.mean_test_acc)}%."
+        f"**Best mean over the targets: `{choice.best}`**, {acc(best.mean_test_acc)}%."
         + (
-            f" **Recommended by the rule: `{choice.recommended}`**, {_acc(chosen.mean_test_acc)}%"
+            f" **Recommended by the rule: `{choice.recommended}`**, {acc(chosen.mean_test_acc)}%"
             f" ({100 * chosen.below_best:.2f} ± {100 * chosen.below_best_se:.2f} below the best)."
             if choice.recommended != choice.best
             else " It is also the rule's choice."
         )
         + (
-            f" Against the seed's `{choice.seed}` ({_acc(seed.mean_test_acc)}%):"
+            f" Against the seed's `{choice.seed}` ({acc(seed.mean_test_acc)}%):"
             f" {100 * chosen.over_seed:+.2f} ± {100 * chosen.over_seed_se:.2f} points on the mean."
             if seed is not None and seed is not chosen
             else ""
@@ -132,6 +122,7 @@ def render_markdown(results: BenchmarkResults) -> str:
     """The generated part of ``BENCHMARKS.md``: machine, command, and every table."""
     measured, run = results.measurements, results.run
     machine, base, settings = run.machine, measured.baseline, measured.settings
+    versions = machine.versions
     before, base_acc = base.params, base.test_acc
     layer_names = " / ".join(measured.layers)
     dead = measured.never_active
@@ -145,8 +136,8 @@ def render_markdown(results: BenchmarkResults) -> str:
         f"- CPU: {machine.cpu}, {machine.cores} cores ({machine.usable_cores} usable), shared with other"
         f" jobs; `torch.set_num_threads({machine.torch_threads})` for every measurement (training used"
         f" {run.training.threads})",
-        f"- Python {machine.python}, torch {machine.torch}, lightning {machine.lightning},"
-        f" torch-pruning {machine.torch_pruning} ({machine.platform})",
+        f"- Python {machine.python}, torch {versions['torch']}, lightning {versions['lightning']},"
+        f" torch-pruning {versions['torch-pruning']} ({machine.platform})",
         "",
         "### Setting",
         "",
@@ -156,7 +147,7 @@ def render_markdown(results: BenchmarkResults) -> str:
         "- Data: Fashion-MNIST; train 50,000 / validation 10,000 (the last 10k training images; statistics and"
         " re-validation) / test 10,000 (every accuracy below). Pixels scaled to [0, 1].",
         f"- Unpruned: **{before:,} parameters**, {_mb(base.file_bytes)} MB state_dict,"
-        f" **test accuracy {_acc(base_acc)}%** (validation {_acc(base.val['val_acc'])}%).",
+        f" **test accuracy {acc(base_acc)}%** (validation {acc(base.val['val_acc'])}%).",
         "- Accuracy is in %, its change Δ in percentage points against the unpruned model. **No method is"
         " fine-tuned after pruning.**",
         "",
@@ -180,16 +171,16 @@ def render_markdown(results: BenchmarkResults) -> str:
         )
         lines.append(
             f"| {row.threshold:g}{flag} | {_widths(row.widths)}"
-            f" | {row.params:,} ({_pct(1 - row.reduction)}) | {_pct(row.reduction)}"
-            f" | {_mb(row.file_bytes)} | {_acc(row.test_acc)} | {_delta(row.test_acc, base_acc)} |"
+            f" | {row.params:,} ({pct(1 - row.reduction)}) | {pct(row.reduction)}"
+            f" | {_mb(row.file_bytes)} | {acc(row.test_acc)} | {delta(row.test_acc, base_acc)} |"
         )
     lines.append("")
     if marked is not None:
         lines.append(
             f"**The first λ that removes ≥{settings.marked_reduction:.0%} of the parameters is λ ="
             f" {marked.threshold:g}**: {before:,} → {marked.params:,} parameters"
-            f" (−{_pct(marked.reduction)}), test accuracy {_acc(base_acc)}% → {_acc(marked.test_acc)}%"
-            f" ({_delta(marked.test_acc, base_acc)} points)."
+            f" (−{pct(marked.reduction)}), test accuracy {acc(base_acc)}% → {acc(marked.test_acc)}%"
+            f" ({delta(marked.test_acc, base_acc)} points)."
         )
     else:
         lines.append(f"No λ in the sweep removes ≥{settings.marked_reduction:.0%} of the parameters.")
@@ -228,10 +219,10 @@ def render_markdown(results: BenchmarkResults) -> str:
         unpruned = latencies.get(str(target), {})
         lines.append(
             f"| −{target:.0%} | unpruned | - | - | {before:,} | {before:,} | {_mb(base.file_bytes)}"
-            f" | {_acc(base_acc)} | - | {unpruned.get('1', math.nan):.3f} | {unpruned.get('256', math.nan):.2f} |"
+            f" | {acc(base_acc)} | - | {unpruned.get('1', math.nan):.3f} | {unpruned.get('256', math.nan):.2f} |"
         )
         for entry in (r for r in measured.comparison if r.target == target):
-            accuracy = _acc(entry.test_acc)
+            accuracy = acc(entry.test_acc)
             if entry.test_acc_std is not None:
                 accuracy += f" ± {100 * entry.test_acc_std:.2f}"
             threshold = "-" if entry.threshold is None else f"{entry.threshold:.4g}"
@@ -239,7 +230,7 @@ def render_markdown(results: BenchmarkResults) -> str:
             params = f"{entry.params:,}" + (" (unchanged)" if entry.family == "masked" else "")
             lines.append(
                 f"| −{target:.0%} | {entry.method} | {threshold} | {_widths(entry.widths)} | {params}"
-                f" | {entry.nonzero:,} | {_mb(entry.file_bytes)} | {accuracy} | {_delta(entry.test_acc, base_acc)}"
+                f" | {entry.nonzero:,} | {_mb(entry.file_bytes)} | {accuracy} | {delta(entry.test_acc, base_acc)}"
                 f" | {latency.get('1', math.nan):.3f} | {latency.get('256', math.nan):.2f} |"
             )
     lines += [
@@ -303,18 +294,9 @@ def render_markdown(results: BenchmarkResults) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(path: Path, generated: str, begin: str = BEGIN, end: str = END) -> None:
-    """Put ``generated`` between the markers of ``path``, keeping the hand-written text around them.
-
-    Markers that are missing are appended at the end of the file (which is created if need be).
-    """
-    block = f"{begin}\n{generated}\n{end}"
-    text = path.read_text() if path.is_file() else f"# Benchmarks\n\n{begin}\n{end}\n"
-    if begin not in text or end not in text:
-        text = text.rstrip("\n") + f"\n\n{begin}\n{end}\n"
-    head, rest = text.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    path.write_text(head + block + tail)
+def write_markdown(path: Path, generated: str) -> None:
+    """Put ``generated`` between this report's markers in ``path``, keeping the hand-written text around them."""
+    write_section(path, generated, BEGIN, END)
 
 
 PALETTE = {

@@ -1,38 +1,17 @@
 """Typed records of one benchmark run and their JSON form (``benchmarks/.cache/fashion_mnist_results.json``).
 
-The JSON is one flat object: the fields of :class:`Measurements` followed by those of :class:`RunInfo`, each record
-as its ``dataclasses.asdict``. :meth:`BenchmarkResults.from_json` rebuilds the records from it, so ``--report-only``
-renders the same report as the run that wrote it.
+The JSON is one flat object: the fields of :class:`Measurements` followed by those of :class:`RunInfo`
+(:class:`~benchmarks.common.FlatJsonRecord`). :meth:`BenchmarkResults.from_json` rebuilds the records from it, so
+``--report-only`` renders the same report as the run that wrote it. The MLP's recipe is
+:class:`benchmarks.common.TrainConfig` and the machine :class:`benchmarks.common.Machine`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import types
-import typing
-from typing import Any, TypeVar
 
+from benchmarks.common import FlatJsonRecord, Machine, TrainConfig
 from lightning_actprune.core import STATISTICS
-
-T = TypeVar("T")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """What the cached weights depend on."""
-
-    sizes: tuple[int, ...] = (784, 1024, 1024, 10)
-    lr: float = 1e-3
-    batch_size: int = 128
-    epochs: int = 10
-    seed: int = 0
-    num_val: int = 10_000
-
-    def key(self) -> str:
-        """A short hash of the configuration, for the cache file name."""
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,21 +42,6 @@ class TrainingFacts:
     config: TrainConfig
     final_val_acc: float | None = None
     cached: bool = False
-
-
-@dataclasses.dataclass
-class Machine:
-    """Cores, CPU model, library versions and the torch thread count."""
-
-    cpu: str
-    cores: int | None
-    usable_cores: int | None
-    torch_threads: int
-    python: str
-    torch: str
-    lightning: str
-    torch_pruning: str
-    platform: str
 
 
 @dataclasses.dataclass
@@ -253,47 +217,12 @@ class RunInfo:
 
 
 @dataclasses.dataclass
-class BenchmarkResults:
-    """One run: the measurements and the run they come from; what the report renders."""
+class BenchmarkResults(FlatJsonRecord):
+    """One run: the measurements and the run they come from; what the report renders.
+
+    Its JSON (the results cache) is one flat object: the fields of :class:`Measurements`, then those of
+    :class:`RunInfo`.
+    """
 
     measurements: Measurements
     run: RunInfo
-
-    def to_json(self) -> str:
-        """The flat JSON object of both records (the format of the results cache)."""
-        return json.dumps(dataclasses.asdict(self.measurements) | dataclasses.asdict(self.run), indent=2, default=str)
-
-    @classmethod
-    def from_json(cls, text: str) -> BenchmarkResults:
-        """The records back from :meth:`to_json`'s text."""
-        data = json.loads(text)
-        return cls(from_plain(Measurements, data), from_plain(RunInfo, data))
-
-
-def from_plain(kind: type[T], value: Any) -> T:
-    """Rebuild a value of type ``kind`` (a dataclass, or lists, tuples, dicts and optionals of them) from JSON data.
-
-    Keys of ``dict[int, ...]`` come back as ints (JSON has only string keys); numbers are kept as JSON gave them.
-    """
-    return typing.cast(T, _from_plain(kind, value))
-
-
-def _from_plain(kind: Any, value: Any) -> Any:
-    if value is None:
-        return None
-    if isinstance(kind, type) and dataclasses.is_dataclass(kind):
-        hints = typing.get_type_hints(kind)
-        fields = [f.name for f in dataclasses.fields(kind) if f.init and f.name in value]
-        return kind(**{name: _from_plain(hints[name], value[name]) for name in fields})
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin in (typing.Union, types.UnionType):
-        (inner,) = [arg for arg in args if arg is not type(None)]
-        return _from_plain(inner, value)
-    if origin is list:
-        return [_from_plain(args[0], item) for item in value]
-    if origin is tuple:
-        return tuple(_from_plain(args[0], item) for item in value)
-    if origin is dict:
-        key_type, item_type = args
-        return {key_type(key): _from_plain(item_type, item) for key, item in value.items()}
-    return value

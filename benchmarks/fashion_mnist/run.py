@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -14,12 +11,28 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from benchmarks.common import (
+    INSTALL_COMMAND,
+    Evaluator,
+    SplitDataModule,
+    TrainConfig,
+    add_common_arguments,
+    command_line,
+    gather_statistics,
+    last_results,
+    load_fashion_mnist,
+    locate_fashion_mnist,
+    machine_info,
+    ours_at_reduction,
+    pruned_copy,
+    quiet_run_log,
+    widths_of,
+)
 from lightning_actprune.core import count_parameters, layer_scores, model_size_mb, plan_pruning
 
 from .compare import compare_at_reduction, grid_at_reduction, summarize_grid
-from .data import INSTALL_COMMAND, SplitDataModule, load_fashion_mnist, locate_fashion_mnist
-from .measure import Evaluator, gather_statistics, machine_info, measure_cost, measure_latency, state_dict_bytes
-from .methods import Variant, lightning_unstructured, option_grid, ours_at_reduction, pruned_copy, widths_of
+from .measure import measure_cost, measure_latency, state_dict_bytes
+from .methods import Variant, lightning_unstructured, option_grid
 from .models import train_or_load
 from .report import plot, render_markdown, write_markdown
 from .results import (
@@ -32,13 +45,9 @@ from .results import (
     Settings,
     SpeedRow,
     SweepRow,
-    TrainConfig,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CACHE = ROOT / "benchmarks" / ".cache"
-DEFAULT_MARKDOWN = ROOT / "BENCHMARKS.md"
-DEFAULT_PLOT = ROOT / "docs" / "benchmark_accuracy_vs_params.png"
+DEFAULT_PLOT = Path(__file__).resolve().parents[2] / "docs" / "benchmark_accuracy_vs_params.png"
 RESULTS_FILE = "fashion_mnist_results.json"
 
 
@@ -187,43 +196,6 @@ def run_benchmark(
         test_evaluations=evaluator.calls,
         benchmark_seconds=time.perf_counter() - started,
     )
-
-
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options every benchmark's command line has: data, cache, retraining, the Markdown, ``--report-only``."""
-    parser.add_argument("--data-dir", type=Path, default=None, help="a directory with the four IDX .gz files")
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the trained weights go")
-    parser.add_argument("--retrain", action="store_true", help="ignore cached weights")
-    parser.add_argument("--markdown", type=Path, default=DEFAULT_MARKDOWN)
-    parser.add_argument(
-        "--report-only", action="store_true", help="re-render the report from the last run's JSON (no measurement)"
-    )
-
-
-def command_line(module: str, argv: Sequence[str] | None) -> str:
-    """The command that ran a benchmark, for its report: ``python -m <module>`` and the arguments it was given."""
-    return " ".join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
-
-
-def last_results(path: Path) -> str:
-    """The text of the last run's results, for ``--report-only``; exits with a message when there is none."""
-    if not path.is_file():
-        raise SystemExit(f"error: --report-only renders the results of a full run; {path} does not exist.")
-    return path.read_text()
-
-
-def quiet_run_log() -> Callable[[str], None]:
-    """Quiet Lightning's info logs and known harmless warnings; returns a logger that stamps the run's seconds."""
-    started = time.perf_counter()
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*")
-
-    def log(message: str) -> None:
-        print(f"[{time.perf_counter() - started:7.1f}s] {message}", flush=True)
-
-    return log
 
 
 def main(argv: Sequence[str] | None = None) -> None:

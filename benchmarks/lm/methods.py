@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch.utils.data import DataLoader
 
-from benchmarks.fashion_mnist.models import quiet_trainer
+from benchmarks.common import quiet_trainer
 from lightning_actprune import ActivationPruning
 from lightning_actprune.core import PruningResult, apply_plan, count_parameters
 

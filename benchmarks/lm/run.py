@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import command_line, machine_info, write_section
+from benchmarks.common import command_line, machine_info, quiet_trainer, write_section
 from lightning_actprune.core import count_parameters, find_prunable_layers
 
 from .data import EXCLUDED_DIRECTORIES, SPLITS, Corpus, CorpusConfig, CorpusDataModule
@@ -93,8 +93,6 @@ def corpus_facts(corpus: Corpus) -> CorpusFacts:
 
 
 def _validation_seconds(model: ByteLM, datamodule: CorpusDataModule) -> float:
-    from benchmarks.fashion_mnist.models import quiet_trainer
-
     started = time.perf_counter()
     quiet_trainer().validate(model, datamodule=datamodule, verbose=False)
     return time.perf_counter() - started

@@ -2,7 +2,7 @@
 
 Run from the repository root (CPU only; about 5 to 15 minutes on 2 shared cores, depending on the load)::
 
-    python -m benchmarks.recovery                 # the data must be installed (see benchmarks.fashion_mnist)
+    python -m benchmarks.recovery                 # the data must be installed (see benchmarks.common.data)
     python -m benchmarks.recovery --epochs 4      # a shorter schedule on a busy machine
 
 The MLP 784-1024-1024-10 of :mod:`benchmarks.fashion_mnist` (the same data, model and recipe: Adam lr 1e-3, batch

@@ -18,10 +18,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 
-from benchmarks.fashion_mnist.data import SplitDataModule
-from benchmarks.fashion_mnist.measure import Evaluator, gather_statistics
-from benchmarks.fashion_mnist.models import MLPClassifier, quiet_trainer
-from benchmarks.fashion_mnist.results import TrainConfig
+from benchmarks.common import Evaluator, MLPClassifier, SplitDataModule, TrainConfig, gather_statistics, quiet_trainer
 from lightning_actprune import ActivationPruning
 from lightning_actprune.core import PruningPlan, ThresholdEvaluator, apply_plan, count_parameters, plan_for_reduction
 
@@ -55,7 +52,7 @@ class EpochShuffle(Sampler[int]):
 
 
 class EpochSeededDataModule(SplitDataModule):
-    """:class:`~benchmarks.fashion_mnist.data.SplitDataModule` whose training order is :class:`EpochShuffle`'s."""
+    """:class:`~benchmarks.common.SplitDataModule` whose training order is :class:`EpochShuffle`'s."""
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from benchmarks import common
+
 from .results import RecoveryResults, Row
 
 BEGIN, END = "<!-- recovery:begin -->", "<!-- recovery:end -->"
@@ -60,14 +62,15 @@ def _gradual_note(results: RecoveryResults) -> str:
 def render_markdown(results: RecoveryResults) -> str:
     """The section: command, machine, the accuracy table, the epoch-time table and what is not measured."""
     config, base, machine = results.config, results.base, results.machine
+    versions = machine.versions
     epochs = config.train.epochs
     threads = f"{machine.torch_threads} thread{'' if machine.torch_threads == 1 else 's'}"
     lines = [
         "### Recovery epochs vs one-shot, Torch-Pruning + fine-tuning and training from scratch (generated)",
         "",
         f"Command: `{results.command}` ({results.total_seconds / 60:.1f} min). Machine: {machine.cpu},"
-        f" {machine.usable_cores} usable cores, torch {machine.torch} ({threads}), lightning"
-        f" {machine.lightning}, torch-pruning {machine.torch_pruning}, Python {machine.python}.",
+        f" {machine.usable_cores} usable cores, torch {versions['torch']} ({threads}), lightning"
+        f" {versions['lightning']}, torch-pruning {versions['torch-pruning']}, Python {machine.python}.",
         "",
         f"Unpruned: MLP {'-'.join(map(str, config.train.sizes))} trained {epochs} epochs (Adam lr {config.train.lr},"
         f" batch {config.train.batch_size}, seed {config.train.seed}): {base.params:,} parameters, test accuracy"
@@ -111,9 +114,4 @@ def render_markdown(results: RecoveryResults) -> str:
 
 def write_section(path: Path, generated: str) -> None:
     """Replace what lies between the recovery markers of ``path`` (appended at its end if they are missing)."""
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    if BEGIN not in text or END not in text:
-        text = text.rstrip("\n") + f"\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    path.write_text(f"{head}{BEGIN}\n{generated}\n{END}{tail}")
+    common.write_section(path, generated, BEGIN, END)

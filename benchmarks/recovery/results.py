@@ -6,7 +6,7 @@ import dataclasses
 import hashlib
 import json
 
-from benchmarks.fashion_mnist.results import Machine, TrainConfig, from_plain
+from benchmarks.common import JsonRecord, Machine, TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +79,8 @@ class Base:
 
 
 @dataclasses.dataclass
-class RecoveryResults:
-    """Everything one run measured, and where."""
+class RecoveryResults(JsonRecord):
+    """Everything one run measured, and where; its JSON is the results cache."""
 
     config: RecoveryConfig
     base: Base
@@ -89,12 +89,3 @@ class RecoveryResults:
     machine: Machine
     command: str
     total_seconds: float
-
-    def to_json(self) -> str:
-        """The JSON object of the whole run (the format of the results cache)."""
-        return json.dumps(dataclasses.asdict(self), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> RecoveryResults:
-        """The records back from :meth:`to_json`'s text."""
-        return from_plain(cls, json.loads(text))

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from benchmarks.fashion_mnist.data import INSTALL_COMMAND, load_fashion_mnist, locate_fashion_mnist
-from benchmarks.fashion_mnist.measure import machine_info
-from benchmarks.fashion_mnist.results import TrainConfig
-from benchmarks.fashion_mnist.run import DEFAULT_CACHE, DEFAULT_MARKDOWN, command_line
+from benchmarks.common import (
+    DEFAULT_CACHE,
+    DEFAULT_MARKDOWN,
+    INSTALL_COMMAND,
+    TrainConfig,
+    command_line,
+    last_results,
+    load_fashion_mnist,
+    locate_fashion_mnist,
+    machine_info,
+    quiet_run_log,
+)
 from lightning_actprune.core import count_parameters
 
 from .protocol import (
@@ -179,9 +185,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     results_path = args.cache_dir / RESULTS_FILE
     if args.report_only:
-        if not results_path.is_file():
-            raise SystemExit(f"error: --report-only renders the results of a full run; {results_path} does not exist.")
-        write_section(args.markdown, render_markdown(RecoveryResults.from_json(results_path.read_text())))
+        write_section(args.markdown, render_markdown(RecoveryResults.from_json(last_results(results_path))))
         return
     earlier = None
     try:
@@ -196,15 +200,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         data_dir = locate_fashion_mnist(args.data_dir, install=args.install_data)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*")
+    log = quiet_run_log()
     started = time.perf_counter()
-
-    def log(message: str) -> None:
-        print(f"[{time.perf_counter() - started:7.1f}s] {message}", flush=True)
-
     torch.set_num_threads(args.threads)
     train, val, test = load_fashion_mnist(data_dir, config.train.num_val)
     datamodule = EpochSeededDataModule(train, val, test, batch_size=config.train.batch_size, seed=config.train.seed)

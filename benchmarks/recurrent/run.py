@@ -27,9 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.fashion_mnist.measure import machine_info
-from benchmarks.fashion_mnist.models import quiet_trainer
-from benchmarks.fashion_mnist.run import DEFAULT_CACHE, command_line
+from benchmarks.common import DEFAULT_CACHE, command_line, machine_info, quiet_trainer
 from lightning_actprune import ActivationPruning
 from lightning_actprune.core import apply_plan, count_parameters, find_prunable_layers, plan_from_kept
 
@@ -204,12 +202,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             run = measure(kind, seed, args.epochs, args.lr, args.cache_dir / "recurrent")
             print(f"[{time.perf_counter() - started:6.1f}s] {kind} seed {seed}: {run.widths}", flush=True)
             runs.append(run)
-    machine = machine_info()
     header = {
         "command": command_line("benchmarks.recurrent", argv),
         "minutes": (time.perf_counter() - started) / 60,
-        "machine": f"{machine.cpu}, {machine.usable_cores} usable cores, {machine.torch_threads} torch thread(s),"
-        f" torch {machine.torch}, lightning {machine.lightning}, torch-pruning {machine.torch_pruning}",
+        "machine": machine_info().describe(),
         "epochs": args.epochs,
         "lr": args.lr,
         "seeds": ", ".join(map(str, args.seeds)),

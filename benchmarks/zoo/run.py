@@ -21,10 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.fashion_mnist.measure import machine_info
-from benchmarks.fashion_mnist.models import quiet_trainer
-from benchmarks.fashion_mnist.report import write_markdown
-from benchmarks.fashion_mnist.run import DEFAULT_CACHE, DEFAULT_MARKDOWN, command_line
+from benchmarks.common import DEFAULT_CACHE, DEFAULT_MARKDOWN, command_line, machine_info, quiet_trainer, write_section
 from lightning_actprune import ActivationPruning
 from lightning_actprune.core import apply_plan, count_parameters, find_prunable_layers, plan_from_kept
 
@@ -369,12 +366,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             row = Row(arch.name, f"error: {type(error).__name__}: {' '.join(str(error).split())[:120]}")
         print(f"[{time.perf_counter() - started:7.1f}s] {row.name}: {row.status}", flush=True)
         rows.append(row)
-    machine = machine_info()
     header = {
         "command": command_line("benchmarks.zoo", argv),
         "minutes": (time.perf_counter() - started) / 60,
-        "machine": f"{machine.cpu}, {machine.usable_cores} usable cores, {machine.torch_threads} torch thread(s),"
-        f" torch {machine.torch}, lightning {machine.lightning}, torch-pruning {machine.torch_pruning}",
+        "machine": machine_info().describe(),
         "epochs": args.epochs,
         "lr": args.lr,
     }
@@ -383,5 +378,5 @@ def main(argv: Sequence[str] | None = None) -> None:
     (args.cache_dir / RESULTS_FILE).write_text(
         json.dumps({"header": header, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1)
     )
-    write_markdown(args.markdown, render_markdown(rows, header), BEGIN, END)
+    write_section(args.markdown, render_markdown(rows, header), BEGIN, END)
     print(f"wrote {args.markdown} and {args.cache_dir / RESULTS_FILE}")

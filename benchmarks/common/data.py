@@ -1,4 +1,4 @@
-"""Fashion-MNIST from the Debian package ``dataset-fashion-mnist``: locate (or, when asked, install) and load it.
+"""Fashion-MNIST (the Debian package ``dataset-fashion-mnist``) and the data module the benchmarks train on.
 
 The package puts the four standard IDX files under ``/usr/share/datasets/fashion-mnist``. Nothing is installed
 unless the caller asks (``install=True``, the command line's ``--install-data``); otherwise a missing dataset stops
