@@ -23,7 +23,9 @@ def _command_line_side_effects():
 
 @pytest.mark.usefixtures("_command_line_side_effects")
 def test_one_short_run_prunes_the_recurrent_units_and_writes_its_results(tmp_path, capsys):
-    main(["--epochs", "1", "--seeds", "0", "--kinds", "GRU", "--cache-dir", str(tmp_path)])
+    markdown = tmp_path / "BENCHMARKS.md"
+    markdown.write_text("# Benchmarks\n\nkept text\n")
+    main(["--epochs", "1", "--seeds", "0", "--kinds", "GRU", "--cache-dir", str(tmp_path), "--markdown", str(markdown)])
     (run,) = json.loads((tmp_path / RESULTS_FILE).read_text())["runs"]
     assert run["kind"] == "GRU"
     assert 1 - run["params_after"] / run["params"] >= 0.3
@@ -33,6 +35,10 @@ def test_one_short_run_prunes_the_recurrent_units_and_writes_its_results(tmp_pat
     printed = capsys.readouterr().out
     assert "| GRU | 76,362 | 99.9% |" in printed
     assert "Seeds 0: mean ± standard deviation" in printed
+    written = markdown.read_text()
+    assert written.startswith("# Benchmarks\n\nkept text\n")
+    assert "<!-- recurrent:begin -->\n### LSTM and GRU" in written
+    assert "| GRU | 76,362 | 99.9% |" in written.split("<!-- recurrent:begin -->")[1]
 
 
 def test_the_table_gives_mean_and_spread_over_seeds():

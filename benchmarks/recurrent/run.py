@@ -5,7 +5,7 @@ standardised; a fixed 80/20 split (1,437 train / 360 validation). Model: ``Linea
 (128 units) → its last step → ``Linear(128, 10)``. Each seed trains ``--epochs`` epochs (Adam, batch 64), then
 ``ActivationPruning(target_params_reduction=0.3, recovery_epochs=1)`` prunes it (the Linear feeding the recurrent
 layer loses neurons and the recurrent layer its input columns and hidden units) and trains it one more epoch in the
-same ``fit``. Writes ``benchmarks/.cache/recurrent.json`` and prints a markdown table.
+same ``fit``. Writes ``benchmarks/.cache/recurrent.json`` and BENCHMARKS.md's ``recurrent`` section.
 """
 
 from __future__ import annotations
@@ -27,11 +27,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.common import DEFAULT_CACHE, command_line, machine_info, quiet_trainer
+from benchmarks.common import DEFAULT_CACHE, DEFAULT_MARKDOWN, command_line, machine_info, quiet_trainer, write_section
 from lightning_actprune import ActivationPruning
 from lightning_actprune.core import apply_plan, count_parameters, find_prunable_layers, plan_from_kept
 
 RESULTS_FILE = "recurrent.json"
+BEGIN, END = "<!-- recurrent:begin -->", "<!-- recurrent:end -->"
+HEADING = "### LSTM and GRU classifiers on digits read row by row (generated)"
 KINDS: dict[str, type[nn.RNNBase]] = {"LSTM": nn.LSTM, "GRU": nn.GRU}
 TARGET = 0.3
 
@@ -189,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--kinds", nargs="+", choices=sorted(KINDS), default=list(KINDS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--markdown", type=Path, default=DEFAULT_MARKDOWN, help="the file whose section is written")
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error(f"--epochs must be an integer >= 1; got {args.epochs}")
@@ -213,5 +216,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     path = args.cache_dir / RESULTS_FILE
     path.write_text(json.dumps({"header": header, "runs": [dataclasses.asdict(r) for r in runs]}, indent=1))
-    print(render_markdown(runs, header))
-    print(f"wrote {path}")
+    table = render_markdown(runs, header)
+    write_section(args.markdown, f"{HEADING}\n\n{table}", BEGIN, END)
+    print(table)
+    print(f"wrote {path} and {args.markdown}")
