@@ -526,9 +526,13 @@ def _field_roles(pretrained: nn.Module) -> list[set[str]]:
         return []
     explicit = copy.deepcopy(config)
     dims = {shape.head_dim for shape in head_shapes(pretrained).values()}
-    if len(dims) == 1 and not _slots(explicit, HEAD_DIM_FIELDS):
-        Slot(("head_dim",)).set(explicit, dims.pop())
-    explicit_base = _built_shapes(pretrained, explicit)
+    explicit_base = None
+    try:
+        if len(dims) == 1 and not _slots(explicit, HEAD_DIM_FIELDS):
+            Slot(("head_dim",)).set(explicit, dims.pop())
+        explicit_base = _built_shapes(pretrained, explicit)
+    except (AttributeError, TypeError):  # a head width the config derives and will not take (Falcon's property)
+        pass  # its head counts cannot be stated (`head_updates`): they tie nothing
     roles = [_producers(pretrained, _probe(pretrained, config, slot, base)) for slot in _slots(config, WIDTH_FIELDS)]
     if explicit_base is not None:
         for slot in _slots(explicit, (*HEAD_FIELDS, *KV_HEAD_FIELDS)):

@@ -383,6 +383,22 @@ def test_same_roles_are_tied_by_block_and_by_config_field():
     ]  # the pooler has no twin
 
 
+def test_roles_of_a_config_whose_head_width_is_a_read_only_property():
+    # Falcon's head_dim is a property without a setter: its head counts cannot be stated, the roles still tie
+    config = transformers.FalconConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+        new_decoder_architecture=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.FalconForCausalLM(config).eval()
+    layers = find_prunable_layers(model, torch.randint(3, VOCAB, (2, 6)))
+    ties = sorted(sorted(tie) for tie in uniform_ties(model, layers))
+    assert ties == [
+        [f"transformer.h.{i}.mlp.dense_h_to_4h" for i in (0, 1)],
+        [f"transformer.h.{i}.self_attention:heads" for i in (0, 1)],
+    ]
+
+
 def test_exactness_guard_and_bad_arguments(tmp_path):
     model, plan = pruned("llama", uniform=False)
     save_pretrained(model, tmp_path, plan=plan)
