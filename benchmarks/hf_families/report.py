@@ -127,7 +127,12 @@ def summary(results: Results) -> list[str]:
         f"- **{len(rows)} families tried** ({len(curated)} with hand-written tiny configs, {len(rows) - len(curated)}"
         f" from their default config, shrunk), **{len(built)} built and ran** on their batch, **{len(pruned)} pruned**"
         f" ({status[NOTHING]} with nothing prunable, {status[ERROR]} errors, {status[SKIPPED]} skipped: they did not"
-        " build or run on a generic batch).",
+        " build or run on a generic batch)"
+        + (
+            f"; {len(results.not_tried)} more not tried: the run's wall-clock budget was spent first."
+            if results.not_tried
+            else "."
+        ),
         f"- Of the {len(pruned)} pruned: equal to the zeroing oracle {_equal(pruned, 'oracle')}"
         f" ({sum(r.oracle.outcome == EXACT for r in pruned)} bit for bit); ours `save_pretrained` → stock"
         f" `from_pretrained` gives the same outputs {_equal(pruned, 'stock_load')}"
@@ -146,9 +151,14 @@ def summary(results: Results) -> list[str]:
             if r.status == PRUNED and r.oracle.equal and r.stock_load.equal and r.ours_load.equal and r.head_layers
         ]
         missing = ", ".join(r.name for r in curated if r not in ok)
+        no_heads = ", ".join(r.name for r in curated if r.status == PRUNED and not r.heads_pruned)
         lines.append(
             f"- Issue 20's families: {len(ok)} of {len(curated)} pruned with heads found, equal to the oracle and"
-            " through both loaders" + (f" (not: {missing})." if missing else ".")
+            " through both loaders" + (f" (not: {missing})" if missing else "") + "; heads pruned at the target in"
+            f" {sum(1 for r in curated if r.heads_pruned)} of {len(curated)}"
+            + (f" (not: {no_heads})" if no_heads else "")
+            + f", FFN neurons in {sum(1 for r in curated if r.ffn_pruned)}; with `uniform_widths=True` the model's own"
+            f" `save_pretrained` round-trips in {_equal(curated, 'uniform_load')} of {len(curated)}."
         )
     if seconds:
         lines.append(

@@ -111,3 +111,5 @@ class SweepResults(JsonRecord):
     cpu_seconds: float
     """The families' own CPU seconds, summed (each process's ``time.process_time``)."""
     total_seconds: float
+    not_tried: list[str] = dataclasses.field(default_factory=list)
+    """Families of the list that did not start: the run's wall-clock budget (``--budget-minutes``) was spent."""
