@@ -135,9 +135,15 @@ class Slot(NamedTuple):
     entry: int | None = None
 
     def get(self, config: Any) -> Any:
-        """The value in ``config``."""
+        """The value in ``config``; None where the config refuses to give one value for every layer.
+
+        ``transformers``' per-layer configs raise a ``RuntimeError`` on a global read of a field that varies by layer.
+        """
         owner = _owner(config, self.path)
-        value: Any = getattr(owner, self.path[-1], None)
+        try:
+            value: Any = getattr(owner, self.path[-1], None)
+        except RuntimeError:
+            return None
         return value[self.entry] if self.entry is not None else value
 
     def set(self, config: Any, value: int) -> None:

@@ -48,11 +48,12 @@ CI_FAMILIES = {
 
 
 def family(name: str) -> Family:
-    if name == "gpt2":
-        found = family_of("gpt2")
-        assert found is not None
-        return found
-    return curated_family(name)
+    if name in CI_FAMILIES and name != "gpt2":
+        return curated_family(name)
+    found = family_of(name)
+    if found is None:
+        pytest.skip(f"this transformers has no model type {name!r}")
+    return found
 
 
 @functools.cache
@@ -88,6 +89,20 @@ def test_the_family_prunes_heads_and_ffn_neurons_like_the_oracle_and_round_trips
     if family(name).generates:
         assert row.generate.outcome == EXACT, row.generate  # with the cache = without = the zeroing oracle
     assert row.analysis_seconds > 0
+
+
+def test_a_config_that_refuses_a_global_read_of_a_per_layer_field_is_pruned_and_round_trips():
+    # transformers' per-layer configs raise a RuntimeError on `config.num_key_value_heads`: the head counts come from
+    # the attention modules, the config fields that cannot be read are left alone
+    row = checked("embedding_gemma2_text")
+
+    assert (row.status, row.stage, row.error) == (PRUNED, "done", "")
+    assert row.heads_pruned > 0
+    assert row.ffn_pruned > 0
+    assert row.oracle.equal, row.oracle
+    assert row.stock_load.equal, row.stock_load
+    assert row.ours_load.equal, row.ours_load
+    assert any("cannot state the widths" in text for text in row.uniform_unstated), row.uniform_unstated
 
 
 def test_the_comparison_tells_exact_from_rounding_from_a_difference():
