@@ -229,6 +229,9 @@ def check_round_trip(net: Net, plan: PruningPlan, family: Family, inputs: dict[s
         with _stage(result, "save_pretrained", result.stock_load):
             _quietly(lambda: save_pretrained(net, path, plan=plan))
             result.padded = (path / "actprune_padding.json").is_file()
+        if result.stock_load.outcome == DIFFERS:  # the save failed: its error, not the empty directory's, in both
+            result.ours_load = Comparison(DIFFERS, error=result.stock_load.error)
+            return
         with _stage(result, "stock from_pretrained", result.stock_load):
             result.stock_load = compare(outputs(loaded(family.auto_class, path), inputs), expected)
         with _stage(result, "from_pretrained", result.ours_load):
