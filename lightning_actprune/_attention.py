@@ -58,6 +58,17 @@ def _count(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
+def _config_count(config: object, name: str) -> int | None:
+    """``config.<name>`` as a head count; None where it is missing or the config refuses one value for every layer.
+
+    ``transformers``' per-layer configs raise a ``RuntimeError`` on a global read of a field that varies by layer.
+    """
+    try:
+        return _count(getattr(config, name, None))
+    except RuntimeError:
+        return None
+
+
 def _own(module: nn.Module, names: Sequence[str]) -> tuple[str, int] | None:
     """The first of ``names`` that ``module`` holds itself as a positive int, with its value."""
     attributes = vars(module)
@@ -106,12 +117,12 @@ def head_numbers(holder: nn.Module) -> HeadNumbers | None:
     """The numbers ``holder`` declares, from its attributes or else its ``config``; ``None`` without a head count."""
     own = _own(holder, HEADS)
     config = getattr(holder, "config", None)
-    heads = own[1] if own is not None else _count(getattr(config, "num_attention_heads", None))
+    heads = own[1] if own is not None else _config_count(config, "num_attention_heads")
     if heads is None:
         return None
     kv = _own(holder, KV_HEADS)
     groups = _own(holder, GROUPS)
-    config_kv = _count(getattr(config, "num_key_value_heads", None)) if own is None else None
+    config_kv = _config_count(config, "num_key_value_heads") if own is None else None
     if kv is not None:
         kv_heads = kv[1]
     elif groups is not None and heads % groups[1] == 0:
@@ -209,7 +220,7 @@ def set_head_numbers(holder: nn.Module, before: HeadNumbers, heads: int, kv_head
         ("num_attention_heads", before.heads, heads),
         ("num_key_value_heads", before.kv_heads, kv_heads),
     ):
-        if _count(getattr(config, name, None)) == old:
+        if _config_count(config, name) == old:
             overrides[name] = new
     if overrides:
         attributes["config"] = ConfigView(base, overrides)

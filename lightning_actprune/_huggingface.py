@@ -135,9 +135,15 @@ class Slot(NamedTuple):
     entry: int | None = None
 
     def get(self, config: Any) -> Any:
-        """The value in ``config``."""
+        """The value in ``config``; None where the config refuses to give one value for every layer.
+
+        ``transformers``' per-layer configs raise a ``RuntimeError`` on a global read of a field that varies by layer.
+        """
         owner = _owner(config, self.path)
-        value: Any = getattr(owner, self.path[-1], None)
+        try:
+            value: Any = getattr(owner, self.path[-1], None)
+        except RuntimeError:
+            return None
         return value[self.entry] if self.entry is not None else value
 
     def set(self, config: Any, value: int) -> None:
@@ -526,9 +532,13 @@ def _field_roles(pretrained: nn.Module) -> list[set[str]]:
         return []
     explicit = copy.deepcopy(config)
     dims = {shape.head_dim for shape in head_shapes(pretrained).values()}
-    if len(dims) == 1 and not _slots(explicit, HEAD_DIM_FIELDS):
-        Slot(("head_dim",)).set(explicit, dims.pop())
-    explicit_base = _built_shapes(pretrained, explicit)
+    explicit_base = None
+    try:
+        if len(dims) == 1 and not _slots(explicit, HEAD_DIM_FIELDS):
+            Slot(("head_dim",)).set(explicit, dims.pop())
+        explicit_base = _built_shapes(pretrained, explicit)
+    except (AttributeError, TypeError):  # a head width the config derives and will not take (Falcon's property)
+        pass  # its head counts cannot be stated (`head_updates`): they tie nothing
     roles = [_producers(pretrained, _probe(pretrained, config, slot, base)) for slot in _slots(config, WIDTH_FIELDS)]
     if explicit_base is not None:
         for slot in _slots(explicit, (*HEAD_FIELDS, *KV_HEAD_FIELDS)):
@@ -658,15 +668,16 @@ class _Layout(NamedTuple):
         return {b * total * width + n * width + c for b in range(self.blocks) for n in neurons for c in range(width)}
 
 
-def _layouts(model: nn.Module, plan: PruningPlan) -> dict[ModulePruning, _Layout] | None:
-    """For every operation, the layer whose neurons it removes and how, or None when one cannot be told.
+def _layouts(model: nn.Module, plan: PruningPlan) -> dict[ModulePruning, _Layout | None] | None:
+    """For every operation, the layer whose neurons it removes and how; None when a module's size cannot be read.
 
     A layer's neuron ``n`` sits at ``b · neurons · width + n · width + c`` in every module the plan touches for it
     (a Linear: ``width`` 1; the channels of a head: ``head_dim``; GPT-2's fused q/k/v: 3 blocks). The layout is
     accepted only when it gives exactly the operation's indices, and the layer whose name shares the longest
-    prefix with the module wins.
+    prefix with the module wins. An operation that no layout gives maps to None (Falcon's fused q/k/v, whose axis
+    also holds the key/value heads).
     """
-    layouts = {}
+    layouts: dict[ModulePruning, _Layout | None] = {}
     for operation in plan.operations:
         size = _size_along(model, operation.module, operation.dim)
         if size is None:
@@ -684,10 +695,30 @@ def _layouts(model: nn.Module, plan: PruningPlan) -> dict[ModulePruning, _Layout
                     matches.append(layout)
         shared = [_shared_components(m.layer.name, operation.module) for m in matches]
         best = [m for m, n in zip(matches, shared, strict=True) if n == max(shared, default=-1)]
-        if len({m.layer.name for m in best}) != 1:
-            return None
-        layouts[operation] = best[0]
+        layouts[operation] = best[0] if len({m.layer.name for m in best}) == 1 else None
     return layouts
+
+
+def _owners(plan: PruningPlan, layouts: Mapping[ModulePruning, _Layout | None] | None) -> dict[ModulePruning, str]:
+    """The layer whose neurons each operation removes: from its layout, else by name.
+
+    Where no layout tells (Falcon's fused q/k/v, whose axis holds key/value heads beside the query heads), the layer
+    that removed neurons in a number dividing the operation's indices and shares the longest name prefix with the
+    module; an operation that no single layer claims has no owner.
+    """
+    owners = {}
+    for operation in plan.operations:
+        layout = layouts.get(operation) if layouts is not None else None
+        if layout is not None:
+            owners[operation] = layout.layer.name
+            continue
+        count = len(operation.indices)
+        fits = [layer.name for layer in plan.layers if layer.removed and not count % len(layer.removed)]
+        shared = {name: _shared_components(name, operation.module) for name in fits}
+        best = [name for name, n in shared.items() if n == max(shared.values())]
+        if len(best) == 1:
+            owners[operation] = best[0]
+    return owners
 
 
 def _shared_components(layer: str, module: str) -> int:
@@ -716,29 +747,41 @@ def _unpadding(model: nn.Module, paddings: Sequence[Padding], layers: Sequence[L
 
 
 def _to_widest(
-    pretrained: nn.Module, plan: PruningPlan, built: Shapes, layouts: Mapping[ModulePruning, _Layout]
-) -> tuple[list[Padding], list[LayerPlan]]:
+    pretrained: nn.Module,
+    plan: PruningPlan,
+    built: Shapes,
+    layouts: Mapping[ModulePruning, _Layout | None],
+    owners: Mapping[ModulePruning, str],
+) -> tuple[list[Padding], list[LayerPlan]] | None:
     """Zeros that bring each layer the config cannot state to the widest width of the layers its field governs.
 
-    A layer that no width field governs (a pooler, attention heads) comes back to its width before pruning.
+    A layer that no width field governs (a pooler, attention heads), or one with an operation whose layout is not
+    known, comes back to its width before pruning. None when an operation that needs padding has no owner.
     """
     layers = {layer.name: layer for layer in plan.layers}
-    padded = {layout.layer.name for op, layout in layouts.items() if _needs_padding(pretrained, op, built)}
+    needing = [operation for operation in layouts if _needs_padding(pretrained, operation, built)]
+    if any(operation not in owners for operation in needing):
+        return None
+    padded = {owners[operation] for operation in needing}
+    whole = {owners[operation] for operation, layout in layouts.items() if layout is None and operation in owners}
     # a layer's producers: its operations' outputs, or its name for a layer that lost nothing (and has none)
     producers = {name: set(name.split("+")) for name in layers}
-    for operation, layout in layouts.items():
+    for operation, name in owners.items():
         if operation.dim == "out":
-            producers[layout.layer.name].add(operation.module)
+            producers[name].add(operation.module)
     target = {name: layers[name].neurons for name in padded}
     for slot in _slots(pretrained.config, WIDTH_FIELDS):
         governed = _producers(pretrained, _probe(pretrained, pretrained.config, slot, built))
         members = [name for name in layers if producers[name] & governed]
         widest = max((len(layers[name].kept) for name in members), default=0)
-        target.update({name: min(target[name], widest) for name in members if name in padded})
+        target.update({name: min(target[name], widest) for name in members if name in padded and name not in whole})
     back = {name: layers[name].removed[: target[name] - len(layers[name].kept)] for name in padded}
     paddings = []
     for operation, layout in layouts.items():
-        reinserted = layout.indices(back.get(layout.layer.name, ()))
+        owner = owners.get(operation)
+        if owner is None or not back.get(owner):
+            continue
+        reinserted = layout.indices(back[owner]) if layout is not None else set(operation.indices)  # whole: all back
         if reinserted:
             paddings.append(Padding(operation.module, operation.dim, operation.indices, tuple(sorted(reinserted))))
     unpadded = []
@@ -774,17 +817,22 @@ def _padded_form(pretrained: nn.Module, plan: PruningPlan | None) -> _PaddedForm
             " and no pruning plan is recorded for it: pass the plan that pruned it (`plan=`)."
         )
     layouts = _layouts(pretrained, plan)
+    owners = _owners(plan, layouts)
     original = pretrained.__dict__.get(_ORIGINAL_CONFIG)
     original = pretrained.config if original is None else original
     needed = [o for o in plan.operations if _needs_padding(pretrained, o, built)]
     candidates: list[tuple[list[Padding], Sequence[LayerPlan], Any]] = []
-    if layouts is not None:
-        candidates.append(
-            (*_to_widest(pretrained, plan, built, layouts), None)
-        )  # the config: solved from the padded shapes
+    widest = _to_widest(pretrained, plan, built, layouts, owners) if layouts is not None else None
+    if widest is not None:
+        candidates.append((*widest, None))  # the config: solved from the padded shapes
     for operations, config in ((needed, pretrained.config), (plan.operations, original)):
         paddings = [Padding(o.module, o.dim, o.indices, o.indices) for o in operations]
-        names = {layouts[o].layer.name for o in operations} if layouts is not None else set()
+        if len(operations) == len(plan.operations):  # everything padded back: the plan's layers undo it all
+            candidates.append((paddings, list(plan.layers), config))
+            continue
+        names = {owners.get(o) for o in operations}
+        if None in names or any(o not in operations for o, name in owners.items() if name in names):
+            continue  # a layer whose head counts would not follow its padded operations
         candidates.append((paddings, [layer for layer in plan.layers if layer.name in names], config))
     for paddings, unpadded, config in candidates:
         state = _padded_state(pretrained, paddings)

@@ -1,5 +1,8 @@
 """Attention heads in every Hugging Face family, found by one mechanism: each family built from a tiny config.
 
+The configs are ``CURATED`` of ``benchmarks/hf_families/families.py``: the families table of BENCHMARKS.md builds
+the same models (``tests/test_benchmark_hf_families.py`` runs a subset of it).
+
 For each family the oracle is written from the attention's own layout (head ``h`` is channels ``h*head_dim …
 (h+1)*head_dim`` of the out projection's input, for every layout of q/k/v), not from the plan: the pruned model
 equals the unpruned one whose removed heads are zeroed before the out projection. Causal language models (and the
@@ -20,6 +23,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
+from benchmarks.hf_families.families import CURATED, GQA, SMALL, VOCAB
 from lightning_actprune import ActivationPruning, ActivationPruningError, export_pruned, load_pruned
 from lightning_actprune._counting import parameters_after
 from lightning_actprune._heads import head_counts
@@ -29,11 +33,6 @@ from tests.helpers import KeepUnpruned, assert_matches_oracle
 from tests.test_heads import zero_heads_before
 
 transformers = pytest.importorskip("transformers")
-
-VOCAB = 100
-SMALL = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2}
-HEADS = {"num_attention_heads": 4}
-GQA = {"num_attention_heads": 4, "num_key_value_heads": 2}
 
 
 @dataclass(frozen=True)
@@ -59,22 +58,6 @@ class Family:
     kv_heads: int = 4
 
 
-def _t5() -> nn.Module:
-    config = transformers.T5Config(
-        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, decoder_start_token_id=0,
-        dropout_rate=0.0,
-    )  # fmt: skip
-    return transformers.T5ForConditionalGeneration(config)
-
-
-def _bart() -> nn.Module:
-    config = transformers.BartConfig(
-        vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
-    )  # fmt: skip
-    return transformers.BartForConditionalGeneration(config)
-
-
 T5_STACKS = tuple(
     tuple(f"model.{stack}.block.{i}.layer.{position}.{name}" for i in range(2))
     for stack, position, name in (
@@ -85,114 +68,37 @@ T5_STACKS = tuple(
 )
 
 FAMILIES = {
-    "llama": Family(
-        lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL, **GQA)),
-        "causal",
-        ("model.model.layers.{}.self_attn",),
-        "o_proj",
-        kv_heads=2,
-    ),
-    "mistral": Family(
-        lambda: transformers.MistralForCausalLM(transformers.MistralConfig(**SMALL, **GQA)),
-        "causal",
-        ("model.model.layers.{}.self_attn",),
-        "o_proj",
-        kv_heads=2,
-    ),
+    "llama": Family(CURATED["llama"].build, "causal", ("model.model.layers.{}.self_attn",), "o_proj", kv_heads=2),
+    "mistral": Family(CURATED["mistral"].build, "causal", ("model.model.layers.{}.self_attn",), "o_proj", kv_heads=2),
     "qwen2": Family(  # biases on q, k and v
-        lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**SMALL, **GQA)),
-        "causal",
-        ("model.model.layers.{}.self_attn",),
-        "o_proj",
-        kv_heads=2,
+        CURATED["qwen2"].build, "causal", ("model.model.layers.{}.self_attn",), "o_proj", kv_heads=2
     ),
     "qwen3": Family(  # q_norm and k_norm over each head's channels
-        lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**SMALL, **GQA, head_dim=8)),
-        "causal",
-        ("model.model.layers.{}.self_attn",),
-        "o_proj",
-        kv_heads=2,
+        CURATED["qwen3"].build, "causal", ("model.model.layers.{}.self_attn",), "o_proj", kv_heads=2
     ),
-    "gemma": Family(
-        lambda: transformers.GemmaForCausalLM(transformers.GemmaConfig(**SMALL, **GQA, head_dim=8)),
-        "causal",
-        ("model.model.layers.{}.self_attn",),
-        "o_proj",
-        kv_heads=2,
-    ),
+    "gemma": Family(CURATED["gemma"].build, "causal", ("model.model.layers.{}.self_attn",), "o_proj", kv_heads=2),
     "phi3": Family(  # one fused qkv_proj: [q | k | v]
-        lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(**SMALL, **GQA, pad_token_id=0)),
-        "causal",
-        ("model.model.layers.{}.self_attn",),
-        "o_proj",
-        kv_heads=2,
+        CURATED["phi3"].build, "causal", ("model.model.layers.{}.self_attn",), "o_proj", kv_heads=2
     ),
     "gpt_neox": Family(  # fused query_key_value, q/k/v interleaved per head, partial rotary
-        lambda: transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**SMALL, **HEADS)),
-        "causal",
-        ("model.gpt_neox.layers.{}.attention",),
-        "dense",
+        CURATED["gpt_neox"].build, "causal", ("model.gpt_neox.layers.{}.attention",), "dense"
     ),
-    "opt": Family(
-        lambda: transformers.OPTForCausalLM(
-            transformers.OPTConfig(
-                vocab_size=VOCAB,
-                hidden_size=32,
-                ffn_dim=48,
-                num_hidden_layers=2,
-                **HEADS,
-                word_embed_proj_dim=32,
-                max_position_embeddings=64,
-            )
-        ),
-        "causal",
-        ("model.model.decoder.layers.{}.self_attn",),
-        "out_proj",
-    ),
+    "opt": Family(CURATED["opt"].build, "causal", ("model.model.decoder.layers.{}.self_attn",), "out_proj"),
     "bloom": Family(  # fused, interleaved per head; ALiBi biases built by the model for every head
-        lambda: transformers.BloomForCausalLM(
-            transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)
-        ),
-        "causal",
-        ("model.transformer.h.{}.self_attention",),
-        "dense",
+        CURATED["bloom"].build, "causal", ("model.transformer.h.{}.self_attention",), "dense"
     ),
     "falcon": Family(  # fused, grouped per key/value head: [q q k v | q q k v]
-        lambda: transformers.FalconForCausalLM(
-            transformers.FalconConfig(
-                vocab_size=VOCAB,
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_kv_heads=2,
-                new_decoder_architecture=True,
-            )
-        ),
-        "causal",
-        ("model.transformer.h.{}.self_attention",),
-        "dense",
-        kv_heads=2,
+        CURATED["falcon"].build, "causal", ("model.transformer.h.{}.self_attention",), "dense", kv_heads=2
     ),
     "falcon_multi_query": Family(  # fused [q … q | k | v], one key/value head
-        lambda: transformers.FalconForCausalLM(
-            transformers.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
-        ),
-        "causal",
-        ("model.transformer.h.{}.self_attention",),
-        "dense",
-        kv_heads=1,
+        CURATED["falcon_multi_query"].build, "causal", ("model.transformer.h.{}.self_attention",), "dense", kv_heads=1
     ),
     "gptj": Family(  # rotary on part of each head
-        lambda: transformers.GPTJForCausalLM(
-            transformers.GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64)
-        ),
-        "causal",
-        ("model.transformer.h.{}.attn",),
-        "out_proj",
+        CURATED["gptj"].build, "causal", ("model.transformer.h.{}.attn",), "out_proj"
     ),
-    "t5": Family(_t5, "seq2seq", (), "o", coupled=T5_STACKS),
+    "t5": Family(CURATED["t5"].build, "seq2seq", (), "o", coupled=T5_STACKS),
     "bart": Family(
-        _bart,
+        CURATED["bart"].build,
         "seq2seq",
         (
             "model.model.encoder.layers.{}.self_attn",
@@ -201,78 +107,21 @@ FAMILIES = {
         ),
         "out_proj",
     ),
-    "distilbert": Family(
-        lambda: transformers.DistilBertModel(
-            transformers.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=48)
-        ),
-        "encoder",
-        ("model.transformer.layer.{}.attention",),
-        "out_lin",
-    ),
+    "distilbert": Family(CURATED["distilbert"].build, "encoder", ("model.transformer.layer.{}.attention",), "out_lin"),
     "roberta": Family(
-        lambda: transformers.RobertaModel(transformers.RobertaConfig(**SMALL, **HEADS, max_position_embeddings=64)),
-        "encoder",
-        ("model.encoder.layer.{}.attention",),
-        "output.dense",
-        holder="self",
+        CURATED["roberta"].build, "encoder", ("model.encoder.layer.{}.attention",), "output.dense", holder="self"
     ),
     "albert": Family(  # one layer, shared: called once per layer
-        lambda: transformers.AlbertModel(transformers.AlbertConfig(**SMALL, **HEADS, embedding_size=16)),
-        "encoder",
-        ("model.encoder.albert_layer_groups.0.albert_layers.0.attention",),
-        "dense",
+        CURATED["albert"].build, "encoder", ("model.encoder.albert_layer_groups.0.albert_layers.0.attention",), "dense"
     ),
     "electra": Family(
-        lambda: transformers.ElectraModel(transformers.ElectraConfig(**SMALL, **HEADS, embedding_size=16)),
-        "encoder",
-        ("model.encoder.layer.{}.attention",),
-        "output.dense",
-        holder="self",
+        CURATED["electra"].build, "encoder", ("model.encoder.layer.{}.attention",), "output.dense", holder="self"
     ),
     "deberta_v2": Family(  # disentangled attention: relative positions projected per head (shared key projection)
-        lambda: transformers.DebertaV2Model(
-            transformers.DebertaV2Config(
-                **SMALL,
-                **HEADS,
-                relative_attention=True,
-                pos_att_type=["p2c", "c2p"],
-                position_buckets=8,
-                share_att_key=True,
-            )
-        ),
-        "encoder",
-        ("model.encoder.layer.{}.attention",),
-        "output.dense",
-        holder="self",
+        CURATED["deberta_v2"].build, "encoder", ("model.encoder.layer.{}.attention",), "output.dense", holder="self"
     ),
-    "vit": Family(
-        lambda: transformers.ViTModel(
-            transformers.ViTConfig(
-                image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=2, **HEADS, intermediate_size=48
-            )
-        ),
-        "vision",
-        ("model.layers.{}.attention",),
-        "o_proj",
-    ),
-    "wav2vec2": Family(
-        lambda: transformers.Wav2Vec2Model(
-            transformers.Wav2Vec2Config(
-                hidden_size=32,
-                num_hidden_layers=2,
-                **HEADS,
-                intermediate_size=48,
-                conv_dim=(8, 8),
-                conv_stride=(5, 2),
-                conv_kernel=(10, 3),
-                num_conv_pos_embeddings=4,
-                num_conv_pos_embedding_groups=2,
-            )
-        ),
-        "audio",
-        ("model.encoder.layers.{}.attention",),
-        "out_proj",
-    ),
+    "vit": Family(CURATED["vit"].build, "vision", ("model.layers.{}.attention",), "o_proj"),
+    "wav2vec2": Family(CURATED["wav2vec2"].build, "audio", ("model.encoder.layers.{}.attention",), "out_proj"),
 }
 
 

@@ -110,6 +110,11 @@ T5 = {
     "vocab_size": VOCAB, "d_model": 32, "d_kv": 8, "d_ff": 48, "num_layers": 2, "num_decoder_layers": 2,
     "num_heads": 4, **TOKENS, **DECODER,
 }  # fmt: skip
+FALCON = {
+    "vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "ffn_hidden_size": 48,
+    **TOKENS,
+}  # fmt: skip
+FALCON_GQA = {**FALCON, "num_kv_heads": 2, "new_decoder_architecture": True}  # fused [q q k v | q q k v]
 CAUSAL, SEQ2SEQ, CLASSIFIER = "AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModelForSequenceClassification"
 
 FAMILIES = {
@@ -118,6 +123,9 @@ FAMILIES = {
     "qwen2": Family("Qwen2Config", LLAMA_LIKE, CAUSAL, "causal", "intermediate_size", "*.mlp.*"),
     "gpt2": Family("GPT2Config", GPT2, CAUSAL, "causal", "n_inner", "*.mlp.c_fc"),
     "opt": Family("OPTConfig", OPT, CAUSAL, "causal", "ffn_dim", "*.fc1"),
+    # fused q/k/v whose axis also holds the key/value heads: one of them (multi-query), or one per group
+    "falcon": Family("FalconConfig", FALCON, CAUSAL, "causal", "ffn_hidden_size", "*.dense_h_to_4h"),
+    "falcon_gqa": Family("FalconConfig", FALCON_GQA, CAUSAL, "causal", "ffn_hidden_size", "*.dense_h_to_4h"),
     "bert": Family(
         "BertConfig", BERT_LIKE, CLASSIFIER, "classifier", "intermediate_size", "*.intermediate.dense", ("*pooler*",)
     ),
@@ -381,6 +389,22 @@ def test_same_roles_are_tied_by_block_and_by_config_field():
         [f"bert.encoder.layer.{i}.attention:heads" for i in (0, 1)],
         [f"bert.encoder.layer.{i}.intermediate.dense" for i in (0, 1)],
     ]  # the pooler has no twin
+
+
+def test_roles_of_a_config_whose_head_width_is_a_read_only_property():
+    # Falcon's head_dim is a property without a setter: its head counts cannot be stated, the roles still tie
+    config = transformers.FalconConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+        new_decoder_architecture=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.FalconForCausalLM(config).eval()
+    layers = find_prunable_layers(model, torch.randint(3, VOCAB, (2, 6)))
+    ties = sorted(sorted(tie) for tie in uniform_ties(model, layers))
+    assert ties == [
+        [f"transformer.h.{i}.mlp.dense_h_to_4h" for i in (0, 1)],
+        [f"transformer.h.{i}.self_attention:heads" for i in (0, 1)],
+    ]
 
 
 def test_exactness_guard_and_bad_arguments(tmp_path):
