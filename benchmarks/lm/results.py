@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Sequence
 
 from benchmarks.common import JsonRecord, Machine
 
@@ -18,6 +19,25 @@ UNPRUNED_LONGER = "unpruned, trained on"
 OURS = "ours, one-shot"
 OURS_RECOVERED = "ours + recovery"
 SCRATCH = "from scratch, ours' widths"
+GQA_UNITS = ("query_heads", "kv_groups")
+"""The units of grouped-query attention the package offers (``ActivationPruning(gqa_unit=...)``)."""
+
+
+def default_gqa_unit() -> str:
+    """The package's default ``gqa_unit``: what the ``ours`` rows use (they pass no ``gqa_unit``)."""
+    from lightning_actprune._config import PruningSettings
+
+    return str(PruningSettings.__dataclass_fields__["gqa_unit"].default)
+
+
+def other_gqa_unit() -> str:
+    """The unit that is not the default: the rows that compare the two units use it."""
+    return next(unit for unit in GQA_UNITS if unit != default_gqa_unit())
+
+
+def ours_with_unit(method: str, gqa_unit: str) -> str:
+    """The label of an ``ours`` row with another ``gqa_unit`` than the default."""
+    return f"{method}, `gqa_unit: {gqa_unit}`"
 
 
 TP_SCOPE_LABELS = {"recipe": "", "ffn": ", FFN only", "hidden": ", hidden size too"}
@@ -51,6 +71,13 @@ class RunConfig:
     scratch: bool = False
     tp_scopes: tuple[str, ...] = ("recipe", "ffn")
     """What Torch-Pruning may prune, one setting each (``hidden``: the recipe as its script runs it)."""
+    compare_gqa_unit: bool = True
+    """Also ours + recovery with the other ``gqa_unit`` (its one-shot row is the test loss right after its prune)."""
+    step_fractions: tuple[float, ...] = (1.0, 0.25)
+    """Ours + recovery by steps: ``recovery_steps = N`` of ``fraction × S`` (at least 1); empty: none."""
+    distill_weights: tuple[float, ...] = (0.0, 0.5)
+    """Each step recovery with each ``distill_weight`` (``0``: no distillation)."""
+    distill_temperature: float = 2.0
 
     def __post_init__(self) -> None:
         if self.epochs < 2:
@@ -64,6 +91,18 @@ class RunConfig:
             raise ValueError(f"`seeds` must be distinct integers, at least one; got {self.seeds!r}.")
         if not self.tp_scopes or set(self.tp_scopes) - set(TP_SCOPE_LABELS):
             raise ValueError(f"`tp_scopes` can hold {', '.join(TP_SCOPE_LABELS)}; got {self.tp_scopes!r}.")
+        if not all(f > 0 for f in self.step_fractions) or len(set(self.step_fractions)) != len(self.step_fractions):
+            raise ValueError(f"`step_fractions` must be distinct positive numbers; got {self.step_fractions!r}.")
+        if self.step_fractions and (
+            not self.distill_weights
+            or not all(w >= 0 for w in self.distill_weights)
+            or len(set(self.distill_weights)) != len(self.distill_weights)
+        ):
+            raise ValueError(
+                f"`distill_weights` must be distinct numbers >= 0, one at least; got {self.distill_weights!r}."
+            )
+        if self.distill_temperature <= 0:
+            raise ValueError(f"`distill_temperature` must be > 0; got {self.distill_temperature!r}.")
         if self.corpus.context != self.model.context:
             raise ValueError(
                 f"the corpus's context ({self.corpus.context}) must be the model's ({self.model.context})."
@@ -80,6 +119,11 @@ class RunConfig:
             "seed": seed,
         }
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+    @property
+    def recovery_step_counts(self) -> tuple[int, ...]:
+        """``N`` of each step recovery: ``fraction × S`` rounded, at least 1."""
+        return tuple(max(1, round(f * self.steps_per_epoch)) for f in self.step_fractions)
 
 
 @dataclasses.dataclass
@@ -143,6 +187,38 @@ class OursPlan:
     """With recovery: the test loss at the end of the prune epoch, after the prune (the same plan as one-shot's)."""
     messages: list[str]
     """The package's warnings during the fit (layers it skipped, and why)."""
+    gqa_unit: str = "query_heads"
+    """The unit of grouped-query attention this plan was made with."""
+
+
+@dataclasses.dataclass
+class StepRecovery:
+    """Ours + recovery by steps at one reduction: the prune at step ``E·S`` of a ``max_steps = E·S + N`` fit."""
+
+    seed: int
+    reduction: float
+    recovery_steps: int
+    distill_weight: float
+    distill_temperature: float
+    params: int
+    widths: list[LayerWidths]
+    test_loss_after_prune: float
+    test_loss: float
+    """After the ``N`` recovery steps."""
+    prune_seconds: float
+    """The callback's ``on_train_batch_end`` at the prune step: its own validation pass and the prune."""
+    step_seconds: list[float]
+    """Each recovery step: forward, backward and optimizer step (with the teacher's forward when distilling)."""
+
+    @property
+    def test_ppl_after_prune(self) -> float:
+        """Test perplexity per byte right after the prune."""
+        return math.exp(self.test_loss_after_prune) if self.test_loss_after_prune < 700 else math.inf
+
+    @property
+    def test_ppl(self) -> float:
+        """Test perplexity per byte after recovery."""
+        return math.exp(self.test_loss) if self.test_loss < 700 else math.inf
 
 
 @dataclasses.dataclass
@@ -163,6 +239,7 @@ class SeedRun:
     """Seconds of ``find_prunable_layers`` on the unpruned model: the analysis the callback runs at the start of fit."""
     rows: list[Row]
     plans: list[OursPlan]
+    step_recoveries: list[StepRecovery] = dataclasses.field(default_factory=list)
 
     @property
     def validation_pass(self) -> float:
@@ -210,3 +287,37 @@ class LMResults(JsonRecord):
     def rows(self) -> list[Row]:
         """Every row of every seed."""
         return [row for run in self.seeds for row in run.rows]
+
+    @classmethod
+    def merge(cls, parts: Sequence[LMResults]) -> LMResults:
+        """The seeds of several runs of one protocol as one run (runs of one seed each, or a run resumed).
+
+        The runs must agree on everything but their seeds and the extra rows (``compare_gqa_unit``,
+        ``step_fractions``, ``distill_weights``): the merged configuration is the first run's with every seed.
+        """
+        if not parts:
+            raise ValueError("`parts` must hold at least one run.")
+        first, extras = parts[0], ("seeds", "compare_gqa_unit", "step_fractions", "distill_weights")
+
+        def protocol(results: LMResults) -> RunConfig:
+            return dataclasses.replace(results.config, **{name: getattr(first.config, name) for name in extras})
+
+        for part in parts[1:]:
+            if protocol(part) != first.config or part.corpus != first.corpus or part.parameters != first.parameters:
+                raise ValueError(
+                    f"runs of different protocols cannot be merged: {part.command!r} and {first.command!r} differ in"
+                    " more than their seeds and extra rows."
+                )
+        seeds = [run for part in parts for run in part.seeds]
+        numbers = [run.seed for run in seeds]
+        if len(set(numbers)) != len(numbers):
+            raise ValueError(f"the runs repeat a seed: {numbers}.")
+        return cls(
+            config=dataclasses.replace(first.config, seeds=tuple(numbers)),
+            corpus=first.corpus,
+            parameters=first.parameters,
+            seeds=seeds,
+            machine=first.machine,
+            command=" && ".join(part.command for part in parts),
+            total_seconds=sum(part.total_seconds for part in parts),
+        )
