@@ -32,6 +32,7 @@ from benchmarks.lm.report import (
     BEGIN,
     END,
     compact_widths,
+    coverage,
     distillation_cost,
     goals,
     gqa_comparison,
@@ -287,22 +288,21 @@ def test_quick_report_renders_the_table_the_goals_and_what_was_pruned(quick):
     assert text.rstrip().endswith(END)
     assert render_markdown(results) in text
     assert f"Command: `python -m benchmarks.lm --quick --threads 1 --scratch --tp-hidden --out {quick}`" in text
-    header = (
-        "| target | method | epochs after prune (of 2 steps) | parameters | widths per layer (q heads/kv heads/FFN) |"
-    )
+    header = "| target | seeds | method | epochs after prune (of 2 steps) | parameters | widths per layer (q heads/"
     assert header in text
     ours = next(r for r in results.rows() if r.method == OURS)
     assert (
-        f"| -30% | ours, one-shot | 0 | {ours.params:,} ({1 - ours.params / results.parameters.total:.1%} off) |"
+        f"| -30% | 1 | ours, one-shot | 0 | {ours.params:,} ({1 - ours.params / results.parameters.total:.1%} off) |"
         in (text)
     )
-    assert "| -30% | Torch-Pruning taylor (ratio " in text
+    assert "| -30% | 1 | Torch-Pruning taylor (ratio " in text
+    assert "Not every seed ran every row" not in text  # one seed, every row
     assert "Goal 1, one-shot at -30%" in text
     assert "Goal 2 at -30%, after 1 recovery epoch" in text
     assert "| 0 | 128 → " in text  # decoder layer 0's FFN neurons, read from the plan
     assert "| one validation pass (`trainer.validate`, the unit) |" in text
     assert compact_widths(ours.widths).count("/") == 2 * QUICK.model.layers
-    assert "| -30% | ours + recovery, `gqa_unit: kv_groups` | 1 |" in text
+    assert "| -30% | 1 | ours + recovery, `gqa_unit: kv_groups` | 1 |" in text
     lines = gqa_comparison(results)
     assert [line.split(":")[0] for line in lines] == ["- -30%, one-shot", "- -30%, + 1 recovery epoch"]
     assert all("at this one seed (no spread to compare with)" in line for line in lines)
@@ -385,6 +385,26 @@ def test_runs_of_one_seed_each_merge_into_one_report(quick, tmp_path):
     text = out.with_suffix(".md").read_text()
     assert "Seeds: 0, 7 (mean ± standard deviation" in text
     assert "| -30% | 1 | 2 (1 epoch) | none | " in text  # the step rows of the one seed that has them
+    assert "Not every seed ran every row" in text
+    assert "seed 7 has no recovery-by-steps rows." in text
+    # a seed run later with another scope: no kv_groups rows, no step rows, but a reduction the others lack
+    third = copy.deepcopy(results)
+    third.seeds[0].seed = 8
+    kept = [dataclasses.replace(row, seed=8) for row in third.seeds[0].rows if "gqa_unit" not in row.method]
+    third.seeds[0].rows = kept + [dataclasses.replace(row, reduction=0.5) for row in kept if row.reduction]
+    third.seeds[0].step_recoveries = []
+    third = dataclasses.replace(third, config=dataclasses.replace(third.config, seeds=(8,), reductions=(0.3, 0.5)))
+    merged = LMResults.merge([results, other, third])
+    assert merged.config.reductions == (0.3, 0.5)
+    assert coverage(merged) == [
+        "",
+        "Not every seed ran every row (each table's *seeds* column counts the seeds a row holds; its mean ± spread is"
+        " over those): seed 0 has no -50% rows; seed 7 has no -50% rows, no recovery-by-steps rows; seed 8 has no"
+        " -30% ours, one-shot, `gqa_unit: kv_groups`; ours + recovery, `gqa_unit: kv_groups` rows, no"
+        " recovery-by-steps rows.",
+    ]
+    assert "| -50% | 1 | ours, one-shot | 0 |" in render_markdown(merged)
+    assert "| -30% | 3 | ours, one-shot | 0 |" in render_markdown(merged)
     with pytest.raises(ValueError, match=r"the runs repeat a seed: \[0, 0\]"):
         LMResults.merge([results, results])
     longer = dataclasses.replace(results, config=dataclasses.replace(results.config, epochs=3))

@@ -65,6 +65,16 @@ def _increase(rows: Sequence[Row], unpruned: dict[int, float]) -> list[float]:
     return [row.test_ppl - unpruned[row.seed] for row in rows]
 
 
+def _signed(values: Sequence[float], digits: int = 3) -> str:
+    """``mean_spread`` with the mean's sign: ``+1.234 ± 0.100``."""
+    text = mean_spread(values, digits)
+    return text if text.startswith(("-", "—", "nan")) else f"+{text}"
+
+
+def _seeds(count: int) -> str:
+    return f"{count} seed{'s' if count != 1 else ''}"
+
+
 def goals(results: LMResults) -> list[str]:
     """Each goal, met or missed, with its numbers (means over seeds), one line each."""
     groups, unpruned = _groups(results), _unpruned(results)
@@ -83,8 +93,10 @@ def goals(results: LMResults) -> list[str]:
         share = ours_increase / best_increase if best_increase > 0 else math.inf
         lines.append(
             f"- Goal 1, one-shot at -{GOAL_REDUCTION:.0%}: ours' perplexity increase at most {GOAL_SHARE:.0%} of the"
-            f" best Torch-Pruning setting's: **{'met' if met else 'missed'}** (ours {ours_increase:+.3f}, best"
-            f" Torch-Pruning ({best_method}) {best_increase:+.3f}: {share:.0%} of it)."
+            f" best Torch-Pruning setting's: **{'met' if met else 'missed'}** (ours"
+            f" {_signed(_increase(ours_one_shot, unpruned))}, best Torch-Pruning ({best_method})"
+            f" {_signed(_increase(best_rows, unpruned))}: {share:.0%} of it, means over"
+            f" {_seeds(len(ours_one_shot))} and {_seeds(len(best_rows))})."
         )
     else:
         lines.append(f"- Goal 1 not measured: no one-shot rows of ours and Torch-Pruning at -{GOAL_REDUCTION:.0%}.")
@@ -97,10 +109,12 @@ def goals(results: LMResults) -> list[str]:
         verdict = "met" if gap <= GOAL_RECOVERED else f"missed by {100 * (gap - GOAL_RECOVERED):.1f} points"
         longer = _unpruned(results, UNPRUNED_LONGER)
         same_steps = _mean([row.test_ppl / longer[row.seed] - 1 for row in recovered])
+        spread = f" ± {100 * statistics.stdev(ratios):.1f}" if len(ratios) > 1 else ""
         lines.append(
             f"- Goal 2 at -{reduction:.0%}, after {results.config.recovery_epochs} recovery epoch: within"
-            f" {GOAL_RECOVERED:.0%} of the unpruned perplexity: **{verdict}** ({100 * gap:+.1f} %; against the"
-            f" unpruned model trained as many steps, E + R epochs: {100 * same_steps:+.1f} %)."
+            f" {GOAL_RECOVERED:.0%} of the unpruned perplexity: **{verdict}** ({100 * gap:+.1f}{spread} %; against"
+            f" the unpruned model trained as many steps, E + R epochs: {100 * same_steps:+.1f} %;"
+            f" {_seeds(len(ratios))})."
         )
     return lines
 
@@ -145,7 +159,7 @@ def gqa_comparison(results: LMResults) -> list[str]:
             lines.append(
                 f"- -{reduction:.0%}, {when}: test ppl `{default}` {mean_spread(ours_ppl, 3)}, `{other}`"
                 f" {mean_spread(other_ppl, 3)}; `{other}` - `{default}` = {mean_spread(difference, 3)} (paired by"
-                f" seed): {verdict}."
+                f" seed, {_seeds(len(pairs))}): {verdict}."
             )
     return lines
 
@@ -247,6 +261,7 @@ def _table(results: LMResults) -> str:
         lines.append(
             [
                 target,
+                len(rows),
                 method + (f" (ratio {_mean(ratios):.3f})" if ratios else ""),
                 "—" if method.startswith(UNPRUNED) else epochs,
                 f"{params:,} ({1 - params / params0:.1%} off)",
@@ -258,6 +273,7 @@ def _table(results: LMResults) -> str:
     return markdown_table(
         [
             "target",
+            "seeds",
             "method",
             f"epochs after prune (of {config.steps_per_epoch} steps)",
             "parameters",
@@ -266,8 +282,44 @@ def _table(results: LMResults) -> str:
             "Δ ppl",
         ],
         lines,
-        "llrrlrr",
+        "lrlrrlrr",
     )
+
+
+def coverage(results: LMResults) -> list[str]:
+    """Which rows a seed lacks that another seed has (a seed run with a smaller scope), one line; none: empty."""
+    keys = list(dict.fromkeys(_key(row) for row in results.rows()))  # in the table's order
+    steps = {(r.reduction, r.recovery_steps, r.distill_weight) for run in results.seeds for r in run.step_recoveries}
+    parts = []
+    for run in results.seeds:
+        present = {_key(row) for row in run.rows}
+        missing = [key for key in keys if key not in present]
+        lacks = []
+        for reduction in sorted({key[0] for key in missing}):
+            pct = f"-{reduction:.0%}"
+            if not any(row.reduction == reduction for row in run.rows):
+                lacks.append(f"no {pct} rows")
+                continue
+            methods = dict.fromkeys(method for r, method, _ in missing if r == reduction)
+            lacks.append(f"no {pct} {'; '.join(methods)} rows")
+        missing_steps = steps - {(r.reduction, r.recovery_steps, r.distill_weight) for r in run.step_recoveries}
+        if missing_steps and not run.step_recoveries:
+            lacks.append("no recovery-by-steps rows")
+        elif missing_steps:
+            lacks += [
+                f"no -{reduction:.0%} recovery by {count} steps"
+                + (f" with `distill_weight: {weight:g}`" if weight else " without distillation")
+                for reduction, count, weight in sorted(missing_steps)
+            ]
+        if lacks:
+            parts.append(f"seed {run.seed} has {', '.join(lacks)}")
+    if not parts:
+        return []
+    return [
+        "",
+        "Not every seed ran every row (each table's *seeds* column counts the seeds a row holds; its mean ± spread is"
+        f" over those): {'; '.join(parts)}.",
+    ]
 
 
 def _what_ours_pruned(results: LMResults) -> list[str]:
@@ -444,6 +496,7 @@ def render_markdown(results: LMResults) -> str:
         " model after E + R epochs, for the recovery rows' total training.",
         "",
         _table(results),
+        *coverage(results),
         "",
         *goals(results),
         *_gqa_lines(results),

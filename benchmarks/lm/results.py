@@ -292,12 +292,15 @@ class LMResults(JsonRecord):
     def merge(cls, parts: Sequence[LMResults]) -> LMResults:
         """The seeds of several runs of one protocol as one run (runs of one seed each, or a run resumed).
 
-        The runs must agree on everything but their seeds and the extra rows (``compare_gqa_unit``,
-        ``step_fractions``, ``distill_weights``): the merged configuration is the first run's with every seed.
+        The runs must agree on everything but their seeds, their reductions and the extra rows
+        (``compare_gqa_unit``, ``step_fractions``, ``distill_weights``), so that a seed run later may leave rows out
+        to finish in time: the merged configuration is the first run's with every seed and every reduction (in the
+        order first met); the report says which seeds each row holds.
         """
         if not parts:
             raise ValueError("`parts` must hold at least one run.")
-        first, extras = parts[0], ("seeds", "compare_gqa_unit", "step_fractions", "distill_weights")
+        first = parts[0]
+        extras = ("seeds", "reductions", "compare_gqa_unit", "step_fractions", "distill_weights")
 
         def protocol(results: LMResults) -> RunConfig:
             return dataclasses.replace(results.config, **{name: getattr(first.config, name) for name in extras})
@@ -312,8 +315,9 @@ class LMResults(JsonRecord):
         numbers = [run.seed for run in seeds]
         if len(set(numbers)) != len(numbers):
             raise ValueError(f"the runs repeat a seed: {numbers}.")
+        reductions = tuple(dict.fromkeys(r for part in parts for r in part.config.reductions))
         return cls(
-            config=dataclasses.replace(first.config, seeds=tuple(numbers)),
+            config=dataclasses.replace(first.config, seeds=tuple(numbers), reductions=reductions),
             corpus=first.corpus,
             parameters=first.parameters,
             seeds=seeds,
