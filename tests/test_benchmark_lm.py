@@ -1,9 +1,11 @@
 """benchmarks.lm: the corpus, the Torch-Pruning recipe's exactness, and the whole protocol with ``--quick``."""
 
+import contextlib
 import copy
 import dataclasses
 import doctest
 import importlib.util
+import io
 import json
 import logging
 import math
@@ -182,9 +184,11 @@ def quick(tmp_path_factory):
     # the command line quiets Lightning's loggers and sets the thread count: give the other tests theirs back
     loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
     levels, threads = [logger.level for logger in loggers], torch.get_num_threads()
+    printed = io.StringIO()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(printed):
             main(["--quick", "--threads", "1", "--scratch", "--tp-hidden", "--out", str(out)])
+        out.with_suffix(".log").write_text(printed.getvalue())
     finally:
         torch.set_num_threads(threads)
         for logger, level in zip(loggers, levels, strict=True):
@@ -276,6 +280,11 @@ def test_quick_run_writes_every_method_s_records(quick):
     assert steps[(2, 0.0)].test_loss == pytest.approx(rows[(0.3, OURS_RECOVERED, 1)].test_loss, rel=1e-5)
     assert steps[(2, 0.5)].test_loss != steps[(2, 0.0)].test_loss
     assert run.validation_seconds[0] > 0
+    # the results are written after every row (an interrupted seed keeps the rows it finished), then at its end
+    written = [line for line in quick.with_suffix(".log").read_text().splitlines() if " wrote " in line]
+    counts = [int(line.split("the last with ")[1].split(" rows")[0]) for line in written]
+    finished = len(run.rows) + len(run.step_recoveries)
+    assert counts == [*range(3, finished + 1), finished]  # the unpruned rows come with the first method's
     assert ours.prune_seconds > 0
     assert rows[(0.3, OURS_RECOVERED, 1)].prune_seconds > 0
 
@@ -424,3 +433,6 @@ def test_run_config_checks_the_step_and_distillation_settings():
     with pytest.raises(ValueError, match="`distill_temperature` must be > 0; got 0"):
         RunConfig(distill_temperature=0)
     assert RunConfig(step_fractions=(), distill_weights=()).step_fractions == ()  # no step rows: no weights needed
+    with pytest.raises(ValueError, match=r"`tp_reductions` must be among the reductions \(0.3, 0.5\); got \(0.4,\)"):
+        RunConfig(tp_reductions=(0.4,))
+    assert RunConfig(tp_reductions=()).tp_reductions == ()  # no Torch-Pruning rows at all

@@ -71,6 +71,8 @@ class RunConfig:
     scratch: bool = False
     tp_scopes: tuple[str, ...] = ("recipe", "ffn")
     """What Torch-Pruning may prune, one setting each (``hidden``: the recipe as its script runs it)."""
+    tp_reductions: tuple[float, ...] | None = None
+    """The reductions Torch-Pruning's rows are run at (``None``: every reduction); a smaller scope to save time."""
     compare_gqa_unit: bool = True
     """Also ours + recovery with the other ``gqa_unit`` (its one-shot row is the test loss right after its prune)."""
     step_fractions: tuple[float, ...] = (1.0, 0.25)
@@ -89,6 +91,10 @@ class RunConfig:
             raise ValueError(f"every reduction must be in (0, 1); got {self.reductions!r}.")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"`seeds` must be distinct integers, at least one; got {self.seeds!r}.")
+        if self.tp_reductions is not None and set(self.tp_reductions) - set(self.reductions):
+            raise ValueError(
+                f"`tp_reductions` must be among the reductions {self.reductions!r}; got {self.tp_reductions!r}."
+            )
         if not self.tp_scopes or set(self.tp_scopes) - set(TP_SCOPE_LABELS):
             raise ValueError(f"`tp_scopes` can hold {', '.join(TP_SCOPE_LABELS)}; got {self.tp_scopes!r}.")
         if not all(f > 0 for f in self.step_fractions) or len(set(self.step_fractions)) != len(self.step_fractions):
@@ -292,15 +298,15 @@ class LMResults(JsonRecord):
     def merge(cls, parts: Sequence[LMResults]) -> LMResults:
         """The seeds of several runs of one protocol as one run (runs of one seed each, or a run resumed).
 
-        The runs must agree on everything but their seeds, their reductions and the extra rows
-        (``compare_gqa_unit``, ``step_fractions``, ``distill_weights``), so that a seed run later may leave rows out
+        The runs must agree on everything but their seeds, their reductions and the extra rows (``tp_reductions``,
+        ``compare_gqa_unit``, ``step_fractions``, ``distill_weights``), so that a seed run later may leave rows out
         to finish in time: the merged configuration is the first run's with every seed and every reduction (in the
         order first met); the report says which seeds each row holds.
         """
         if not parts:
             raise ValueError("`parts` must hold at least one run.")
         first = parts[0]
-        extras = ("seeds", "reductions", "compare_gqa_unit", "step_fractions", "distill_weights")
+        extras = ("seeds", "reductions", "tp_reductions", "compare_gqa_unit", "step_fractions", "distill_weights")
 
         def protocol(results: LMResults) -> RunConfig:
             return dataclasses.replace(results.config, **{name: getattr(first.config, name) for name in extras})

@@ -126,9 +126,17 @@ def _validation_seconds(model: ByteLM, datamodule: CorpusDataModule) -> float:
 
 
 def run_seed(
-    config: RunConfig, corpus: Corpus, seed: int, cache_dir: Path, log: Callable[[str], None] = print
+    config: RunConfig,
+    corpus: Corpus,
+    seed: int,
+    cache_dir: Path,
+    log: Callable[[str], None] = print,
+    on_row: Callable[[SeedRun], None] | None = None,
 ) -> SeedRun:
-    """The whole protocol at one seed: base, unpruned, then every method at every reduction."""
+    """The whole protocol at one seed: base, unpruned, then every method at every reduction.
+
+    ``on_row`` gets the seed's measurements so far after every row (an interrupted seed keeps the rows it finished).
+    """
     epochs, steps, recovery = config.epochs, config.steps_per_epoch, config.recovery_epochs
     datamodule = CorpusDataModule(corpus, config.batch_size, config.eval_batch_size, seed)
     test_loader = datamodule.test_dataloader()
@@ -166,12 +174,29 @@ def run_seed(
     plans: list[OursPlan] = []
     step_recoveries: list[StepRecovery] = []
 
+    def so_far() -> SeedRun:
+        return SeedRun(
+            seed=seed,
+            base_seconds=base_seconds,
+            base_cached=cached,
+            unpruned_val_loss=clock.val_loss[0],
+            validation_seconds=list(validation),
+            test_seconds=test_seconds,
+            train_epoch_seconds=clock.seconds[0],
+            analysis_seconds=analysis_seconds,
+            rows=list(rows),
+            plans=list(plans),
+            step_recoveries=list(step_recoveries),
+        )
+
     def add(row: Row) -> None:
         rows.append(row)
         log(
             f"seed {seed} -{row.reduction:.0%} {row.method} +{row.epochs_after_prune} epochs: {row.params:,}"
             f" parameters, test ppl {row.test_ppl:.3f}"
         )
+        if on_row is not None:
+            on_row(so_far())
 
     for reduction in config.reductions:
         one_shot, result, _, seconds, messages = ours(config.model, datamodule, checkpoint, epochs, steps, reduction)
@@ -254,6 +279,8 @@ def run_seed(
                     step_seconds=step_clock.seconds,
                 )
                 step_recoveries.append(record)
+                if on_row is not None:
+                    on_row(so_far())
                 log(
                     f"seed {seed} -{reduction:.0%} ours + {recovery_steps} recovery steps"
                     f"{f', distill_weight {weight}' if weight else ''}: test ppl {record.test_ppl_after_prune:.3f}"
@@ -261,7 +288,8 @@ def run_seed(
                     f" {statistics.median(record.step_seconds):.3f} s a step (median)"
                 )
         budget = count_parameters(one_shot)
-        for scope in config.tp_scopes:
+        tp_scopes = config.tp_scopes if config.tp_reductions is None or reduction in config.tp_reductions else ()
+        for scope in tp_scopes:
             for importance in TP_IMPORTANCES:
                 method = tp_method(importance, scope)
                 pruned, ratio, search, prune = torch_pruning_at(
@@ -313,19 +341,7 @@ def run_seed(
                 )
             )
     validation.append(_validation_seconds(unpruned, datamodule))
-    return SeedRun(
-        seed=seed,
-        base_seconds=base_seconds,
-        base_cached=cached,
-        unpruned_val_loss=clock.val_loss[0],
-        validation_seconds=validation,
-        test_seconds=test_seconds,
-        train_epoch_seconds=clock.seconds[0],
-        analysis_seconds=analysis_seconds,
-        rows=rows,
-        plans=plans,
-        step_recoveries=step_recoveries,
-    )
+    return so_far()
 
 
 def run_benchmark(
@@ -335,7 +351,10 @@ def run_benchmark(
     log: Callable[[str], None] = print,
     on_seed: Callable[[LMResults], None] | None = None,
 ) -> LMResults:
-    """Every seed of ``config``; the results as records. ``on_seed`` gets the results so far after each seed."""
+    """Every seed of ``config``; the results as records.
+
+    ``on_seed`` gets the results so far after each seed, and after each row of a seed (that seed unfinished).
+    """
     started = time.perf_counter()
     corpus = Corpus.load(config.corpus)
     log(
@@ -344,19 +363,27 @@ def run_benchmark(
     )
     runs: list[SeedRun] = []
     facts, parameters, machine = corpus_facts(corpus), parameter_count(ByteLM(config.model)), machine_info()
-    for seed in config.seeds:
-        runs.append(run_seed(config, corpus, seed, cache_dir, log))
-        results = LMResults(
+
+    def results_of(seeds: list[SeedRun]) -> LMResults:
+        return LMResults(
             config=config
-            if len(runs) == len(config.seeds)
-            else dataclasses.replace(config, seeds=(*config.seeds[: len(runs)],)),
+            if len(seeds) == len(config.seeds)
+            else dataclasses.replace(config, seeds=(*config.seeds[: len(seeds)],)),
             corpus=facts,
             parameters=parameters,
-            seeds=list(runs),
+            seeds=seeds,
             machine=machine,
             command=command,
             total_seconds=time.perf_counter() - started,
         )
+
+    def on_row(partial: SeedRun) -> None:
+        if on_seed is not None:
+            on_seed(results_of([*runs, partial]))
+
+    for seed in config.seeds:
+        runs.append(run_seed(config, corpus, seed, cache_dir, log, on_row))
+        results = results_of(list(runs))
         if on_seed is not None:
             on_seed(results)
     return results
@@ -382,6 +409,7 @@ def parse_config(args: argparse.Namespace) -> RunConfig:
             "step_fractions": tuple(args.step_fractions) if args.step_fractions is not None else None,
             "distill_weights": tuple(args.distill_weights) if args.distill_weights else None,
             "distill_temperature": args.distill_temperature,
+            "tp_reductions": tuple(args.tp_reductions) if args.tp_reductions is not None else None,
         }.items()
         if value is not None
     }
@@ -429,6 +457,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--distill-weights", type=float, nargs="+", default=None, help="each step recovery's distill_weight (0 0.5)"
     )
     parser.add_argument("--distill-temperature", type=float, default=None, help="distill_temperature (2)")
+    parser.add_argument(
+        "--tp-reductions",
+        type=float,
+        nargs="*",
+        default=None,
+        help="the reductions of Torch-Pruning's rows (default: every reduction; a smaller scope to save time)",
+    )
     parser.add_argument("--report-only", action="store_true", help="re-render the report from --out")
     parser.add_argument(
         "--merge",
@@ -469,11 +504,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - started:7.1f}s] {message}", flush=True)
 
-    def write(results: LMResults) -> None:  # after every seed: an interrupted run keeps the seeds it finished
+    def write(results: LMResults) -> None:  # after every row: an interrupted run keeps the rows it finished
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(results.to_json())
         write_section(markdown, render_markdown(results), BEGIN, END)
-        log(f"wrote {args.out} and {markdown} ({len(results.seeds)} seed(s)); {results.total_seconds / 60:.1f} min")
+        rows = len(results.seeds[-1].rows) + len(results.seeds[-1].step_recoveries)
+        log(
+            f"wrote {args.out} and {markdown} ({len(results.seeds)} seed(s), the last with {rows} rows);"
+            f" {results.total_seconds / 60:.1f} min"
+        )
 
     with tempfile.TemporaryDirectory() as scratch_dir:
         cache_dir = args.cache_dir or (args.out.parent / "lm" if not args.quick else Path(scratch_dir))
