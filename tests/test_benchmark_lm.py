@@ -414,8 +414,18 @@ def test_runs_of_one_seed_each_merge_into_one_report(quick, tmp_path):
     ]
     assert "| -50% | 1 | ours, one-shot | 0 |" in render_markdown(merged)
     assert "| -30% | 3 | ours, one-shot | 0 |" in render_markdown(merged)
-    with pytest.raises(ValueError, match=r"the runs repeat a seed: \[0, 0\]"):
+    with pytest.raises(ValueError, match=r"the runs repeat seed 0's rows: \[\(0.3, 'Torch-Pruning magnitude'"):
         LMResults.merge([results, results])
+    # one seed in two runs: the later run adds the reduction the first left out
+    fourth = copy.deepcopy(third)
+    fourth.seeds[0].rows = [row for row in fourth.seeds[0].rows if row.reduction != 0.3]
+    fifth = copy.deepcopy(third)
+    fifth.seeds[0].rows = [row for row in fifth.seeds[0].rows if row.reduction != 0.5]
+    joined = LMResults.merge([results, fifth, fourth])
+    assert [run.seed for run in joined.seeds] == [0, 8]
+    assert joined.config.seeds == (0, 8)
+    assert joined.seeds[1].rows == fifth.seeds[0].rows + [row for row in fourth.seeds[0].rows if row.reduction]
+    assert coverage(joined) == coverage(LMResults.merge([results, third]))
     longer = dataclasses.replace(results, config=dataclasses.replace(results.config, epochs=3))
     with pytest.raises(ValueError, match="runs of different protocols cannot be merged"):
         LMResults.merge([results, longer])

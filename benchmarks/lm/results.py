@@ -247,6 +247,33 @@ class SeedRun:
     plans: list[OursPlan]
     step_recoveries: list[StepRecovery] = dataclasses.field(default_factory=list)
 
+    @classmethod
+    def join(cls, first: SeedRun, later: SeedRun) -> SeedRun:
+        """One seed measured in two runs (a later run adding rows the first lacks, from the same trained base).
+
+        The unpruned rows, timings and base are the first run's; every other row, plan and step recovery is taken
+        from the run that has it. Raises ``ValueError`` if both runs hold the same row.
+        """
+        if first.seed != later.seed:
+            raise ValueError(f"cannot join the runs of seeds {first.seed} and {later.seed}.")
+
+        def key(row: Row) -> tuple[float, str, int]:
+            return row.reduction, row.method, row.epochs_after_prune
+
+        def step_key(record: StepRecovery) -> tuple[float, int, float]:
+            return record.reduction, record.recovery_steps, record.distill_weight
+
+        both = {key(r) for r in first.rows if r.reduction} & {key(r) for r in later.rows if r.reduction}
+        both_steps = {step_key(r) for r in first.step_recoveries} & {step_key(r) for r in later.step_recoveries}
+        if both or both_steps:
+            raise ValueError(f"the runs repeat seed {first.seed}'s rows: {sorted(both) or sorted(both_steps)}.")
+        return dataclasses.replace(
+            first,
+            rows=first.rows + [row for row in later.rows if row.reduction],
+            plans=first.plans + later.plans,
+            step_recoveries=first.step_recoveries + later.step_recoveries,
+        )
+
     @property
     def validation_pass(self) -> float:
         """The timing unit: the mean of the validation passes."""
@@ -301,7 +328,8 @@ class LMResults(JsonRecord):
         The runs must agree on everything but their seeds, their reductions and the extra rows (``tp_reductions``,
         ``compare_gqa_unit``, ``step_fractions``, ``distill_weights``), so that a seed run later may leave rows out
         to finish in time: the merged configuration is the first run's with every seed and every reduction (in the
-        order first met); the report says which seeds each row holds.
+        order first met); the report says which seeds each row holds. Runs of one seed join into one seed
+        (:meth:`SeedRun.join`): a later run may add a reduction the seed's first run left out.
         """
         if not parts:
             raise ValueError("`parts` must hold at least one run.")
@@ -317,10 +345,11 @@ class LMResults(JsonRecord):
                     f"runs of different protocols cannot be merged: {part.command!r} and {first.command!r} differ in"
                     " more than their seeds and extra rows."
                 )
-        seeds = [run for part in parts for run in part.seeds]
+        by_seed: dict[int, SeedRun] = {}
+        for run in (run for part in parts for run in part.seeds):
+            by_seed[run.seed] = SeedRun.join(by_seed[run.seed], run) if run.seed in by_seed else run
+        seeds = list(by_seed.values())
         numbers = [run.seed for run in seeds]
-        if len(set(numbers)) != len(numbers):
-            raise ValueError(f"the runs repeat a seed: {numbers}.")
         reductions = tuple(dict.fromkeys(r for part in parts for r in part.config.reductions))
         return cls(
             config=dataclasses.replace(first.config, seeds=tuple(numbers), reductions=reductions),
