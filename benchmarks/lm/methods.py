@@ -6,7 +6,10 @@
 - ours one-shot: the real callback, ``ActivationPruning(target_params_reduction=r)``, at the end of a ``fit`` of
   ``E`` epochs (defaults otherwise);
 - ours + recovery: ``ActivationPruning(target_params_reduction=r, recovery_epochs=R)`` in a ``fit`` of ``E + R``
-  epochs (the same AdamW goes on, its state sliced);
+  epochs (the same AdamW goes on, its state sliced); with ``gqa_unit`` set, the other unit of grouped-query attention;
+- ours + recovery by steps: ``ActivationPruning(target_params_reduction=r, recovery_steps=N)`` in a ``fit`` of
+  ``max_steps = E·S + N`` (the prune at step ``E·S``, the end of epoch ``E``), with or without distillation
+  (``distill_weight``, ``distill_temperature``); the seconds of every training step after the prune are timed;
 - Torch-Pruning's LLM recipe (``examples/LLMs/prune_llm.py`` of VainF/Torch-Pruning, re-implemented here):
   ``MetaPruner`` with the attention projections' head counts (``num_heads``, ``prune_num_heads=True``,
   ``prune_head_dims=False``, ``head_pruning_ratio`` = ``pruning_ratio``), local ranking, ``round_to=4``, the LM head
@@ -43,7 +46,7 @@ TP_IMPORTANCES: dict[str, Callable[[], Any]] = {
 }
 TP_SCOPES = ("recipe", "ffn", "hidden")
 """What Torch-Pruning may prune: ``recipe`` heads and FFN neurons (its LLM recipe with the hidden size kept), ``ffn``
-FFN neurons only (q, k and v ignored: what ours prunes of a Llama today), ``hidden`` the recipe as its script runs
+FFN neurons only (q, k and v ignored: the heads stay), ``hidden`` the recipe as its script runs
 it (the hidden size too)."""
 TP_MAX_RATIO = 0.95
 """The largest ``pruning_ratio`` tried: every layer keeps some FFN neurons and one query head per key/value head."""
@@ -97,7 +100,7 @@ class HookTimer(pl.Callback):
         self.start, self.started, self.seconds = start, started, seconds
         setattr(self, hook, self._tick)
 
-    def _tick(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _tick(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
         if self.start:
             self.started[:] = [time.perf_counter()]
         elif self.started:
@@ -112,10 +115,16 @@ def timed_hook(hook: str, *callbacks: pl.Callback) -> tuple[list[pl.Callback], l
 
 
 def _trainer(
-    steps_per_epoch: int, epochs: int, callbacks: Sequence[pl.Callback], root: Path, validate: bool = True
+    steps_per_epoch: int,
+    epochs: int,
+    callbacks: Sequence[pl.Callback],
+    root: Path,
+    validate: bool = True,
+    max_steps: int = -1,
 ) -> pl.Trainer:
     return quiet_trainer(
         max_epochs=epochs,
+        max_steps=max_steps,
         limit_train_batches=steps_per_epoch,
         limit_val_batches=None if validate else 0,
         callbacks=list(callbacks),
@@ -147,6 +156,9 @@ def train_base(
     started = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     seconds = time.perf_counter() - started
+    if trainer.interrupted or trainer.global_step != (epochs - 1) * steps_per_epoch:
+        # Lightning returns from an interrupted fit (Ctrl-C, SIGTERM): never cache a half-trained base
+        raise RuntimeError(f"the base's training stopped at step {trainer.global_step}; no checkpoint written.")
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     trainer.save_checkpoint(checkpoint)
     return seconds, False
@@ -159,10 +171,14 @@ def fit_from(
     epochs: int,
     steps_per_epoch: int,
     callbacks: Sequence[pl.Callback] = (),
+    max_steps: int = -1,
 ) -> ByteLM:
-    """A full-size model resumed from the base checkpoint and trained until ``epochs`` epochs, with ``callbacks``."""
+    """A full-size model resumed from the base checkpoint and trained until ``epochs`` epochs, with ``callbacks``.
+
+    ``max_steps > 0``: until that global step instead (``epochs`` is then ``-1``: no limit).
+    """
     model = ByteLM(config)
-    trainer = _trainer(steps_per_epoch, epochs, callbacks, checkpoint.parent)
+    trainer = _trainer(steps_per_epoch, epochs, callbacks, checkpoint.parent, max_steps=max_steps)
     trainer.fit(model, datamodule=datamodule, ckpt_path=checkpoint)
     return model.eval()
 
@@ -175,16 +191,20 @@ def ours(
     steps_per_epoch: int,
     reduction: float,
     recovery_epochs: int = 0,
+    gqa_unit: str | None = None,
 ) -> tuple[ByteLM, PruningResult, EpochClock, float, list[str]]:
     """A fit with ``ActivationPruning(target_params_reduction=reduction, recovery_epochs=…)`` (defaults otherwise).
+
+    ``gqa_unit``: the unit of grouped-query attention (``None``: the package's default, not passed).
 
     Returns:
         The model (eval mode), the callback's result, the epoch clock (test loss after every epoch, the prune epoch's
         after the prune), the seconds the callback spent in the hook where it pruned (a resumed fit's first epoch is
         the prune epoch), and the package's warnings.
     """
+    options = {} if gqa_unit is None else {"gqa_unit": gqa_unit}
     pruning = ActivationPruning(
-        target_params_reduction=reduction, recovery_epochs=recovery_epochs, pruned_checkpoint=None
+        target_params_reduction=reduction, recovery_epochs=recovery_epochs, pruned_checkpoint=None, **options
     )
     hook = "on_train_epoch_end" if recovery_epochs else "on_fit_end"
     timed, seconds = timed_hook(hook, pruning)
@@ -192,10 +212,104 @@ def ours(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = fit_from(config, datamodule, checkpoint, epochs + recovery_epochs, steps_per_epoch, [*timed, clock])
-    messages = sorted({str(w.message) for w in caught if str(w.message).startswith("lightning_actprune")})
+    messages = _package_messages(caught)
     if pruning.result is None or not pruning.result.pruned:
         raise RuntimeError(f"ActivationPruning did not prune to -{reduction:.0%}: {messages}")
     return model, pruning.result, clock, seconds[0] if recovery_epochs else seconds[-1], messages
+
+
+def _package_messages(caught: Sequence[warnings.WarningMessage]) -> list[str]:
+    return sorted({str(w.message) for w in caught if str(w.message).startswith("lightning_actprune")})
+
+
+STEP_FIT_EPOCH_SHIFT = 1
+"""How many epoch indices further Lightning (2.6) resumes a ``max_steps`` fit from the base checkpoint."""
+
+
+class StepClock(pl.Callback):
+    """The test loss right after a prune inside ``fit``, and the seconds of every training step after it.
+
+    Put it after the :class:`~lightning_actprune.ActivationPruning` it watches (``pruning``): the prune happens in
+    that callback's ``on_train_batch_end``, so this one sees the prune step end with the model already pruned. A
+    step's seconds run from ``on_train_batch_start`` to ``on_train_batch_end`` (forward, backward, optimizer step;
+    not the data loading); the prune step's own seconds (which hold the prune) are not among them.
+    """
+
+    def __init__(self, pruning: ActivationPruning, test_loader: DataLoader) -> None:
+        self.pruning, self.test_loader = pruning, test_loader
+        self.steps_before_prune = 0
+        """Training steps of this ``fit`` up to and including the prune step."""
+        self.test_loss_after_prune: float | None = None
+        self.seconds: list[float] = []
+        self.first_epoch: int | None = None
+        """Lightning's index of the fit's first training epoch."""
+        self._started = 0.0
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.first_epoch is None:
+            self.first_epoch = trainer.current_epoch
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        seconds = time.perf_counter() - self._started
+        if self.test_loss_after_prune is not None:
+            self.seconds.append(seconds)
+            return
+        self.steps_before_prune += 1
+        if self.pruning.pruned_at_step is not None:  # the prune step
+            self.test_loss_after_prune = evaluate(pl_module, self.test_loader)
+
+
+def ours_by_steps(
+    config: ModelConfig,
+    datamodule: CorpusDataModule,
+    checkpoint: Path,
+    epochs: int,
+    steps_per_epoch: int,
+    reduction: float,
+    recovery_steps: int,
+    distill_weight: float = 0.0,
+    distill_temperature: float = 2.0,
+) -> tuple[ByteLM, PruningResult, StepClock, float, list[str]]:
+    """A fit of ``max_steps = epochs · steps_per_epoch + recovery_steps`` with ``recovery_steps`` (and distillation).
+
+    The prune is at step ``epochs · steps_per_epoch``, the last step of epoch ``epochs``: the same weights as the
+    prune at that epoch's end, from statistics of a validation pass of the callback's own. Lightning resumes a fit
+    with ``max_steps`` from a checkpoint written at an epoch's end one epoch index further than a fit with
+    ``max_epochs`` (``FitLoop.restarting`` is true for iteration-based training), so the data module is shifted back
+    by :data:`STEP_FIT_EPOCH_SHIFT`: every step sees the batches the epoch-based fits see (checked).
+
+    Returns:
+        The model (eval mode), the callback's result, the step clock (test loss right after the prune, seconds of
+        each recovery step), the seconds the callback spent in the step where it pruned, and the package's warnings.
+    """
+    options = {"distill_weight": distill_weight, "distill_temperature": distill_temperature} if distill_weight else {}
+    pruning = ActivationPruning(
+        target_params_reduction=reduction, recovery_steps=recovery_steps, pruned_checkpoint=None, **options
+    )
+    timed, seconds = timed_hook("on_train_batch_end", pruning)
+    clock = StepClock(pruning, datamodule.test_dataloader())
+    max_steps = epochs * steps_per_epoch + recovery_steps
+    shifted = datamodule.shifted(datamodule.epoch_offset - STEP_FIT_EPOCH_SHIFT)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = fit_from(config, shifted, checkpoint, -1, steps_per_epoch, [*timed, clock], max_steps=max_steps)
+    messages = _package_messages(caught)
+    if clock.first_epoch != epochs - 1 + STEP_FIT_EPOCH_SHIFT:
+        expected = epochs - 1 + STEP_FIT_EPOCH_SHIFT
+        raise RuntimeError(
+            f"the step-based fit started at epoch index {clock.first_epoch}, expected {expected} (the epoch-based"
+            " fits start at epochs - 1): its batches would not be theirs; adjust STEP_FIT_EPOCH_SHIFT."
+        )
+    if pruning.result is None or not pruning.result.pruned or clock.test_loss_after_prune is None:
+        raise RuntimeError(f"ActivationPruning did not prune to -{reduction:.0%} inside the fit: {messages}")
+    if len(clock.seconds) != recovery_steps:
+        raise RuntimeError(f"{len(clock.seconds)} steps after the prune; expected recovery_steps={recovery_steps}.")
+    return model, pruning.result, clock, seconds[clock.steps_before_prune - 1], messages
 
 
 def _tp_pruned(model: ByteLM, importance: str, ratio: float, example: torch.Tensor, scope: str) -> ByteLM:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import statistics
 import tempfile
 import time
 import warnings
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import command_line, machine_info, quiet_trainer, write_section
-from lightning_actprune.core import count_parameters, find_prunable_layers
+from lightning_actprune.core import PruningResult, count_parameters, find_prunable_layers
 
 from .data import EXCLUDED_DIRECTORIES, SPLITS, Corpus, CorpusConfig, CorpusDataModule
 from .methods import (
@@ -24,6 +25,7 @@ from .methods import (
     fit_from,
     from_scratch,
     ours,
+    ours_by_steps,
     torch_pruning_at,
     train_base,
 )
@@ -43,6 +45,10 @@ from .results import (
     Row,
     RunConfig,
     SeedRun,
+    StepRecovery,
+    default_gqa_unit,
+    other_gqa_unit,
+    ours_with_unit,
     tp_method,
 )
 
@@ -92,6 +98,25 @@ def corpus_facts(corpus: Corpus) -> CorpusFacts:
     )
 
 
+def _plan(
+    seed: int, reduction: float, result: PruningResult, clock: EpochClock, messages: list[str], gqa_unit: str
+) -> OursPlan:
+    """What ours + recovery pruned (its plan is the one-shot plan: the same weights, the same statistics)."""
+    return OursPlan(
+        seed=seed,
+        reduction=reduction,
+        threshold=result.plan.threshold,
+        statistic=result.plan.statistic,
+        layers=[PlanLayer.of(x.name, x.neurons, len(x.kept)) for x in result.plan.layers],
+        prunable_layers=[x.name for x in result.plan.layers],
+        val_loss_before=result.metrics_before["val_loss"],
+        val_loss_after=result.metrics_after["val_loss"],
+        test_loss_right_after_prune_in_fit=clock.test_loss[0],
+        messages=messages,
+        gqa_unit=gqa_unit,
+    )
+
+
 def _validation_seconds(model: ByteLM, datamodule: CorpusDataModule) -> float:
     started = time.perf_counter()
     quiet_trainer().validate(model, datamodule=datamodule, verbose=False)
@@ -99,9 +124,17 @@ def _validation_seconds(model: ByteLM, datamodule: CorpusDataModule) -> float:
 
 
 def run_seed(
-    config: RunConfig, corpus: Corpus, seed: int, cache_dir: Path, log: Callable[[str], None] = print
+    config: RunConfig,
+    corpus: Corpus,
+    seed: int,
+    cache_dir: Path,
+    log: Callable[[str], None] = print,
+    on_row: Callable[[SeedRun], None] | None = None,
 ) -> SeedRun:
-    """The whole protocol at one seed: base, unpruned, then every method at every reduction."""
+    """The whole protocol at one seed: base, unpruned, then every method at every reduction.
+
+    ``on_row`` gets the seed's measurements so far after every row (an interrupted seed keeps the rows it finished).
+    """
     epochs, steps, recovery = config.epochs, config.steps_per_epoch, config.recovery_epochs
     datamodule = CorpusDataModule(corpus, config.batch_size, config.eval_batch_size, seed)
     test_loader = datamodule.test_dataloader()
@@ -136,7 +169,23 @@ def run_seed(
     gradient_batches = [
         batch for _, batch in zip(range(config.taylor_batches), shifted.train_dataloader(), strict=False)
     ]
-    plans = []
+    plans: list[OursPlan] = []
+    step_recoveries: list[StepRecovery] = []
+
+    def so_far() -> SeedRun:
+        return SeedRun(
+            seed=seed,
+            base_seconds=base_seconds,
+            base_cached=cached,
+            unpruned_val_loss=clock.val_loss[0],
+            validation_seconds=list(validation),
+            test_seconds=test_seconds,
+            train_epoch_seconds=clock.seconds[0],
+            analysis_seconds=analysis_seconds,
+            rows=list(rows),
+            plans=list(plans),
+            step_recoveries=list(step_recoveries),
+        )
 
     def add(row: Row) -> None:
         rows.append(row)
@@ -144,6 +193,8 @@ def run_seed(
             f"seed {seed} -{row.reduction:.0%} {row.method} +{row.epochs_after_prune} epochs: {row.params:,}"
             f" parameters, test ppl {row.test_ppl:.3f}"
         )
+        if on_row is not None:
+            on_row(so_far())
 
     for reduction in config.reductions:
         one_shot, result, _, seconds, messages = ours(config.model, datamodule, checkpoint, epochs, steps, reduction)
@@ -162,6 +213,7 @@ def run_seed(
         recovered, _, clock_r, seconds_r, _ = ours(
             config.model, datamodule, checkpoint, epochs, steps, reduction, recovery
         )
+        plans.append(_plan(seed, reduction, result, clock_r, messages, default_gqa_unit()))
         add(
             Row(
                 seed,
@@ -175,22 +227,67 @@ def run_seed(
                 train_epoch_seconds=clock_r.seconds[1:],
             )
         )
-        plans.append(
-            OursPlan(
-                seed=seed,
-                reduction=reduction,
-                threshold=result.plan.threshold,
-                statistic=result.plan.statistic,
-                layers=[PlanLayer.of(x.name, x.neurons, len(x.kept)) for x in result.plan.layers],
-                prunable_layers=[x.name for x in result.plan.layers],
-                val_loss_before=result.metrics_before["val_loss"],
-                val_loss_after=result.metrics_after["val_loss"],
-                test_loss_right_after_prune_in_fit=clock_r.test_loss[0],
-                messages=messages,
+        if config.compare_gqa_unit:
+            unit = other_gqa_unit()
+            other, result_u, clock_u, seconds_u, messages_u = ours(
+                config.model, datamodule, checkpoint, epochs, steps, reduction, recovery, unit
             )
-        )
+            params_u, widths_u = count_parameters(other), layer_widths(other)
+            # its one-shot row: the test loss right after the prune inside the fit (the same prune as at fit's end)
+            add(Row(seed, reduction, ours_with_unit(OURS, unit), 0, params_u, clock_u.test_loss[0], widths_u))
+            add(
+                Row(
+                    seed,
+                    reduction,
+                    ours_with_unit(OURS_RECOVERED, unit),
+                    recovery,
+                    params_u,
+                    clock_u.test_loss[-1],
+                    widths_u,
+                    prune_seconds=seconds_u,
+                    train_epoch_seconds=clock_u.seconds[1:],
+                )
+            )
+            plans.append(_plan(seed, reduction, result_u, clock_u, messages_u, unit))
+        for recovery_steps in config.recovery_step_counts:
+            for weight in config.distill_weights:
+                stepped, _, step_clock, seconds_s, _ = ours_by_steps(
+                    config.model,
+                    datamodule,
+                    checkpoint,
+                    epochs,
+                    steps,
+                    reduction,
+                    recovery_steps,
+                    weight,
+                    config.distill_temperature,
+                )
+                assert step_clock.test_loss_after_prune is not None
+                record = StepRecovery(
+                    seed=seed,
+                    reduction=reduction,
+                    recovery_steps=recovery_steps,
+                    distill_weight=weight,
+                    distill_temperature=config.distill_temperature,
+                    params=count_parameters(stepped),
+                    widths=layer_widths(stepped),
+                    test_loss_after_prune=step_clock.test_loss_after_prune,
+                    test_loss=evaluate(stepped, test_loader),
+                    prune_seconds=seconds_s,
+                    step_seconds=step_clock.seconds,
+                )
+                step_recoveries.append(record)
+                if on_row is not None:
+                    on_row(so_far())
+                log(
+                    f"seed {seed} -{reduction:.0%} ours + {recovery_steps} recovery steps"
+                    f"{f', distill_weight {weight}' if weight else ''}: test ppl {record.test_ppl_after_prune:.3f}"
+                    f" after the prune, {record.test_ppl:.3f} after recovery;"
+                    f" {statistics.median(record.step_seconds):.3f} s a step (median)"
+                )
         budget = count_parameters(one_shot)
-        for scope in config.tp_scopes:
+        tp_scopes = config.tp_scopes if config.tp_reductions is None or reduction in config.tp_reductions else ()
+        for scope in tp_scopes:
             for importance in TP_IMPORTANCES:
                 method = tp_method(importance, scope)
                 pruned, ratio, search, prune = torch_pruning_at(
@@ -242,38 +339,52 @@ def run_seed(
                 )
             )
     validation.append(_validation_seconds(unpruned, datamodule))
-    return SeedRun(
-        seed=seed,
-        base_seconds=base_seconds,
-        base_cached=cached,
-        unpruned_val_loss=clock.val_loss[0],
-        validation_seconds=validation,
-        test_seconds=test_seconds,
-        train_epoch_seconds=clock.seconds[0],
-        analysis_seconds=analysis_seconds,
-        rows=rows,
-        plans=plans,
-    )
+    return so_far()
 
 
-def run_benchmark(config: RunConfig, cache_dir: Path, command: str, log: Callable[[str], None] = print) -> LMResults:
-    """Every seed of ``config``; the results as records."""
+def run_benchmark(
+    config: RunConfig,
+    cache_dir: Path,
+    command: str,
+    log: Callable[[str], None] = print,
+    on_seed: Callable[[LMResults], None] | None = None,
+) -> LMResults:
+    """Every seed of ``config``; the results as records.
+
+    ``on_seed`` gets the results so far after each seed, and after each row of a seed (that seed unfinished).
+    """
     started = time.perf_counter()
     corpus = Corpus.load(config.corpus)
     log(
         f"corpus: {len(corpus.files)} files under {corpus.root}, "
         + ", ".join(f"{split} {corpus.bytes_in(split):,} bytes" for split in SPLITS)
     )
-    runs = [run_seed(config, corpus, seed, cache_dir, log) for seed in config.seeds]
-    return LMResults(
-        config=config,
-        corpus=corpus_facts(corpus),
-        parameters=parameter_count(ByteLM(config.model)),
-        seeds=runs,
-        machine=machine_info(),
-        command=command,
-        total_seconds=time.perf_counter() - started,
-    )
+    runs: list[SeedRun] = []
+    facts, parameters, machine = corpus_facts(corpus), parameter_count(ByteLM(config.model)), machine_info()
+
+    def results_of(seeds: list[SeedRun]) -> LMResults:
+        return LMResults(
+            config=config
+            if len(seeds) == len(config.seeds)
+            else dataclasses.replace(config, seeds=(*config.seeds[: len(seeds)],)),
+            corpus=facts,
+            parameters=parameters,
+            seeds=seeds,
+            machine=machine,
+            command=command,
+            total_seconds=time.perf_counter() - started,
+        )
+
+    def on_row(partial: SeedRun) -> None:
+        if on_seed is not None:
+            on_seed(results_of([*runs, partial]))
+
+    for seed in config.seeds:
+        runs.append(run_seed(config, corpus, seed, cache_dir, log, on_row))
+        results = results_of(list(runs))
+        if on_seed is not None:
+            on_seed(results)
+    return results
 
 
 def _quiet() -> None:
@@ -293,11 +404,17 @@ def parse_config(args: argparse.Namespace) -> RunConfig:
             "steps_per_epoch": args.steps_per_epoch,
             "reductions": tuple(args.reductions) if args.reductions else None,
             "seeds": tuple(args.seeds) if args.seeds else None,
+            "step_fractions": tuple(args.step_fractions) if args.step_fractions is not None else None,
+            "distill_weights": tuple(args.distill_weights) if args.distill_weights else None,
+            "distill_temperature": args.distill_temperature,
+            "tp_reductions": tuple(args.tp_reductions) if args.tp_reductions is not None else None,
         }.items()
         if value is not None
     }
     scopes = (*base.tp_scopes, "hidden") if args.tp_hidden else base.tp_scopes
-    return dataclasses.replace(base, scratch=args.scratch, tp_scopes=scopes, **changes)
+    return dataclasses.replace(
+        base, scratch=args.scratch, tp_scopes=scopes, compare_gqa_unit=not args.no_gqa_compare, **changes
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -324,9 +441,49 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny model on a few files, a few steps (tests)")
     parser.add_argument("--scratch", action="store_true", help="also train ours' widths from scratch (E + R epochs)")
     parser.add_argument("--tp-hidden", action="store_true", help="also Torch-Pruning's recipe as written (hidden too)")
+    parser.add_argument(
+        "--no-gqa-compare", action="store_true", help="leave out ours with the other `gqa_unit` (see --help text)"
+    )
+    parser.add_argument(
+        "--step-fractions",
+        type=float,
+        nargs="*",
+        default=None,
+        help="ours + recovery by steps, N = fraction × S each (default 1 0.25; none: no step recovery)",
+    )
+    parser.add_argument(
+        "--distill-weights", type=float, nargs="+", default=None, help="each step recovery's distill_weight (0 0.5)"
+    )
+    parser.add_argument("--distill-temperature", type=float, default=None, help="distill_temperature (2)")
+    parser.add_argument(
+        "--tp-reductions",
+        type=float,
+        nargs="*",
+        default=None,
+        help="the reductions of Torch-Pruning's rows (default: every reduction; a smaller scope to save time)",
+    )
     parser.add_argument("--report-only", action="store_true", help="re-render the report from --out")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="with --report-only: merge these runs' results (one seed each, say) into --out, then render it",
+    )
     args = parser.parse_args(argv)
     markdown = args.markdown or args.out.with_suffix(".md")
+    if args.merge and not args.report_only:
+        parser.error("--merge combines finished runs: use it with --report-only")
+    if args.merge:
+        missing = [str(path) for path in args.merge if not path.is_file()]
+        if missing:
+            parser.error(f"--merge: no such results file: {', '.join(missing)}")
+        try:
+            merged = LMResults.merge([LMResults.from_json(path.read_text()) for path in args.merge])
+        except ValueError as error:
+            parser.error(f"--merge: {error}")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(merged.to_json())
     if args.report_only:
         if not args.out.is_file():
             parser.error(f"--report-only renders an earlier run's results; {args.out} does not exist")
@@ -345,10 +502,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - started:7.1f}s] {message}", flush=True)
 
+    def write(results: LMResults) -> None:  # after every row: an interrupted run keeps the rows it finished
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(results.to_json())
+        write_section(markdown, render_markdown(results), BEGIN, END)
+        rows = len(results.seeds[-1].rows) + len(results.seeds[-1].step_recoveries)
+        log(
+            f"wrote {args.out} and {markdown} ({len(results.seeds)} seed(s), the last with {rows} rows);"
+            f" {results.total_seconds / 60:.1f} min"
+        )
+
     with tempfile.TemporaryDirectory() as scratch_dir:
         cache_dir = args.cache_dir or (args.out.parent / "lm" if not args.quick else Path(scratch_dir))
-        results = run_benchmark(config, cache_dir, command_line("benchmarks.lm", argv), log)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(results.to_json())
-    write_section(markdown, render_markdown(results), BEGIN, END)
-    log(f"wrote {args.out} and {markdown}; total {results.total_seconds / 60:.1f} min")
+        run_benchmark(config, cache_dir, command_line("benchmarks.lm", argv), log, on_seed=write)
