@@ -131,9 +131,10 @@ def find_prunable_layers(
         root = model.get_submodule(root_name) if root_name else model
         skipped.extend(_recurrent_layers(root, names))
         try:
+            few, counts = _few_samples_counted(root, inputs[root_name], _TRACE_SAMPLES)
             # inputs recorded under inference mode cannot enter autograd; a clone made here can
-            args, kwargs = map_tensors(Tensor.clone, _few_samples(root, inputs[root_name]))
-            candidates = list(_layers_of_root(root, args, kwargs, context, skipped))
+            args, kwargs = map_tensors(Tensor.clone, few)
+            candidates = list(_layers_of_root(root, args, kwargs, counts, context, skipped))
             if prune_heads:
                 candidates += _head_candidates(root, names, skipped)
             found.extend(_keep_independent(model, root, args, kwargs, candidates, skipped))
@@ -280,11 +281,10 @@ def _layers_of_root(
     root: nn.Module,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
+    counts: Mapping[nn.Module, int],
     context: _TraceContext,
     skipped: list[_Skip],
 ) -> Iterator[PrunableLayer]:
-    with _traceable(root):
-        _, counts = _call_counts(root, args, kwargs)
     with concatenations_of_unknown_size_unmapped():  # the graph is built, and its groups too
         with _traceable(root):
             graph = dependency_graph(root, args, kwargs, _tensors_with_grad)
@@ -357,6 +357,11 @@ def _layer_of_group(
     return PrunableLayer(name=name, neurons=neurons, producers=tuple(producers), slices=tuple(slices))
 
 
+_TRACE_SAMPLES = 2
+"""Samples the analysis traces and checks with: each forward it runs costs that many samples' worth. Two rather than
+one, so that a model that squeezes its batch dimension keeps its shapes."""
+
+
 def _few_samples(
     root: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]], size: int = 8
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -365,17 +370,27 @@ def _few_samples(
     Every tensor whose first dimension is the batch's is cut; if the module then fails to run, the batch is used
     whole.
     """
+    return _few_samples_counted(root, inputs, size)[0]
+
+
+def _few_samples_counted(
+    root: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]], size: int
+) -> tuple[tuple[tuple[Any, ...], dict[str, Any]], dict[nn.Module, int]]:
+    """:func:`_few_samples`, and how often each layer is called per forward, counted by the run that tries them."""
     tensors = [t for t in _output_tensors(inputs) if t.dim() > 0]
-    if not tensors or tensors[0].shape[0] <= size:
-        return inputs
-    batch = tensors[0].shape[0]
-    small = map_tensors(lambda t: t[:size] if t.dim() > 0 and t.shape[0] == batch else t, inputs)
-    try:
-        with _traceable(root), torch.no_grad():
-            root(*small[0], **small[1])
-    except Exception:
-        return inputs
-    return small
+    if tensors and tensors[0].shape[0] > size:
+        batch = tensors[0].shape[0]
+        small = map_tensors(lambda t: t[:size] if t.dim() > 0 and t.shape[0] == batch else t, inputs)
+        try:
+            with _traceable(root), torch.no_grad():
+                _, counts = _call_counts(root, *small)
+        except Exception:
+            pass
+        else:
+            return small, counts
+    with _traceable(root), torch.no_grad():
+        _, counts = _call_counts(root, *inputs)
+    return inputs, counts
 
 
 def _output_tensors(output: Any) -> list[Tensor]:
