@@ -11,15 +11,23 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from lightning_actprune import ActivationPruningError, NeuronScorer
+from lightning_actprune import ActivationPruning, ActivationPruningError, NeuronScorer
 from lightning_actprune._counting import parameters_after
 from lightning_actprune._plan import Block, block_floor, consumer_weight_energy, layer_scores
-from lightning_actprune._scoring import recorded_moments
+from lightning_actprune._recurrent import RecurrentShape, hidden_units_layer
+from lightning_actprune._scoring import (
+    _by_input,
+    _squared_column_norms,
+    input_columns,
+    planning_cache,
+    recorded_moments,
+)
 from lightning_actprune._statistics import MOMENTS, ActivationStatistics, Workspace, batch_sums
 from lightning_actprune._surgery import pruned_temporarily
 from lightning_actprune._sweep import ThresholdEvaluator
@@ -28,8 +36,13 @@ from lightning_actprune.core import (
     count_parameters,
     find_prunable_layers,
     plan_for_reduction,
+    plan_from_kept,
     plan_pruning,
 )
+from tests.helpers import Classifier, KeepUnpruned, MLPModule, loaders
+from tests.test_grouped_and_recurrent import FEATURES, STEPS, Bottleneck, Recurrent, randomised
+from tests.test_heads import tiny_encoder, tiny_vit
+from tests.test_shared_and_fused import FusedMLP, SharedBlockNet
 
 
 def numpy_sums(values: np.ndarray) -> np.ndarray:
@@ -215,3 +228,150 @@ def test_the_counts_of_a_target_search_are_those_of_its_plans_and_of_the_surgery
     compensating = ThresholdEvaluator(model, layers, recorder.moments(), "fluctuation", 1, compensate=True)
     assert compensating.removal_counts() is None  # a bias update may add a bias: sized by the surgery
     assert plan_for_reduction(compensating, 0.3).plan is not None
+
+
+# --- main's layers: recurrent hidden units, grouped convolutions, shared and fused layers, attention heads ---
+
+
+def _recurrent(kind: type[nn.RNNBase], **options: object) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return Recurrent(kind, **options).eval(), torch.randn(4, STEPS, FEATURES)
+
+
+def _bottleneck() -> tuple[nn.Module, torch.Tensor]:
+    return randomised(Bottleneck()), torch.randn(4, 3, 6, 6)
+
+
+def _shared() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return SharedBlockNet().eval(), torch.randn(16, 8)
+
+
+def _fused() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return FusedMLP().eval(), torch.randn(16, 8)
+
+
+MODELS = {
+    "gru_2_layers_bidirectional": lambda: _recurrent(nn.GRU, num_layers=2, bidirectional=True),
+    "lstm_projection": lambda: _recurrent(nn.LSTM, num_layers=2, bidirectional=True, proj_size=3),
+    "resnext_bottleneck": _bottleneck,
+    "shared_block": _shared,
+    "fused_gate_up": _fused,
+    "vit_heads": tiny_vit,
+    "torch_attention_heads": tiny_encoder,
+}
+
+
+def _recorded(build: str) -> tuple[nn.Module, list, dict, dict]:
+    """The model, its layers, every moment, and only those the default statistic reads (recorded apart)."""
+    model, x = MODELS[build]()
+    with ActivationRecorder(model) as every, torch.no_grad():
+        model(x)
+    with ActivationRecorder(model, moments=recorded_moments("fluctuation")) as some, torch.no_grad():
+        model(x)
+    some.check_finite()
+    return model, find_prunable_layers(model, every.example_inputs), every.moments(), some.moments()
+
+
+@pytest.mark.parametrize("build", list(MODELS))
+def test_main_s_layers_keep_their_plans_with_only_the_moments_read_and_their_counts_by_arithmetic(build):
+    model, layers, moments, some = _recorded(build)
+    assert layers
+    before = count_parameters(model)
+    evaluator = ThresholdEvaluator(model, layers, moments, "fluctuation", 1, normalize=True)
+    assert evaluator.removal_order() == ThresholdEvaluator(model, layers, some, "fluctuation", 1,
+                                                            normalize=True).removal_order()  # fmt: skip
+    assert [(u.score, u.members) for u in evaluator.removal_order()] == reference_removal_order(evaluator)
+    counts = evaluator.removal_counts()
+    assert counts is not None
+    units = len(evaluator.removal_order())
+    for count in sorted({0, 1, units // 3, units // 2, units - 1, units}):
+        plan = evaluator.plan_removing(count)
+        counted = counts.parameters_after(count)
+        assert counted == parameters_after(model, plan, before)  # None alike: a count the surgery must give
+        if counted is not None:
+            with pruned_temporarily(model, plan):
+                assert counted == count_parameters(model)
+    if build in ("gru_2_layers_bidirectional", "lstm_projection", "resnext_bottleneck", "shared_block"):
+        assert counts.parameters_after(units // 2) is not None  # counted by arithmetic, not by surgery
+    choice = plan_for_reduction(evaluator, 0.3)
+    assert choice.plan is not None
+    with pruned_temporarily(model, choice.plan):
+        assert choice.reduction == pytest.approx(1 - count_parameters(model) / before)
+
+
+def _by_input_loop(module: nn.Module, over_kernel) -> torch.Tensor:
+    """Reference: the loop over groups that :func:`_by_input` replaced."""
+    weight = module.weight.detach()
+    per_pair = over_kernel(weight.flatten(2))
+    groups = module.groups
+    out_channels, in_per_group = per_pair.shape
+    out_per_group = out_channels // groups
+    joined = torch.zeros(in_per_group * groups, out_channels, dtype=weight.dtype)
+    for g in range(groups):
+        rows = slice(g * out_per_group, (g + 1) * out_per_group)
+        joined[g * in_per_group : (g + 1) * in_per_group, rows] = per_pair[rows].t()
+    return joined
+
+
+@pytest.mark.parametrize(("groups", "in_channels", "out_channels"), [(1, 6, 4), (2, 6, 4), (3, 6, 9), (6, 6, 6)])
+def test_column_norms_of_grouped_convolutions_match_the_loop_over_groups(groups, in_channels, out_channels):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(in_channels, out_channels, 3, groups=groups)
+    square = lambda kernel: kernel.square().sum(-1)  # noqa: E731
+    torch.testing.assert_close(_by_input(conv, square), _by_input_loop(conv, square), rtol=0, atol=0)
+    torch.testing.assert_close(input_columns(conv), _by_input_loop(conv, lambda k: k.sum(-1)), rtol=0, atol=0)
+    torch.testing.assert_close(_squared_column_norms(conv), _by_input_loop(conv, square).sum(1), rtol=0, atol=0)
+
+
+def test_the_planning_cache_computes_norms_once_and_sees_a_surgery():
+    model, _ = MODELS["gru_2_layers_bidirectional"]()
+    rnn = model.rnn
+    with planning_cache():
+        first = _squared_column_norms(rnn)
+        assert _squared_column_norms(rnn) is first  # computed once
+        with pruned_temporarily(model, plan_from_kept([hidden_units_layer("rnn", RecurrentShape.of(rnn))],
+                                                      {"rnn": list(range(0, 32, 2))})):  # fmt: skip
+            assert _squared_column_norms(rnn).shape != first.shape  # new parameters: computed again
+        torch.testing.assert_close(_squared_column_norms(rnn), first)
+    torch.testing.assert_close(_squared_column_norms(rnn), first)
+
+
+def test_the_callback_records_only_the_moments_its_prune_reads_and_plans_as_from_all(tmp_path, monkeypatch):
+    """Trainer defaults (bar, checkpoint, logger): the statistics pass records what the plan and compensation read."""
+    captured: list[dict] = []
+    moments_of = ActivationRecorder.moments
+
+    def spy(self: ActivationRecorder) -> dict:
+        captured.append(moments_of(self))
+        return captured[-1]
+
+    monkeypatch.setattr(ActivationRecorder, "moments", spy)
+    torch.manual_seed(0)
+    model, keep = Classifier(MLPModule()), KeepUnpruned()
+    pruning = ActivationPruning(threshold=0.6, statistic="nonzero_fraction", compensate=True, layers=["net.net.0"])
+    trainer = pl.Trainer(max_epochs=2, default_root_dir=tmp_path, callbacks=[keep, pruning])
+    train, val = loaders((8,))
+    trainer.fit(model, train, val)
+    assert pruning.result is not None
+    planned_from = captured[-1]
+
+    unpruned = keep.model
+    with ActivationRecorder(unpruned) as recorder, torch.no_grad():
+        for x, _ in val:
+            unpruned(x)
+    reference = recorder.moments()
+    assert set(planned_from) == set(reference)
+    read = recorded_moments("nonzero_fraction", compensate=True)
+    assert read == ("mean", "mean_square", "nonzero_fraction")
+    for name, moments in reference.items():
+        for field, value in moments._asdict().items():
+            if field in read or field == "num_values":
+                torch.testing.assert_close(planned_from[name]._asdict()[field], value)
+            else:
+                assert planned_from[name]._asdict()[field].isnan().all(), (name, field)
+    layers = find_prunable_layers(unpruned, recorder.example_inputs, ["net.net.0"])
+    expected = plan_pruning(layers, reference, 0.6, "nonzero_fraction", model=unpruned, compensate=True)
+    assert pruning.result.plan.to_dict() == expected.to_dict()
+    assert 0 < len(expected.layers[0].kept) < layers[0].neurons
