@@ -48,7 +48,9 @@ def _results() -> CostResults:
         Measurement("many", "after", 224, 64, 16, "", 19_000_000, 326, batch_seconds=1.0, recorded_batch_seconds=1.08),
         Measurement("bad", "after", 299, 64, 16, error="timed out after 5 s"),
     ]
-    return CostResults(rows, "python -m benchmarks.cost", "a CPU", 2, "2.x", "1.6.1", "5fd020c", "abc", 600.0)
+    return CostResults(
+        rows, "python -m benchmarks.cost", "a CPU", 2, "2.x", "1.6.1", "5fd020c", "abc", 600.0, ["wide", "many"]
+    )
 
 
 def test_report_says_per_model_whether_the_goal_is_met(tmp_path):
@@ -62,13 +64,15 @@ def test_report_says_per_model_whether_the_goal_is_met(tmp_path):
     text = render_markdown(results)
     assert "**After: 1 of 2 models meet the goal**" in text
     assert "; missed: wide." in text
-    assert "| net | 224 | 25.0M | 160 | after | 10.0 | 41.5 | 4 in 40.0 | 1.5 | 0.15 | met (≤ 2.0 s) | +30%" in text
-    assert "(default's moments: +5%)" in text
+    # after: the callback records the default's moments only (+5 %); every moment in brackets
+    assert "| net | 224 | 25.0M | 160 | after | 10.0 | 41.5 | 4 in 40.0 | 1.5 | 0.15 | met (≤ 2.0 s) | +5%" in text
+    assert "(every moment: +30%)" in text
     assert (
         "| net | 224 | 25.0M | 160 | before | 10.0 | 70.0 | 4 in 40.0 | 30.0 | 3.00 | missed (≤ 2.0 s) | +110% |"
         in text
     )
-    assert "326 measured layers (many) adds 8% to a validation batch (within the 10% goal)" in text
+    assert "326 measured layers (many) adds 8% to a validation batch (within the 10% goal; every moment: 8%)" in text
+    assert "The baseline's rows of wide, many were left out" in text
     assert "| bad | 299 | 0.0M | 0 | after timed out after 5 s | — | — | — | — | — | — | — |" in text
     assert CostResults.from_json(results.to_json()) == results
 

@@ -74,6 +74,12 @@ class Measurement:
         return self.recorded_batch_seconds / self.batch_seconds - 1 if self.batch_seconds else 0.0
 
     @property
+    def callback_overhead(self) -> float:
+        """What the callback's own recorder adds: only the default's moments where the version can, else every one."""
+        needed = self.needed_overhead
+        return self.statistics_overhead if needed is None else needed
+
+    @property
     def needed_overhead(self) -> float | None:
         """What recording only the moments of the default statistic adds, or None when the version cannot."""
         if not self.batch_seconds or not self.needed_batch_seconds:
@@ -96,6 +102,8 @@ class CostResults:
     current: str
     """The commit (and whether the checkout had changes) the ``after`` rows ran."""
     total_seconds: float
+    skipped_before: list[str] = dataclasses.field(default_factory=list)
+    """Models whose baseline row was left out (``--skip-before``)."""
 
     def to_json(self) -> str:
         """The JSON object of the whole run."""
