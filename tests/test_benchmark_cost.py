@@ -1,5 +1,7 @@
 """benchmarks.cost: one real measurement of a tiny model through the callback, and the report's rendering."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -7,7 +9,7 @@ from torch import nn
 from benchmarks.cost import measure as cost_measure
 from benchmarks.cost.models import MODELS, Model
 from benchmarks.cost.report import BEGIN, END, render_markdown, write_section
-from benchmarks.cost.results import CostResults, Measurement
+from benchmarks.cost.results import CostResults, Measurement, merge
 
 
 def _tiny_cnn() -> nn.Module:
@@ -81,3 +83,21 @@ def test_report_says_per_model_whether_the_goal_is_met(tmp_path):
     write_section(markdown, text)
     assert "old" not in markdown.read_text()
     assert text in markdown.read_text()
+
+
+def test_runs_side_by_side_merge_into_one_table_in_the_models_order():
+    whole = _results()
+    one = dataclasses.replace(whole, rows=whole.rows[2:], command="run b", total_seconds=300.0, skipped_before=[])
+    two = dataclasses.replace(whole, rows=whole.rows[:2], command="run a", total_seconds=500.0)
+    merged = merge([one, two], ["net", "wide", "many", "bad"])
+    assert [(r.model, r.version) for r in merged.rows] == [
+        ("net", "before"), ("net", "after"), ("wide", "after"), ("many", "after"), ("bad", "after")
+    ]  # fmt: skip
+    assert merged.command == "run b & run a"
+    assert merged.total_seconds == 500.0
+    assert merged.skipped_before == ["wide", "many"]
+    assert "(8.3 min, the runs side by side)" in render_markdown(merged)
+    with pytest.raises(ValueError, match="measured twice"):
+        merge([two, two], ["net"])
+    with pytest.raises(ValueError, match="different commits"):
+        merge([one, dataclasses.replace(two, current="other")], ["net"])

@@ -64,7 +64,9 @@ def render_markdown(results: CostResults) -> str:
     lines = [
         "### What the prune step costs, at the defaults and native resolutions (generated)",
         "",
-        f"Command: `{results.command}` ({results.total_seconds / 60:.1f} min). Machine: {results.cpu},"
+        f"Command: `{results.command}` ({results.total_seconds / 60:.1f} min"
+        + (", the runs side by side" if " & " in results.command else "")
+        + f"). Machine: {results.cpu},"
         f" {results.threads} torch threads per process (niced; other jobs ran on the machine: the two versions of"
         f" each model ran back to back), torch {results.torch}, torch-pruning {results.torch_pruning}. Before:"
         f" commit {results.baseline}; after: {results.current}. Random weights and images, 10 classes;"

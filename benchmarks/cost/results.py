@@ -113,3 +113,34 @@ class CostResults:
     def from_json(cls, text: str) -> CostResults:
         """The records back from :meth:`to_json`'s text."""
         return from_plain(cls, json.loads(text))
+
+
+def merge(runs: list[CostResults], order: list[str]) -> CostResults:
+    """Several runs of the same checkout (e.g. groups of models run in parallel processes) as one.
+
+    Rows go by model in ``order``, ``before`` first; the commands are joined with ``&`` (they ran side by side),
+    the time is the longest run's.
+
+    Raises:
+        ValueError: the runs measured different commits, or a model and version twice.
+    """
+    if len({(r.baseline, r.current, r.threads) for r in runs}) != 1:
+        raise ValueError("the runs measured different commits or thread counts: they cannot share one table")
+    rows = sorted(
+        (row for run in runs for row in run.rows),
+        key=lambda row: (order.index(row.model) if row.model in order else len(order), row.version != "before"),
+    )
+    pairs = [(row.model, row.version) for row in rows]
+    if len(set(pairs)) != len(pairs):
+        raise ValueError(f"a model and version measured twice: {pairs}")
+    first = runs[0]
+    return dataclasses.replace(
+        first,
+        rows=rows,
+        command=" & ".join(dict.fromkeys(run.command for run in runs)),
+        total_seconds=max(run.total_seconds for run in runs),
+        skipped_before=sorted(
+            {m for run in runs for m in run.skipped_before},
+            key=lambda m: (order.index(m) if m in order else len(order), m),
+        ),
+    )

@@ -18,7 +18,7 @@ from benchmarks.fashion_mnist.run import command_line
 
 from .models import MODELS
 from .report import render_markdown, write_section
-from .results import CostResults, Measurement
+from .results import CostResults, Measurement, merge
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / "benchmarks" / ".cache"
@@ -128,8 +128,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where the results go")
     parser.add_argument("--markdown", type=Path, default=DEFAULT_MARKDOWN, help="the file whose section is written")
     parser.add_argument("--report-only", action="store_true", help="render the last run's JSON again")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        help="render the JSON of several runs (groups of models run in parallel) as one table, written to --json",
+    )
     args = parser.parse_args(argv)
-    if args.report_only:
+    if args.merge:
+        runs = [CostResults.from_json(path.read_text()) for path in args.merge]
+        results = merge(runs, list(MODELS))
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(results.to_json())
+    elif args.report_only:
         if not args.json.is_file():
             raise SystemExit(f"error: --report-only renders the results of a full run; {args.json} does not exist.")
         results = CostResults.from_json(args.json.read_text())
