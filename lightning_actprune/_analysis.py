@@ -154,12 +154,13 @@ def find_prunable_layers(
     for root_name in _trace_roots(inputs):
         root = model.get_submodule(root_name) if root_name else model
         try:
+            few, counts = _few_samples_counted(root, inputs[root_name], _TRACE_SAMPLES)
             # inputs recorded under inference mode cannot enter autograd; a clone made here can
-            args, kwargs = map_tensors(Tensor.clone, _few_samples(root, inputs[root_name]))
+            args, kwargs = map_tensors(Tensor.clone, few)
             hints: dict[str, _Hint] = {}  # per layer, what to say if it fails the zeroing check
             heads = _head_candidates(model, root, args, kwargs, names, prune_heads, gqa_unit, skipped, owners)
             projections = {model.get_submodule(p) for layer in heads for p in layer.producers}
-            candidates = [*_layers_of_root(root, args, kwargs, context, skipped, projections, hints), *heads]
+            candidates = [*_layers_of_root(root, args, kwargs, counts, context, skipped, projections, hints), *heads]
             found.extend(_keep_independent(model, root, args, kwargs, _no_overlap(candidates), skipped, hints))
         except Exception as error:  # one root the tracer cannot handle must not stop the others, nor the fit
             skipped.append(_Skip(f"the layers inside {root_name or type(root).__name__}", _failure("tracing", error)))
@@ -354,14 +355,20 @@ def _layers_of_root(
     root: nn.Module,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
+    counts: Mapping[nn.Module, int] | None,
     context: _TraceContext,
     skipped: list[_Skip],
     projections: Collection[nn.Module],
     hints: dict[str, _Hint],
 ) -> Iterator[PrunableLayer]:
-    """The coupled groups of Torch-Pruning's graph as layers; none is built from ``projections`` (heads go whole)."""
-    with _traceable(root), torch.no_grad():
-        _, counts = _call_counts(root, args, kwargs)
+    """The coupled groups of Torch-Pruning's graph as layers; none is built from ``projections`` (heads go whole).
+
+    ``counts``: how often each measured layer is called per forward (:func:`_few_samples_counted`), or ``None``:
+    counted here.
+    """
+    if counts is None:
+        with _traceable(root), torch.no_grad():
+            _, counts = _call_counts(root, args, kwargs)
     with concatenations_of_unknown_size_unmapped():  # the graph is built, and its groups too
         with _traceable(root):
             graph = dependency_graph(root, args, kwargs, _tensors_with_grad)
@@ -577,6 +584,11 @@ def _hidden_units_layer(
     return hidden_units_layer(name, shape, readers, outputs.name, outputs.producers)
 
 
+_TRACE_SAMPLES = 2
+"""Samples the analysis traces and checks with: each forward it runs costs that many samples' worth. Two rather than
+one, so that a model that squeezes its batch dimension keeps its shapes."""
+
+
 def _few_samples(
     root: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]], size: int = 8
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -588,14 +600,28 @@ def _few_samples(
     tensors = [t for t in _output_tensors(inputs) if t.dim() > 0]
     if not tensors or tensors[0].shape[0] <= size:
         return inputs
+    return _few_samples_counted(root, inputs, size)[0]
+
+
+def _few_samples_counted(
+    root: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]], size: int
+) -> tuple[tuple[tuple[Any, ...], dict[str, Any]], dict[nn.Module, int] | None]:
+    """:func:`_few_samples`, and how often each layer is called per forward, counted by the run that tries them.
+
+    The counts are ``None`` when no run was needed to cut the batch (or the cut one failed): the caller counts on
+    the batch it traces, as it would without this run.
+    """
+    tensors = [t for t in _output_tensors(inputs) if t.dim() > 0]
+    if not tensors or tensors[0].shape[0] <= size:
+        return inputs, None
     batch = tensors[0].shape[0]
     small = map_tensors(lambda t: t[:size] if t.dim() > 0 and t.shape[0] == batch else t, inputs)
     try:
         with _traceable(root), torch.no_grad():
-            root(*small[0], **small[1])
+            _, counts = _call_counts(root, *small)
     except Exception:
-        return inputs
-    return small
+        return inputs, None
+    return small, counts
 
 
 def _output_tensors(output: Any) -> list[Tensor]:

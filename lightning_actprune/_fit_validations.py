@@ -18,7 +18,7 @@ from lightning_actprune import _lightning_compat as compat
 from lightning_actprune._analysis import outermost_called
 from lightning_actprune._config import PruningSettings
 from lightning_actprune._errors import ActivationPruningError
-from lightning_actprune._pipeline import RecordedPass, analyse, example_inputs, nothing_prunable
+from lightning_actprune._pipeline import RecordedPass, analyse, example_inputs, nothing_prunable, statistics_recorder
 from lightning_actprune._statistics import ActivationRecorder
 from lightning_actprune._trainer import weights_fingerprint
 from lightning_actprune._types import PrunableLayer
@@ -53,9 +53,10 @@ class FitValidations:
         """At the start of a validation of ``fit``: record it when a prune follows; analyse if not done yet."""
         self._recorded = None
         if prune_follows and self._recorder is None:
-            self._recorder = self._statistics.enter_context(ActivationRecorder(pl_module))
+            self._recorder = self._statistics.enter_context(statistics_recorder(self.settings, pl_module))
         if self.layers is None and self._analysis_recorder is None:
-            self._analysis_recorder = self._analysis.enter_context(ActivationRecorder(pl_module))
+            # its first batch's inputs are what the analysis traces with: no statistics are needed
+            self._analysis_recorder = self._analysis.enter_context(ActivationRecorder(pl_module, moments=()))
 
     def first_batch_done(self, pl_module: pl.LightningModule) -> None:
         """After a validation batch: the first one's inputs are what the analysis traces with."""

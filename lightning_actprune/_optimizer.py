@@ -34,15 +34,22 @@ def _index_probe(module: nn.Module) -> nn.Module:
     return probe
 
 
-def _surviving_entries(model: nn.Module, plan: PruningPlan) -> dict[tuple[str, str], Tensor]:
+def _surviving_entries(
+    model: nn.Module, plan: PruningPlan, names: Sequence[str] | None = None
+) -> dict[tuple[str, str], Tensor]:
     """For every parameter the plan touches, the flat index of each old entry that survives, in the new shape.
 
     The plan's operations are replayed on an index probe of each module with the very pruners the surgery uses:
     whatever they do (outputs, inputs, transposed or depthwise convs, several operations on one module), the
     probe's parameters then say where each entry of the pruned parameter came from.
+
+    Args:
+        model: the unpruned model.
+        plan: the plan.
+        names: replay only these of the touched modules (default: all of them).
     """
     surviving: dict[tuple[str, str], Tensor] = {}
-    for name in plan.touched_modules:
+    for name in plan.touched_modules if names is None else names:
         module = _submodule(model, name)
         probe = _index_probe(module)
         pruner = _pruner(probe)
@@ -129,8 +136,11 @@ def apply_plan_with_optimizers(
         torch.Size([2, 3])
     """
     saved = OptimizerSnapshot(optimizers)
-    surviving = _surviving_entries(model, plan)  # also checks every module exists
     before = {name: dict(_submodule(model, name).named_parameters(recurse=False)) for name in plan.touched_modules}
+    # only the modules whose parameters an optimizer trains have state to carry (none after `fit`)
+    trained = {p for optimizer in saved.optimizers for group in optimizer.param_groups for p in group["params"]}
+    carried = [name for name, parameters in before.items() if any(p in trained for p in parameters.values())]
+    surviving = _surviving_entries(model, plan, carried)
     try:
         with restoring(model, plan.touched_modules):
             apply_plan(model, plan)

@@ -26,6 +26,7 @@ from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._huggingface import uniform_ties
 from lightning_actprune._optimizer import OptimizerSnapshot, apply_plan_with_optimizers
 from lightning_actprune._recalibration import batchnorm_layers
+from lightning_actprune._scoring import recorded_moments
 from lightning_actprune._statistics import ActivationMoments, ActivationRecorder
 from lightning_actprune._surgery import restoring
 from lightning_actprune._sweep import (
@@ -96,6 +97,14 @@ def analyse(
     return layers, len(skipped)
 
 
+def statistics_recorder(settings: PruningSettings, pl_module: pl.LightningModule) -> ActivationRecorder:
+    """A recorder of what the prune reads: the statistic's moments, the RMS of the tie-break, the means to compensate.
+
+    Each moment left out saves a pass over every measured layer's inputs per validation batch.
+    """
+    return ActivationRecorder(pl_module, moments=recorded_moments(settings.scorer, settings.compensate))
+
+
 def example_inputs(pl_module: pl.LightningModule, recorder: ActivationRecorder) -> ExampleInputs:
     """What the analysis traces with: the module's ``example_input_array``, else the first batch it recorded."""
     example = pl_module.example_input_array
@@ -162,7 +171,7 @@ class PruningPipeline:
         if self.recorded is not None:
             recorder, metrics = self.recorded.recorder, synced_metrics(self.trainer, self.recorded.metrics)
         else:
-            with ActivationRecorder(self.pl_module) as recorder:
+            with statistics_recorder(self.settings, self.pl_module) as recorder:
                 metrics = self.passes.metrics()
         monitor = self.settings.monitor
         if monitor is not None and monitor not in metrics:

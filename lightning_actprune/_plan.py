@@ -12,7 +12,15 @@ import torch
 from torch import Tensor, nn
 
 from lightning_actprune._errors import ActivationPruningError
-from lightning_actprune._scoring import MomentStatistic, NeuronScorer, _squared_column_norms, as_scorer, input_columns
+from lightning_actprune._scoring import (
+    MomentStatistic,
+    NeuronScorer,
+    _squared_column_norms,
+    as_scorer,
+    index_tensor,
+    input_columns,
+    planning_cache,
+)
 from lightning_actprune._statistics import ActivationMoments
 from lightning_actprune._types import BiasUpdate, LayerPlan, ModulePruning, PrunableLayer, PruningPlan
 
@@ -34,7 +42,7 @@ def consumer_weight_energy(layer: PrunableLayer, model: nn.Module, norms: dict[s
         if consumer.module not in norms:
             module = model.get_submodule(consumer.module)
             norms[consumer.module] = _squared_column_norms(module).detach().cpu().to(torch.float64)
-        energy.index_add_(0, torch.tensor(consumer.neurons), norms[consumer.module][torch.tensor(consumer.indices)])
+        energy.index_add_(0, index_tensor(consumer.neurons), norms[consumer.module][index_tensor(consumer.indices)])
     return energy
 
 
@@ -168,12 +176,13 @@ def _all_scores(
 ) -> dict[str, Tensor]:
     """Every layer's scores, on the CPU; they do not depend on λ, so one computation serves every λ."""
     scores = {}
-    for layer in layers:
-        values = layer_scores(layer, moments, statistic, model, normalize).cpu()
-        if not bool(torch.isfinite(values).all()):
-            name = as_scorer(statistic).name
-            raise ActivationPruningError(f"the {name} of {layer.name} contains NaN or Inf; cannot prune on it.")
-        scores[layer.name] = values
+    with planning_cache():  # a consumer read by several layers has its weight norms computed once
+        for layer in layers:
+            values = layer_scores(layer, moments, statistic, model, normalize).cpu()
+            if not bool(torch.isfinite(values).all()):
+                name = as_scorer(statistic).name
+                raise ActivationPruningError(f"the {name} of {layer.name} contains NaN or Inf; cannot prune on it.")
+            scores[layer.name] = values
     return scores
 
 

@@ -243,9 +243,13 @@ RECURRENT_PRUNER = RecurrentPruner()
 
 def parameters_after(module: nn.RNNBase, removed_inputs: Sequence[int]) -> int | None:
     """The parameters ``module`` keeps without the inputs ``removed_inputs`` (features and units); ``None``: invalid."""
+    features = sum(1 for i in removed_inputs if i < RecurrentShape.of(module).inputs)
+    return parameters_kept(module, features, len(removed_inputs) - features)
+
+
+def parameters_kept(module: nn.RNNBase, features: int, units: int) -> int | None:
+    """The parameters ``module`` keeps without ``features`` input features and ``units`` hidden units (all blocks)."""
     shape = RecurrentShape.of(module)
-    features = sum(1 for i in removed_inputs if i < shape.inputs)
-    units = len(removed_inputs) - features
     if units % shape.blocks:
         return None
     hidden = shape.hidden - units // shape.blocks

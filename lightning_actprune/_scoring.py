@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+import array
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -12,7 +15,9 @@ from lightning_actprune import _recurrent as recurrent
 from lightning_actprune._conv1d import out_in_weight
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._statistics import (
+    MOMENTS,
     SIGNED_STATISTICS,
+    STATISTIC_MOMENTS,
     STATISTICS,
     ActivationMoments,
     neuron_statistic,
@@ -33,6 +38,8 @@ class NeuronScorer:
         name: recorded in the plan (``PruningPlan.statistic``) and the summary; by default the class path.
         signed: whether scores can be negative, so that λ may be too (a negative λ is refused otherwise).
         unit: the scores' unit, for the summary (by default the name is shown).
+        moments: the activation moments it reads (of :data:`~lightning_actprune._statistics.MOMENTS`; by default
+            all): only these need to be recorded (:func:`recorded_moments`).
 
     Example:
         >>> from lightning_actprune.core import find_prunable_layers, plan_pruning
@@ -54,6 +61,7 @@ class NeuronScorer:
     name: str = ""
     signed: bool = False
     unit: str = ""
+    moments: tuple[str, ...] = MOMENTS
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -92,8 +100,8 @@ def _over_consumers(
         if consumer.module not in moments:
             continue
         feature_moments = moments[consumer.module]
-        index = torch.tensor(consumer.indices, device=feature_moments.mean.device)
-        neuron_index = torch.tensor(consumer.neurons, device=index.device)
+        index = index_tensor(consumer.indices).to(feature_moments.mean.device)
+        neuron_index = index_tensor(consumer.neurons).to(index.device)
         selected = ActivationMoments(
             mean=feature_moments.mean[index],
             mean_abs=feature_moments.mean_abs[index],
@@ -120,6 +128,7 @@ class MomentStatistic(NeuronScorer):
     def __init__(self, name: str, signed: bool = False) -> None:
         self.name = name
         self.signed = signed
+        self.moments = STATISTIC_MOMENTS[name]
 
     def __call__(
         self, layer: PrunableLayer, moments: Mapping[str, ActivationMoments], model: nn.Module | None = None
@@ -145,6 +154,7 @@ class Fluctuation(NeuronScorer):
     """
 
     name = "fluctuation"
+    moments = STATISTIC_MOMENTS["fluctuation"]
 
     def __call__(self, layer: PrunableLayer, moments: Mapping[str, ActivationMoments], model: nn.Module) -> Tensor:
         """The fluctuation of every neuron of ``layer``, from ``moments`` and the consumers' weights in ``model``."""
@@ -180,6 +190,56 @@ def as_scorer(statistic: object) -> NeuronScorer:
     return statistic
 
 
+def recorded_moments(statistic: str | NeuronScorer, compensate: bool = False) -> tuple[str, ...]:
+    """The activation moments a prune with ``statistic`` reads.
+
+    The statistic's own, ``mean_square`` for the tie-break of a target search (RMS activation), and ``mean`` with
+    ``compensate`` (the removed neurons' means go into their consumers' biases). Pass them to
+    :class:`~lightning_actprune.core.ActivationRecorder` (``moments=``): each moment left out saves a pass over every
+    layer's activations per batch.
+    """
+    needed = {*as_scorer(statistic).moments, "mean_square", *(("mean",) if compensate else ())}
+    return tuple(m for m in MOMENTS if m in needed)
+
+
+class _Cache(NamedTuple):
+    norms: dict[int, tuple[tuple[nn.Parameter, ...], Tensor]]
+    """Squared column norms by ``id`` of the module, with its parameters (held: a surgery replaces them)."""
+    indices: dict[int, tuple[Sequence[int], Tensor]]
+    """Index tensors by ``id`` of the tuple they were made from (held, likewise)."""
+
+
+_CACHE: ContextVar[_Cache | None] = ContextVar("planning_cache", default=None)
+
+
+@contextmanager
+def planning_cache() -> Iterator[None]:
+    """Inside it, each consumer's column norms and each index tuple's tensor are computed once.
+
+    A DenseNet layer is read by every later layer of its block: its norms serve all of them. The weights and the
+    layers must not change inside it: it is entered around computations that only read them.
+    """
+    token = _CACHE.set(_CACHE.get() or _Cache({}, {}))
+    try:
+        yield
+    finally:
+        _CACHE.reset(token)
+
+
+def index_tensor(values: Sequence[int]) -> Tensor:
+    """``values`` as an int64 tensor on the CPU; a tuple's tensor is made once inside :func:`planning_cache`."""
+    cache = _CACHE.get()
+    if cache is not None and id(values) in cache.indices:
+        return cache.indices[id(values)][1]
+    if not values:
+        return torch.zeros(0, dtype=torch.int64)
+    # through an array: several times faster than torch.tensor on a tuple of Python ints
+    tensor = torch.frombuffer(array.array("q", values), dtype=torch.int64)
+    if cache is not None and isinstance(values, tuple):
+        cache.indices[id(values)] = (values, tensor)
+    return tensor
+
+
 def _by_input(module: nn.Module, over_kernel: Callable[[Tensor], Tensor]) -> Tensor:
     """``over_kernel`` of the weights joining each input feature to each output, ``(in, out)``.
 
@@ -188,13 +248,15 @@ def _by_input(module: nn.Module, over_kernel: Callable[[Tensor], Tensor]) -> Ten
     weight = out_in_weight(module).detach()
     per_pair = over_kernel(weight.flatten(2) if weight.dim() > 2 else weight.unsqueeze(-1))  # (out, in/groups)
     groups = getattr(module, "groups", 1)
+    if groups == 1:
+        return per_pair.t().contiguous()
     out_channels, in_per_group = per_pair.shape
     out_per_group = out_channels // groups
-    joined = torch.zeros(in_per_group * groups, out_channels, dtype=weight.dtype, device=weight.device)
-    for g in range(groups):
-        rows = slice(g * out_per_group, (g + 1) * out_per_group)
-        joined[g * in_per_group : (g + 1) * in_per_group, rows] = per_pair[rows].t()
-    return joined
+    # block-diagonal: group g's inputs and outputs, written in one indexing instead of a loop over the groups
+    joined = torch.zeros(groups, in_per_group, groups, out_per_group, dtype=per_pair.dtype, device=per_pair.device)
+    diagonal = torch.arange(groups, device=per_pair.device)
+    joined[diagonal, :, diagonal, :] = per_pair.view(groups, out_per_group, in_per_group).transpose(1, 2)
+    return joined.view(in_per_group * groups, out_channels)
 
 
 def input_columns(module: nn.Module) -> Tensor:
@@ -210,7 +272,20 @@ def input_columns(module: nn.Module) -> Tensor:
 
 
 def _squared_column_norms(module: nn.Module) -> Tensor:
-    """``‖W[:, f]‖²`` for each input feature ``f``, over every output and kernel position."""
+    """``‖W[:, f]‖²`` for each input feature ``f``, over every output and kernel position.
+
+    Computed once per module inside :func:`planning_cache`.
+    """
+    cache = _CACHE.get()
+    parameters = tuple(module.parameters(recurse=False))
+    if cache is not None and id(module) in cache.norms:
+        held, norms = cache.norms[id(module)]
+        if len(held) == len(parameters) and all(a is b for a, b in zip(held, parameters, strict=True)):
+            return norms
     if isinstance(module, nn.RNNBase):
-        return recurrent.squared_column_norms(module)
-    return _by_input(module, lambda kernel: kernel.square().sum(-1)).sum(1)
+        norms = recurrent.squared_column_norms(module)
+    else:
+        norms = _by_input(module, lambda kernel: kernel.square().sum(-1)).sum(1)
+    if cache is not None:
+        cache.norms[id(module)] = (parameters, norms)
+    return norms

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any, Literal, NamedTuple, get_args
 
@@ -133,6 +134,136 @@ def _accumulator_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+MOMENTS: tuple[str, ...] = ("mean", "mean_abs", "mean_square", "nonzero_fraction")
+"""The per-neuron moments a recorder can accumulate (``num_values`` is always counted)."""
+
+STATISTIC_MOMENTS: dict[str, tuple[str, ...]] = {
+    "mean": ("mean",),
+    "mean_abs": ("mean_abs",),
+    "rms": ("mean_square",),
+    "nonzero_fraction": ("nonzero_fraction",),
+    "std": ("mean", "mean_square"),
+    "fluctuation": ("mean", "mean_square"),
+}
+"""The moments each statistic is computed from."""
+
+_STATES: dict[str, str] = {
+    "mean": "total",
+    "mean_abs": "total_abs",
+    "mean_square": "total_squares",
+    "nonzero_fraction": "nonzero",
+}
+
+
+def check_moments(moments: Sequence[str]) -> tuple[str, ...]:
+    """``moments`` in :data:`MOMENTS`' order, or an error naming the allowed ones."""
+    unknown = [m for m in moments if m not in MOMENTS]
+    if unknown or isinstance(moments, str):
+        raise ActivationPruningError(f"`moments` can hold {', '.join(MOMENTS)}; got {moments!r}.")
+    return tuple(m for m in MOMENTS if m in moments)
+
+
+class Workspace:
+    """One scratch buffer for the temporaries of every layer's statistics, reused from batch to batch.
+
+    On the CPU a large temporary costs page faults each time it is allocated, as much as the arithmetic on it;
+    a recorder hands one workspace to all its metrics, which grows to the largest activation and is released
+    with the recorder.
+    """
+
+    def __init__(self) -> None:
+        self._buffer: Tensor | None = None
+
+    def like(self, values: Tensor) -> Tensor:
+        """An uninitialised tensor of ``values``' shape, dtype and device, backed by the shared buffer."""
+        buffer = self._buffer
+        if (
+            buffer is None
+            or buffer.numel() < values.numel()
+            or (buffer.dtype, buffer.device)
+            != (
+                values.dtype,
+                values.device,
+            )
+        ):
+            buffer = self._buffer = torch.empty(values.numel(), dtype=values.dtype, device=values.device)
+        return buffer[: values.numel()].view(values.shape)
+
+    def release(self) -> None:
+        """Free the buffer (the next :meth:`like` allocates again)."""
+        self._buffer = None
+
+
+def _channel_matrix(values: Tensor, channel_dim: int) -> tuple[Tensor, bool]:
+    """``values`` as a matrix without copying when its layout allows, and whether channels are its rows.
+
+    Channels last in memory (``Linear`` inputs): ``(samples × positions, channels)``, summed over rows. Channels
+    before contiguous positions (``Conv`` inputs, ``NC…``): ``(samples × channels, positions)``, summed over columns
+    (contiguous, the fastest reduction) and then over samples; no ``movedim`` copy.
+    """
+    dim = channel_dim % values.dim()
+    channels = values.shape[dim]
+    last = values.movedim(dim, -1)
+    if dim == values.dim() - 1 or last.is_contiguous():
+        return last.reshape(-1, channels), False
+    positions = math.prod(values.shape[dim + 1 :])
+    return values.reshape(-1, positions), True
+
+
+def batch_sums(
+    activations: Tensor, channel_dim: int, moments: Sequence[str] = MOMENTS, workspace: Workspace | None = None
+) -> tuple[Tensor, int]:
+    """Per-channel sums of one batch, one row per moment of ``moments`` (in :data:`MOMENTS`' order), and the count.
+
+    The sums of ``a``, ``|a|``, ``a²`` and ``a != 0`` over every dimension but ``channel_dim``, in float32 or wider.
+    Each is one reduction kernel over the activations in place; ``|a|`` and ``a != 0`` share one temporary (in
+    ``workspace`` when given). On the CPU, where checking costs no synchronisation, activations that are never
+    negative (after a ReLU) take ``Σ|a|`` from ``Σa`` and count the non-zeros on ``sign(a)``.
+
+    Returns:
+        ``(sums, count)``: a ``(len(moments), channels)`` tensor, and how many values each channel saw.
+    """
+    values = activations.detach()
+    # one batch is summed in float32 or wider (bf16/fp16 are upcast), the running totals are float64
+    values = values.to(torch.promote_types(values.dtype, torch.float32))
+    matrix, by_rows = _channel_matrix(values, channel_dim)
+    channels = values.shape[channel_dim]
+    reduce = -1 if by_rows else 0
+    sums: dict[str, Tensor] = {}
+    if "mean" in moments:
+        sums["mean"] = matrix.sum(reduce)
+    if "mean_square" in moments:
+        # rows: the fused norm reads the values once; columns: the square in a temporary, as its kernel is slow there
+        sums["mean_square"] = (
+            torch.linalg.vector_norm(matrix, 2, reduce).square()
+            if by_rows
+            else torch.square(matrix, out=_scratch(workspace, matrix)).sum(0)
+        )
+    if "mean_abs" in moments or "nonzero_fraction" in moments:
+        scratch = _scratch(workspace, matrix)
+        if matrix.device.type == "cpu" and bool(matrix.min() >= 0):  # NaN compares False: the general path
+            if "mean_abs" in moments:
+                sums["mean_abs"] = sums["mean"] if "mean" in moments else matrix.sum(reduce)
+            torch.sign(matrix, out=scratch)
+        else:
+            torch.abs(matrix, out=scratch)
+            if "mean_abs" in moments:
+                sums["mean_abs"] = scratch.sum(reduce)
+            scratch.sign_()  # on CPU several times faster than count_nonzero or (a != 0).sum
+        if "nonzero_fraction" in moments:
+            sums["nonzero_fraction"] = scratch.sum(reduce)
+    if not sums:
+        return matrix.new_zeros(0, channels), matrix.numel() // channels
+    stacked = torch.stack([sums[m] for m in MOMENTS if m in moments])
+    if by_rows:
+        stacked = stacked.view(len(sums), -1, channels).sum(1)
+    return stacked, matrix.numel() // channels
+
+
+def _scratch(workspace: Workspace | None, like: Tensor) -> Tensor:
+    return workspace.like(like) if workspace is not None else torch.empty_like(like)
+
+
 class ActivationStatistics(Metric):
     """Running per-neuron sums of one layer's input activations.
 
@@ -142,7 +273,12 @@ class ActivationStatistics(Metric):
     Args:
         num_neurons: the size of the channel dimension.
         channel_dim: where the neurons are: ``-1`` for ``Linear`` inputs, ``1`` for batched ``Conv`` inputs.
+        moments: the moments to accumulate (a subset of :data:`MOMENTS`, by default all); each one left out saves a
+            pass over every batch, and :meth:`compute` returns it as NaN.
         kwargs: passed to :class:`torchmetrics.Metric`.
+
+    Attributes:
+        workspace: a :class:`Workspace` for the temporaries of :meth:`update` (``None``: allocated per batch).
 
     Example:
         >>> metric = ActivationStatistics(num_neurons=2)
@@ -161,12 +297,16 @@ class ActivationStatistics(Metric):
     nonzero: Tensor
     count: Tensor
 
-    def __init__(self, num_neurons: int, channel_dim: int = -1, **kwargs: Any) -> None:
+    def __init__(
+        self, num_neurons: int, channel_dim: int = -1, moments: Sequence[str] = MOMENTS, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         if not isinstance(num_neurons, int) or num_neurons < 1:
             raise ActivationPruningError(f"`num_neurons` must be a positive int; got {num_neurons!r}.")
         self.num_neurons = num_neurons
         self.channel_dim = channel_dim
+        self.moments = check_moments(moments)
+        self.workspace: Workspace | None = None
         dtype = torch.float64
         for name in ("total", "total_squares", "total_abs", "nonzero"):
             self.add_state(name, default=torch.zeros(num_neurons, dtype=dtype), dist_reduce_fx="sum")
@@ -178,25 +318,28 @@ class ActivationStatistics(Metric):
             raise ActivationPruningError(
                 f"expected {self.num_neurons} neurons at dim {self.channel_dim}; got shape {tuple(activations.shape)}."
             )
-        values = activations.detach().movedim(self.channel_dim, -1).reshape(-1, self.num_neurons)
-        # one batch is summed in float32 or wider (bf16/fp16 are upcast), the running totals are float64
-        values = values.to(torch.promote_types(values.dtype, torch.float32))
-        absolute = values.abs()
-        self.total += values.sum(0)
-        self.total_squares += values.square().sum(0)
-        self.total_abs += absolute.sum(0)
-        self.nonzero += absolute.sign().sum(0)  # on CPU several times faster than count_nonzero or (a != 0).sum
-        self.count += values.shape[0]
+        sums, count = batch_sums(activations, self.channel_dim, self.moments, self.workspace)
+        # in place: an assignment would go through nn.Module's and torchmetrics' __setattr__ for every state
+        states = [getattr(self, _STATES[m]) for m in self.moments]
+        if states:
+            torch._foreach_add_(states, list(sums.to(states[0].dtype).unbind(0)))
+        self.count.add_(count)
 
     def compute(self) -> ActivationMoments:
-        """Divide the sums by the number of values seen."""
+        """Divide the sums by the number of values seen; a moment not accumulated is NaN."""
         count = self.count
         divisor = count.clamp_min(1)
+
+        def moment(name: str) -> Tensor:
+            if name not in self.moments:
+                return torch.full_like(self.total, math.nan)
+            return getattr(self, _STATES[name]) / divisor
+
         return ActivationMoments(
-            mean=self.total / divisor,
-            mean_abs=self.total_abs / divisor,
-            mean_square=self.total_squares / divisor,
-            nonzero_fraction=self.nonzero / divisor,
+            mean=moment("mean"),
+            mean_abs=moment("mean_abs"),
+            mean_square=moment("mean_square"),
+            nonzero_fraction=moment("nonzero_fraction"),
             num_values=count,
         )
 
@@ -224,6 +367,9 @@ class ActivationRecorder:
 
     Args:
         model: any ``nn.Module``.
+        moments: the moments to accumulate (a subset of :data:`MOMENTS`, by default all): a statistic needs only
+            its own (:data:`STATISTIC_MOMENTS`, :func:`~lightning_actprune._scoring.recorded_moments`), and each one
+            left out saves a pass over every layer's activations per batch.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
@@ -233,9 +379,11 @@ class ActivationRecorder:
         torch.Size([4])
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, moments: Sequence[str] = MOMENTS) -> None:
         self.model = model
+        self.recorded = check_moments(moments)
         self.metrics: dict[str, ActivationStatistics] = {}
+        self._workspace = Workspace()
         self.example_inputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._model_inputs: set[int] = set()
@@ -261,6 +409,7 @@ class ActivationRecorder:
             handle.remove()
         self._handles.clear()
         self._swapped.close()
+        self._workspace.release()
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -279,8 +428,10 @@ class ActivationRecorder:
             metric = self.metrics.get(name)
             if metric is None:
                 dim = _channel_dim(module, inputs)
-                metric = ActivationStatistics(int(inputs.shape[dim]), channel_dim=dim).to(inputs.device)
+                metric = ActivationStatistics(int(inputs.shape[dim]), channel_dim=dim, moments=self.recorded)
+                metric = metric.to(inputs.device)
                 metric.set_dtype(_accumulator_dtype(inputs.device))
+                metric.workspace = self._workspace
                 self.metrics[name] = metric
             metric.update(inputs)
 
@@ -291,8 +442,9 @@ class ActivationRecorder:
             features = recurrent_features(module, args, kwargs, output)
             metric = self.metrics.get(name)
             if metric is None:
-                metric = ActivationStatistics(int(features.shape[-1])).to(features.device)
+                metric = ActivationStatistics(int(features.shape[-1]), moments=self.recorded).to(features.device)
                 metric.set_dtype(_accumulator_dtype(features.device))
+                metric.workspace = self._workspace
                 self.metrics[name] = metric
             metric.update(features)
 
@@ -326,7 +478,11 @@ class ActivationRecorder:
         """
         # the reduced moments: every process must come to the same decision, or the others would wait for it
         moments = self.moments() if moments is None else moments
-        bad = [name for name, m in moments.items() if not bool(torch.isfinite(m.mean_square).all())]
+        bad = [
+            name
+            for name, m in moments.items()
+            if not all(bool(torch.isfinite(getattr(m, moment)).all()) for moment in self.recorded)
+        ]
         if bad:
             raise ActivationPruningError(
                 f"activations contain NaN or Inf at the input of {', '.join(bad)}; refusing to prune on them."

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from lightning_actprune._counting import parameters_after
+from lightning_actprune._counting import RemovalCounts, parameters_after
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._plan import (
     Block,
@@ -23,7 +23,7 @@ from lightning_actprune._plan import (
     layer_scores,
     plan_from_kept,
 )
-from lightning_actprune._scoring import NeuronScorer, as_scorer
+from lightning_actprune._scoring import NeuronScorer, as_scorer, planning_cache
 from lightning_actprune._statistics import ActivationMoments
 from lightning_actprune._surgery import pruned_temporarily
 from lightning_actprune._types import PrunableLayer, PruningPlan, SweepRow, count_parameters, model_size_mb
@@ -84,6 +84,7 @@ class ThresholdEvaluator:
         # the scores do not depend on λ: computed once here, not again for every λ of a table or bisection
         self._scores = _all_scores(layers, moments, statistic, model, normalize)
         self._order: list[RemovalUnit] | None = None
+        self._counts: RemovalCounts | None = None
 
     def plan(self, threshold: float) -> PruningPlan:
         """The plan at λ (the same as :func:`plan_pruning` with these settings)."""
@@ -122,13 +123,7 @@ class ThresholdEvaluator:
         ``min_neurons`` neurons each layer keeps (the last in this order) are not listed.
         """
         if self._order is None:
-            norms: dict[str, torch.Tensor] = {}
-            keys: dict[str, list[tuple[float, float, float]]] = {}
-            for layer in self.layers:
-                rms = layer_scores(layer, self.moments, "rms").cpu()
-                energy = consumer_weight_energy(layer, self.model, norms)
-                scores = self._scores[layer.name]
-                keys[layer.name] = [(float(scores[i]), float(rms[i]), float(energy[i])) for i in range(layer.neurons)]
+            keys = self._tie_break_keys()
             position = {layer.name: p for p, layer in enumerate(self.layers)}
             floors = {layer.name: block_floor(layer, self.min_neurons) for layer in self.layers}
             ties = self.ties
@@ -137,21 +132,43 @@ class ThresholdEvaluator:
                 if layer.name not in tied:
                     ties = [*ties, [Block(layer.name, range(layer.neurons))]]
                     floors[layer.name] = min(self.min_neurons, layer.neurons)
-
-            def ranked(block: Block) -> list[int]:
-                return sorted(block.neurons, key=lambda i: (*keys[block.layer][i], i))
-
-            keyed = []
+            members: list[tuple[tuple[str, int], ...]] = []
+            sort_keys = []
             for tie in ties:
-                ranks_of = [ranked(block) for block in tie]
+                tiers = len(tie[0].neurons) - floors[tie[0].layer]
                 first = min(position[block.layer] for block in tie)
-                for tier in range(len(tie[0].neurons) - floors[tie[0].layer]):
-                    members = tuple((block.layer, ranks[tier]) for block, ranks in zip(tie, ranks_of, strict=True))
-                    mean = [sum(keys[name][i][k] for name, i in members) / len(members) for k in range(3)]
-                    keyed.append(((*mean, first, members[0][1]), members))
-            keyed.sort(key=lambda unit: unit[0])
-            self._order = [RemovalUnit(key[0], members) for key, members in keyed]
+                tie_members, tie_keys = _tiers(tie, keys, tiers, first)
+                members += tie_members
+                sort_keys.append(tie_keys)
+            keyed = torch.cat(sort_keys) if sort_keys else torch.zeros(0, 5, dtype=torch.float64)
+            order = _lexsort(keyed.unbind(1)).tolist()
+            scores = keyed[:, 0].tolist()
+            self._order = [RemovalUnit(scores[j], members[j]) for j in order]
         return self._order
+
+    def _tie_break_keys(self) -> dict[str, torch.Tensor]:
+        """Per layer, ``(neurons, 3)``: the score, the RMS activation and the consumers' weight energy."""
+        keys = {}
+        norms: dict[str, torch.Tensor] = {}
+        with planning_cache():
+            for layer in self.layers:
+                rms = layer_scores(layer, self.moments, "rms").cpu()
+                energy = consumer_weight_energy(layer, self.model, norms)
+                keys[layer.name] = torch.stack([self._scores[layer.name], rms, energy], dim=1)
+        return keys
+
+    def removal_counts(self) -> RemovalCounts | None:
+        """The parameter counts of :meth:`plan_removing`'s plans, by arithmetic.
+
+        ``None`` with ``compensate``: a bias update may add a bias, so those plans are sized by surgery.
+        """
+        if self.compensate:
+            return None
+        if self._counts is None:
+            members = [unit.members for unit in self.removal_order()]
+            with planning_cache():
+                self._counts = RemovalCounts(self.model, self.layers, members, self.params_before)
+        return self._counts
 
     def plan_removing(self, count: int) -> PruningPlan:
         """The plan removing the first ``count`` neurons of :meth:`removal_order`.
@@ -198,6 +215,44 @@ class ThresholdEvaluator:
     def evaluate(self, threshold: float | PruningPlan) -> SweepRow:
         """Sizes and validation metrics after pruning at λ (or with the plan); the model is restored."""
         return self._pruned(threshold, validate=True)
+
+
+def _lexsort(columns: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The permutation that sorts by the first column, equal values by the second, …: Python's order of tuples."""
+    order = torch.arange(len(columns[0]))
+    for column in reversed(columns):
+        order = order[torch.sort(column[order], stable=True).indices]
+    return order
+
+
+def _tiers(
+    tie: Sequence[Block], keys: Mapping[str, torch.Tensor], tiers: int, first: int
+) -> tuple[list[tuple[tuple[str, int], ...]], torch.Tensor]:
+    """The lowest ``tiers`` tiers of a tie: each one's neurons, and its sort key.
+
+    Tier r holds the r-th lowest neuron of every block; it is keyed by the mean of their score, RMS and energy
+    (one block: its neuron's own), then by the tie's first layer's position ``first`` and the first block's neuron.
+
+    Returns:
+        The members of every tier, and a ``(tiers, 5)`` float64 tensor of their keys.
+    """
+    ranks = [_ranked(keys[block.layer], block.neurons)[:tiers].tolist() for block in tie]
+    names = [block.layer for block in tie]
+    members = [tuple(zip(names, tier, strict=True)) for tier in zip(*ranks, strict=True)]
+    if len(tie) == 1:
+        values = keys[names[0]][ranks[0]]
+    else:  # in Python's arithmetic, summing the blocks in order
+        means = [[sum(float(keys[name][i, k]) for name, i in tier) / len(tier) for k in range(3)] for tier in members]
+        values = torch.tensor(means, dtype=torch.float64).reshape(-1, 3)
+    where = torch.tensor([[first, index] for index in ranks[0]], dtype=torch.float64).reshape(-1, 2)
+    return members, torch.cat([values, where], dim=1)
+
+
+def _ranked(keys: torch.Tensor, neurons: range) -> torch.Tensor:
+    """The neurons of a block, lowest first by their keys (``keys`` rows), then by index."""
+    index = torch.arange(neurons.start, neurons.stop)
+    block = keys[neurons.start : neurons.stop]
+    return index[_lexsort([block[:, 0], block[:, 1], block[:, 2], index])]
 
 
 def threshold_for_reduction(evaluator: ThresholdEvaluator, target: float) -> float:
@@ -266,15 +321,18 @@ def plan_for_reduction(evaluator: ThresholdEvaluator, target: float) -> Reductio
     """
     order = evaluator.removal_order()
     reductions: dict[int, float] = {}  # each count costs a surgery: the bisection and the report share them
+    counts = evaluator.removal_counts()
 
     def reduction(count: int) -> float:
         if count not in reductions:
-            plan = evaluator.plan_removing(count)
-            params = parameters_after(evaluator.model, plan, evaluator.params_before)
-            if params is None:  # a module whose count needs the surgery
-                reductions[count] = 1.0 - evaluator.size(plan).params_kept
-            else:
-                reductions[count] = 1.0 - params / evaluator.params_before
+            params = counts.parameters_after(count) if counts is not None else None
+            if params is None:  # compensating, or a module the arithmetic does not know: the plan itself is sized
+                plan = evaluator.plan_removing(count)
+                params = parameters_after(evaluator.model, plan, evaluator.params_before)
+                if params is None:  # a module whose count needs the surgery
+                    reductions[count] = 1.0 - evaluator.size(plan).params_kept
+                    return reductions[count]
+            reductions[count] = 1.0 - params / evaluator.params_before
         return reductions[count]
 
     most = reduction(len(order))

@@ -8,8 +8,23 @@ from benchmarks.architectures.results import ERROR, EXACT, SKIPPED, ModelResult,
 
 def _results() -> SweepResults:
     rows = [
-        ModelResult("tiny_net", EXACT, 1_234_567, 32, 0.9, 4, 0.301, 1.5, 0.5, 4.0, 900.0, 1e-7),
-        ModelResult("slow_net", EXACT, 2_000_000, 64, 0.5, 9, 0.3, 11.0, 2.0, 26.0, 1000.0),
+        ModelResult(
+            "tiny_net",
+            EXACT,
+            1_234_567,
+            32,
+            0.9,
+            4,
+            0.301,
+            1.5,
+            0.5,
+            4.0,
+            900.0,
+            1e-7,
+            layers_pruned=3,
+            statistic="fluctuation (standardised)",
+        ),
+        ModelResult("slow_net", EXACT, 2_000_000, 64, 0.5, 9, 0.3, 11.0, 2.0, 26.0, 1000.0, layers_pruned=9),
         ModelResult("odd_net", SKIPPED, 500_000, 32, 0.0, messages=["lightning_actprune: not pruning a|b: why"]),
         ModelResult("bad_net", ERROR, 700_000, error="timed out after 5 s"),
     ]
@@ -21,7 +36,8 @@ def test_report_renders_every_model_the_summary_and_the_ratio(tmp_path):
     text = render_markdown(results)
     summary = "**2 of 4 pruned exactly, 1 skipped, 1 errors; 1 over 10 s** of analysis + checks + λ search (slow_net)."
     assert summary in text
-    assert "| tiny_net | 1.2M | 32 | pruned exactly | 90% | 4 | 30.1% | 1.5 | 0.5 | 0.50 | 900 | — |" in text
+    assert "| tiny_net | 1.2M | 32 | pruned exactly | 90% | 4 | 3 | 30.1% | 1.5 | 0.5 | 0.50 | 900 | — |" in text
+    assert "at the callback's defaults (`fluctuation (standardised)` scores and their tie-breaks)" in text
     assert "not pruning a\\|b: why" in text  # a pipe in a message does not break the table
     assert "| bad_net | 0.7M | — | error |" in text
     assert "timed out after 5 s" in text
@@ -47,6 +63,8 @@ def test_small_torchvision_models_prune_exactly(name):
     assert result.status == EXACT, (result.error, result.messages)
     assert result.reduction >= 0.3
     assert result.prunable_fraction > 0.5
+    assert result.statistic == "fluctuation (standardised)"  # the callback's default path for a target
+    assert 0 < result.layers_pruned <= result.layers
     if name.startswith("regnet"):  # its grouped convolutions' bottlenecks prune too: nothing is skipped
         assert result.messages == []
         assert result.prunable_fraction == 1.0

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_actprune import ActivationPruning
 from lightning_actprune.core import (
     ActivationRecorder,
     PruningPlan,
@@ -117,13 +118,20 @@ def check(name: str) -> ModelResult:
             result.status = SKIPPED
             return result
         start = time.process_time()
-        choice = plan_for_reduction(ThresholdEvaluator(model, layers, recorder.moments(), "mean", 1), TARGET)
+        # the callback's defaults for a target: its statistic (standardised fluctuation), its tie-breaks and floor
+        settings = ActivationPruning(target_params_reduction=TARGET, pruned_checkpoint=None)
+        evaluator = ThresholdEvaluator(
+            model, layers, recorder.moments(), settings.scorer, settings.min_neurons, normalize=settings.normalized
+        )
+        choice = plan_for_reduction(evaluator, TARGET)
         result.search_seconds = time.process_time() - start
+        result.statistic = settings.scorer.name + (" (standardised)" if settings.normalized else "")
         result.reduction = choice.reduction
         if choice.plan is None:
             result.status = SKIPPED
             result.messages.append(choice.note or "target out of reach")
             return result
+        result.layers_pruned = sum(len(layer.kept) < layer.neurons for layer in choice.plan.layers)
         original = copy.deepcopy(model)
         apply_plan(model, choice.plan)
         handles = zeroed_reference(original, choice.plan)

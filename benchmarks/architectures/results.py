@@ -30,6 +30,10 @@ class ModelResult:
     max_abs_error: float = 0.0
     messages: list[str] = dataclasses.field(default_factory=list)
     error: str = ""
+    layers_pruned: int = 0
+    """Prunable layers that lose at least one neuron (or head) in the plan."""
+    statistic: str = ""
+    """The criterion the plan scored neurons by: the callback's default for a target."""
 
     @property
     def fixed_seconds(self) -> float:

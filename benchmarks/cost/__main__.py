@@ -1,0 +1,5 @@
+"""``python -m benchmarks.cost``: see :mod:`benchmarks.cost`."""
+
+from .run import main
+
+main()
