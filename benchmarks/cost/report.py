@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.fashion_mnist.report import write_markdown
+from benchmarks.common import write_section as write_between_markers
 
 from .results import BUDGET_FLOOR_SECONDS, BUDGET_FRACTION, OVERHEAD_BUDGET, CostResults, Measurement
 
@@ -106,4 +106,4 @@ def render_markdown(results: CostResults) -> str:
 
 def write_section(path: Path, generated: str) -> None:
     """Replace what lies between the cost markers of ``path`` (appended at its end if missing)."""
-    write_markdown(path, generated, BEGIN, END)
+    write_between_markers(path, generated, BEGIN, END)

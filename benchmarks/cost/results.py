@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from benchmarks.fashion_mnist.results import from_plain
+from benchmarks.common import from_plain
 
 BUDGET_FRACTION, BUDGET_FLOOR_SECONDS = 0.10, 2.0
 """Issue 23's goal: everything but the validation passes costs at most 10 % of one pass, or 2 s if that is more."""

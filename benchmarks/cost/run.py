@@ -13,8 +13,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.fashion_mnist.measure import machine_info
-from benchmarks.fashion_mnist.run import command_line
+from benchmarks.common import command_line, machine_info
 
 from .models import MODELS
 from .report import render_markdown, write_section
@@ -86,7 +85,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> CostResults:
             cpu=machine.cpu,
             threads=args.threads,
             torch=torch.__version__,
-            torch_pruning=machine.torch_pruning,
+            torch_pruning=machine.versions["torch-pruning"] or "",
             baseline=args.baseline,
             current=current_version(),
             total_seconds=time.perf_counter() - start,
