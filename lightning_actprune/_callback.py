@@ -144,6 +144,11 @@ class ActivationPruning(PruningSettings, Callback):
             widths where it can state them, so ``model.save_pretrained(dir)`` then reloads with ``from_pretrained``;
             with ``False`` (default) every layer keeps its own width, and :func:`lightning_actprune.save_pretrained`
             writes a form the stock ``from_pretrained`` loads (zero-padded; the same outputs).
+        optimizer_state: what the optimizers keep of their state at a prune inside ``fit`` (recovery, ``fit_start``):
+            ``"carry"`` (default) slices every per-parameter state like its parameter (Adam's moments and step counts
+            go on); ``"reset"`` drops the state of the parameters the prune changed (they start again as a parameter
+            the optimizer never stepped), the others keep theirs; ``"fresh"`` drops every parameter's state, as a
+            new optimizer would, keeping the param groups, hyper-parameters and learning-rate schedulers.
 
     Example::
 

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._heads import GQA_UNITS
+from lightning_actprune._optimizer import OPTIMIZER_STATES
 from lightning_actprune._scoring import NeuronScorer, as_scorer
 from lightning_actprune._statistics import STATISTICS, Statistic
 
@@ -21,6 +22,7 @@ _ON_ERROR = ("raise", "warn")
 Mode = Literal["max", "min"]
 _MODES = ("max", "min")
 GqaUnit = Literal["query_heads", "kv_groups"]
+OptimizerState = Literal["carry", "reset", "fresh"]
 
 
 def _resolve_statistic(statistic: object, user_lambda: bool) -> object:
@@ -108,6 +110,7 @@ class PruningSettings:
     distill_output: str | None = None
     gqa_unit: GqaUnit = "query_heads"
     uniform_widths: bool = False
+    optimizer_state: OptimizerState = "carry"
     scorer: NeuronScorer = field(init=False, repr=False)
     normalized: bool = field(init=False, repr=False)
 
@@ -177,6 +180,10 @@ class PruningSettings:
         if self.normalize is not None and not isinstance(self.normalize, bool):
             raise ActivationPruningError(
                 f"`normalize` must be True, False or None (automatic); got {self.normalize!r}."
+            )
+        if self.optimizer_state not in OPTIMIZER_STATES:
+            raise ActivationPruningError(
+                f"`optimizer_state` can be one of {', '.join(OPTIMIZER_STATES)}; got {self.optimizer_state!r}."
             )
         if self.gqa_unit not in GQA_UNITS:
             raise ActivationPruningError(f"`gqa_unit` can be one of {', '.join(GQA_UNITS)}; got {self.gqa_unit!r}.")
