@@ -59,8 +59,9 @@ class ActivationPruning(PruningSettings, Callback):
 
     Units: unless ``statistic`` is set, a λ you write (``threshold``) is a mean activation, the seed's units, and a
     λ the callback picks (``target_params_reduction``, ``max_metric_drop``) is in standard deviations of the
-    per-layer standardised ``fluctuation``. A table follows the choice: λ values with ``threshold``, parameter
-    reductions with a target or a budget. The summary says which.
+    per-layer standardised ``fluctuation`` (of RMS standardised over the BatchNorm-normalised layers, for those). A
+    table follows the choice: λ values with ``threshold``, parameter reductions with a target or a budget. The
+    summary says which.
 
     Args:
         threshold: λ; neurons whose statistic is strictly below it are removed. It may be negative for ``mean``
@@ -69,10 +70,13 @@ class ActivationPruning(PruningSettings, Callback):
             ``"nonzero_fraction"`` (1 − APoZ, in [0, 1]) or ``"fluctuation"`` (FLAP: variance × squared norm of
             the consumer's weight column, in squared output units), each over every sample and position. ``None``
             (default): ``"mean"`` for a λ you write, ``"fluctuation"`` (standardised) when the callback picks λ;
-            fluctuation won the benchmark (BENCHMARKS.md) at equal reduction. For signed activations (GELU, SiLU,
-            tanh), a mean near 0 does not mean "silent": use ``"std"``, ``"rms"`` or ``"fluctuation"``. Or your
-            own criterion, a :class:`NeuronScorer` (in YAML: ``class_path`` and ``init_args``): its ``signed`` says
-            whether λ may be negative, and its scores are standardised only with ``normalize=True``.
+            fluctuation won the benchmark (BENCHMARKS.md) at equal reduction. There, channels that BatchNorm
+            normalises are scored by their ``"rms"`` instead, standardised together over all such layers (one scale,
+            so the raw RMS ranks them across layers, which won on the BatchNorm ResNet); the plan's ``scored_by`` and
+            the summary list those layers. ``normalize=False`` keeps plain raw fluctuation. For signed activations
+            (GELU, SiLU, tanh), a mean near 0 does not mean "silent": use ``"std"``, ``"rms"`` or ``"fluctuation"``.
+            Or your own criterion, a :class:`NeuronScorer` (in YAML: ``class_path`` and ``init_args``): its
+            ``signed`` says whether λ may be negative, and its scores are standardised only with ``normalize=True``.
         monitor: a validation metric to highlight in the summary and the plot, and the one ``max_metric_drop``
             watches; it must be logged by ``validation_step``.
         mode: ``"max"`` if a larger ``monitor`` is better (accuracy), ``"min"`` if smaller is (loss).
