@@ -85,11 +85,11 @@ def render(results: dict) -> str:
         ]
     )
     header = ["seed", "unpruned", *(f"`{s}`" for s in OPTIMIZER_STATES)]
-    params = rows[0]["carry_params"]
+    params, first = rows[0]["carry_params"], rows[0]["seed"]
     return "\n".join(
         [
-            f"Test accuracy (%) of the MLP at −{reduction:.0%} parameters ({params:,} left) after one recovery epoch,"
-            f" base trained {results['epochs']} epochs. Command: `{results['command']}`"
+            f"Test accuracy (%) of the MLP at −{reduction:.0%} parameters ({params:,} left at seed {first}) after one"
+            f" recovery epoch, base trained {results['epochs']} epochs. Command: `{results['command']}`"
             f" ({results['seconds'] / 60:.1f} min, under `nice`). Machine: {results['machine']}.",
             "",
             markdown_table(header, table, align="lrrrr"),
