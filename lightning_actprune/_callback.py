@@ -57,8 +57,9 @@ class ActivationPruning(PruningSettings, Callback):
 
     Units: unless ``statistic`` is set, a λ you write (``threshold``) is a mean activation, the seed's units, and a
     λ the callback picks (``target_params_reduction``, ``max_metric_drop``) is in standard deviations of the
-    per-layer standardised ``fluctuation``. A table follows the choice: λ values with ``threshold``, parameter
-    reductions with a target or a budget. The summary says which.
+    per-layer standardised ``fluctuation`` (of RMS standardised over the BatchNorm-normalised layers, for those). A
+    table follows the choice: λ values with ``threshold``, parameter reductions with a target or a budget. The
+    summary says which.
 
     Args:
         threshold: λ; neurons whose statistic is strictly below it are removed. It may be negative for ``mean``
@@ -67,10 +68,13 @@ class ActivationPruning(PruningSettings, Callback):
             ``"nonzero_fraction"`` (1 − APoZ, in [0, 1]) or ``"fluctuation"`` (FLAP: variance × squared norm of
             the consumer's weight column, in squared output units), each over every sample and position. ``None``
             (default): ``"mean"`` for a λ you write, ``"fluctuation"`` (standardised) when the callback picks λ;
-            fluctuation won the benchmark (BENCHMARKS.md) at equal reduction. For signed activations (GELU, SiLU,
-            tanh), a mean near 0 does not mean "silent": use ``"std"``, ``"rms"`` or ``"fluctuation"``. Or your
-            own criterion, a :class:`NeuronScorer` (in YAML: ``class_path`` and ``init_args``): its ``signed`` says
-            whether λ may be negative, and its scores are standardised only with ``normalize=True``.
+            fluctuation won the benchmark (BENCHMARKS.md) at equal reduction. There, channels that BatchNorm
+            normalises are scored by their ``"rms"`` instead, standardised together over all such layers (one scale,
+            so the raw RMS ranks them across layers, which won on the BatchNorm ResNet); the plan's ``scored_by`` and
+            the summary list those layers. ``normalize=False`` keeps plain raw fluctuation. For signed activations
+            (GELU, SiLU, tanh), a mean near 0 does not mean "silent": use ``"std"``, ``"rms"`` or ``"fluctuation"``.
+            Or your own criterion, a :class:`NeuronScorer` (in YAML: ``class_path`` and ``init_args``): its
+            ``signed`` says whether λ may be negative, and its scores are standardised only with ``normalize=True``.
         monitor: a validation metric to highlight in the summary and the plot, and the one ``max_metric_drop``
             watches; it must be logged by ``validation_step``.
         mode: ``"max"`` if a larger ``monitor`` is better (accuracy), ``"min"`` if smaller is (loss).
@@ -142,6 +146,11 @@ class ActivationPruning(PruningSettings, Callback):
             widths where it can state them, so ``model.save_pretrained(dir)`` then reloads with ``from_pretrained``;
             with ``False`` (default) every layer keeps its own width, and :func:`lightning_actprune.save_pretrained`
             writes a form the stock ``from_pretrained`` loads (zero-padded; the same outputs).
+        optimizer_state: what the optimizers keep of their state at a prune inside ``fit`` (recovery, ``fit_start``):
+            ``"carry"`` (default) slices every per-parameter state like its parameter (Adam's moments and step counts
+            go on); ``"reset"`` drops the state of the parameters the prune changed (they start again as a parameter
+            the optimizer never stepped), the others keep theirs; ``"fresh"`` drops every parameter's state, as a
+            new optimizer would, keeping the param groups, hyper-parameters and learning-rate schedulers.
 
     Example::
 

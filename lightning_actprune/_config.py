@@ -11,7 +11,8 @@ from typing import Any, Literal
 
 from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._heads import GQA_UNITS
-from lightning_actprune._scoring import NeuronScorer, as_scorer
+from lightning_actprune._optimizer import OPTIMIZER_STATES
+from lightning_actprune._scoring import DEFAULT_CRITERION, NeuronScorer, as_scorer
 from lightning_actprune._statistics import STATISTICS, Statistic
 
 PruneOn = Literal["fit_end", "fit_start"]
@@ -21,16 +22,21 @@ _ON_ERROR = ("raise", "warn")
 Mode = Literal["max", "min"]
 _MODES = ("max", "min")
 GqaUnit = Literal["query_heads", "kv_groups"]
+OptimizerState = Literal["carry", "reset", "fresh"]
 
 
-def _resolve_statistic(statistic: object, user_lambda: bool) -> object:
+def _resolve_statistic(statistic: object, user_lambda: bool, normalize: object = None) -> object:
     """The rule for ``statistic=None``: a λ the user writes is a mean activation; one the callback picks is not.
 
+    A λ the callback picks compares standardised scores: fluctuation, and for the channels BatchNorm normalises their
+    RMS, standardised together (:class:`DefaultCriterion`); with ``normalize=False``, raw fluctuation alone.
     ``sweep`` does not change it: a table for a target or a budget lists parameter reductions, not λ values.
     """
     if statistic is not None:
         return statistic
-    return "mean" if user_lambda else "fluctuation"
+    if user_lambda:
+        return "mean"
+    return "fluctuation" if normalize is False else DEFAULT_CRITERION
 
 
 def _never_negative(statistic: str) -> str:
@@ -108,12 +114,13 @@ class PruningSettings:
     distill_output: str | None = None
     gqa_unit: GqaUnit = "query_heads"
     uniform_widths: bool = False
+    optimizer_state: OptimizerState = "carry"
     scorer: NeuronScorer = field(init=False, repr=False)
     normalized: bool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._check_choice_of_threshold()
-        scorer = as_scorer(_resolve_statistic(self.statistic, user_lambda=self.threshold is not None))
+        scorer = as_scorer(_resolve_statistic(self.statistic, self.threshold is not None, self.normalize))
         # `normalize=None`: standardise the statistic whose raw scale differs between layers (fluctuation)
         normalized = scorer.name == "fluctuation" if self.normalize is None else self.normalize
         # standardised scores and the mean of GELU/SiLU/tanh outputs can be negative; the other statistics cannot
@@ -177,6 +184,10 @@ class PruningSettings:
         if self.normalize is not None and not isinstance(self.normalize, bool):
             raise ActivationPruningError(
                 f"`normalize` must be True, False or None (automatic); got {self.normalize!r}."
+            )
+        if self.optimizer_state not in OPTIMIZER_STATES:
+            raise ActivationPruningError(
+                f"`optimizer_state` can be one of {', '.join(OPTIMIZER_STATES)}; got {self.optimizer_state!r}."
             )
         if self.gqa_unit not in GQA_UNITS:
             raise ActivationPruningError(f"`gqa_unit` can be one of {', '.join(GQA_UNITS)}; got {self.gqa_unit!r}.")

@@ -16,6 +16,16 @@ from lightning_actprune._types import PruningPlan
 
 _PLAIN_STATE = (int, float, bool, str, type(None))
 
+OPTIMIZER_STATES = ("carry", "reset", "fresh")
+"""What the optimizers keep of their state at a prune inside ``fit`` (``optimizer_state``):
+
+- ``carry``: every state tensor shaped like its parameter is sliced with the kept entries, scalar state stays;
+- ``reset``: the parameters the prune changed start afresh (their state is dropped: Adam's moments and step count
+  begin again for them, as for a parameter it has never stepped), the others keep theirs;
+- ``fresh``: every parameter's state is dropped, as in a new optimizer (the hyper-parameters, param groups and
+  learning-rate schedulers stay).
+"""
+
 
 def _index_probe(module: nn.Module) -> nn.Module:
     """A shallow copy of ``module`` whose parameters hold their own flat indices, for the pruners to slice.
@@ -97,7 +107,7 @@ def _as_optimizers(optimizers: Optimizer | Sequence[Optimizer]) -> list[Optimize
 
 
 def apply_plan_with_optimizers(
-    model: nn.Module, plan: PruningPlan, optimizers: Optimizer | Sequence[Optimizer]
+    model: nn.Module, plan: PruningPlan, optimizers: Optimizer | Sequence[Optimizer], state: str = "carry"
 ) -> None:
     """Prune ``model`` like :func:`apply_plan` and let the same optimizers train the smaller parameters.
 
@@ -118,10 +128,13 @@ def apply_plan_with_optimizers(
         model: the model being trained.
         plan: from :func:`plan_pruning` or :func:`plan_from_kept`, made for ``model``.
         optimizers: the optimizer (or optimizers) training ``model``.
+        state: what the optimizers keep of their state (:data:`OPTIMIZER_STATES`): ``"carry"`` slices it as above;
+            ``"reset"`` drops the state of every parameter the prune changed (they start afresh, the others keep
+            theirs); ``"fresh"`` drops every parameter's state, as a new optimizer would have none.
 
     Raises:
-        ActivationPruningError: the plan does not fit the model, or some optimizer state cannot be carried; the
-            model and the optimizers are untouched.
+        ActivationPruningError: the plan does not fit the model, some optimizer state cannot be carried (with
+            ``"carry"``), or ``state`` is unknown; the model and the optimizers are untouched.
 
     Example:
         >>> import torch
@@ -135,6 +148,8 @@ def apply_plan_with_optimizers(
         >>> optimizer.state[model[0].weight]["exp_avg"].shape
         torch.Size([2, 3])
     """
+    if state not in OPTIMIZER_STATES:
+        raise ActivationPruningError(f"`optimizer_state` can be one of {', '.join(OPTIMIZER_STATES)}; got {state!r}.")
     saved = OptimizerSnapshot(optimizers)
     before = {name: dict(_submodule(model, name).named_parameters(recurse=False)) for name in plan.touched_modules}
     # only the modules whose parameters an optimizer trains have state to carry (none after `fit`)
@@ -145,7 +160,9 @@ def apply_plan_with_optimizers(
         with restoring(model, plan.touched_modules):
             apply_plan(model, plan)
             for optimizer in saved.optimizers:
-                _carry(optimizer, model, before, surviving)
+                _carry(optimizer, model, before, surviving, keep=state == "carry")
+                if state == "fresh":
+                    optimizer.state.clear()
     except Exception:
         saved.restore()
         raise
@@ -179,8 +196,12 @@ def _carry(
     model: nn.Module,
     before: Mapping[str, Mapping[str, nn.Parameter]],
     surviving: Mapping[tuple[str, str], Tensor],
+    keep: bool = True,
 ) -> None:
-    """Point ``optimizer`` at the pruned parameters; everything is computed before the optimizer changes."""
+    """Point ``optimizer`` at the pruned parameters; everything is computed before the optimizer changes.
+
+    ``keep=False``: the pruned parameters start without state (nothing is sliced, so any state is accepted).
+    """
     groups = {p: group for group in optimizer.param_groups for p in group["params"]}
     replaced: dict[Tensor, Tensor] = {}
     new_state: dict[Tensor, dict[str, Any]] = {}
@@ -207,7 +228,7 @@ def _carry(
                         f" replayed plan {tuple(entries.shape)}."
                     )
                 replaced[previous] = new
-                if previous in optimizer.state:
+                if keep and previous in optimizer.state:
                     new_state[new] = _carried_state(optimizer.state[previous], previous, entries, label)
 
     for group in optimizer.param_groups:

@@ -329,7 +329,7 @@ class PruningPipeline:
         optimizers = OptimizerSnapshot(self.trainer.optimizers if self.in_fit else [])
         try:
             with restoring(self.pl_module, [*plan.touched_modules, *batchnorm_layers(self.pl_module)]):
-                apply_plan_with_optimizers(self.pl_module, plan, optimizers.optimizers)
+                apply_plan_with_optimizers(self.pl_module, plan, optimizers.optimizers, self.settings.optimizer_state)
                 metrics_after, metrics_pruned = self.passes.metrics_pruned(validated.metrics if validated else None)
         except BaseException:
             optimizers.restore()

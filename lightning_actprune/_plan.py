@@ -164,7 +164,10 @@ def plan_pruning(
     ties = equal_count_ties(layers, tied)
     scores = _all_scores(layers, moments, statistic, model, normalize)
     name = as_scorer(statistic).name
-    return _plan_at(layers, scores, threshold, name, min_neurons, moments, model, compensate, normalize, ties)
+    scored_by = _scored_by(layers, statistic, model, normalize)
+    return _plan_at(
+        layers, scores, threshold, name, min_neurons, moments, model, compensate, normalize, ties, scored_by
+    )
 
 
 def _all_scores(
@@ -174,16 +177,36 @@ def _all_scores(
     model: nn.Module | None,
     normalize: bool,
 ) -> dict[str, Tensor]:
-    """Every layer's scores, on the CPU; they do not depend on λ, so one computation serves every λ."""
+    """Every layer's scores, on the CPU; they do not depend on λ, so one computation serves every λ.
+
+    With ``normalize``, the layers the scorer pools (:meth:`NeuronScorer.pooled_layers`) are standardised together,
+    one mean and one standard deviation per criterion over all of their neurons; the others each on their own.
+    """
+    pooled = _scored_by(layers, statistic, model, normalize)
     scores = {}
     with planning_cache():  # a consumer read by several layers has its weight norms computed once
         for layer in layers:
-            values = layer_scores(layer, moments, statistic, model, normalize).cpu()
+            values = layer_scores(layer, moments, statistic, model, normalize and layer.name not in pooled).cpu()
             if not bool(torch.isfinite(values).all()):
                 name = as_scorer(statistic).name
                 raise ActivationPruningError(f"the {name} of {layer.name} contains NaN or Inf; cannot prune on it.")
             scores[layer.name] = values
+    for criterion in set(pooled.values()):
+        names = [name for name, c in pooled.items() if c == criterion]
+        together = torch.cat([scores[name] for name in names])
+        mean, spread = together.mean(), together.std(unbiased=False)
+        for name in names:
+            scores[name] = (scores[name] - mean) / spread if spread > 0 else torch.zeros_like(scores[name])
     return scores
+
+
+def _scored_by(
+    layers: Sequence[PrunableLayer], statistic: str | NeuronScorer, model: nn.Module | None, normalize: bool
+) -> dict[str, str]:
+    """The layers another criterion scored, pooled when standardised (only then: raw scales would not compare)."""
+    if not normalize or model is None:
+        return {}
+    return dict(as_scorer(statistic).pooled_layers(layers, model))
 
 
 class Block(NamedTuple):
@@ -258,8 +281,12 @@ def _plan_at(
     compensate: bool,
     normalize: bool,
     ties: Sequence[Tie] = (),
+    scored_by: Mapping[str, str] | None = None,
 ) -> PruningPlan:
-    """The plan at λ from scores already computed by :func:`_all_scores`; ``ties`` keep equal counts."""
+    """The plan at λ from scores already computed by :func:`_all_scores`; ``ties`` keep equal counts.
+
+    ``scored_by``: the layers another criterion than ``statistic`` scored (:func:`_scored_by`), for the plan.
+    """
     keep: dict[str, Tensor] = {}
     for layer in layers:
         values = scores[layer.name]
@@ -271,7 +298,10 @@ def _plan_at(
     _equalise(keep, scores, ties, {layer.name: block_floor(layer, min_neurons) for layer in layers})
     kept = {name: [int(i) for i in torch.nonzero(mask).flatten()] for name, mask in keep.items()}
     plan = plan_from_kept(layers, kept, moments=moments, model=model, compensate=compensate)
-    return dataclasses.replace(plan, threshold=float(threshold), statistic=statistic, normalize=normalize)
+    scored = tuple((layer.name, scored_by[layer.name]) for layer in layers if scored_by and layer.name in scored_by)
+    return dataclasses.replace(
+        plan, threshold=float(threshold), statistic=statistic, normalize=normalize, scored_by=scored
+    )
 
 
 def plan_from_kept(

@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_actprune import _recurrent as recurrent
 from lightning_actprune._conv1d import out_in_weight
@@ -81,6 +82,19 @@ class NeuronScorer:
             model: the model, to read weights from.
         """
         raise NotImplementedError
+
+    def pooled_layers(self, layers: Sequence[PrunableLayer], model: nn.Module) -> dict[str, str]:
+        """Layers scored by another criterion, whose scores are standardised together rather than each on its own.
+
+        When scores are standardised (``normalize``), each layer listed here is put on the scale of all the layers
+        listed with the same criterion (their scores pooled: one mean and one standard deviation), the others on
+        their own. The plan records the mapping (``PruningPlan.scored_by``) and the summary shows it. By default
+        none: every layer is scored by this scorer and standardised on its own.
+
+        Returns:
+            Layer name → the criterion that scored it.
+        """
+        return {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -174,6 +188,51 @@ SCORERS: dict[str, NeuronScorer] = {
     for name in STATISTICS
 }
 """The built-in statistics, by name."""
+
+
+BATCHNORM_CRITERION = "rms"
+"""What scores channels followed by BatchNorm under the default criterion (:class:`DefaultCriterion`)."""
+
+
+def normalized_by_batchnorm(layer: PrunableLayer, model: nn.Module) -> bool:
+    """Whether a BatchNorm layer normalises ``layer``'s neurons (it is sliced with them: it follows a producer)."""
+    return any(
+        s.dim == "out" and isinstance(model.get_submodule(s.module), _BatchNorm)
+        for s in layer.slices
+        if s.module not in layer.producers
+    )
+
+
+class DefaultCriterion(Fluctuation):
+    """The criterion when the callback picks λ and no ``statistic`` is named: fit to the layer.
+
+    Channels normalised by BatchNorm are scored by their RMS activation (after BatchNorm, their scale is the one
+    BatchNorm's learned weight and bias set, the same kind of unit in every such layer), pooled: the RMS of every
+    BatchNorm-normalised channel is standardised with one mean and one standard deviation over all of them, so their
+    ranking across layers is the raw RMS's. Every other layer is scored by fluctuation (FLAP), standardised on its own
+    as before. Both are in standard deviations, so one λ (one target) ranks them together. On the BatchNorm ResNet
+    benchmark raw RMS met the −50 % target where standardised fluctuation did not (BENCHMARKS.md); on networks
+    without BatchNorm nothing changes. Its name stays ``fluctuation``; the plan lists the layers RMS scored.
+    """
+
+    name = "fluctuation"
+
+    def __call__(self, layer: PrunableLayer, moments: Mapping[str, ActivationMoments], model: nn.Module) -> Tensor:
+        """RMS for a BatchNorm-normalised layer, fluctuation otherwise."""
+        if normalized_by_batchnorm(layer, model):
+            return SCORERS[BATCHNORM_CRITERION](layer, moments, model)
+        return super().__call__(layer, moments, model)
+
+    def pooled_layers(self, layers: Sequence[PrunableLayer], model: nn.Module) -> dict[str, str]:
+        """The BatchNorm-normalised layers, scored by RMS."""
+        return {layer.name: BATCHNORM_CRITERION for layer in layers if normalized_by_batchnorm(layer, model)}
+
+    def __repr__(self) -> str:
+        return "DefaultCriterion()"
+
+
+DEFAULT_CRITERION = DefaultCriterion()
+"""The rule for ``statistic=None`` when the callback picks λ (with ``normalize`` not ``False``)."""
 
 
 def as_scorer(statistic: object) -> NeuronScorer:

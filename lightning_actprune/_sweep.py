@@ -17,6 +17,7 @@ from lightning_actprune._plan import (
     Block,
     _all_scores,
     _plan_at,
+    _scored_by,
     block_floor,
     consumer_weight_energy,
     equal_count_ties,
@@ -83,6 +84,7 @@ class ThresholdEvaluator:
         self.params_before = count_parameters(model)
         # the scores do not depend on λ: computed once here, not again for every λ of a table or bisection
         self._scores = _all_scores(layers, moments, statistic, model, normalize)
+        self._scored_by = _scored_by(layers, statistic, model, normalize)
         self._order: list[RemovalUnit] | None = None
         self._counts: RemovalCounts | None = None
 
@@ -99,6 +101,7 @@ class ThresholdEvaluator:
             self.compensate,
             self.normalize,
             self.ties,
+            self._scored_by,
         )
 
     def candidates(self) -> list[float]:
@@ -188,7 +191,12 @@ class ThresholdEvaluator:
         following = order[count].score if count < len(order) else math.inf
         if count and following != threshold:
             threshold = (threshold + following) / 2 if math.isfinite(following) else math.nextafter(threshold, math.inf)
-        return dataclasses.replace(plan, threshold=threshold, statistic=self.statistic, normalize=self.normalize)
+        scored_by = tuple(
+            (layer.name, self._scored_by[layer.name]) for layer in self.layers if layer.name in self._scored_by
+        )
+        return dataclasses.replace(
+            plan, threshold=threshold, statistic=self.statistic, normalize=self.normalize, scored_by=scored_by
+        )
 
     def _pruned(self, threshold: float | PruningPlan, validate: bool) -> SweepRow:
         plan = threshold if isinstance(threshold, PruningPlan) else self.plan(threshold)

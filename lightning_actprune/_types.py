@@ -143,6 +143,8 @@ class PruningPlan:
         operations: per module and direction, the indices to remove (merged across layers).
         bias_updates: with ``compensate``, what each consumer's bias absorbs from the neurons it loses.
         normalize: whether scores were standardised per layer before the comparison with λ.
+        scored_by: ``(layer name, criterion)`` for the layers another criterion than ``statistic`` scored, their
+            scores standardised together (the default criterion scores BatchNorm-normalised channels by ``rms``).
     """
 
     threshold: float
@@ -151,6 +153,7 @@ class PruningPlan:
     operations: tuple[ModulePruning, ...]
     bias_updates: tuple[BiasUpdate, ...] = ()
     normalize: bool = False
+    scored_by: tuple[tuple[str, str], ...] = ()
 
     @property
     def touched_modules(self) -> tuple[str, ...]:
@@ -185,6 +188,7 @@ class PruningPlan:
             "operations": [{"module": o.module, "dim": o.dim, "indices": list(o.indices)} for o in self.operations],
             "bias_updates": [{"module": b.module, "delta": list(b.delta)} for b in self.bias_updates],
             "normalize": self.normalize,
+            "scored_by": [[name, criterion] for name, criterion in self.scored_by],
         }
 
     @classmethod
@@ -202,6 +206,7 @@ class PruningPlan:
                 BiasUpdate(str(b["module"]), tuple(float(v) for v in b["delta"])) for b in data.get("bias_updates", [])
             ),
             normalize=bool(data.get("normalize", False)),
+            scored_by=tuple((str(name), str(criterion)) for name, criterion in data.get("scored_by", [])),
         )
 
 
@@ -366,8 +371,16 @@ class PruningResult:
             f"neurons {self.plan.neurons_before:,} -> {self.plan.neurons_after:,}",
         ]
         width = max([len(layer.name) for layer in self.plan.layers] + [5])
+        scored_by = dict(self.plan.scored_by)
+        if scored_by:
+            criteria = ", ".join(sorted(set(scored_by.values())))
+            lines.append(
+                f"  scored by {self.plan.statistic}, except the {len(scored_by)} layer(s) marked: scored by {criteria},"
+                " standardised together (under the default criterion: the channels BatchNorm normalises)"
+            )
         for layer in self.plan.layers:
-            lines.append(f"  {layer.name:<{width}}  {layer.neurons:>6} -> {len(layer.kept):>6}")
+            mark = f"  ({scored_by[layer.name]})" if layer.name in scored_by else ""
+            lines.append(f"  {layer.name:<{width}}  {layer.neurons:>6} -> {len(layer.kept):>6}{mark}")
         for name, before in self.metrics_before.items():
             after = self.metrics_after.get(name)
             if after is None:

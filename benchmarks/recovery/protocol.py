@@ -170,17 +170,20 @@ def ours_with_recovery(
     checkpoint: Path,
     reduction: float,
     recovery_epochs: int,
+    optimizer_state: str = "carry",
 ) -> tuple[MLPClassifier, EpochProbe]:
     """A fit of ``E + R`` epochs with ``ActivationPruning(target_params_reduction, recovery_epochs=R)``.
 
     It resumes from the base checkpoint (after ``E - 1`` epochs): epoch ``E`` trains the unpruned model, the callback
-    prunes at its end, and ``R`` epochs train the smaller model with the same optimizer.
+    prunes at its end, and ``R`` epochs train the smaller model with the same optimizer (its state carried, reset for
+    the pruned parameters or dropped, as ``optimizer_state`` says).
     """
     model = MLPClassifier(config.sizes, config.lr)
     pruning = ActivationPruning(
         target_params_reduction=reduction,
         recovery_epochs=recovery_epochs,
         pruned_checkpoint=None,
+        optimizer_state=optimizer_state,  # type: ignore[arg-type]
     )
     probe = _fit(model, datamodule, config.epochs + recovery_epochs, [pruning], ckpt_path=checkpoint)
     return model.eval(), probe

@@ -1,0 +1,104 @@
+"""The default criterion fits the layer: BatchNorm-normalised channels by RMS (pooled), the others by fluctuation."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_actprune import ActivationPruning, PruningPlan
+from lightning_actprune._plan import _all_scores
+from lightning_actprune._scoring import DEFAULT_CRITERION
+from lightning_actprune.core import ActivationRecorder, find_prunable_layers, layer_scores, plan_pruning
+from tests.helpers import CNN, Classifier, make_data
+
+BATCHNORM_LAYERS = ("features.0", "features.4")  # followed by BatchNorm; `fc` is not
+
+
+def inputs_rms(model, names, x):
+    """A reference: the RMS of every input channel of each module, over samples and positions, from plain hooks."""
+    seen = {}
+    hooks = [
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda m, args, name=name: seen.__setitem__(name, args[0].transpose(0, 1).flatten(1).square().mean(1))
+        )
+        for name in names
+    ]
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    return {name: value.double().sqrt() for name, value in seen.items()}
+
+
+def test_batchnorm_channels_are_ranked_by_rms_standardised_together_and_the_rest_by_fluctuation():
+    torch.manual_seed(0)
+    model = CNN().eval()
+    with torch.no_grad():  # BatchNorm layers of different learned scales: the pooled ranking must see them
+        model.features[1].weight.mul_(torch.linspace(0.2, 1.0, 6))
+        model.features[5].weight.mul_(3.0)
+    x = torch.randn(16, 1, 8, 8)
+    with ActivationRecorder(model) as recorder, torch.no_grad():
+        model(x)
+    layers, moments = find_prunable_layers(model, x), recorder.moments()
+    assert [layer.name for layer in layers] == [*BATCHNORM_LAYERS, "fc"]
+    scores = _all_scores(layers, moments, DEFAULT_CRITERION, model, normalize=True)
+
+    rms = inputs_rms(model, ["features.4", "fc"], x)
+    raw = {"features.0": rms["features.4"], "features.4": rms["fc"].view(8, 4).square().mean(1).sqrt()}
+    together = torch.cat(list(raw.values()))
+    for name in BATCHNORM_LAYERS:
+        expected = (raw[name] - together.mean()) / together.std(unbiased=False)
+        torch.testing.assert_close(scores[name], expected, rtol=1e-5, atol=1e-6)
+    fluctuation = layer_scores(layers[2], moments, "fluctuation", model, normalize=True).cpu()
+    torch.testing.assert_close(scores["fc"], fluctuation)
+    assert scores["features.4"].mean() > scores["features.0"].mean()  # one scale: the larger BatchNorm weights win
+
+    plan = plan_pruning(layers, moments, 0.0, DEFAULT_CRITERION, model=model, normalize=True)
+    assert plan.statistic == "fluctuation"
+    assert plan.scored_by == (("features.0", "rms"), ("features.4", "rms"))
+    assert PruningPlan.from_dict(plan.to_dict()) == plan
+    old = {k: v for k, v in plan.to_dict().items() if k != "scored_by"}  # a plan saved before the field existed
+    assert PruningPlan.from_dict(old).scored_by == ()
+    plain = plan_pruning(layers, moments, 0.0, "fluctuation", model=model, normalize=True)
+    assert plain.scored_by == ()
+
+
+@pytest.mark.parametrize(
+    ("options", "pooled"),
+    [
+        ({"target_params_reduction": 0.3}, True),
+        ({"max_metric_drop": 1.0, "monitor": "val_acc"}, True),
+        ({"target_params_reduction": 0.3, "statistic": "fluctuation"}, False),  # named: as named
+        ({"target_params_reduction": 0.3, "normalize": False}, False),  # raw scales would not compare
+        ({"threshold": 0.1}, False),  # a λ the user writes: mean activations
+    ],
+)
+def test_which_settings_get_the_batchnorm_rule(options, pooled):
+    assert (ActivationPruning(**options).scorer is DEFAULT_CRITERION) is pooled
+
+
+def test_a_fit_with_the_defaults_scores_batchnorm_layers_by_rms_and_says_so(tmp_path, caplog):
+    pl.seed_everything(0)
+    model = Classifier(CNN(), lr=0.05)
+    pruning = ActivationPruning(target_params_reduction=0.3)
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=2, accelerator="cpu", callbacks=[pruning])
+    data = (
+        DataLoader(make_data(CNN.image), batch_size=32),
+        DataLoader(make_data(CNN.image, n=50, seed=1), batch_size=25),
+    )
+    with caplog.at_level("INFO"):
+        trainer.fit(model, *data)
+    result = pruning.result
+    assert result.pruned
+    assert result.params_reduction >= 0.3
+    assert result.plan.scored_by == (("net.features.0", "rms"), ("net.features.4", "rms"))
+    summary = result.summary()
+    assert "except the 2 layer(s) marked: scored by rms, standardised together" in summary
+    lines = {line.split()[0]: line for line in summary.splitlines() if line.startswith("  ") and "->" in line}
+    assert lines["net.features.0"].endswith("(rms)")
+    assert lines["net.features.4"].endswith("(rms)")
+    assert not lines["net.fc"].endswith(")")
+    assert summary in caplog.text
+    # the pruned checkpoint written by default carries the plan, and with it which layers RMS scored
+    saved = torch.load(pruning.pruned_checkpoint_path, weights_only=True)
+    assert PruningPlan.from_dict(saved["actprune_plan"]).scored_by == result.plan.scored_by
