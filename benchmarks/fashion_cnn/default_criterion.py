@@ -31,10 +31,19 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import command_line, machine_info, markdown_table, mean_spread, write_section
-from benchmarks.fashion_mnist.data import SplitDataModule, load_fashion_mnist, locate_fashion_mnist
-from benchmarks.fashion_mnist.measure import Evaluator
-from benchmarks.fashion_mnist.run import DEFAULT_CACHE, DEFAULT_MARKDOWN
+from benchmarks.common import (
+    DEFAULT_CACHE,
+    DEFAULT_MARKDOWN,
+    Evaluator,
+    SplitDataModule,
+    command_line,
+    load_fashion_mnist,
+    locate_fashion_mnist,
+    machine_info,
+    markdown_table,
+    mean_spread,
+    write_section,
+)
 
 from .methods import fit_with_recovery, group_channels
 from .models import ResNetClassifier, train_or_load

@@ -30,10 +30,18 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import command_line, machine_info, markdown_table, mean_spread, write_section
-from benchmarks.fashion_mnist.data import load_fashion_mnist, locate_fashion_mnist
-from benchmarks.fashion_mnist.results import TrainConfig
-from benchmarks.fashion_mnist.run import DEFAULT_CACHE, DEFAULT_MARKDOWN
+from benchmarks.common import (
+    DEFAULT_CACHE,
+    DEFAULT_MARKDOWN,
+    TrainConfig,
+    command_line,
+    load_fashion_mnist,
+    locate_fashion_mnist,
+    machine_info,
+    markdown_table,
+    mean_spread,
+    write_section,
+)
 from lightning_actprune._optimizer import OPTIMIZER_STATES
 
 from .protocol import EpochSeededDataModule, ours_with_recovery, test_accuracy, train_base
