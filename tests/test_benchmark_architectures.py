@@ -1,9 +1,11 @@
 """benchmarks.architectures: the per-model check on a few small torchvision models, and the report's rendering."""
 
+import dataclasses
+
 import pytest
 
 from benchmarks.architectures.report import BEGIN, END, render_markdown, write_section
-from benchmarks.architectures.results import ERROR, EXACT, SKIPPED, ModelResult, SweepResults
+from benchmarks.architectures.results import ERROR, EXACT, SKIPPED, ModelResult, SweepResults, merge
 
 
 def _results() -> SweepResults:
@@ -52,6 +54,20 @@ def test_report_renders_every_model_the_summary_and_the_ratio(tmp_path):
     assert written.startswith("# Benchmarks\n\nhand-written\n\n")
     assert written.endswith(f"{END}\n\nafter\n")
     assert text in written
+
+
+def test_subsets_run_side_by_side_merge_into_one_table_by_model_name():
+    whole = _results()
+    first = dataclasses.replace(whole, rows=whole.rows[2:], command="python -m benchmarks.architectures --models a")
+    second = dataclasses.replace(whole, rows=whole.rows[:2], total_seconds=120.0)
+    merged = merge([first, second])
+    assert [row.name for row in merged.rows] == ["bad_net", "odd_net", "slow_net", "tiny_net"]
+    assert merged.command == "python -m benchmarks.architectures --models a & python -m benchmarks.architectures"
+    assert merged.total_seconds == 120.0
+    with pytest.raises(ValueError, match="measured twice: \\['tiny_net'\\]"):
+        merge([whole, dataclasses.replace(whole, rows=whole.rows[:1])])
+    with pytest.raises(ValueError, match="different library versions"):
+        merge([first, dataclasses.replace(second, torch="3.x")])
 
 
 @pytest.mark.parametrize("name", ["regnet_y_400mf", "shufflenet_v2_x0_5"])

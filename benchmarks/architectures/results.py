@@ -58,3 +58,25 @@ class SweepResults(JsonRecord):
     torchvision: str
     torch_pruning: str
     total_seconds: float
+
+
+def merge(runs: list[SweepResults]) -> SweepResults:
+    """Several sweeps of the same checkout (subsets of the models run side by side) as one, rows by model name.
+
+    The commands are joined with ``&`` (they ran side by side) and the time is the longest run's.
+
+    Raises:
+        ValueError: the runs had different library versions, or a model appears twice.
+    """
+    if len({(r.torch, r.torchvision, r.torch_pruning) for r in runs}) != 1:
+        raise ValueError("the runs used different library versions: they cannot share one table")
+    rows = sorted((row for run in runs for row in run.rows), key=lambda row: row.name)
+    names = [row.name for row in rows]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a model was measured twice: {sorted(n for n in set(names) if names.count(n) > 1)}")
+    return dataclasses.replace(
+        runs[0],
+        rows=rows,
+        command=" & ".join(dict.fromkeys(run.command for run in runs)),
+        total_seconds=max(run.total_seconds for run in runs),
+    )

@@ -17,7 +17,7 @@ import torch
 from benchmarks.common import DEFAULT_CACHE, DEFAULT_MARKDOWN, machine_info
 
 from .report import render_markdown, write_section
-from .results import ERROR, ModelResult, SweepResults
+from .results import ERROR, ModelResult, SweepResults, merge
 
 MAX_PARAMS = 30_000_000
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,8 +94,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per model (default 600)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where the results go")
     parser.add_argument("--markdown", type=Path, default=DEFAULT_MARKDOWN, help="the file whose section is written")
+    parser.add_argument(
+        "--merge", nargs="+", type=Path, help="render the JSON of several runs (subsets run side by side) as one table"
+    )
     args = parser.parse_args(argv)
-    results = run(args.models, args.timeout)
+    if args.merge:
+        results = merge([SweepResults.from_json(path.read_text()) for path in args.merge])
+    else:
+        results = run(args.models, args.timeout)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(results.to_json())
     write_section(args.markdown, render_markdown(results))

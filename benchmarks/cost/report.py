@@ -20,9 +20,9 @@ def _goal(row: Measurement) -> str:
 def _overhead(row: Measurement) -> str:
     if not row.batch_seconds:
         return "—"
-    text = f"+{row.callback_overhead:.0%}"
+    text = f"{row.callback_overhead:+.0%}"
     if row.needed_overhead is not None:
-        text += f" (every moment: +{row.statistics_overhead:.0%})"
+        text += f" (every moment: {row.statistics_overhead:+.0%})"
     return text
 
 
