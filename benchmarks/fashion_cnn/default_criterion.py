@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,11 +35,13 @@ from benchmarks.common import (
     Evaluator,
     SplitDataModule,
     command_line,
+    last_results,
     load_fashion_mnist,
     locate_fashion_mnist,
     machine_info,
     markdown_table,
     mean_spread,
+    quiet_run_log,
     write_section,
 )
 
@@ -143,16 +143,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     path = args.cache_dir / RESULTS_FILE
     if args.report_only:
-        write_section(args.markdown, render(json.loads(path.read_text())), BEGIN, END)
+        write_section(args.markdown, render(json.loads(last_results(path))), BEGIN, END)
         return
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-
-    def log(message: str) -> None:
-        print(f"[{time.perf_counter() - started:7.1f}s] {message}", flush=True)
+    log = quiet_run_log()
 
     args.cache_dir.mkdir(parents=True, exist_ok=True)
 

@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import statistics
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,11 +33,13 @@ from benchmarks.common import (
     DEFAULT_MARKDOWN,
     TrainConfig,
     command_line,
+    last_results,
     load_fashion_mnist,
     locate_fashion_mnist,
     machine_info,
     markdown_table,
     mean_spread,
+    quiet_run_log,
     write_section,
 )
 from lightning_actprune._optimizer import OPTIMIZER_STATES
@@ -119,16 +119,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     path = args.cache_dir / RESULTS_FILE
     if args.report_only:
-        write_section(args.markdown, render(json.loads(path.read_text())), BEGIN, END)
+        write_section(args.markdown, render(json.loads(last_results(path))), BEGIN, END)
         return
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-
-    def log(message: str) -> None:
-        print(f"[{time.perf_counter() - started:7.1f}s] {message}", flush=True)
+    log = quiet_run_log()
 
     results = run(args.data_dir, args.seeds, args.reduction, args.epochs, args.cache_dir, log)
     results.update(
