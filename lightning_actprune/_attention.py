@@ -554,6 +554,10 @@ def _site_in(
         if torch.equal(base, silenced):
             continue
         prefix = f"{name}." if name else ""
+        if name != holder_name and not any(
+            _inside(prefix + names[m], holder_name) for m in (*producers, out)
+        ):  # in the parent, the heads are the holder's: a Linear pair beside it (Swin's MLP) is not its heads
+            continue
         return Site(
             module=name,
             holder=holder_name,
@@ -562,6 +566,11 @@ def _site_in(
             producers=tuple(prefix + names[m] for m in producers),
         )
     return None
+
+
+def _inside(name: str, holder_name: str) -> bool:
+    """Whether the module ``name`` is ``holder_name`` or one of its submodules."""
+    return not holder_name or name == holder_name or name.startswith(holder_name + ".")
 
 
 class Block(NamedTuple):

@@ -489,3 +489,18 @@ def test_gqa_unit_must_be_one_of_its_values(tmp_path):
     callback = pruning_callback(parse(callback_config(tmp_path, "{threshold: 0.1, gqa_unit: kv_groups}")))
     assert callback.gqa_unit == "kv_groups"
     assert callback.settings.to_state()["gqa_unit"] == "kv_groups"
+
+
+def test_a_linear_pair_beside_an_attention_module_is_not_taken_for_its_heads():
+    # torchvision's Swin computes its attention with F.linear (no Linear module inside it); the probe, looking for
+    # the heads in the attention's parent block, took the block's MLP (hidden 4 x 16 = 2 heads x 32) for them, and
+    # the MLP then went unpruned with nothing said. The heads must be the declaring module's own.
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[2], num_heads=[2], window_size=[2, 2], num_classes=3
+    ).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the residual stream and the functional attention are skipped, with warnings
+        layers = find_prunable_layers(model, torch.randn(2, 3, 16, 16))
+    assert [layer.name for layer in layers] == ["features.1.0.mlp.0", "features.1.1.mlp.0"]
