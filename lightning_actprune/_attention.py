@@ -554,10 +554,8 @@ def _site_in(
         if torch.equal(base, silenced):
             continue
         prefix = f"{name}." if name else ""
-        if name != holder_name and not any(
-            _inside(prefix + names[m], holder_name) for m in (*producers, out)
-        ):  # in the parent, the heads are the holder's: a Linear pair beside it (Swin's MLP) is not its heads
-            continue
+        if name != holder_name and _beside(module, prefix, holder_name, [names[m] for m in (*producers, out)]):
+            continue  # in the parent, a holder with projections of its own: a Linear pair beside it is not its heads
         return Site(
             module=name,
             holder=holder_name,
@@ -568,9 +566,19 @@ def _site_in(
     return None
 
 
-def _inside(name: str, holder_name: str) -> bool:
-    """Whether the module ``name`` is ``holder_name`` or one of its submodules."""
-    return not holder_name or name == holder_name or name.startswith(holder_name + ".")
+def _beside(parent: nn.Module, prefix: str, holder_name: str, site: Sequence[str]) -> bool:
+    """Whether a site found in the holder's ``parent`` (its modules named in ``site``) lies beside the holder.
+
+    A holder that owns Linear layers (its projections) has its heads there: a site none of whose layers is inside it
+    is something else that happens to have a multiple of its head count (Swin's block MLP, where the attention
+    calls its projections' weights through ``F.linear``). A holder without Linear layers (projections kept by its
+    parent) keeps any site.
+    """
+    holder = parent.get_submodule(holder_name.removeprefix(prefix)) if holder_name.startswith(prefix) else None
+    if holder is None or not any(isinstance(m, OUT_TYPES) for m in holder.modules()):
+        return False
+    inside = holder_name.removeprefix(prefix) + "."
+    return not any(name.startswith(inside) for name in site)
 
 
 class Block(NamedTuple):
