@@ -574,11 +574,10 @@ def _beside(parent: nn.Module, prefix: str, holder_name: str, site: Sequence[str
     calls its projections' weights through ``F.linear``). A holder without Linear layers (projections kept by its
     parent) keeps any site.
     """
-    holder = parent.get_submodule(holder_name.removeprefix(prefix)) if holder_name.startswith(prefix) else None
-    if holder is None or not any(isinstance(m, OUT_TYPES) for m in holder.modules()):
+    relative = holder_name.removeprefix(prefix)  # the holder is inside its parent: its name starts with ``prefix``
+    if not any(isinstance(m, OUT_TYPES) for m in parent.get_submodule(relative).modules()):
         return False
-    inside = holder_name.removeprefix(prefix) + "."
-    return not any(name.startswith(inside) for name in site)
+    return not any(name.startswith(relative + ".") for name in site)
 
 
 class Block(NamedTuple):
