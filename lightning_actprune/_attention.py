@@ -554,7 +554,7 @@ def _site_in(
         if torch.equal(base, silenced):
             continue
         prefix = f"{name}." if name else ""
-        if name != holder_name and _beside(module, prefix, holder_name, [names[m] for m in (*producers, out)]):
+        if name != holder_name and _beside(module, call, holder_name.removeprefix(prefix), base):
             continue  # in the parent, a holder with projections of its own: a Linear pair beside it is not its heads
         return Site(
             module=name,
@@ -566,18 +566,35 @@ def _site_in(
     return None
 
 
-def _beside(parent: nn.Module, prefix: str, holder_name: str, site: Sequence[str]) -> bool:
-    """Whether a site found in the holder's ``parent`` (its modules named in ``site``) lies beside the holder.
+def _beside(parent: nn.Module, call: Call, relative: str, out_input: Tensor) -> bool:
+    """Whether a site found in the holder's ``parent`` lies beside the holder (``relative``: its name in the parent).
 
-    A holder that owns Linear layers (its projections) has its heads there: a site none of whose layers is inside it
-    is something else that happens to have a multiple of its head count (Swin's block MLP, where the attention
-    calls its projections' weights through ``F.linear``). A holder without Linear layers (projections kept by its
-    parent) keeps any site.
+    A holder that owns Linear layers (its projections) has its heads where its own output goes: the out projection
+    in the parent must read exactly what the holder returns (BERT's ``self`` → ``output.dense``), in any order of its
+    values (a transpose, a reshape). A Linear pair elsewhere in the parent is something else that happens to have a
+    multiple of its head count: Swin's block MLP, where the attention calls its projections' weights through
+    ``F.linear`` (Swin-V2's attention also holds a position-bias MLP, so being called inside the holder is no proof).
+    A holder without Linear layers (projections kept by its parent) keeps any site.
     """
-    relative = holder_name.removeprefix(prefix)  # the holder is inside its parent: its name starts with ``prefix``
-    if not any(isinstance(m, OUT_TYPES) for m in parent.get_submodule(relative).modules()):
+    holder = parent.get_submodule(relative)
+    if not any(isinstance(m, OUT_TYPES) for m in holder.modules()):
         return False
-    return not any(name.startswith(relative + ".") for name in site)
+    returned: list[Tensor] = []
+
+    def keep(layer: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        first = next(_tensors(output), None)
+        if not returned and first is not None:
+            returned.append(first.detach())
+
+    _run(parent, call, [(holder, keep)])
+    return not returned or not _same_values(returned[0], out_input)
+
+
+def _same_values(a: Tensor, b: Tensor) -> bool:
+    """The same numbers, whatever their order (a transpose or a reshape between them)."""
+    if a.numel() != b.numel():
+        return False
+    return torch.equal(a.flatten().sort().values, b.flatten().to(a.dtype).sort().values)
 
 
 class Block(NamedTuple):

@@ -491,16 +491,26 @@ def test_gqa_unit_must_be_one_of_its_values(tmp_path):
     assert callback.settings.to_state()["gqa_unit"] == "kv_groups"
 
 
-def test_a_linear_pair_beside_an_attention_module_is_not_taken_for_its_heads():
+@pytest.mark.parametrize("version", ["SwinTransformerBlock", "SwinTransformerBlockV2"])
+def test_a_linear_pair_beside_an_attention_module_is_not_taken_for_its_heads(version):
     # torchvision's Swin computes its attention with F.linear (no Linear module inside it); the probe, looking for
-    # the heads in the attention's parent block, took the block's MLP (hidden 4 x 16 = 2 heads x 32) for them, and
+    # the heads in the attention's parent block, took the block's MLP (a multiple of the head count) for them, and
     # the MLP then went unpruned with nothing said. The heads must be the declaring module's own.
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
-    model = torchvision.models.SwinTransformer(
-        patch_size=[4, 4], embed_dim=16, depths=[2], num_heads=[2], window_size=[2, 2], num_classes=3
+    # Swin-V2's attention also calls a position-bias MLP (cpb_mlp: Linear layers inside the attention module), so a
+    # site that merely calls some Linear of the holder is no proof either: the out projection must read its output
+    swin = torchvision.models.swin_transformer
+    model = swin.SwinTransformer(
+        patch_size=[4, 4],
+        embed_dim=24,  # the MLP's hidden 4 × 24 = 3 heads × 32
+        depths=[2],
+        num_heads=[3],
+        window_size=[4, 4],
+        num_classes=3,
+        block=getattr(swin, version),
     ).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the residual stream and the functional attention are skipped, with warnings
-        layers = find_prunable_layers(model, torch.randn(2, 3, 16, 16))
+        layers = find_prunable_layers(model, torch.randn(2, 3, 32, 32))
     assert [layer.name for layer in layers] == ["features.1.0.mlp.0", "features.1.1.mlp.0"]
