@@ -56,10 +56,10 @@ class ActivationPruning(PruningSettings, Callback):
     ``.png`` into the log directory and sent to the loggers.
 
     Units: unless ``statistic`` is set, a λ you write (``threshold``) is a mean activation, the seed's units, and a
-    λ the callback picks (``target_params_reduction``, ``max_metric_drop``) is in standard deviations of the
-    per-layer standardised ``fluctuation`` (of RMS standardised over the BatchNorm-normalised layers, for those). A
-    table follows the choice: λ values with ``threshold``, parameter reductions with a target or a budget. The
-    summary says which.
+    λ the callback picks (``target_params_reduction``, ``max_metric_drop``) is in multiples of the layer's mean
+    ``fluctuation`` (of the mean RMS over all BatchNorm-normalised channels, for those): heads, neurons and channels
+    on one scale. A table follows the choice: λ values with ``threshold``, parameter reductions with a target or a
+    budget. The summary says which.
 
     Args:
         threshold: λ; neurons whose statistic is strictly below it are removed. It may be negative for ``mean``
@@ -67,14 +67,17 @@ class ActivationPruning(PruningSettings, Callback):
         statistic: ``"mean"`` (the seed's), ``"mean_abs"``, ``"rms"``, ``"std"`` (activation units),
             ``"nonzero_fraction"`` (1 − APoZ, in [0, 1]) or ``"fluctuation"`` (FLAP: variance × squared norm of
             the consumer's weight column, in squared output units), each over every sample and position. ``None``
-            (default): ``"mean"`` for a λ you write, ``"fluctuation"`` (standardised) when the callback picks λ;
-            fluctuation won the benchmark (BENCHMARKS.md) at equal reduction. There, channels that BatchNorm
-            normalises are scored by their ``"rms"`` instead, standardised together over all such layers (one scale,
-            so the raw RMS ranks them across layers, which won on the BatchNorm ResNet); the plan's ``scored_by`` and
-            the summary list those layers. ``normalize=False`` keeps plain raw fluctuation. For signed activations
+            (default): ``"mean"`` for a λ you write, ``"fluctuation"`` over each layer's mean when the callback
+            picks λ (:class:`~lightning_actprune._scoring.DefaultCriterion`: a head, an FFN neuron, a channel each by
+            its share of its layer's output energy, which kept heads beside FFN neurons on the ViT benchmark);
+            fluctuation won the MLP benchmark (BENCHMARKS.md) at equal reduction. There, channels that BatchNorm
+            normalises are scored by their ``"rms"`` instead, over one mean for all such layers (so the raw RMS ranks
+            them across layers, which won on the BatchNorm ResNet); the plan's ``scored_by`` and the summary list
+            those layers. ``normalize=False`` keeps plain raw fluctuation. For signed activations
             (GELU, SiLU, tanh), a mean near 0 does not mean "silent": use ``"std"``, ``"rms"`` or ``"fluctuation"``.
             Or your own criterion, a :class:`NeuronScorer` (in YAML: ``class_path`` and ``init_args``): its
-            ``signed`` says whether λ may be negative, and its scores are standardised only with ``normalize=True``.
+            ``signed`` says whether λ may be negative, and its scores are put on one scale only with
+            ``normalize=True`` (as its ``scale`` says).
         monitor: a validation metric to highlight in the summary and the plot, and the one ``max_metric_drop``
             watches; it must be logged by ``validation_step``.
         mode: ``"max"`` if a larger ``monitor`` is better (accuracy), ``"min"`` if smaller is (loss).
@@ -86,8 +89,9 @@ class ActivationPruning(PruningSettings, Callback):
         compensate: fold each removed neuron's mean activation into its consumers' biases (created where a
             consumer has none), so nearly constant neurons go almost without a trace. Exact, for the removed
             neurons held at their mean, into ``Linear`` consumers and into ``Conv`` consumers away from padding.
-        normalize: standardise the scores of each layer (``(s - mean) / std``) before comparing with λ, so one λ
-            means the same in layers of different scales; λ is then in standard deviations and may be negative.
+        normalize: put the scores of each layer on one scale before comparing with λ, so one λ means the same in
+            layers of different scales: the default criterion divides by the layer's mean (λ in multiples of it), a
+            statistic you name is standardised (``(s - mean) / std``, λ in standard deviations, either sign).
             ``None`` (default): only for ``fluctuation``, whose raw scale differs between layers.
         layers: glob patterns of layer names to prune (default: every hidden ``Linear``/``Conv``).
         exclude: glob patterns of layer names never to prune.

@@ -28,8 +28,9 @@ OptimizerState = Literal["carry", "reset", "fresh"]
 def _resolve_statistic(statistic: object, user_lambda: bool, normalize: object = None) -> object:
     """The rule for ``statistic=None``: a λ the user writes is a mean activation; one the callback picks is not.
 
-    A λ the callback picks compares standardised scores: fluctuation, and for the channels BatchNorm normalises their
-    RMS, standardised together (:class:`DefaultCriterion`); with ``normalize=False``, raw fluctuation alone.
+    A λ the callback picks compares scores on one scale: each layer's fluctuation over its mean, and for the channels
+    BatchNorm normalises their RMS over one mean for all of them (:class:`DefaultCriterion`); with
+    ``normalize=False``, raw fluctuation alone.
     ``sweep`` does not change it: a table for a target or a budget lists parameter reductions, not λ values.
     """
     if statistic is not None:

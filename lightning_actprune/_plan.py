@@ -15,6 +15,7 @@ from lightning_actprune._errors import ActivationPruningError
 from lightning_actprune._scoring import (
     MomentStatistic,
     NeuronScorer,
+    Scale,
     _squared_column_norms,
     as_scorer,
     index_tensor,
@@ -66,8 +67,8 @@ def layer_scores(
         moments: the moments of every measured layer input, by module name.
         statistic: one of :data:`lightning_actprune.STATISTICS`, or your own :class:`NeuronScorer`.
         model: the model, needed for ``fluctuation`` and your own scorers (the weights).
-        normalize: standardise the scores within the layer (``(s - mean) / std``), so one λ means the same in
-            layers of different scales; λ is then in standard deviations and may be negative.
+        normalize: put the scores on one scale within the layer, as the scorer's ``scale`` says: ``(s - mean) / std``
+            (λ in standard deviations, may be negative) or ``s / mean`` (λ in multiples of the layer's mean score).
 
     Returns:
         A float64 tensor with one score per neuron (on the moments' device for the built-in statistics).
@@ -86,10 +87,24 @@ def layer_scores(
             f" for {layer.name}; got {shape}."
         )
     scores = scores.detach().to(torch.float64)
-    if normalize:
-        spread = scores.std(unbiased=False)
-        scores = (scores - scores.mean()) / spread if spread > 0 else torch.zeros_like(scores)
-    return scores
+    return rescaled(scores, scores, scorer.scale) if normalize else scores
+
+
+def rescaled(scores: Tensor, reference: Tensor, scale: Scale) -> Tensor:
+    """``scores`` on the scale of ``reference`` (the scores of their layer, or of every layer pooled with it).
+
+    ``"std"``: ``(s - mean) / std``; ``"mean"``: ``s / mean``. Zeros when ``reference`` has no spread (``"std"``) or
+    a mean that is not positive (``"mean"``): no unit can then be told from another.
+
+    Example:
+        >>> rescaled(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 3.0]), "mean")
+        tensor([0.5000, 1.5000])
+    """
+    if scale == "mean":
+        mean = reference.mean()
+        return scores / mean if mean > 0 else torch.zeros_like(scores)
+    spread = reference.std(unbiased=False)
+    return (scores - reference.mean()) / spread if spread > 0 else torch.zeros_like(scores)
 
 
 def _bias_updates(
@@ -165,8 +180,9 @@ def plan_pruning(
     scores = _all_scores(layers, moments, statistic, model, normalize)
     name = as_scorer(statistic).name
     scored_by = _scored_by(layers, statistic, model, normalize)
+    scale = as_scorer(statistic).scale
     return _plan_at(
-        layers, scores, threshold, name, min_neurons, moments, model, compensate, normalize, ties, scored_by
+        layers, scores, threshold, name, min_neurons, moments, model, compensate, normalize, ties, scored_by, scale
     )
 
 
@@ -179,8 +195,9 @@ def _all_scores(
 ) -> dict[str, Tensor]:
     """Every layer's scores, on the CPU; they do not depend on λ, so one computation serves every λ.
 
-    With ``normalize``, the layers the scorer pools (:meth:`NeuronScorer.pooled_layers`) are standardised together,
-    one mean and one standard deviation per criterion over all of their neurons; the others each on their own.
+    With ``normalize``, the layers the scorer pools (:meth:`NeuronScorer.pooled_layers`) are put on one scale together
+    (:func:`rescaled` with the scores of all of their neurons as reference, per criterion); the others each on their
+    own.
     """
     pooled = _scored_by(layers, statistic, model, normalize)
     scores = {}
@@ -194,9 +211,8 @@ def _all_scores(
     for criterion in set(pooled.values()):
         names = [name for name, c in pooled.items() if c == criterion]
         together = torch.cat([scores[name] for name in names])
-        mean, spread = together.mean(), together.std(unbiased=False)
         for name in names:
-            scores[name] = (scores[name] - mean) / spread if spread > 0 else torch.zeros_like(scores[name])
+            scores[name] = rescaled(scores[name], together, as_scorer(statistic).scale)
     return scores
 
 
@@ -282,10 +298,12 @@ def _plan_at(
     normalize: bool,
     ties: Sequence[Tie] = (),
     scored_by: Mapping[str, str] | None = None,
+    scale: Scale = "std",
 ) -> PruningPlan:
     """The plan at λ from scores already computed by :func:`_all_scores`; ``ties`` keep equal counts.
 
-    ``scored_by``: the layers another criterion than ``statistic`` scored (:func:`_scored_by`), for the plan.
+    ``scored_by``: the layers another criterion than ``statistic`` scored (:func:`_scored_by`), and ``scale`` the
+    scorer's (with ``normalize``), for the plan.
     """
     keep: dict[str, Tensor] = {}
     for layer in layers:
@@ -300,7 +318,7 @@ def _plan_at(
     plan = plan_from_kept(layers, kept, moments=moments, model=model, compensate=compensate)
     scored = tuple((layer.name, scored_by[layer.name]) for layer in layers if scored_by and layer.name in scored_by)
     return dataclasses.replace(
-        plan, threshold=float(threshold), statistic=statistic, normalize=normalize, scored_by=scored
+        plan, threshold=float(threshold), statistic=statistic, normalize=normalize, scored_by=scored, scale=scale
     )
 
 

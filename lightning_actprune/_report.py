@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lightning_actprune._types import PruningResult
+from lightning_actprune._types import PruningResult, scale_unit
 
 
 def _by_reduction(result: PruningResult) -> bool:
@@ -45,7 +45,7 @@ def format_sweep_table(result: PruningResult) -> str:
         for mark, row in zip(marks, cells, strict=True):
             lines.append(f"{mark:1} " + "  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
         return "\n".join(lines)
-    unit = "std of standardised " if result.plan.normalize else ""
+    unit = scale_unit(result.plan.normalize, result.plan.scale)
     listed = "parameter reductions" if _by_reduction(result) else "λ values"
     table = Table(title=f"ActivationPruning table of {listed} (λ in {unit}{result.plan.statistic}); * = applied")
     table.add_column("")
@@ -130,7 +130,7 @@ def plot_sweep(result: PruningResult, monitor: str | None = None) -> Any:
     thresholds = [100 * (row.target or 0.0) if by_reduction else row.threshold for row in rows]
     figure, left = plt.subplots(figsize=(6.4, 4.0))
     left.plot(thresholds, [row.metrics.get(metric, float("nan")) for row in rows], "o-", color="tab:blue")
-    unit = "std of standardised " if result.plan.normalize else ""
+    unit = scale_unit(result.plan.normalize, result.plan.scale)
     left.set_xlabel("parameters removed (%)" if by_reduction else f"λ ({unit}{result.plan.statistic})")
     left.set_ylabel(metric, color="tab:blue")
     if metric in result.metrics_before:

@@ -56,7 +56,7 @@ class ThresholdEvaluator:
         min_neurons: the fewest neurons a layer keeps.
         validate: one validation pass of ``model`` (only needed by :meth:`evaluate`).
         compensate: fold removed neurons' mean activations into their consumers' biases.
-        normalize: standardise scores per layer.
+        normalize: put scores on one scale per layer (as the scorer's ``scale`` says, see :func:`layer_scores`).
         tied: sets of layer names that keep the same number of neurons (see :func:`plan_pruning`).
     """
 
@@ -76,6 +76,7 @@ class ThresholdEvaluator:
         self.layers = layers
         self.moments = moments
         self.statistic = as_scorer(statistic).name  # what the plans record
+        self.scale = as_scorer(statistic).scale
         self.min_neurons = min_neurons
         self.validate = validate
         self.compensate = compensate
@@ -102,6 +103,7 @@ class ThresholdEvaluator:
             self.normalize,
             self.ties,
             self._scored_by,
+            self.scale,
         )
 
     def candidates(self) -> list[float]:
@@ -195,7 +197,12 @@ class ThresholdEvaluator:
             (layer.name, self._scored_by[layer.name]) for layer in self.layers if layer.name in self._scored_by
         )
         return dataclasses.replace(
-            plan, threshold=threshold, statistic=self.statistic, normalize=self.normalize, scored_by=scored_by
+            plan,
+            threshold=threshold,
+            statistic=self.statistic,
+            normalize=self.normalize,
+            scored_by=scored_by,
+            scale=self.scale,
         )
 
     def _pruned(self, threshold: float | PruningPlan, validate: bool) -> SweepRow:

@@ -28,15 +28,31 @@ def register_unit(statistic: str, unit: str) -> None:
     _UNITS.setdefault(statistic, unit)
 
 
-def describe_threshold(threshold: float, statistic: str, normalize: bool) -> str:
+def scale_unit(normalize: bool, scale: str) -> str:
+    """What λ is counted in, before the statistic's name: ``""`` for raw scores.
+
+    Example:
+        >>> scale_unit(True, "mean") + "fluctuation"
+        '× the layer mean of fluctuation'
+    """
+    if not normalize:
+        return ""
+    return "× the layer mean of " if scale == "mean" else "std of standardised "
+
+
+def describe_threshold(threshold: float, statistic: str, normalize: bool, scale: str = "std") -> str:
     """λ with its statistic and unit, for people: ``"λ = 0.2 (mean activation)"``.
 
     Example:
         >>> describe_threshold(-0.7612, "fluctuation", normalize=True)
         'λ = -0.7612 std of standardised fluctuation per layer'
+        >>> describe_threshold(0.41, "fluctuation", normalize=True, scale="mean")
+        'λ = 0.41 × the layer mean of fluctuation'
     """
+    if normalize and scale == "mean":
+        return f"λ = {threshold:.4g} {scale_unit(normalize, scale)}{statistic}"
     if normalize:
-        return f"λ = {threshold:.4g} std of standardised {statistic} per layer"
+        return f"λ = {threshold:.4g} {scale_unit(normalize, scale)}{statistic} per layer"
     return f"λ = {threshold:.4g} ({_UNITS.get(statistic, statistic)})"
 
 
@@ -142,9 +158,11 @@ class PruningPlan:
         layers: one entry per prunable layer.
         operations: per module and direction, the indices to remove (merged across layers).
         bias_updates: with ``compensate``, what each consumer's bias absorbs from the neurons it loses.
-        normalize: whether scores were standardised per layer before the comparison with λ.
+        normalize: whether scores were put on one scale per layer before the comparison with λ.
         scored_by: ``(layer name, criterion)`` for the layers another criterion than ``statistic`` scored, their
-            scores standardised together (the default criterion scores BatchNorm-normalised channels by ``rms``).
+            scores put on one scale together (the default criterion scores BatchNorm-normalised channels by ``rms``).
+        scale: with ``normalize``, how: ``"std"`` (standardised, λ in standard deviations) or ``"mean"`` (divided
+            by the mean, λ in multiples of the layer's mean score; the default criterion's).
     """
 
     threshold: float
@@ -154,6 +172,7 @@ class PruningPlan:
     bias_updates: tuple[BiasUpdate, ...] = ()
     normalize: bool = False
     scored_by: tuple[tuple[str, str], ...] = ()
+    scale: str = "std"
 
     @property
     def touched_modules(self) -> tuple[str, ...]:
@@ -189,6 +208,7 @@ class PruningPlan:
             "bias_updates": [{"module": b.module, "delta": list(b.delta)} for b in self.bias_updates],
             "normalize": self.normalize,
             "scored_by": [[name, criterion] for name, criterion in self.scored_by],
+            "scale": self.scale,
         }
 
     @classmethod
@@ -207,6 +227,7 @@ class PruningPlan:
             ),
             normalize=bool(data.get("normalize", False)),
             scored_by=tuple((str(name), str(criterion)) for name, criterion in data.get("scored_by", [])),
+            scale=str(data.get("scale", "std")),
         )
 
 
@@ -358,7 +379,7 @@ class PruningResult:
             ]
             lines += [f"  {name}: {value:.4f}" for name, value in self.metrics_before.items()]
             return "\n".join(lines)
-        threshold = describe_threshold(self.plan.threshold, self.plan.statistic, self.plan.normalize)
+        threshold = describe_threshold(self.plan.threshold, self.plan.statistic, self.plan.normalize, self.plan.scale)
         chosen = "" if self.chosen_by == "threshold" else f", chosen by {self.chosen_by}"
         table = ""
         if self.sweep:
@@ -376,7 +397,7 @@ class PruningResult:
             criteria = ", ".join(sorted(set(scored_by.values())))
             lines.append(
                 f"  scored by {self.plan.statistic}, except the {len(scored_by)} layer(s) marked: scored by {criteria},"
-                " standardised together (under the default criterion: the channels BatchNorm normalises)"
+                " on one scale together (under the default criterion: the channels BatchNorm normalises)"
             )
         for layer in self.plan.layers:
             mark = f"  ({scored_by[layer.name]})" if layer.name in scored_by else ""

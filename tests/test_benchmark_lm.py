@@ -261,7 +261,8 @@ def test_quick_run_writes_every_method_s_records(quick):
     assert [layer.neurons for layer in other_plan.layers if layer.kind == "heads"] == [2] * QUICK.model.layers
     kv_one_shot = rows[(0.3, ours_with_unit(OURS, "kv_groups"), 0)]
     assert kv_one_shot.test_loss == other_plan.test_loss_right_after_prune_in_fit
-    assert 0.3 <= 1 - kv_one_shot.params / total < 0.33
+    # one key/value group (4 query heads and their key/value head) is 5 % of the quick model: it may overshoot by one
+    assert 0.3 <= 1 - kv_one_shot.params / total < 0.36
     for width, layer in zip(kv_one_shot.widths, [x for x in other_plan.layers if x.kind == "heads"], strict=True):
         assert (width.kv_heads, width.query_heads) == (layer.kept, 4 * layer.kept)
     # by steps: N = S and N = S/4 (at least 1), each plain and distilled
@@ -310,7 +311,10 @@ def test_quick_report_renders_the_table_the_goals_and_what_was_pruned(quick):
     assert "Goal 2 at -30%, after 1 recovery epoch" in text
     assert "| 0 | 128 → " in text  # decoder layer 0's FFN neurons, read from the plan
     assert "| one validation pass (`trainer.validate`, the unit) |" in text
-    assert compact_widths(ours.widths).count("/") == 2 * QUICK.model.layers
+    assert compact_widths(ours.widths) in text
+    one = compact_widths(ours.widths[:1])
+    assert one.count("/") == 2  # query heads / key-value heads / FFN neurons; equal layers are written once
+    assert compact_widths(ours.widths[:1] * 3) == f"{one} ×3"
     assert "| -30% | 1 | ours + recovery, `gqa_unit: kv_groups` | 1 |" in text
     lines = gqa_comparison(results)
     assert [line.split(":")[0] for line in lines] == ["- -30%, one-shot", "- -30%, + 1 recovery epoch"]

@@ -88,7 +88,7 @@ def test_protocol_runs_end_to_end_and_reports(tmp_path):
     assert text.startswith("# Benchmarks\n\nkept\n")
     assert text.count(BEGIN) == text.count(END) == 1
     assert "STALE" not in text
-    assert "| -60% | ours (fluctuation, normalize) | 1 |" in text
+    assert "| -60% | ours (default criterion) | 1 |" in text
     assert "Target not measured" in text  # the toy has no -90% row
     assert "- Gradual pruning (several prunes over training): not offered; it did not beat one prune" in text
 

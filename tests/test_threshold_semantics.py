@@ -81,14 +81,21 @@ def test_a_written_threshold_is_a_mean_activation_unless_a_statistic_is_named(tm
     assert model.net[0].out_features == len(plan.layers[0].kept)
 
 
-def test_a_chosen_threshold_uses_standardised_fluctuation_and_says_so(tmp_path, caplog):
+def test_a_chosen_threshold_uses_fluctuation_over_the_layer_mean_and_says_so(tmp_path, caplog):
     pruning = ActivationPruning(target_params_reduction=0.3, pruned_checkpoint=None)
     with caplog.at_level("INFO"):
         fit(tmp_path, mlp(), pruning)
     plan = pruning.result.plan
     assert (pruning.effective_statistic, plan.statistic, plan.normalize) == ("fluctuation", "fluctuation", True)
+    assert plan.scale == "mean"
+    assert 0 < plan.threshold < 1  # below the layer mean: the units that carry less than an average one go first
     chosen = "chosen by target_params_reduction: parameters"
-    assert f"λ = {plan.threshold:.4g} std of standardised fluctuation per layer, {chosen}" in caplog.text
+    assert f"λ = {plan.threshold:.4g} × the layer mean of fluctuation, {chosen}" in caplog.text
+    named = ActivationPruning(target_params_reduction=0.3, statistic="fluctuation", pruned_checkpoint=None)
+    with caplog.at_level("INFO"):
+        fit(tmp_path / "named", mlp(), named)
+    assert named.result.plan.scale == "std"  # a statistic the user names is standardised, λ in standard deviations
+    assert f"λ = {named.result.plan.threshold:.4g} std of standardised fluctuation per layer, {chosen}" in caplog.text
     # a table for a budget lists parameter reductions and keeps the criterion the callback picks λ by
     assert ActivationPruning(max_metric_drop=0.1, monitor="val_acc", sweep=[0.3, 0.5]).effective_statistic == (
         "fluctuation"

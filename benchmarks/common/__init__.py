@@ -11,7 +11,8 @@ Every benchmark imports only this package and ``lightning_actprune``, never anot
 - :mod:`.measure`: :class:`~.measure.Evaluator` (test accuracy and validation passes through one Trainer) and
   :func:`~.measure.gather_statistics` (one validation pass with an ``ActivationRecorder``: layers and moments);
 - :mod:`.pruning`: ours as ``target_params_reduction`` chooses the plan (:func:`~.pruning.ours_at_reduction`),
-  :func:`~.pruning.pruned_copy` and :func:`~.pruning.widths_of`;
+  :func:`~.pruning.pruned_copy`, :func:`~.pruning.widths_of` and :func:`~.pruning.bisect_ratio` (a competitor's
+  ratio found for a parameter reduction);
 - :mod:`.records`: :class:`~.records.JsonRecord` (a dataclass mixin: ``to_json``/``from_json``),
   :class:`~.records.FlatJsonRecord` (a record of records written as one flat object) and
   :func:`~.records.from_plain`, which rebuilds nested dataclasses from JSON data;
@@ -32,7 +33,7 @@ from .machine import Machine, machine_info
 from .markdown import acc, delta, markdown_table, mean_spread, pct, write_section
 from .measure import Evaluator, gather_statistics
 from .models import Classifier, MLPClassifier, TrainConfig, quiet_trainer, train_cached
-from .pruning import ours_at_reduction, pruned_copy, widths_of
+from .pruning import bisect_ratio, ours_at_reduction, pruned_copy, widths_of
 from .records import FlatJsonRecord, JsonRecord, from_plain
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "TrainConfig",
     "acc",
     "add_common_arguments",
+    "bisect_ratio",
     "command_line",
     "delta",
     "from_plain",

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 
 from torch import nn
 
@@ -17,6 +18,8 @@ from lightning_actprune.core import (
     count_parameters,
     plan_for_reduction,
 )
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
 
 
 def pruned_copy(model: nn.Module, plan: PruningPlan) -> nn.Module:
@@ -64,3 +67,40 @@ def ours_at_reduction(
     if choice.plan is None:
         raise ActivationPruningError(str(choice.note))
     return choice.plan.threshold, choice.plan, count_parameters(pruned_copy(model, choice.plan))
+
+
+def bisect_ratio(
+    prune: Callable[[float], ModelT],
+    removed: Callable[[ModelT], float],
+    reduction: float,
+    ratios: Sequence[float],
+    steps: int,
+) -> tuple[ModelT, float]:
+    """The model ``prune(ratio)`` gives at the smallest ratio found whose ``removed(model)`` reaches ``reduction``.
+
+    ``ratios`` (increasing) are tried in turn until one reaches the reduction, then ``steps`` halvings between it and
+    the one before: a large ratio can empty a group, which Torch-Pruning then leaves whole, so the largest ratio is not
+    always the most pruned.
+
+    Returns:
+        The pruned model and its ratio.
+
+    Raises:
+        RuntimeError: no ratio of ``ratios`` reaches the reduction.
+    """
+    low = 0.0
+    for high in ratios:
+        best = prune(high)
+        if removed(best) >= reduction:
+            break
+        low = high
+    else:
+        raise RuntimeError(f"no ratio up to {ratios[-1]} removes {reduction:.0%} of the parameters.")
+    for _ in range(steps):
+        middle = (low + high) / 2
+        candidate = prune(middle)
+        if removed(candidate) >= reduction:
+            high, best = middle, candidate
+        else:
+            low = middle
+    return best, high

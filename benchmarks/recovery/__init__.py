@@ -10,7 +10,7 @@ The MLP 784-1024-1024-10 of :mod:`benchmarks.fashion_mnist` (the same data, mode
 of the parameters) it compares:
 
 - ours one-shot: the package's plain functions on the trained model (statistics on the validation split,
-  ``fluctuation`` scores normalised per layer, :func:`~lightning_actprune.core.plan_for_reduction`), what
+  the callback's default criterion, :func:`~lightning_actprune.core.plan_for_reduction`), what
   ``ActivationPruning(target_params_reduction=r)`` does at the end of ``fit``;
 - ours + recovery: the real callback ``ActivationPruning(target_params_reduction=r, recovery_epochs=R)`` in a
   real ``Trainer.fit`` of ``E + R`` epochs: it prunes after epoch ``E`` and trains the smaller model for ``R``

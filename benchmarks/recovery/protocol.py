@@ -18,7 +18,15 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 
-from benchmarks.common import Evaluator, MLPClassifier, SplitDataModule, TrainConfig, gather_statistics, quiet_trainer
+from benchmarks.common import (
+    Evaluator,
+    MLPClassifier,
+    SplitDataModule,
+    TrainConfig,
+    bisect_ratio,
+    gather_statistics,
+    quiet_trainer,
+)
 from lightning_actprune import ActivationPruning
 from lightning_actprune.core import PruningPlan, ThresholdEvaluator, apply_plan, count_parameters, plan_for_reduction
 
@@ -147,11 +155,13 @@ def train_base(
 def ours_one_shot(model: pl.LightningModule, datamodule: SplitDataModule, reduction: float) -> nn.Module:
     """What ``ActivationPruning(target_params_reduction=reduction)`` does at the end of ``fit``, with plain functions.
 
-    Statistics on the validation split, ``fluctuation`` scores normalised per layer (the callback's defaults for a
-    target reduction), the fewest neurons that remove ``reduction`` of the parameters; applied to a copy.
+    Statistics on the validation split, the callback's default criterion for a target reduction (its ``scorer``:
+    fluctuation over each layer's mean), the fewest neurons that remove ``reduction`` of the parameters; applied to a
+    copy.
     """
     layers, moments, _ = gather_statistics(Evaluator(datamodule), model)
-    evaluator = ThresholdEvaluator(copy.deepcopy(model), layers, moments, "fluctuation", min_neurons=1, normalize=True)
+    scorer = ActivationPruning(target_params_reduction=reduction).scorer
+    evaluator = ThresholdEvaluator(copy.deepcopy(model), layers, moments, scorer, min_neurons=1, normalize=True)
     choice = plan_for_reduction(evaluator, reduction)
     if choice.plan is None:
         raise RuntimeError(choice.note)
@@ -236,17 +246,10 @@ def torch_pruning_at(
         return _tp_pruned(model, importance, global_pruning, ratio, example, batches)
 
     # near 1, MetaPruner would empty a layer and prunes nothing instead: bisect below that cliff
-    low, high = 0.0, TP_MAX_RATIO
-    best = prune(high)
-    if 1 - count_parameters(best) / before < reduction:
-        raise RuntimeError(f"Torch-Pruning ({importance}) cannot remove {reduction:.0%} of the parameters.")
-    for _ in range(steps):
-        middle = (low + high) / 2
-        candidate = prune(middle)
-        if 1 - count_parameters(candidate) / before >= reduction:
-            high, best = middle, candidate
-        else:
-            low = middle
+    try:
+        best, _ = bisect_ratio(prune, lambda m: 1 - count_parameters(m) / before, reduction, (TP_MAX_RATIO,), steps)
+    except RuntimeError as error:
+        raise RuntimeError(f"Torch-Pruning ({importance}): {error}") from None
     return best
 
 

@@ -40,7 +40,8 @@ from .report import render_markdown, write_section
 from .results import Base, EpochTime, RecoveryConfig, RecoveryResults, Row
 
 RESULTS_FILE = "recovery_results.json"
-OURS = "ours (fluctuation, normalize)"
+OURS = "ours (default criterion)"
+"""Rows measured before issue 21 say ``ours (fluctuation, normalize)``: the default criterion of then."""
 SCRATCH = "from scratch, same widths"
 METHODS = ("ours", "torch-pruning", "scratch")
 """The method groups ``--methods`` can choose: ours one-shot and with recovery, Torch-Pruning (every importance,
