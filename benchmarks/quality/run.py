@@ -1,0 +1,155 @@
+"""The whole ViT run per seed, the merge of runs made side by side, and the command line."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import (
+    DEFAULT_CACHE,
+    DEFAULT_MARKDOWN,
+    Evaluator,
+    SplitDataModule,
+    command_line,
+    last_results,
+    locate_fashion_mnist,
+    machine_info,
+    quiet_run_log,
+)
+from lightning_actprune.core import count_parameters
+
+from . import methods
+from .data import datamodule, trained_base
+from .models import ARCHITECTURES, ViTConfig, recipe
+from .report import write_report
+from .results import OURS, OURS_BEFORE, OURS_DISTILLED, SCRATCH, UNPRUNED, Row, ViTResults, torch_pruning_method
+
+REDUCTIONS = {"vit": [0.3, 0.5, 0.7], "mlp": [0.3, 0.5, 0.7, 0.95]}
+"""The parameter reductions measured by default: the issue's grid, and −95 % for the MLP's goal."""
+
+
+def results_file(arch: str) -> Path:
+    """Where a run of ``arch`` stores its numbers by default."""
+    return DEFAULT_CACHE / f"quality_{arch}_results.json"
+
+
+TP_SETTINGS = ((importance, scope) for importance in methods.TP_IMPORTANCES for scope in (True, False))
+
+
+def run_seed(
+    config: ViTConfig,
+    data: SplitDataModule,
+    cache_dir: Path,
+    reductions: Sequence[float],
+    recovery_epochs: int,
+    scratch_reductions: Sequence[float],
+    log: Callable[[str], None],
+) -> tuple[list[Row], float]:
+    """Every method on the base of ``config.seed``; returns the rows and the seconds of one base training epoch."""
+    base, facts = trained_base(data, config, cache_dir)
+    evaluator = Evaluator(data)
+
+    def row(reduction: float, method: str, model: torch.nn.Module, epochs: int, seconds: list[float]) -> Row:
+        measured = Row(
+            config.seed,
+            reduction,
+            method,
+            epochs,
+            count_parameters(model),
+            evaluator.test_accuracy(model),  # type: ignore[arg-type]
+            methods.widths(model),
+            seconds,
+        )
+        log(f"seed {config.seed} -{reduction:.0%} {method} +{epochs}: {measured.test_acc:.4f} ({measured.widths})")
+        return measured
+
+    rows = [row(0.0, UNPRUNED, base, 0, [])]
+    ours_pruned = {}
+    for criterion, name in (("default", OURS), ("standardised fluctuation", OURS_BEFORE)):
+        pruned = methods.ours_one_shot(base, data, list(reductions), criterion)
+        rows += [row(r, name, pruned[r], 0, []) for r in reductions]
+        ours_pruned.setdefault("default", pruned)
+    for importance, global_pruning in TP_SETTINGS:
+        name = torch_pruning_method(importance, global_pruning)
+        for reduction in reductions:
+            pruned, _ = methods.torch_pruning_at(base, data, importance, global_pruning, reduction)
+            rows.append(row(reduction, name, pruned, 0, []))
+            if recovery_epochs:
+                tuned, seconds = methods.fine_tuned(pruned, data, recovery_epochs)
+                rows.append(row(reduction, name, tuned, recovery_epochs, seconds))
+    for reduction in reductions if recovery_epochs else ():
+        for weight, name in ((0.0, OURS), (0.5, OURS_DISTILLED)):
+            recovered, seconds = methods.ours_recovered(base, data, reduction, recovery_epochs, weight)
+            rows.append(row(reduction, name, recovered, recovery_epochs, seconds))
+    for reduction in scratch_reductions:
+        epochs = config.epochs + recovery_epochs
+        scratch = methods.from_scratch(ours_pruned["default"][reduction], config, data, epochs)
+        rows.append(row(reduction, SCRATCH, scratch, epochs, []))
+    return rows, facts.train_seconds / config.epochs
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m benchmarks.quality``: see the package docstring."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__)
+    parser.add_argument("--arch", choices=ARCHITECTURES, default="vit")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--reductions", type=float, nargs="+", default=None, help="default: the architecture's")
+    parser.add_argument("--recovery-epochs", type=int, default=1)
+    parser.add_argument("--scratch", type=float, nargs="*", default=[0.5], help="reductions trained from scratch")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--data-dir", type=Path, default=None, help="a directory with the four IDX .gz files")
+    parser.add_argument("--install-data", action="store_true", help="install the Debian package if it is missing")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the trained weights go")
+    parser.add_argument("--out", type=Path, default=None, help="the results JSON (default: by architecture)")
+    parser.add_argument("--merge", type=Path, nargs="+", help="merge these results (runs of other seeds) and report")
+    parser.add_argument("--markdown", type=Path, default=DEFAULT_MARKDOWN)
+    parser.add_argument("--report-only", action="store_true", help="re-render the report from --out")
+    args = parser.parse_args(argv)
+    args.out = args.out or results_file(args.arch)
+    if args.report_only:
+        write_report(ViTResults.from_json(last_results(args.out)), args.markdown)
+        return
+    if args.merge:
+        runs = [ViTResults.from_json(path.read_text()) for path in args.merge]
+        merged = runs[0]
+        for other in runs[1:]:
+            merged.rows += other.rows
+            merged.base_epoch_seconds |= other.base_epoch_seconds
+            merged.minutes = max(merged.minutes, other.minutes)
+        merged.command = " + ".join(run.command for run in runs)
+        args.out.write_text(merged.to_json())
+        write_report(merged, args.markdown)
+        return
+    torch.set_num_threads(args.threads)
+    log = quiet_run_log()
+    data_dir = locate_fashion_mnist(args.data_dir, install=args.install_data)
+    started = time.perf_counter()
+    rows: list[Row] = []
+    base_seconds = {}
+    for seed in args.seeds:
+        config = recipe(args.arch, seed)
+        seed_rows, base_seconds[seed] = run_seed(
+            config,
+            datamodule(data_dir, config),
+            args.cache_dir,
+            args.reductions or REDUCTIONS[args.arch],
+            args.recovery_epochs,
+            args.scratch,
+            log,
+        )
+        rows += seed_rows
+    results = ViTResults(
+        recipe(args.arch, 0),
+        base_seconds,
+        rows,
+        machine_info(("torch", "lightning", "torch-pruning", "timm")),
+        command_line("benchmarks.quality", argv),
+        (time.perf_counter() - started) / 60,
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(results.to_json())
+    write_report(results, args.markdown)

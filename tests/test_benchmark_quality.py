@@ -1,0 +1,105 @@
+"""Smoke test of benchmarks.quality on a tiny ViT and synthetic 28×28 images: no Fashion-MNIST, a few seconds."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from benchmarks.common import SplitDataModule, machine_info
+from benchmarks.quality import methods
+from benchmarks.quality.models import ViTConfig, recipe
+from benchmarks.quality.report import goals, markers
+from benchmarks.quality.results import OURS, OURS_BEFORE, OURS_DISTILLED, SCRATCH, UNPRUNED, ViTResults
+from benchmarks.quality.run import main, run_seed
+
+pytest.importorskip("timm")
+pytest.importorskip("torch_pruning")
+
+TINY = ViTConfig(embed_dim=16, depth=2, num_heads=2, mlp_ratio=2.0, epochs=1, train_images=192, num_val=64, lr=3e-3)
+
+
+def _images(n: int, seed: int) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=generator)
+    x = torch.rand(n, 784, generator=generator) * 0.3
+    for label in range(3):  # a bright band whose row says the class
+        rows = x.view(n, 28, 28)[y == label]
+        rows[:, 9 * label : 9 * label + 5] += 0.7
+    return TensorDataset(x, y)
+
+
+def test_one_seed_measures_every_method_and_the_report_states_the_goals(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(methods, "TP_BISECTION_STEPS", 3)  # a coarser ratio: the test checks the steps, not the fit
+    data = SplitDataModule(_images(192, 0), _images(64, 1), _images(96, 2), batch_size=32, eval_batch_size=48)
+    lines = []
+    rows, epoch_seconds = run_seed(TINY, data, tmp_path, [0.3], 1, [0.3], lines.append)
+    assert (tmp_path / "quality" / f"vit-{TINY.key()}.pt").is_file()
+    assert epoch_seconds > 0
+    cells = {(row.reduction, row.method, row.epochs): row for row in rows}
+    tp = [f"Torch-Pruning {i}, {s}" for i in ("taylor", "l2") for s in ("global", "uniform")]
+    expected = {(0.0, UNPRUNED, 0), (0.3, OURS, 0), (0.3, OURS_BEFORE, 0), (0.3, OURS, 1), (0.3, OURS_DISTILLED, 1)}
+    expected |= {(0.3, m, e) for m in tp for e in (0, 1)} | {(0.3, SCRATCH, TINY.epochs + 1)}
+    assert set(cells) == expected
+    total = cells[(0.0, UNPRUNED, 0)].params
+    for (reduction, method, _), row in cells.items():
+        assert 1 - row.params / total >= reduction, method
+        assert 0 <= row.test_acc <= 1
+    # the callback pruning at the start of a fit prunes what the plain functions do: the same statistics and plan
+    assert cells[(0.3, OURS, 1)].widths == cells[(0.3, OURS, 0)].widths
+    assert cells[(0.3, SCRATCH, TINY.epochs + 1)].widths == cells[(0.3, OURS, 0)].widths
+    assert cells[(0.3, OURS, 1)].epoch_seconds
+    assert cells[(0.3, "Torch-Pruning taylor, global", 1)].epoch_seconds
+    assert cells[(0.0, UNPRUNED, 0)].widths == "d16 2×8/32 2×8/32"
+
+    results = ViTResults(TINY, {0: epoch_seconds}, rows, machine_info(), "python -m benchmarks.quality --seeds 0", 0.1)
+    halves = [tmp_path / "a.json", tmp_path / "b.json"]
+    for half, seeds in zip(halves, ((0,), (1,)), strict=True):  # the same rows as a second seed: a merge of two runs
+        copy = ViTResults.from_json(results.to_json())
+        for row in copy.rows:
+            row.seed = seeds[0]
+        copy.base_epoch_seconds = {seeds[0]: epoch_seconds}
+        half.write_text(copy.to_json())
+    markdown, out = tmp_path / "BENCHMARKS.md", tmp_path / "merged.json"
+    markdown.write_text("# Benchmarks\n\nkept\n")
+    main(["--merge", *map(str, halves), "--out", str(out), "--markdown", str(markdown)])
+    merged = ViTResults.from_json(out.read_text())
+    assert len(merged.rows) == 2 * len(rows)
+    assert set(merged.base_epoch_seconds) == {0, 1}
+    text = markdown.read_text()
+    begin, end = markers("vit")
+    assert text.startswith("# Benchmarks\n\nkept\n")
+    assert begin in text
+    assert end in text
+    assert "Seeds 0, 1: mean ± standard deviation" in text
+    assert "| -30% | ours (default criterion) | 1 |" in text
+    (stated,) = goals(merged)  # the −50 % goal needs a −50 % row
+    assert stated.startswith("- −30 % one-shot ahead of Torch-Pruning's best setting: **m")
+    assert ("**met**" in stated) != ("**missed**" in stated)
+    assert stated in text
+    assert json.loads(out.read_text())["command"].count("python -m benchmarks.quality") == 2
+    capsys.readouterr()
+    main(["--report-only", "--out", str(out), "--markdown", str(markdown)])
+    assert capsys.readouterr().out.strip() in markdown.read_text()
+
+
+def test_the_mlp_runs_every_method_and_states_its_goal(tmp_path, monkeypatch):
+    monkeypatch.setattr(methods, "TP_BISECTION_STEPS", 3)
+    config = dataclasses.replace(recipe("mlp", 0), epochs=1, train_images=192, num_val=64)
+    data = SplitDataModule(_images(192, 0), _images(64, 1), _images(96, 2), batch_size=32, eval_batch_size=48)
+    rows, epoch_seconds = run_seed(config, data, tmp_path, [0.95], 1, [], lambda line: None)
+    assert (tmp_path / "quality" / f"mlp-{config.key()}.pt").is_file()
+    cells = {(row.reduction, row.method, row.epochs): row for row in rows}
+    assert cells[(0.0, UNPRUNED, 0)].widths == "1024-1024"
+    assert (0.95, OURS_DISTILLED, 1) in cells
+    assert cells[(0.95, OURS, 1)].widths == cells[(0.95, OURS, 0)].widths
+    assert 1 - cells[(0.95, OURS, 0)].params / cells[(0.0, UNPRUNED, 0)].params >= 0.95
+    results = ViTResults(
+        config, {0: epoch_seconds}, rows, machine_info(), "python -m benchmarks.quality --arch mlp", 0.1
+    )
+    stated = goals(results)
+    assert [line.split(",")[0] for line in stated] == [
+        "- −95 % with 1 recovery epoch(s) within 0.5 point of unpruned"
+    ] * 2
+    assert markers("mlp") == ("<!-- quality-mlp:begin -->", "<!-- quality-mlp:end -->")
