@@ -79,7 +79,7 @@ def test_small_torchvision_models_prune_exactly(name):
     assert result.status == EXACT, (result.error, result.messages)
     assert result.reduction >= 0.3
     assert result.prunable_fraction > 0.5
-    assert result.statistic == "fluctuation (standardised)"  # the callback's default path for a target
+    assert result.statistic == "fluctuation (over the layer mean)"  # the callback's default path for a target
     assert 0 < result.layers_pruned <= result.layers
     if name.startswith("regnet"):  # its grouped convolutions' bottlenecks prune too: nothing is skipped
         assert result.messages == []

@@ -118,14 +118,15 @@ def check(name: str) -> ModelResult:
             result.status = SKIPPED
             return result
         start = time.process_time()
-        # the callback's defaults for a target: its statistic (standardised fluctuation), its tie-breaks and floor
+        # the callback's defaults for a target: its criterion (fluctuation over each layer's mean), tie-breaks and floor
         settings = ActivationPruning(target_params_reduction=TARGET, pruned_checkpoint=None)
         evaluator = ThresholdEvaluator(
             model, layers, recorder.moments(), settings.scorer, settings.min_neurons, normalize=settings.normalized
         )
         choice = plan_for_reduction(evaluator, TARGET)
         result.search_seconds = time.process_time() - start
-        result.statistic = settings.scorer.name + (" (standardised)" if settings.normalized else "")
+        scale = {"mean": " (over the layer mean)", "std": " (standardised)"}[settings.scorer.scale]
+        result.statistic = settings.scorer.name + (scale if settings.normalized else "")
         result.reduction = choice.reduction
         if choice.plan is None:
             result.status = SKIPPED
