@@ -5,11 +5,10 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from benchmarks.common import SplitDataModule, machine_info, quiet_trainer, write_section
+from benchmarks.common import SplitDataModule, machine_info, quiet_trainer, recalibrated, write_section
 from benchmarks.fashion_cnn.methods import (
     EpochTimer,
     fine_tuned,
-    recalibrated,
     scratch_widths,
     torch_pruning_at_reduction,
 )

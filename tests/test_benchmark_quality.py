@@ -9,7 +9,7 @@ from torch.utils.data import TensorDataset
 
 from benchmarks.common import SplitDataModule, machine_info
 from benchmarks.quality import methods
-from benchmarks.quality.models import ViTConfig, recipe
+from benchmarks.quality.models import ViTConfig, build, recipe
 from benchmarks.quality.report import goals, markers
 from benchmarks.quality.results import OURS, OURS_BEFORE, OURS_DISTILLED, SCRATCH, UNPRUNED, ViTResults
 from benchmarks.quality.run import main, run_seed
@@ -103,3 +103,32 @@ def test_the_mlp_runs_every_method_and_states_its_goal(tmp_path, monkeypatch):
         "- −95 % with 1 recovery epoch(s) within 0.5 point of unpruned"
     ] * 2
     assert markers("mlp") == ("<!-- quality-mlp:begin -->", "<!-- quality-mlp:end -->")
+
+
+def test_the_batchnorm_resnet_is_recalibrated_after_a_one_shot_prune_and_states_its_goal(tmp_path, monkeypatch):
+    monkeypatch.setattr(methods, "TP_BISECTION_STEPS", 3)
+    config = dataclasses.replace(recipe("resnet", 0), epochs=1, train_images=192, num_val=64)
+    data = SplitDataModule(_images(192, 0), _images(64, 1), _images(96, 2), batch_size=32, eval_batch_size=48)
+    rows, epoch_seconds = run_seed(config, data, tmp_path, [0.7], 1, [], lambda line: None)
+    cells = {(row.reduction, row.method, row.epochs): row for row in rows}
+    assert cells[(0.0, UNPRUNED, 0)].widths == "8-8-8-16-16-16-32-32-32"  # stem, then conv1, conv2, shortcut per stage
+    assert cells[(0.7, OURS, 1)].widths == cells[(0.7, OURS, 0)].widths
+    assert 1 - cells[(0.7, OURS, 0)].params / cells[(0.0, UNPRUNED, 0)].params >= 0.7
+    results = ViTResults(
+        config, {0: epoch_seconds}, rows, machine_info(), "python -m benchmarks.quality --arch resnet", 0
+    )
+    assert [line.split(",")[0] for line in goals(results)] == [
+        "- −70 % with 1 recovery epoch(s) within 1 point of unpruned"
+    ] * 2
+
+
+def test_recalibration_re_estimates_batchnorm_statistics_and_leaves_other_networks_alone():
+    data = SplitDataModule(_images(64, 0), _images(32, 1), _images(32, 2), batch_size=32)
+    resnet = build(dataclasses.replace(recipe("resnet", 0))).eval()
+    recalibrated = methods.with_batchnorm_recalibrated(resnet, data)
+    assert recalibrated is not resnet
+    before, after = resnet.stem[1].running_mean, recalibrated.stem[1].running_mean
+    assert torch.equal(before, torch.zeros_like(before))  # an untrained network's statistics
+    assert not torch.equal(after, before)  # re-estimated on the training batches
+    mlp = build(recipe("mlp", 0))
+    assert methods.with_batchnorm_recalibrated(mlp, data) is mlp

@@ -6,13 +6,14 @@ Every benchmark imports only this package and ``lightning_actprune``, never anot
   asked, :func:`~.data.load_fashion_mnist`) and :class:`~.data.SplitDataModule` (fixed train/validation/test
   tensors, seeded shuffling);
 - :mod:`.models`: :class:`~.models.Classifier` (cross-entropy, Adam, ``val_acc``/``test_acc``), the
-  :class:`~.models.MLPClassifier` and its recipe :class:`~.models.TrainConfig`, :func:`~.models.quiet_trainer` (a
+  :class:`~.models.MLPClassifier` and its recipe :class:`~.models.TrainConfig`, the small BatchNorm
+  :class:`~.models.ResNetClassifier`, :func:`~.models.quiet_trainer` (a
   CPU Trainer that writes nothing) and :func:`~.models.train_cached` (train once, load the weights afterwards);
 - :mod:`.measure`: :class:`~.measure.Evaluator` (test accuracy and validation passes through one Trainer) and
   :func:`~.measure.gather_statistics` (one validation pass with an ``ActivationRecorder``: layers and moments);
 - :mod:`.pruning`: ours as ``target_params_reduction`` chooses the plan (:func:`~.pruning.ours_at_reduction`),
-  :func:`~.pruning.pruned_copy`, :func:`~.pruning.widths_of` and :func:`~.pruning.bisect_ratio` (a competitor's
-  ratio found for a parameter reduction);
+  :func:`~.pruning.pruned_copy`, :func:`~.pruning.widths_of`, :func:`~.pruning.bisect_ratio` (a competitor's
+  ratio found for a parameter reduction) and :func:`~.pruning.recalibrated` (BatchNorm statistics re-estimated);
 - :mod:`.records`: :class:`~.records.JsonRecord` (a dataclass mixin: ``to_json``/``from_json``),
   :class:`~.records.FlatJsonRecord` (a record of records written as one flat object) and
   :func:`~.records.from_plain`, which rebuilds nested dataclasses from JSON data;
@@ -32,8 +33,8 @@ from .data import INSTALL_COMMAND, SplitDataModule, load_fashion_mnist, locate_f
 from .machine import Machine, machine_info
 from .markdown import acc, delta, markdown_table, mean_spread, pct, write_section
 from .measure import Evaluator, gather_statistics
-from .models import Classifier, MLPClassifier, TrainConfig, quiet_trainer, train_cached
-from .pruning import bisect_ratio, ours_at_reduction, pruned_copy, widths_of
+from .models import Classifier, MLPClassifier, ResNetClassifier, TrainConfig, quiet_trainer, train_cached
+from .pruning import bisect_ratio, ours_at_reduction, pruned_copy, recalibrated, widths_of
 from .records import FlatJsonRecord, JsonRecord, from_plain
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "JsonRecord",
     "MLPClassifier",
     "Machine",
+    "ResNetClassifier",
     "SplitDataModule",
     "TrainConfig",
     "acc",
@@ -66,6 +68,7 @@ __all__ = [
     "pruned_copy",
     "quiet_run_log",
     "quiet_trainer",
+    "recalibrated",
     "train_cached",
     "widths_of",
     "write_section",

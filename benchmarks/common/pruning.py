@@ -1,13 +1,21 @@
-"""Ours, as ``target_params_reduction`` chooses the plan, applied to a copy with the package's plain functions."""
+"""Pruning helpers the benchmarks share.
+
+Ours as ``target_params_reduction`` chooses the plan, applied to a copy with the package's plain functions; the
+BatchNorm recalibration the callback does after a prune; a competitor's ratio found for a parameter reduction.
+"""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
+import itertools
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TypeVar
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
+from lightning_actprune._recalibration import recalibrating_batchnorm
 from lightning_actprune.core import (
     ActivationMoments,
     ActivationPruningError,
@@ -104,3 +112,21 @@ def bisect_ratio(
         else:
             low = middle
     return best, high
+
+
+def recalibrated(model: ModelT, batches: Iterable[tuple[Tensor, Tensor]], count: int) -> tuple[ModelT, float]:
+    """A copy of ``model`` whose BatchNorm statistics are re-estimated on the first ``count`` of ``batches``.
+
+    What the callback does after the surgery by default (``recalibration_batches=20``): forward passes without
+    gradients inside :func:`lightning_actprune._recalibration.recalibrating_batchnorm`, every BatchNorm layer in
+    train mode, its running statistics a plain average over the batches; no parameter changes.
+
+    Returns:
+        The recalibrated copy (eval mode) and the seconds the recalibration took.
+    """
+    fresh = copy.deepcopy(model).eval()
+    start = time.perf_counter()
+    with recalibrating_batchnorm(fresh), torch.no_grad():
+        for x, _ in itertools.islice(batches, count):
+            fresh(x)
+    return fresh, time.perf_counter() - start

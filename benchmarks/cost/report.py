@@ -70,7 +70,7 @@ def render_markdown(results: CostResults) -> str:
         f" {results.threads} torch threads per process (niced; other jobs ran on the machine: the two versions of"
         f" each model ran back to back), torch {results.torch}, torch-pruning {results.torch_pruning}. Before:"
         f" commit {results.baseline}; after: {results.current}. Random weights and images, 10 classes;"
-        " `ActivationPruning(target_params_reduction=0.3)` (standardised `fluctuation`, BatchNorm recalibration on),"
+        " `ActivationPruning(target_params_reduction=0.3)` (its default criterion, BatchNorm recalibration on),"
         " `fit` with `max_epochs=0`, the validation images as training data too; wall-clock seconds.",
         "",
         f"**After: {len(met)} of {len(pruned)} models meet the goal** (everything but the validation passes within"

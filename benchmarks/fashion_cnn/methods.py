@@ -7,10 +7,9 @@ never touch the model they are given.
 from __future__ import annotations
 
 import copy
-import itertools
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import lightning.pytorch as pl
@@ -20,31 +19,12 @@ from torch import Tensor, nn
 
 from benchmarks.common import quiet_trainer
 from lightning_actprune import ActivationPruning
-from lightning_actprune._recalibration import recalibrating_batchnorm
 from lightning_actprune.core import PrunableLayer, PruningPlan, count_parameters
 
 from .models import ResNetClassifier
 
 M = TypeVar("M", bound=nn.Module)
 L = TypeVar("L", bound=pl.LightningModule)
-
-
-def recalibrated(model: M, batches: Iterable[tuple[Tensor, Tensor]], count: int) -> tuple[M, float]:
-    """A copy of ``model`` whose BatchNorm statistics are re-estimated on the first ``count`` of ``batches``.
-
-    What the callback does after the surgery by default (``recalibration_batches=20``): forward passes without
-    gradients inside :func:`lightning_actprune._recalibration.recalibrating_batchnorm`, every BatchNorm layer in
-    train mode, its running statistics a plain average over the batches; no parameter changes.
-
-    Returns:
-        The recalibrated copy (eval mode) and the seconds the recalibration took.
-    """
-    fresh = copy.deepcopy(model).eval()
-    start = time.perf_counter()
-    with recalibrating_batchnorm(fresh), torch.no_grad():
-        for x, _ in itertools.islice(batches, count):
-            fresh(x)
-    return fresh, time.perf_counter() - start
 
 
 def torch_pruning_copy(model: M, example_input: Tensor, pruning_ratio: float) -> M:

@@ -26,6 +26,7 @@ from benchmarks.common import (
     ours_at_reduction,
     pruned_copy,
     quiet_run_log,
+    recalibrated,
     write_section,
 )
 from lightning_actprune._recalibration import batchnorm_layers
@@ -36,7 +37,6 @@ from .methods import (
     fine_tuned,
     fit_with_recovery,
     group_channels,
-    recalibrated,
     scratch_widths,
     torch_pruning_at_reduction,
 )

@@ -4,6 +4,8 @@
   end of ``fit`` (the default criterion), and the criterion it replaced (per-layer standardised fluctuation);
 - ours + recovery: the real callback with ``prune_on: fit_start`` in a ``fit`` of the recovery epochs, with or
   without distillation from the unpruned model;
+- after a one-shot prune of a BatchNorm network, its statistics re-estimated on 20 training batches, as the callback
+  does by default (for Torch-Pruning's prune too);
 - Torch-Pruning as its timm ViT example prunes (``examples/transformers/prune_timm_vit.py``): ``MetaPruner`` with
   the attention's head counts (``num_heads``, head dimensions pruned, ``round_to=2``), the classifier's outputs
   ignored, so the embedding width, head dimensions and FFN width all shrink (an MLP: its hidden widths); Taylor (10
@@ -25,7 +27,14 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from benchmarks.common import Evaluator, SplitDataModule, bisect_ratio, gather_statistics, quiet_trainer
+from benchmarks.common import (
+    Evaluator,
+    SplitDataModule,
+    bisect_ratio,
+    gather_statistics,
+    quiet_trainer,
+    recalibrated,
+)
 from lightning_actprune import ActivationPruning
 from lightning_actprune.core import (
     ThresholdEvaluator,
@@ -46,6 +55,8 @@ TP_IMPORTANCES: dict[str, Callable[[], Any]] = {
     "taylor": lambda: tp.importance.GroupTaylorImportance(),
     "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
 }
+RECALIBRATION_BATCHES = 20
+"""Training batches BatchNorm statistics are re-estimated on after a one-shot prune (the callback's default)."""
 TP_GRADIENT_BATCHES = 10
 """Batches of gradients Taylor importance reads (the example's ``--taylor_batchs`` default)."""
 TP_RATIO_STEPS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -53,7 +64,13 @@ TP_BISECTION_STEPS = 8
 
 
 def widths(model: nn.Module) -> str:
-    """What a network kept: a ViT's embedding width and ``heads×head_dim/FFN`` per block, an MLP's hidden widths."""
+    """What a network kept, as text.
+
+    A ViT's embedding width and ``heads×head_dim/FFN`` per block, a CNN's convolutions' output channels, an MLP's
+    hidden widths.
+    """
+    if not hasattr(model, "vit") and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return "-".join(str(m.out_channels) for m in model.modules() if isinstance(m, nn.Conv2d))
     if not hasattr(model, "vit"):
         return "-".join([str(m.out_features) for m in model.modules() if isinstance(m, nn.Linear)][:-1])
     vit = model.vit
@@ -79,8 +96,18 @@ def ours_one_shot(
             raise RuntimeError(choice.note)
         pruned[reduction] = copy.deepcopy(model)
         apply_plan(pruned[reduction], choice.plan)
-        pruned[reduction].eval()
+        pruned[reduction] = with_batchnorm_recalibrated(pruned[reduction].eval(), data)
     return pruned
+
+
+def with_batchnorm_recalibrated(model: nn.Module, data: SplitDataModule) -> nn.Module:
+    """``model`` with its BatchNorm statistics re-estimated, as the callback does after a prune by default.
+
+    ``recalibration_batches: 20`` training batches; a network without BatchNorm is returned as it is.
+    """
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    return recalibrated(model, data.train_dataloader(), RECALIBRATION_BATCHES)[0]
 
 
 class EpochTimer(pl.Callback):
@@ -176,11 +203,12 @@ def torch_pruning_at(
         return _tp_pruned(source, importance, global_pruning, ratio, grads=importance == "taylor")
 
     try:
-        return bisect_ratio(
+        pruned, ratio = bisect_ratio(
             prune, lambda m: 1 - count_parameters(m) / before, reduction, TP_RATIO_STEPS, TP_BISECTION_STEPS
         )
     except RuntimeError as error:
         raise RuntimeError(f"Torch-Pruning ({importance}): {error}") from None
+    return with_batchnorm_recalibrated(pruned, data), ratio
 
 
 def fine_tuned(model: nn.Module, data: SplitDataModule, epochs: int) -> tuple[nn.Module, list[float]]:
@@ -199,5 +227,8 @@ def from_scratch(pruned: nn.Module, config: ViTConfig, data: SplitDataModule, ep
     with torch.no_grad():
         for parameter, initial in zip(fresh.parameters(), reference.parameters(), strict=True):
             parameter.copy_(initial[tuple(slice(0, n) for n in parameter.shape)])
+        for module in fresh.modules():  # nothing learnt survives: BatchNorm statistics start again too
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.reset_running_stats()
     quiet_trainer(max_epochs=epochs).fit(fresh.train(), datamodule=data)  # type: ignore[arg-type]
     return fresh.eval()

@@ -1,6 +1,7 @@
 """The networks of the quality benchmark and their recipes, on Fashion-MNIST, each trained once per seed.
 
-The small ViT of issue 21 (timm's ``VisionTransformer``) and the MLP of the recovery benchmark.
+The small ViT of issue 21 (timm's ``VisionTransformer``), the MLP of the recovery benchmark and the BatchNorm ResNet of
+the CNN benchmark.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ import json
 
 from torch import Tensor
 
-from benchmarks.common import Classifier, MLPClassifier
+from benchmarks.common import Classifier, MLPClassifier, ResNetClassifier
 
-ARCHITECTURES = ("vit", "mlp")
+ARCHITECTURES = ("vit", "mlp", "resnet")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,7 +22,8 @@ class ViTConfig:
     """A network's recipe: what its cached weights depend on (:func:`recipe` gives each architecture's).
 
     ``arch="vit"``: 6 blocks × 4 heads, width 128, FFN 512, 7×7 patches (16 tokens and a class token), 1,199,882
-    parameters. ``arch="mlp"``: 784-1024-1024-10 (ReLU), 1,863,690 parameters; the ViT's fields are not used.
+    parameters. ``arch="mlp"``: 784-1024-1024-10 (ReLU), 1,863,690 parameters; ``arch="resnet"``: the BatchNorm
+    ResNet of 8/16/32 channels, 19,810 parameters; the ViT's fields are not used by the others.
     """
 
     embed_dim: int = 128
@@ -51,6 +53,8 @@ def recipe(arch: str, seed: int) -> ViTConfig:
         return ViTConfig(seed=seed)
     if arch == "mlp":
         return ViTConfig(arch="mlp", lr=1e-3, epochs=10, train_images=50_000, num_val=10_000, seed=seed)
+    if arch == "resnet":  # the BatchNorm ResNet benchmark's recipe
+        return ViTConfig(arch="resnet", lr=1e-3, epochs=2, train_images=50_000, num_val=10_000, seed=seed)
     raise ValueError(f"`arch` can be one of {', '.join(ARCHITECTURES)}; got {arch!r}.")
 
 
@@ -98,6 +102,8 @@ def build(config: ViTConfig) -> Classifier:
     """The untrained network of ``config``."""
     if config.arch == "mlp":
         return MLPClassifier((784, 1024, 1024, 10), config.lr)
+    if config.arch == "resnet":
+        return ResNetClassifier((8, 16, 32), None, config.lr)
     return ViTClassifier(
         config.embed_dim, config.depth, config.num_heads, config.mlp_ratio, config.patch_size, config.lr
     )

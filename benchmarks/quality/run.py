@@ -28,7 +28,7 @@ from .models import ARCHITECTURES, ViTConfig, recipe
 from .report import write_report
 from .results import OURS, OURS_BEFORE, OURS_DISTILLED, SCRATCH, UNPRUNED, Row, ViTResults, torch_pruning_method
 
-REDUCTIONS = {"vit": [0.3, 0.5, 0.7], "mlp": [0.3, 0.5, 0.7, 0.95]}
+REDUCTIONS = {"vit": [0.3, 0.5, 0.7], "mlp": [0.3, 0.5, 0.7, 0.95], "resnet": [0.3, 0.5, 0.7]}
 """The parameter reductions measured by default: the issue's grid, and −95 % for the MLP's goal."""
 
 
