@@ -10,7 +10,8 @@ from .models import ViTConfig
 
 UNPRUNED = "unpruned"
 OURS = "ours (default criterion)"
-OURS_BEFORE = "ours (standardised fluctuation, the default before)"
+OURS_BEFORE = "ours (per-layer standardised fluctuation)"
+"""Before issue 21 the default for networks without BatchNorm (with it, their channels were scored by RMS)."""
 OURS_DISTILLED = "ours + distillation (`distill_weight: 0.5`)"
 SCRATCH = "from scratch, our widths"
 
