@@ -132,3 +132,22 @@ def test_recalibration_re_estimates_batchnorm_statistics_and_leaves_other_networ
     assert not torch.equal(after, before)  # re-estimated on the training batches
     mlp = build(recipe("mlp", 0))
     assert methods.with_batchnorm_recalibrated(mlp, data) is mlp
+
+
+def test_scratch_only_rows_merge_into_a_run_without_repeating_its_cells(tmp_path, monkeypatch):
+    monkeypatch.setattr(methods, "TP_BISECTION_STEPS", 2)
+    config = dataclasses.replace(recipe("resnet", 0), epochs=1, train_images=96, num_val=32)
+    data = SplitDataModule(_images(96, 0), _images(32, 1), _images(32, 2), batch_size=32, eval_batch_size=32)
+    full, seconds = run_seed(config, data, tmp_path, [0.5], 0, [], lambda line: None)
+    extra, _ = run_seed(config, data, tmp_path, [0.5], 0, [0.5], lambda line: None, scratch_only=True)
+    assert {(row.method, row.epochs) for row in extra} == {(UNPRUNED, 0), (OURS, 0), (SCRATCH, config.epochs)}
+    paths = []
+    for name, rows in (("full", full), ("extra", extra)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(ViTResults(config, {0: seconds}, rows, machine_info(), name, 0.1).to_json())
+    out = tmp_path / "merged.json"
+    main(["--arch", "resnet", "--merge", *map(str, paths), "--out", str(out), "--markdown", str(tmp_path / "B.md")])
+    merged = ViTResults.from_json(out.read_text())
+    keys = [(row.seed, row.reduction, row.method, row.epochs) for row in merged.rows]
+    assert len(keys) == len(set(keys)) == len(full) + 1  # the scratch row added, the repeated cells once
+    assert (0, 0.5, SCRATCH, config.epochs) in keys

@@ -148,10 +148,12 @@ def render(results: ViTResults) -> str:
             ]
         )
     epoch_seconds = statistics.fmean(results.base_epoch_seconds.values()) if results.base_epoch_seconds else 0.0
+    longest = ", the longest of the runs" if " + " in results.command else ""
     lines = [
         f"### {TITLES[config.arch]} on Fashion-MNIST, seeds side by side (generated)",
         "",
-        f"Command: `{results.command}` ({results.minutes:.1f} min). Machine: {machine.cpu}, {machine.usable_cores}"
+        f"Command: `{results.command}` ({results.minutes:.1f} min{longest}). Machine: {machine.cpu},"
+        f" {machine.usable_cores}"
         f" usable cores, {machine.torch_threads} torch thread(s), torch {machine.versions.get('torch')}, timm"
         f" {machine.versions.get('timm')}, torch-pruning {machine.versions.get('torch-pruning')}.",
         "",

@@ -37,7 +37,7 @@ def results_file(arch: str) -> Path:
     return DEFAULT_CACHE / f"quality_{arch}_results.json"
 
 
-TP_SETTINGS = ((importance, scope) for importance in methods.TP_IMPORTANCES for scope in (True, False))
+TP_SETTINGS = tuple((importance, scope) for importance in methods.TP_IMPORTANCES for scope in (True, False))
 
 
 def run_seed(
@@ -48,8 +48,13 @@ def run_seed(
     recovery_epochs: int,
     scratch_reductions: Sequence[float],
     log: Callable[[str], None],
+    scratch_only: bool = False,
 ) -> tuple[list[Row], float]:
-    """Every method on the base of ``config.seed``; returns the rows and the seconds of one base training epoch."""
+    """Every method on the base of ``config.seed``; returns the rows and the seconds of one base training epoch.
+
+    ``scratch_only``: only the unpruned model, ours one-shot (its widths) and the architectures trained from scratch,
+    to add those rows to an earlier run's (``--merge`` keeps one row per seed and cell).
+    """
     base, facts = trained_base(data, config, cache_dir)
     evaluator = Evaluator(data)
 
@@ -69,11 +74,12 @@ def run_seed(
 
     rows = [row(0.0, UNPRUNED, base, 0, [])]
     ours_pruned = {}
-    for criterion, name in (("default", OURS), ("standardised fluctuation", OURS_BEFORE)):
+    criteria = (("default", OURS), ("standardised fluctuation", OURS_BEFORE))
+    for criterion, name in criteria[:1] if scratch_only else criteria:
         pruned = methods.ours_one_shot(base, data, list(reductions), criterion)
         rows += [row(r, name, pruned[r], 0, []) for r in reductions]
         ours_pruned.setdefault("default", pruned)
-    for importance, global_pruning in TP_SETTINGS:
+    for importance, global_pruning in () if scratch_only else TP_SETTINGS:
         name = torch_pruning_method(importance, global_pruning)
         for reduction in reductions:
             pruned, _ = methods.torch_pruning_at(base, data, importance, global_pruning, reduction)
@@ -81,7 +87,7 @@ def run_seed(
             if recovery_epochs:
                 tuned, seconds = methods.fine_tuned(pruned, data, recovery_epochs)
                 rows.append(row(reduction, name, tuned, recovery_epochs, seconds))
-    for reduction in reductions if recovery_epochs else ():
+    for reduction in reductions if recovery_epochs and not scratch_only else ():
         for weight, name in ((0.0, OURS), (0.5, OURS_DISTILLED)):
             recovered, seconds = methods.ours_recovered(base, data, reduction, recovery_epochs, weight)
             rows.append(row(reduction, name, recovered, recovery_epochs, seconds))
@@ -100,6 +106,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--reductions", type=float, nargs="+", default=None, help="default: the architecture's")
     parser.add_argument("--recovery-epochs", type=int, default=1)
     parser.add_argument("--scratch", type=float, nargs="*", default=[0.5], help="reductions trained from scratch")
+    parser.add_argument(
+        "--scratch-only", action="store_true", help="only the --scratch rows (and their widths), to merge with a run"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data-dir", type=Path, default=None, help="a directory with the four IDX .gz files")
     parser.add_argument("--install-data", action="store_true", help="install the Debian package if it is missing")
@@ -120,6 +129,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             merged.rows += other.rows
             merged.base_epoch_seconds |= other.base_epoch_seconds
             merged.minutes = max(merged.minutes, other.minutes)
+        seen: set[tuple[int, float, str, int]] = set()  # a cell measured twice (a --scratch-only run): the first row
+        unique = []
+        for row in merged.rows:
+            if (key := (row.seed, row.reduction, row.method, row.epochs)) not in seen:
+                seen.add(key)
+                unique.append(row)
+        merged.rows = unique
         merged.command = " + ".join(run.command for run in runs)
         args.out.write_text(merged.to_json())
         write_report(merged, args.markdown)
@@ -140,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.recovery_epochs,
             args.scratch,
             log,
+            args.scratch_only,
         )
         rows += seed_rows
     results = ViTResults(
