@@ -316,7 +316,24 @@ def _plan_at(
     _equalise(keep, scores, ties, {layer.name: block_floor(layer, min_neurons) for layer in layers})
     kept = {name: [int(i) for i in torch.nonzero(mask).flatten()] for name, mask in keep.items()}
     plan = plan_from_kept(layers, kept, moments=moments, model=model, compensate=compensate)
-    scored = tuple((layer.name, scored_by[layer.name]) for layer in layers if scored_by and layer.name in scored_by)
+    return _stamped(plan, layers, threshold, statistic, normalize, scored_by or {}, scale)
+
+
+def _stamped(
+    plan: PruningPlan,
+    layers: Sequence[PrunableLayer],
+    threshold: float,
+    statistic: str,
+    normalize: bool,
+    scored_by: Mapping[str, str],
+    scale: Scale,
+) -> PruningPlan:
+    """``plan`` with what chose it.
+
+    λ, the statistic, whether and how scores were put on one scale, and the layers another criterion scored (in the
+    order of ``layers``).
+    """
+    scored = tuple((layer.name, scored_by[layer.name]) for layer in layers if layer.name in scored_by)
     return dataclasses.replace(
         plan, threshold=float(threshold), statistic=statistic, normalize=normalize, scored_by=scored, scale=scale
     )

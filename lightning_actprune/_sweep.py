@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from lightning_actprune._plan import (
     _all_scores,
     _plan_at,
     _scored_by,
+    _stamped,
     block_floor,
     consumer_weight_energy,
     equal_count_ties,
@@ -193,17 +193,7 @@ class ThresholdEvaluator:
         following = order[count].score if count < len(order) else math.inf
         if count and following != threshold:
             threshold = (threshold + following) / 2 if math.isfinite(following) else math.nextafter(threshold, math.inf)
-        scored_by = tuple(
-            (layer.name, self._scored_by[layer.name]) for layer in self.layers if layer.name in self._scored_by
-        )
-        return dataclasses.replace(
-            plan,
-            threshold=threshold,
-            statistic=self.statistic,
-            normalize=self.normalize,
-            scored_by=scored_by,
-            scale=self.scale,
-        )
+        return _stamped(plan, self.layers, threshold, self.statistic, self.normalize, self._scored_by, self.scale)
 
     def _pruned(self, threshold: float | PruningPlan, validate: bool) -> SweepRow:
         plan = threshold if isinstance(threshold, PruningPlan) else self.plan(threshold)
