@@ -16,7 +16,8 @@ Every benchmark imports only this package and ``lightning_actprune``, never anot
   ratio found for a parameter reduction) and :func:`~.pruning.recalibrated` (BatchNorm statistics re-estimated);
 - :mod:`.records`: :class:`~.records.JsonRecord` (a dataclass mixin: ``to_json``/``from_json``),
   :class:`~.records.FlatJsonRecord` (a record of records written as one flat object) and
-  :func:`~.records.from_plain`, which rebuilds nested dataclasses from JSON data;
+  :func:`~.records.from_plain`, which rebuilds nested dataclasses from JSON data, and :func:`~.records.short_hash` (a
+  cache file name for what a result depends on);
 - :mod:`.markdown`: :func:`~.markdown.markdown_table` (pipes in cells escaped, columns aligned by a spec),
   :func:`~.markdown.write_section` (the text between two markers of a file, the rest kept),
   :func:`~.markdown.mean_spread` (``mean ± spread`` over seeds) and the cells :func:`~.markdown.pct`,
@@ -35,7 +36,7 @@ from .markdown import acc, delta, markdown_table, mean_spread, pct, write_sectio
 from .measure import Evaluator, gather_statistics
 from .models import Classifier, MLPClassifier, ResNetClassifier, TrainConfig, quiet_trainer, train_cached
 from .pruning import bisect_ratio, ours_at_reduction, pruned_copy, recalibrated, widths_of
-from .records import FlatJsonRecord, JsonRecord, from_plain
+from .records import FlatJsonRecord, JsonRecord, from_plain, short_hash
 
 __all__ = [
     "DEFAULT_CACHE",
@@ -69,6 +70,7 @@ __all__ = [
     "quiet_run_log",
     "quiet_trainer",
     "recalibrated",
+    "short_hash",
     "train_cached",
     "widths_of",
     "write_section",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import time
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from .records import from_plain
+from .records import from_plain, short_hash
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +32,7 @@ class TrainConfig:
 
     def key(self) -> str:
         """A short hash of the configuration, for the cache file name."""
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return short_hash(dataclasses.asdict(self))
 
 
 class Classifier(pl.LightningModule):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import types
 import typing
@@ -101,3 +102,13 @@ def _from_plain(kind: Any, value: Any) -> Any:
         key_type, item_type = args
         return {key_type(key): _from_plain(item_type, item) for key, item in value.items()}
     return value
+
+
+def short_hash(fields: Any) -> str:
+    """12 hex digits of the SHA-256 of ``fields`` as sorted JSON: a cache file name for what a result depends on.
+
+    Example:
+        >>> short_hash({"seed": 0, "epochs": 4}) == short_hash({"epochs": 4, "seed": 0})
+        True
+    """
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]

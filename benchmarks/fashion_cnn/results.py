@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 
-from benchmarks.common import FlatJsonRecord, Machine
+from benchmarks.common import FlatJsonRecord, Machine, short_hash
 
 OURS, OURS_RECALIBRATED = "ours one-shot", "ours + BN recalibration"
 TP, TP_RECALIBRATED = "Torch-Pruning L2 one-shot", "Torch-Pruning L2 + BN recalibration"
@@ -31,7 +29,7 @@ class CNNTrainConfig:
 
     def key(self) -> str:
         """A short hash of the configuration, for the cache file name."""
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return short_hash(dataclasses.asdict(self))
 
 
 @dataclasses.dataclass(frozen=True)

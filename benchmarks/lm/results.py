@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import re
 from collections.abc import Sequence
 
-from benchmarks.common import JsonRecord, Machine
+from benchmarks.common import JsonRecord, Machine, short_hash
 
 from .data import CorpusConfig, SourceFile
 from .model import LayerWidths, ModelConfig
@@ -124,7 +122,7 @@ class RunConfig:
             "batch_size": self.batch_size,
             "seed": seed,
         }
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+        return short_hash(fields)
 
     @property
     def recovery_step_counts(self) -> tuple[int, ...]:

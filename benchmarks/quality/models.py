@@ -7,12 +7,10 @@ the CNN benchmark.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 
 from torch import Tensor
 
-from benchmarks.common import Classifier, MLPClassifier, ResNetClassifier
+from benchmarks.common import Classifier, MLPClassifier, ResNetClassifier, short_hash
 
 ARCHITECTURES = ("vit", "mlp", "resnet")
 
@@ -44,7 +42,7 @@ class ViTConfig:
         fields = dataclasses.asdict(self)
         if self.arch == "vit":  # the ViT's hash from before the field existed: its cached weights stay valid
             del fields["arch"]
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+        return short_hash(fields)
 
 
 def recipe(arch: str, seed: int) -> ViTConfig:

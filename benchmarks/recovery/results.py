@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 
-from benchmarks.common import JsonRecord, Machine, TrainConfig
+from benchmarks.common import JsonRecord, Machine, TrainConfig, short_hash
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,8 +32,7 @@ class RecoveryConfig:
 
     def base_key(self) -> str:
         """A short hash of what the base checkpoint depends on, for its file name."""
-        text = json.dumps({**dataclasses.asdict(self.train), "shuffle": "epoch-seeded"}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        return short_hash({**dataclasses.asdict(self.train), "shuffle": "epoch-seeded"})
 
 
 @dataclasses.dataclass
