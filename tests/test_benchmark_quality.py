@@ -9,15 +9,15 @@ from torch.utils.data import TensorDataset
 
 from benchmarks.common import SplitDataModule, machine_info
 from benchmarks.quality import methods
-from benchmarks.quality.models import ViTConfig, build, recipe
+from benchmarks.quality.models import QualityConfig, build, recipe
 from benchmarks.quality.report import goals, markers
-from benchmarks.quality.results import OURS, OURS_BEFORE, OURS_DISTILLED, SCRATCH, UNPRUNED, ViTResults
+from benchmarks.quality.results import OURS, OURS_BEFORE, OURS_DISTILLED, SCRATCH, UNPRUNED, QualityResults
 from benchmarks.quality.run import main, run_seed
 
 pytest.importorskip("timm")
 pytest.importorskip("torch_pruning")
 
-TINY = ViTConfig(embed_dim=16, depth=2, num_heads=2, mlp_ratio=2.0, epochs=1, train_images=192, num_val=64, lr=3e-3)
+TINY = QualityConfig(embed_dim=16, depth=2, num_heads=2, mlp_ratio=2.0, epochs=1, train_images=192, num_val=64, lr=3e-3)
 
 
 def _images(n: int, seed: int) -> TensorDataset:
@@ -53,10 +53,11 @@ def test_one_seed_measures_every_method_and_the_report_states_the_goals(tmp_path
     assert cells[(0.3, "Torch-Pruning taylor, global", 1)].epoch_seconds
     assert cells[(0.0, UNPRUNED, 0)].widths == "d16 2×8/32 2×8/32"
 
-    results = ViTResults(TINY, {0: epoch_seconds}, rows, machine_info(), "python -m benchmarks.quality --seeds 0", 0.1)
+    command = "python -m benchmarks.quality --seeds 0"
+    results = QualityResults(TINY, {0: epoch_seconds}, rows, machine_info(), command, 0.1)
     halves = [tmp_path / "a.json", tmp_path / "b.json"]
     for half, seeds in zip(halves, ((0,), (1,)), strict=True):  # the same rows as a second seed: a merge of two runs
-        copy = ViTResults.from_json(results.to_json())
+        copy = QualityResults.from_json(results.to_json())
         for row in copy.rows:
             row.seed = seeds[0]
         copy.base_epoch_seconds = {seeds[0]: epoch_seconds}
@@ -64,7 +65,7 @@ def test_one_seed_measures_every_method_and_the_report_states_the_goals(tmp_path
     markdown, out = tmp_path / "BENCHMARKS.md", tmp_path / "merged.json"
     markdown.write_text("# Benchmarks\n\nkept\n")
     main(["--merge", *map(str, halves), "--out", str(out), "--markdown", str(markdown)])
-    merged = ViTResults.from_json(out.read_text())
+    merged = QualityResults.from_json(out.read_text())
     assert len(merged.rows) == 2 * len(rows)
     assert set(merged.base_epoch_seconds) == {0, 1}
     text = markdown.read_text()
@@ -95,7 +96,7 @@ def test_the_mlp_runs_every_method_and_states_its_goal(tmp_path, monkeypatch):
     assert (0.95, OURS_DISTILLED, 1) in cells
     assert cells[(0.95, OURS, 1)].widths == cells[(0.95, OURS, 0)].widths
     assert 1 - cells[(0.95, OURS, 0)].params / cells[(0.0, UNPRUNED, 0)].params >= 0.95
-    results = ViTResults(
+    results = QualityResults(
         config, {0: epoch_seconds}, rows, machine_info(), "python -m benchmarks.quality --arch mlp", 0.1
     )
     stated = goals(results)
@@ -114,7 +115,7 @@ def test_the_batchnorm_resnet_is_recalibrated_after_a_one_shot_prune_and_states_
     assert cells[(0.0, UNPRUNED, 0)].widths == "8-8-8-16-16-16-32-32-32"  # stem, then conv1, conv2, shortcut per stage
     assert cells[(0.7, OURS, 1)].widths == cells[(0.7, OURS, 0)].widths
     assert 1 - cells[(0.7, OURS, 0)].params / cells[(0.0, UNPRUNED, 0)].params >= 0.7
-    results = ViTResults(
+    results = QualityResults(
         config, {0: epoch_seconds}, rows, machine_info(), "python -m benchmarks.quality --arch resnet", 0
     )
     assert [line.split(",")[0] for line in goals(results)] == [
@@ -144,10 +145,10 @@ def test_scratch_only_rows_merge_into_a_run_without_repeating_its_cells(tmp_path
     paths = []
     for name, rows in (("full", full), ("extra", extra)):
         paths.append(tmp_path / f"{name}.json")
-        paths[-1].write_text(ViTResults(config, {0: seconds}, rows, machine_info(), name, 0.1).to_json())
+        paths[-1].write_text(QualityResults(config, {0: seconds}, rows, machine_info(), name, 0.1).to_json())
     out = tmp_path / "merged.json"
     main(["--arch", "resnet", "--merge", *map(str, paths), "--out", str(out), "--markdown", str(tmp_path / "B.md")])
-    merged = ViTResults.from_json(out.read_text())
+    merged = QualityResults.from_json(out.read_text())
     keys = [(row.seed, row.reduction, row.method, row.epochs) for row in merged.rows]
     assert len(keys) == len(set(keys)) == len(full) + 1  # the scratch row added, the repeated cells once
     assert (0, 0.5, SCRATCH, config.epochs) in keys

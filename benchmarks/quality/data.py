@@ -9,7 +9,7 @@ from torch.utils.data import TensorDataset
 
 from benchmarks.common import Classifier, SplitDataModule, load_fashion_mnist, train_cached
 
-from .models import ViTConfig, build
+from .models import QualityConfig, build
 
 
 @dataclasses.dataclass
@@ -18,12 +18,12 @@ class BaseFacts:
 
     train_seconds: float
     threads: int
-    config: ViTConfig
+    config: QualityConfig
     final_val_acc: float
     cached: bool = False
 
 
-def datamodule(data_dir: Path, config: ViTConfig) -> SplitDataModule:
+def datamodule(data_dir: Path, config: QualityConfig) -> SplitDataModule:
     """The first ``config.train_images`` training images, the last ``config.num_val`` as validation, the test set."""
     train, val, test = load_fashion_mnist(data_dir, config.num_val)
     train = TensorDataset(*(t[: config.train_images] for t in train.tensors))
@@ -31,7 +31,7 @@ def datamodule(data_dir: Path, config: ViTConfig) -> SplitDataModule:
 
 
 def trained_base(
-    data: SplitDataModule, config: ViTConfig, cache_dir: Path, retrain: bool = False
+    data: SplitDataModule, config: QualityConfig, cache_dir: Path, retrain: bool = False
 ) -> tuple[Classifier, BaseFacts]:
     """The unpruned network of ``config`` (its seed) after ``config.epochs`` epochs, trained once and cached."""
     weights = cache_dir / "quality" / f"{config.arch}-{config.key()}.pt"

@@ -43,7 +43,7 @@ from lightning_actprune.core import (
     plan_for_reduction,
 )
 
-from .models import ViTConfig, build
+from .models import QualityConfig, build
 
 CRITERIA: dict[str, tuple[Any, bool]] = {
     "default": (None, True),  # the callback's: DefaultCriterion, on its own scale
@@ -219,7 +219,7 @@ def fine_tuned(model: nn.Module, data: SplitDataModule, epochs: int) -> tuple[nn
     return tuned.eval(), timer.seconds
 
 
-def from_scratch(pruned: nn.Module, config: ViTConfig, data: SplitDataModule, epochs: int) -> nn.Module:
+def from_scratch(pruned: nn.Module, config: QualityConfig, data: SplitDataModule, epochs: int) -> nn.Module:
     """``pruned``'s architecture (every shape kept), randomly initialised and trained ``epochs`` epochs."""
     pl.seed_everything(config.seed, workers=True, verbose=False)
     fresh = copy.deepcopy(pruned)

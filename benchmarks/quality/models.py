@@ -16,7 +16,7 @@ ARCHITECTURES = ("vit", "mlp", "resnet")
 
 
 @dataclasses.dataclass(frozen=True)
-class ViTConfig:
+class QualityConfig:
     """A network's recipe: what its cached weights depend on (:func:`recipe` gives each architecture's).
 
     ``arch="vit"``: 6 blocks × 4 heads, width 128, FFN 512, 7×7 patches (16 tokens and a class token), 1,199,882
@@ -45,14 +45,14 @@ class ViTConfig:
         return short_hash(fields)
 
 
-def recipe(arch: str, seed: int) -> ViTConfig:
-    """The recipe of ``arch``: the ViT as issue 21 measured it; the MLP as the recovery benchmark trains it."""
+def recipe(arch: str, seed: int) -> QualityConfig:
+    """The recipe of ``arch``: the ViT as issue 21 measured it, the MLP and the ResNet as their benchmarks train."""
     if arch == "vit":
-        return ViTConfig(seed=seed)
+        return QualityConfig(seed=seed)
     if arch == "mlp":
-        return ViTConfig(arch="mlp", lr=1e-3, epochs=10, train_images=50_000, num_val=10_000, seed=seed)
+        return QualityConfig(arch="mlp", lr=1e-3, epochs=10, train_images=50_000, num_val=10_000, seed=seed)
     if arch == "resnet":  # the BatchNorm ResNet benchmark's recipe
-        return ViTConfig(arch="resnet", lr=1e-3, epochs=2, train_images=50_000, num_val=10_000, seed=seed)
+        return QualityConfig(arch="resnet", lr=1e-3, epochs=2, train_images=50_000, num_val=10_000, seed=seed)
     raise ValueError(f"`arch` can be one of {', '.join(ARCHITECTURES)}; got {arch!r}.")
 
 
@@ -96,7 +96,7 @@ class ViTClassifier(Classifier):
         return self.vit(x.reshape(-1, 1, 28, 28))
 
 
-def build(config: ViTConfig) -> Classifier:
+def build(config: QualityConfig) -> Classifier:
     """The untrained network of ``config``."""
     if config.arch == "mlp":
         return MLPClassifier((784, 1024, 1024, 10), config.lr)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from benchmarks.common import markdown_table, mean_spread, write_section
 
-from .models import ViTConfig
-from .results import OURS, OURS_DISTILLED, UNPRUNED, Row, ViTResults
+from .models import QualityConfig
+from .results import OURS, OURS_DISTILLED, UNPRUNED, QualityResults, Row
 
 Key = tuple[float, str, int]
 TITLES = {"vit": "A small ViT", "mlp": "The MLP", "resnet": "The BatchNorm ResNet"}
@@ -51,7 +51,7 @@ def _best(cells: dict[Key, dict[int, Row]], reduction: float, epochs: int, prefi
     return name, candidates[name]
 
 
-def goals(results: ViTResults) -> list[str]:
+def goals(results: QualityResults) -> list[str]:
     """The issue's goals for this network, each met or missed, with the numbers."""
     if results.config.arch == "mlp":
         return _mlp_goals(results)
@@ -89,11 +89,11 @@ def goals(results: ViTResults) -> list[str]:
     return lines
 
 
-def _mlp_goals(results: ViTResults) -> list[str]:
+def _mlp_goals(results: QualityResults) -> list[str]:
     return _within(results, 0.95, 0.5)
 
 
-def _within(results: ViTResults, reduction: float, points: float) -> list[str]:
+def _within(results: QualityResults, reduction: float, points: float) -> list[str]:
     """The goal "at ``reduction`` with the recovery epochs, within ``points`` of unpruned", for ours and distilled."""
     cells = _by_cell(results.rows)
     base = cells.get((0.0, UNPRUNED, 0), {})
@@ -113,7 +113,7 @@ def _within(results: ViTResults, reduction: float, points: float) -> list[str]:
     return lines
 
 
-def _description(config: ViTConfig) -> str:
+def _description(config: QualityConfig) -> str:
     if config.arch == "mlp":
         return "MLP 784-1024-1024-10 (ReLU)"
     if config.arch == "resnet":
@@ -124,7 +124,7 @@ def _description(config: ViTConfig) -> str:
     )
 
 
-def render(results: ViTResults) -> str:
+def render(results: QualityResults) -> str:
     """The generated section."""
     config, machine = results.config, results.machine
     cells = _by_cell(results.rows)
@@ -177,7 +177,7 @@ def render(results: ViTResults) -> str:
     return "\n".join(lines)
 
 
-def write_report(results: ViTResults, markdown: Path) -> None:
+def write_report(results: QualityResults, markdown: Path) -> None:
     """Print the section and write it between the markers of its architecture in ``markdown``."""
     text = render(results)
     print(text)

@@ -1,4 +1,4 @@
-"""The ViT benchmark's records: one row per (seed, target, method, epochs after the prune), and the run."""
+"""The quality benchmark's records: one row per (seed, target, method, epochs after the prune), and the run."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import dataclasses
 
 from benchmarks.common import JsonRecord, Machine
 
-from .models import ViTConfig
+from .models import QualityConfig
 
 UNPRUNED = "unpruned"
 OURS = "ours (default criterion)"
@@ -47,10 +47,10 @@ class Row(JsonRecord):
 
 
 @dataclasses.dataclass
-class ViTResults(JsonRecord):
+class QualityResults(JsonRecord):
     """A whole run: the recipe, every row, the machine, the command and how long it took."""
 
-    config: ViTConfig
+    config: QualityConfig
     base_epoch_seconds: dict[int, float]
     rows: list[Row]
     machine: Machine

@@ -1,4 +1,4 @@
-"""The whole ViT run per seed, the merge of runs made side by side, and the command line."""
+"""The whole run per seed, the merge of runs made side by side, and the command line."""
 
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ from lightning_actprune.core import count_parameters
 
 from . import methods
 from .data import datamodule, trained_base
-from .models import ARCHITECTURES, ViTConfig, recipe
+from .models import ARCHITECTURES, QualityConfig, recipe
 from .report import write_report
-from .results import OURS, OURS_BEFORE, OURS_DISTILLED, SCRATCH, UNPRUNED, Row, ViTResults, torch_pruning_method
+from .results import OURS, OURS_BEFORE, OURS_DISTILLED, SCRATCH, UNPRUNED, QualityResults, Row, torch_pruning_method
 
 REDUCTIONS = {"vit": [0.3, 0.5, 0.7], "mlp": [0.3, 0.5, 0.7, 0.95], "resnet": [0.3, 0.5, 0.7]}
 """The parameter reductions measured by default: the issue's grid, and −95 % for the MLP's goal."""
@@ -41,7 +41,7 @@ TP_SETTINGS = tuple((importance, scope) for importance in methods.TP_IMPORTANCES
 
 
 def run_seed(
-    config: ViTConfig,
+    config: QualityConfig,
     data: SplitDataModule,
     cache_dir: Path,
     reductions: Sequence[float],
@@ -120,10 +120,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.out = args.out or results_file(args.arch)
     if args.report_only:
-        write_report(ViTResults.from_json(last_results(args.out)), args.markdown)
+        write_report(QualityResults.from_json(last_results(args.out)), args.markdown)
         return
     if args.merge:
-        runs = [ViTResults.from_json(path.read_text()) for path in args.merge]
+        runs = [QualityResults.from_json(path.read_text()) for path in args.merge]
         merged = runs[0]
         for other in runs[1:]:
             merged.rows += other.rows
@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.scratch_only,
         )
         rows += seed_rows
-    results = ViTResults(
+    results = QualityResults(
         recipe(args.arch, 0),
         base_seconds,
         rows,
