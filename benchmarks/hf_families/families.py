@@ -167,7 +167,7 @@ CURATED: dict[str, Tiny] = {
     "vit": _tiny(
         "vit",
         "ViTModel",
-        "QualityConfig",
+        "ViTConfig",
         image_size=16,
         patch_size=8,
         hidden_size=32,
