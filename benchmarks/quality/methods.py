@@ -145,8 +145,9 @@ def ours_recovered(
 
 def _set_head_counts(model: nn.Module, pruner: tp.pruner.MetaPruner) -> None:
     """What the example does after ``pruner.step()``: each attention's head count and width from its ``qkv``."""
+    attention = _attention_type()
     for module in model.modules():
-        if isinstance(module, _attention_type()):
+        if isinstance(module, attention):
             module.num_heads = pruner.num_heads[module.qkv]
             module.head_dim = module.qkv.out_features // (3 * module.num_heads)
             module.attn_dim = module.num_heads * module.head_dim

@@ -73,12 +73,11 @@ def run_seed(
         return measured
 
     rows = [row(0.0, UNPRUNED, base, 0, [])]
-    ours_pruned = {}
     criteria = (("default", OURS), ("standardised fluctuation", OURS_BEFORE))
+    one_shot = {}  # by criterion, then reduction; the default's widths are those trained from scratch
     for criterion, name in criteria[:1] if scratch_only else criteria:
-        pruned = methods.ours_one_shot(base, data, list(reductions), criterion)
-        rows += [row(r, name, pruned[r], 0, []) for r in reductions]
-        ours_pruned.setdefault("default", pruned)
+        one_shot[criterion] = methods.ours_one_shot(base, data, list(reductions), criterion)
+        rows += [row(r, name, one_shot[criterion][r], 0, []) for r in reductions]
     for importance, global_pruning in () if scratch_only else TP_SETTINGS:
         name = torch_pruning_method(importance, global_pruning)
         for reduction in reductions:
@@ -93,7 +92,7 @@ def run_seed(
             rows.append(row(reduction, name, recovered, recovery_epochs, seconds))
     for reduction in scratch_reductions:
         epochs = config.epochs + recovery_epochs
-        scratch = methods.from_scratch(ours_pruned["default"][reduction], config, data, epochs)
+        scratch = methods.from_scratch(one_shot["default"][reduction], config, data, epochs)
         rows.append(row(reduction, SCRATCH, scratch, epochs, []))
     return rows, facts.train_seconds / config.epochs
 
