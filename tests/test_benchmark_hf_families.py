@@ -164,3 +164,12 @@ def test_the_sweep_runs_each_family_in_a_capped_process_of_its_own(tmp_path, mon
 
     assert budget.rows == []
     assert budget.not_tried == ["gpt2"]
+
+
+def test_every_curated_config_is_the_model_type_it_names():
+    """Each hand-written tiny config builds and is of its family's model type (a renamed class name fails here)."""
+    pytest.importorskip("transformers")
+    from benchmarks.hf_families.families import CURATED
+
+    for name, tiny in CURATED.items():
+        assert tiny.config().model_type == tiny.model_type, name
