@@ -267,8 +267,9 @@ def _scratch(workspace: Workspace | None, like: Tensor) -> Tensor:
 class ActivationStatistics(Metric):
     """Running per-neuron sums of one layer's input activations.
 
-    Memory is O(neurons): five sums, accumulated on the activations' device in float64 (float32 on MPS), with no
-    host synchronisation per batch. Across processes every state is reduced with ``sum``.
+    Memory is O(neurons): up to five sums (the count and one per moment), accumulated on the activations' device
+    in float64 (float32 on MPS), with no host synchronisation per batch. Across processes every state is reduced
+    with ``sum``.
 
     Args:
         num_neurons: the size of the channel dimension.
@@ -308,8 +309,8 @@ class ActivationStatistics(Metric):
         self.moments = check_moments(moments)
         self.workspace: Workspace | None = None
         dtype = torch.float64
-        for name in ("total", "total_squares", "total_abs", "nonzero"):
-            self.add_state(name, default=torch.zeros(num_neurons, dtype=dtype), dist_reduce_fx="sum")
+        for moment in self.moments:  # only the sums it accumulates: a recorder makes hundreds of these per pass
+            self.add_state(_STATES[moment], default=torch.zeros(num_neurons, dtype=dtype), dist_reduce_fx="sum")
         self.add_state("count", default=torch.zeros((), dtype=dtype), dist_reduce_fx="sum")
 
     def update(self, activations: Tensor) -> None:
@@ -332,7 +333,7 @@ class ActivationStatistics(Metric):
 
         def moment(name: str) -> Tensor:
             if name not in self.moments:
-                return torch.full_like(self.total, math.nan)
+                return torch.full((self.num_neurons,), math.nan, dtype=count.dtype, device=count.device)
             return getattr(self, _STATES[name]) / divisor
 
         return ActivationMoments(
@@ -429,23 +430,27 @@ class ActivationRecorder:
             if metric is None:
                 dim = _channel_dim(module, inputs)
                 metric = ActivationStatistics(int(inputs.shape[dim]), channel_dim=dim, moments=self.recorded)
-                metric = metric.to(inputs.device)
-                metric.set_dtype(_accumulator_dtype(inputs.device))
-                metric.workspace = self._workspace
-                self.metrics[name] = metric
+                self.metrics[name] = self._placed(metric, inputs.device)
             metric.update(inputs)
 
         return hook
+
+    def _placed(self, metric: ActivationStatistics, device: torch.device) -> ActivationStatistics:
+        """``metric`` on the activations' device, in its accumulator dtype, with the shared workspace."""
+        if metric.device != device:  # each move walks every state: skipped where it would change nothing
+            metric = metric.to(device)
+        if metric.count.dtype != _accumulator_dtype(device):
+            metric.set_dtype(_accumulator_dtype(device))
+        metric.workspace = self._workspace
+        return metric
 
     def _recurrent_hook(self, name: str) -> Any:
         def hook(module: nn.RNNBase, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             features = recurrent_features(module, args, kwargs, output)
             metric = self.metrics.get(name)
             if metric is None:
-                metric = ActivationStatistics(int(features.shape[-1]), moments=self.recorded).to(features.device)
-                metric.set_dtype(_accumulator_dtype(features.device))
-                metric.workspace = self._workspace
-                self.metrics[name] = metric
+                metric = ActivationStatistics(int(features.shape[-1]), moments=self.recorded)
+                self.metrics[name] = self._placed(metric, features.device)
             metric.update(features)
 
         return hook

@@ -37,6 +37,7 @@ def test_a_measurement_times_the_prune_step_and_its_passes(monkeypatch):
     assert row.batch_seconds > 0
     assert row.recorded_batch_seconds > 0
     assert row.needed_batch_seconds > 0
+    assert row.recorder_setup_seconds >= 0
     assert row.package.endswith("lightning_actprune/__init__.py")
 
 
@@ -47,7 +48,19 @@ def _results() -> CostResults:
             "net", "after", 224, 64, 16, "", 25_000_000, 160, 10.0, 0.01, 41.5, 1.0, 40.0, 4, 0.3, 1.0, 1.3, 1.05
         ),
         Measurement("wide", "after", 224, 64, 16, "", 1_000_000, 41, 1.0, 0.0, 10.0, 1.0, 6.0, 4, 0.3, 0.1, 0.2),
-        Measurement("many", "after", 224, 64, 16, "", 19_000_000, 326, batch_seconds=1.0, recorded_batch_seconds=1.08),
+        Measurement(
+            "many",
+            "after",
+            224,
+            64,
+            16,
+            "",
+            19_000_000,
+            326,
+            batch_seconds=1.0,
+            recorded_batch_seconds=1.08,
+            recorder_setup_seconds=0.25,
+        ),
         Measurement("bad", "after", 299, 64, 16, error="timed out after 5 s"),
     ]
     return CostResults(
@@ -74,6 +87,7 @@ def test_report_says_per_model_whether_the_goal_is_met(tmp_path):
         in text
     )
     assert "326 measured layers (many) adds 8% to a validation batch (within the 10% goal; every moment: 8%)" in text
+    assert "Its first batch costs 0.25 s more (the recorder's 326 metrics are made), once per pass: 25% of" in text
     assert "The baseline's rows of wide, many were left out" in text
     assert "| bad | 299 | 0.0M | 0 | after timed out after 5 s | — | — | — | — | — | — | — |" in text
     assert CostResults.from_json(results.to_json()) == results

@@ -23,15 +23,23 @@ def _overhead(row: Measurement) -> str:
     text = f"{row.callback_overhead:+.0%}"
     if row.needed_overhead is not None:
         text += f" (every moment: {row.statistics_overhead:+.0%})"
+    if row.recorder_setup_seconds:
+        text += f"; first batch +{row.recorder_setup_seconds:.2f} s"
     return text
 
 
 def _many_layers(row: Measurement) -> str:
     within = "within" if row.callback_overhead <= OVERHEAD_BUDGET else "over"
+    setup = (
+        f" Its first batch costs {row.recorder_setup_seconds:.2f} s more (the recorder's {row.measured_layers} metrics"
+        f" are made), once per pass: {row.recorder_setup_seconds / row.batch_seconds:.0%} of one batch."
+        if row.recorder_setup_seconds
+        else ""
+    )
     return (
         f" Recording the default's statistics with {row.measured_layers} measured layers ({row.model}) adds"
         f" {row.callback_overhead:.0%} to a validation batch ({within} the {OVERHEAD_BUDGET:.0%} goal;"
-        f" every moment: {row.statistics_overhead:.0%})."
+        f" every moment: {row.statistics_overhead:.0%})." + setup
     )
 
 
@@ -96,10 +104,12 @@ def render_markdown(results: CostResults) -> str:
         " (a pass over the training batches) and the passes after the surgery. Its validation passes are every"
         " `trainer.validate` it calls; the rest is what they leave (analysis and its checks, scoring, search,"
         " surgery). A validation pass is a plain `trainer.validate` of the unpruned model and of the pruned one,"
-        " averaged. Recording statistics: two validation batches under `ActivationRecorder` against the same batches"
-        " without it (the faster of two runs each). The column shows what the version's callback records: before, every"
-        " moment; after, only the moments its prune reads (the default statistic's mean and mean square), with"
-        " every moment in brackets.",
+        " averaged. Recording statistics, per batch: validation batches in `torch.inference_mode` (as Lightning"
+        " validates) under `ActivationRecorder`, after its first batch, against the same batches without it (the"
+        " faster of two runs each); the recorder's first batch also makes one metric per measured layer, which is"
+        " paid once per pass and shown apart (as the first batch). The column shows what the version's callback"
+        " records: before, every moment; after, only the moments its prune reads (the default statistic's mean and"
+        " mean square), with every moment in brackets.",
     ]
     return "\n".join(lines)
 

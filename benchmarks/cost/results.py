@@ -41,11 +41,13 @@ class Measurement:
     passes: int = 0
     reduction: float = 0.0
     batch_seconds: float = 0.0
-    """Plain validation batches (the fastest of two runs)."""
+    """A plain validation batch, in inference mode (the fastest of two runs)."""
     recorded_batch_seconds: float = 0.0
-    """The same batches under ``ActivationRecorder(model)``: every moment, what the callback records."""
+    """The same batch under ``ActivationRecorder(model)`` (every moment), after the recorder's first batch."""
     needed_batch_seconds: float = 0.0
     """Under ``ActivationRecorder(model, moments=recorded_moments(...))``: what the default reads (0: unsupported)."""
+    recorder_setup_seconds: float = 0.0
+    """What the callback's recorder's first batch costs beyond the others (its per-layer metrics): once per pass."""
     error: str = ""
 
     @property
