@@ -32,7 +32,22 @@ def _after(module: nn.Module, removed_out: int, removed_in: int) -> int | None:
         return kept_out * kept_in_per_group * kernel + (kept_out if bias is not None else 0)
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and removed_in == 0:
         return (module.num_features - removed_out) * (2 if module.affine else 0)
+    if isinstance(module, nn.MultiheadAttention) and removed_in == 0:
+        return _packed_projection_after(module, removed_out)
     return None
+
+
+def _packed_projection_after(module: nn.MultiheadAttention, removed_rows: int) -> int | None:
+    """What a ``nn.MultiheadAttention`` keeps of its own parameters (the packed q/k/v) without ``removed_rows`` rows.
+
+    Its out projection is a ``Linear`` of its own, counted apart. Only the layout head pruning accepts is known: one
+    packed ``in_proj_weight``, no ``bias_k``/``bias_v``.
+    """
+    weight = module.in_proj_weight
+    if weight is None or module.bias_k is not None or module.bias_v is not None:
+        return None
+    rows = weight.shape[0] - removed_rows
+    return rows * weight.shape[1] + (rows if module.in_proj_bias is not None else 0)
 
 
 class _Removed(NamedTuple):
@@ -57,7 +72,8 @@ def parameters_after(model: nn.Module, plan: PruningPlan, params_before: int) ->
     """``count_parameters`` of ``model`` pruned by ``plan``, or ``None`` when a module's count is not known here.
 
     Known: ``Linear``, ``Conv`` (grouped and depthwise too), recurrent layers, ``BatchNorm`` whose parameters are
-    their own (not shared). Plans with bias updates are not counted (they may add a bias).
+    their own (not shared), the packed q/k/v of ``nn.MultiheadAttention``. Plans with bias updates are not counted
+    (they may add a bias).
     """
     if plan.bias_updates:
         return None

@@ -236,7 +236,7 @@ class _BoundedGroup(tp.dependency.group.Group):
         self._entries = 0
         self._neurons: int | None = None
         self._seen: dict[tuple[int, Any], set[tuple[Any, ...]]] = {}
-        self._root_at: dict[tuple[int, Any, int], int] = {}
+        self._root_at: dict[tuple[int, Any], dict[int, int]] = {}
         self.tied: list[tuple[int, int]] = []
 
     def add_dep(self, dep: Any, idxs: Any) -> None:
@@ -267,11 +267,16 @@ class _BoundedGroup(tp.dependency.group.Group):
         fused gate/up projection split by ``chunk(2)`` and multiplied, gate row ``j`` and up row ``H + j`` both reach
         input ``j`` of the down projection, and must go together.
         """
-        for index in idxs:
-            key = (id(dep.target), dep.handler, int(index.idx))
-            first = self._root_at.setdefault(key, int(index.root_idx))
-            if first != int(index.root_idx):
-                self.tied.append((first, int(index.root_idx)))
+        firsts = self._root_at.setdefault((id(dep.target), dep.handler), {})
+        pairs = [(int(index.idx), int(index.root_idx)) for index in idxs]
+        fresh = dict(reversed(pairs))  # the first root index of each index
+        if len(fresh) == len(pairs) and firsts.keys().isdisjoint(fresh):  # the usual case: nothing met twice
+            firsts.update(fresh)
+        else:
+            for index, root in pairs:
+                first = firsts.setdefault(index, root)
+                if first != root:
+                    self.tied.append((first, root))
         super().add_and_merge(dep, idxs)
 
 
