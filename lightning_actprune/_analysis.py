@@ -85,7 +85,9 @@ def _traceable(module: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def _call_counts(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[nn.Module, int]]:
+@contextmanager
+def _calls_counted(module: nn.Module) -> Iterator[dict[nn.Module, int]]:
+    """Inside, every call of a measured layer under ``module`` is counted in the dict yielded."""
     counts: dict[nn.Module, int] = defaultdict(int)
 
     def count(m: nn.Module, *_: Any) -> None:
@@ -93,11 +95,10 @@ def _call_counts(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
 
     handles = [m.register_forward_hook(count) for m in module.modules() if isinstance(m, MEASURED_TYPES)]
     try:
-        output = module(*args, **kwargs)
+        yield counts
     finally:
         for h in handles:
             h.remove()
-    return output, counts
 
 
 def find_prunable_layers(
@@ -154,13 +155,12 @@ def find_prunable_layers(
     for root_name in _trace_roots(inputs):
         root = model.get_submodule(root_name) if root_name else model
         try:
-            few, counts = _few_samples_counted(root, inputs[root_name], _TRACE_SAMPLES)
-            # inputs recorded under inference mode cannot enter autograd; a clone made here can
-            args, kwargs = map_tensors(Tensor.clone, few)
-            hints: dict[str, _Hint] = {}  # per layer, what to say if it fails the zeroing check
-            heads = _head_candidates(model, root, args, kwargs, names, prune_heads, gqa_unit, skipped, owners)
-            projections = {model.get_submodule(p) for layer in heads for p in layer.producers}
-            candidates = [*_layers_of_root(root, args, kwargs, counts, context, skipped, projections, hints), *heads]
+            with concatenations_of_unknown_size_unmapped():  # the graph is built, and its groups too
+                graph, args, kwargs, counts = _traced(root, inputs[root_name], _TRACE_SAMPLES)
+                hints: dict[str, _Hint] = {}  # per layer, what to say if it fails the zeroing check
+                heads = _head_candidates(model, root, args, kwargs, names, prune_heads, gqa_unit, skipped, owners)
+                projections = {model.get_submodule(p) for layer in heads for p in layer.producers}
+                candidates = [*_layers_of_graph(graph, counts, context, skipped, projections, hints), *heads]
             found.extend(_keep_independent(model, root, args, kwargs, _no_overlap(candidates), skipped, hints))
         except Exception as error:  # one root the tracer cannot handle must not stop the others, nor the fit
             skipped.append(_Skip(f"the layers inside {root_name or type(root).__name__}", _failure("tracing", error)))
@@ -351,11 +351,33 @@ def _uneven_split(entry: GroupEntry) -> bool:
     return len(set(rows.values())) != 1 or min(rows.values()) < 2
 
 
-def _layers_of_root(
-    root: nn.Module,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    counts: Mapping[nn.Module, int] | None,
+def _traced(
+    root: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]], size: int
+) -> tuple[Any, tuple[Any, ...], dict[str, Any], dict[nn.Module, int]]:
+    """Torch-Pruning's graph of ``root``, the arguments it was traced with, and each measured layer's calls in it.
+
+    The trace runs on the first ``size`` samples of the example batch (:func:`_cut_batch`), or on the whole batch if
+    those fail to run (a model that reshapes to its batch size). The calls are counted in the trace's own forward.
+    """
+    small = _cut_batch(inputs, size)
+    examples = [small, inputs] if small is not inputs else [inputs]
+    for attempt, example in enumerate(examples, start=1):
+        # inputs recorded under inference mode cannot enter autograd; a clone made here can
+        args, kwargs = map_tensors(Tensor.clone, example)
+        try:
+            with _traceable(root), _calls_counted(root) as counts:
+                graph = dependency_graph(root, args, kwargs, _tensors_with_grad)
+        except Exception:
+            if attempt == len(examples):
+                raise
+            continue
+        return graph, args, kwargs, dict(counts)
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _layers_of_graph(
+    graph: Any,
+    counts: Mapping[nn.Module, int],
     context: _TraceContext,
     skipped: list[_Skip],
     projections: Collection[nn.Module],
@@ -363,36 +385,29 @@ def _layers_of_root(
 ) -> Iterator[PrunableLayer]:
     """The coupled groups of Torch-Pruning's graph as layers; none is built from ``projections`` (heads go whole).
 
-    ``counts``: how often each measured layer is called per forward (:func:`_few_samples_counted`), or ``None``:
-    counted here.
+    ``counts``: how often each measured layer is called per forward (:func:`_traced`).
     """
-    if counts is None:
-        with _traceable(root), torch.no_grad():
-            _, counts = _call_counts(root, args, kwargs)
-    with concatenations_of_unknown_size_unmapped():  # the graph is built, and its groups too
-        with _traceable(root):
-            graph = dependency_graph(root, args, kwargs, _tensors_with_grad)
-        states_read = read_final_states(graph)
-        for recurrent in sorted(states_read, key=lambda m: context.order[context.names[m]]):
-            _hidden_units_layer(recurrent, (), counts, context, skipped, state_read=True)  # says why, once each
-        for module, group in pruning_groups(graph, projections, max(counts.values(), default=1)):
-            if module in states_read:
-                continue
-            if isinstance(group, Exception):
-                skipped.append(_Skip(context.names[module], _group_failure(graph, group, context)))
-                continue
-            try:
-                entries = group_entries(graph, group)
-                if isinstance(module, nn.RNNBase):
-                    layer = _hidden_units_layer(module, entries, counts, context, skipped)
-                else:
-                    layer = _layer_of_group(entries, context, skipped)
-            except Exception as error:  # a group the tracer cannot describe is skipped, the others go on
-                skipped.append(_Skip(context.names[module], _failure("tracing its group", error)))
-                continue
-            if layer is not None:
-                hints[layer.name] = _hint(entries, counts, context)
-                yield layer
+    states_read = read_final_states(graph)
+    for recurrent in sorted(states_read, key=lambda m: context.order[context.names[m]]):
+        _hidden_units_layer(recurrent, (), counts, context, skipped, state_read=True)  # says why, once each
+    for module, group in pruning_groups(graph, projections, max(counts.values(), default=1)):
+        if module in states_read:
+            continue
+        if isinstance(group, Exception):
+            skipped.append(_Skip(context.names[module], _group_failure(graph, group, context)))
+            continue
+        try:
+            entries = group_entries(graph, group)
+            if isinstance(module, nn.RNNBase):
+                layer = _hidden_units_layer(module, entries, counts, context, skipped)
+            else:
+                layer = _layer_of_group(entries, context, skipped)
+        except Exception as error:  # a group the tracer cannot describe is skipped, the others go on
+            skipped.append(_Skip(context.names[module], _failure("tracing its group", error)))
+            continue
+        if layer is not None:
+            hints[layer.name] = _hint(entries, counts, context)
+            yield layer
 
 
 def _group_failure(graph: Any, error: Exception, context: _TraceContext) -> str:
@@ -589,39 +604,35 @@ _TRACE_SAMPLES = 2
 one, so that a model that squeezes its batch dimension keeps its shapes."""
 
 
+def _cut_batch(inputs: tuple[tuple[Any, ...], dict[str, Any]], size: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The first ``size`` samples of an example batch: every tensor whose first dimension is the batch's is cut.
+
+    ``inputs`` itself when the batch has no more than ``size`` samples. Nothing is run: the caller tries the cut.
+    """
+    tensors = [t for t in _output_tensors(inputs) if t.dim() > 0]
+    if not tensors or tensors[0].shape[0] <= size:
+        return inputs
+    batch = tensors[0].shape[0]
+    return map_tensors(lambda t: t[:size] if t.dim() > 0 and t.shape[0] == batch else t, inputs)
+
+
 def _few_samples(
     root: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]], size: int = 8
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The first ``size`` samples of an example batch: tracing and checking need the shapes, not the data.
 
-    Every tensor whose first dimension is the batch's is cut; if the module then fails to run, the batch is used
-    whole.
+    If the module fails to run on them, the batch is used whole.
     """
-    tensors = [t for t in _output_tensors(inputs) if t.dim() > 0]
-    if not tensors or tensors[0].shape[0] <= size:
+    small = _cut_batch(inputs, size)
+    if small is inputs:
         return inputs
-    return _few_samples_counted(root, inputs, size)[0]
-
-
-def _few_samples_counted(
-    root: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]], size: int
-) -> tuple[tuple[tuple[Any, ...], dict[str, Any]], dict[nn.Module, int] | None]:
-    """:func:`_few_samples`, and how often each layer is called per forward, counted by the run that tries them.
-
-    The counts are ``None`` when no run was needed to cut the batch (or the cut one failed): the caller counts on
-    the batch it traces, as it would without this run.
-    """
-    tensors = [t for t in _output_tensors(inputs) if t.dim() > 0]
-    if not tensors or tensors[0].shape[0] <= size:
-        return inputs, None
-    batch = tensors[0].shape[0]
-    small = map_tensors(lambda t: t[:size] if t.dim() > 0 and t.shape[0] == batch else t, inputs)
     try:
         with _traceable(root), torch.no_grad():
-            _, counts = _call_counts(root, *small)
+            args, kwargs = small
+            root(*args, **kwargs)
     except Exception:
-        return inputs, None
-    return small, counts
+        return inputs
+    return small
 
 
 def _output_tensors(output: Any) -> list[Tensor]:
