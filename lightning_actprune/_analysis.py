@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_actprune._errors import ActivationPruningError
+from lightning_actprune._gc import collection_paused_during
 from lightning_actprune._grn import global_response_norm, zero_grn_inputs
 from lightning_actprune._grouped import couples_wrongly, equal_count_blocks
 from lightning_actprune._heads import GQA_UNITS, HEADS_SUFFIX, find_heads, measurable_attention
@@ -101,6 +102,7 @@ def _calls_counted(module: nn.Module) -> Iterator[dict[nn.Module, int]]:
             h.remove()
 
 
+@collection_paused_during
 def find_prunable_layers(
     model: nn.Module,
     example_inputs: Any,

@@ -23,6 +23,7 @@ from lightning_actprune._statistics import (
     ActivationMoments,
     neuron_statistic,
     pool_moments,
+    select_moments,
 )
 from lightning_actprune._types import ModuleSlice, PrunableLayer, register_unit
 
@@ -112,10 +113,12 @@ def _over_consumers(
     layer: PrunableLayer,
     moments: Mapping[str, ActivationMoments],
     score: Callable[[ModuleSlice, ActivationMoments, Tensor, Tensor], Tensor],
+    needed: Sequence[str] = MOMENTS,
 ) -> Tensor:
     """``score(consumer, moments of the neuron's inputs, feature index, neuron index)``, the largest over consumers.
 
-    A neuron that reaches several consumers (a residual stream) stays when any of them sees it active.
+    A neuron that reaches several consumers (a residual stream) stays when any of them sees it active. Only the
+    ``needed`` moments are selected for ``score``; the others are NaN.
     """
     scores: Tensor | None = None
     for consumer in layer.consumers:
@@ -124,13 +127,7 @@ def _over_consumers(
         feature_moments = moments[consumer.module]
         index = index_tensor(consumer.indices).to(feature_moments.mean.device)
         neuron_index = index_tensor(consumer.neurons).to(index.device)
-        selected = ActivationMoments(
-            mean=feature_moments.mean[index],
-            mean_abs=feature_moments.mean_abs[index],
-            mean_square=feature_moments.mean_square[index],
-            nonzero_fraction=feature_moments.nonzero_fraction[index],
-            num_values=feature_moments.num_values,
-        )
+        selected = select_moments(feature_moments, index, needed)
         value = score(consumer, selected, index, neuron_index)
         scores = value if scores is None else torch.maximum(scores, value)
     if scores is None:
@@ -160,8 +157,9 @@ class MomentStatistic(NeuronScorer):
             layer,
             moments,
             lambda consumer, selected, index, neuron_index: neuron_statistic(
-                pool_moments(selected, neuron_index, layer.neurons), self.name
+                pool_moments(selected, neuron_index, layer.neurons, self.moments), self.name
             ),
+            self.moments,
         )
 
     def __repr__(self) -> str:
@@ -188,7 +186,7 @@ class Fluctuation(NeuronScorer):
                 0, neuron_index, values
             )
 
-        return _over_consumers(layer, moments, energy)
+        return _over_consumers(layer, moments, energy, self.moments)
 
 
 SCORERS: dict[str, NeuronScorer] = {

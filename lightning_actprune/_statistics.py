@@ -92,7 +92,9 @@ _OF_MOMENTS: dict[str, Callable[[ActivationMoments], Tensor]] = {
 }
 
 
-def pool_moments(moments: ActivationMoments, index: Tensor, size: int) -> ActivationMoments:
+def pool_moments(
+    moments: ActivationMoments, index: Tensor, size: int, needed: Sequence[str] | None = None
+) -> ActivationMoments:
     """Average the moments of several inputs that belong to one neuron.
 
     A conv channel that is flattened into a Linear reaches it as ``H*W`` input features; the channel's moments
@@ -102,6 +104,7 @@ def pool_moments(moments: ActivationMoments, index: Tensor, size: int) -> Activa
         moments: moments of the consumer's input features.
         index: for each input feature, the neuron it belongs to (``0 <= index < size``).
         size: the number of neurons.
+        needed: the moments to pool (of :data:`MOMENTS`; default all); the others come back NaN.
 
     Returns:
         Moments with one entry per neuron; ``num_values`` is multiplied by the features per neuron.
@@ -116,12 +119,43 @@ def pool_moments(moments: ActivationMoments, index: Tensor, size: int) -> Activa
         return pooled.index_add_(0, index, values) / divisor
 
     return ActivationMoments(
-        mean=pool(moments.mean),
-        mean_abs=pool(moments.mean_abs),
-        mean_square=pool(moments.mean_square),
-        nonzero_fraction=pool(moments.nonzero_fraction),
+        **_each_moment(moments, pool, needed, lambda: torch.full_like(divisor, math.nan)),
         num_values=moments.num_values * features_per_neuron,
     )
+
+
+def select_moments(moments: ActivationMoments, index: Tensor, needed: Sequence[str] | None = None) -> ActivationMoments:
+    """The moments of the features ``index`` (of :data:`MOMENTS` the ``needed`` ones, default all; others NaN)."""
+    return ActivationMoments(
+        **_each_moment(
+            moments,
+            lambda values: values[index],
+            needed,
+            lambda: torch.full(index.shape, math.nan, dtype=moments.mean.dtype, device=moments.mean.device),
+        ),
+        num_values=moments.num_values,
+    )
+
+
+def _each_moment(
+    moments: ActivationMoments,
+    transform: Callable[[Tensor], Tensor],
+    needed: Sequence[str] | None,
+    missing: Callable[[], Tensor],
+) -> dict[str, Tensor]:
+    """``transform`` of each moment of :data:`MOMENTS` in ``needed`` (all when ``None``); ``missing()`` for the rest.
+
+    A scorer reads only its own moments: the others would cost an index or a pool per consumer for nothing.
+    """
+    absent: Tensor | None = None
+    values = {}
+    for name in MOMENTS:
+        if needed is None or name in needed:
+            values[name] = transform(getattr(moments, name))
+        else:
+            absent = missing() if absent is None else absent
+            values[name] = absent
+    return values
 
 
 def _check_statistic(statistic: str) -> None:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lightning_actprune._errors import ActivationPruningError
+from lightning_actprune._gc import collection_paused_during
 from lightning_actprune._grn import rescale_response_norms, response_norm_channels
 from lightning_actprune._heads import attribute_holders, head_pruner, heads_snapshot, sync_head_counts
 from lightning_actprune._recurrent import add_to_bias as add_to_recurrent_bias
@@ -119,6 +120,7 @@ def _size_along(module: nn.Module, dim: str) -> int | None:
     return None if size is None else int(size)
 
 
+@collection_paused_during
 def apply_plan(model: nn.Module, plan: PruningPlan) -> None:
     """Physically remove the planned neurons from ``model``, in place; all-or-nothing.
 

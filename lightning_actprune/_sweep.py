@@ -12,6 +12,7 @@ from torch import nn
 
 from lightning_actprune._counting import RemovalCounts, parameters_after
 from lightning_actprune._errors import ActivationPruningError
+from lightning_actprune._gc import collection_paused_during
 from lightning_actprune._plan import (
     Block,
     _all_scores,
@@ -60,6 +61,7 @@ class ThresholdEvaluator:
         tied: sets of layer names that keep the same number of neurons (see :func:`plan_pruning`).
     """
 
+    @collection_paused_during
     def __init__(
         self,
         model: nn.Module,
@@ -313,6 +315,7 @@ REDUCTION_TOLERANCE = 0.02
 """How far above ``target_params_reduction`` a result may land without a warning."""
 
 
+@collection_paused_during
 def plan_for_reduction(evaluator: ThresholdEvaluator, target: float) -> ReductionChoice:
     """The fewest neurons that remove at least ``target`` of the parameters, by bisection on the plan's size.
 

@@ -376,3 +376,30 @@ def test_the_callback_records_only_the_moments_its_prune_reads_and_plans_as_from
     expected = plan_pruning(layers, reference, 0.6, "nonzero_fraction", model=unpruned, compensate=True)
     assert pruning.result.plan.to_dict() == expected.to_dict()
     assert 0 < len(expected.layers[0].kept) < layers[0].neurons
+
+
+def test_the_collector_is_held_off_during_the_analysis_and_put_back_after_it_even_on_error():
+    import gc
+
+    from lightning_actprune._gc import collection_paused
+
+    model, x = _fused()
+    seen = []
+    handle = model.register_forward_hook(lambda *_: seen.append(gc.isenabled()))
+    try:
+        assert find_prunable_layers(model, x)
+    finally:
+        handle.remove()
+    assert seen
+    assert not any(seen)  # every forward of the analysis ran with the collector off
+    assert gc.isenabled()
+    with pytest.raises(ValueError, match="inside"), collection_paused():
+        raise ValueError("inside")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collection_paused():
+            pass
+        assert not gc.isenabled()  # a caller that had it off keeps it off
+    finally:
+        gc.enable()

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from lightning_actprune import STATISTICS, ActivationStatistics
-from lightning_actprune._statistics import pool_moments
+from lightning_actprune._statistics import pool_moments, select_moments
 from lightning_actprune.core import ActivationMoments, ActivationRecorder, neuron_statistic
 
 
@@ -136,3 +136,24 @@ def test_neuron_statistic_rejects_unknown_name():
     moments = ActivationMoments(*(torch.zeros(1) for _ in range(5)))
     with pytest.raises(ValueError, match=r"`statistic` can be one of mean, .*; got 'median'"):
         neuron_statistic(moments, "median")
+
+
+def test_pooling_and_selecting_only_the_needed_moments_keeps_their_values_and_makes_the_others_nan():
+    g = torch.Generator().manual_seed(0)
+    metric = ActivationStatistics(num_neurons=6)
+    metric.update(torch.relu(torch.randn(10, 6, generator=g)) - 0.1)
+    moments = metric.compute()
+    index, neurons = torch.tensor([4, 0, 5, 1]), torch.tensor([0, 0, 1, 1])
+    every = pool_moments(select_moments(moments, index), neurons, 2)
+    needed = ("mean", "mean_square")
+    some = pool_moments(select_moments(moments, index, needed), neurons, 2, needed)
+    for name in needed:
+        torch.testing.assert_close(getattr(some, name), getattr(every, name))
+        # the reference: the two features of each neuron averaged by hand
+        expected = getattr(moments, name)[index].reshape(2, 2).mean(1)
+        torch.testing.assert_close(getattr(some, name), expected)
+    assert torch.isnan(some.mean_abs).all()
+    assert torch.isnan(some.nonzero_fraction).all()
+    assert some.mean_abs.shape == (2,)
+    torch.testing.assert_close(some.num_values, every.num_values)
+    torch.testing.assert_close(neuron_statistic(some, "fluctuation"), neuron_statistic(every, "fluctuation"))
