@@ -140,16 +140,31 @@ def innermost_holders(root: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in root.named_modules() if _innermost(m)]
 
 
-def holder_of(name: str, model: nn.Module) -> str | None:
-    """The innermost declaring module that holds ``name`` (itself included), or ``None``."""
+def holder_of(
+    name: str, model: nn.Module, modules: Mapping[str, nn.Module] | None = None, seen: dict[str, bool] | None = None
+) -> str | None:
+    """The innermost declaring module that holds ``name`` (itself included), or ``None``.
+
+    ``modules`` (``dict(model.named_modules())``) and ``seen`` (which names were found innermost, filled in here) let
+    a caller asking for many names look each module up and test it once.
+    """
     parts = name.split(".") if name else []
     for end in range(len(parts), -1, -1):
         candidate = ".".join(parts[:end])
-        try:
-            module = model.get_submodule(candidate)
-        except AttributeError:
-            return None
-        if _innermost(module):
+        if seen is None or candidate not in seen:
+            module = modules.get(candidate) if modules is not None else None
+            if module is None:
+                try:
+                    module = model.get_submodule(candidate)
+                except AttributeError:
+                    return None
+            innermost = _innermost(module)
+            if seen is None:
+                if innermost:
+                    return candidate
+                continue
+            seen[candidate] = innermost
+        if seen[candidate]:
             return candidate
     return None
 

@@ -516,15 +516,16 @@ def attribute_holders(model: nn.Module, touched: Iterable[str]) -> list[str]:
     """The modules whose head counts a surgery on the ``touched`` modules may change (to snapshot them first)."""
     holders = []
     adapter = TorchMultiheadAttention()
+    modules = dict(model.named_modules(remove_duplicate=False))  # a shared module under every name
+    seen: dict[str, bool] = {}
     for name in touched:
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:  # the caller says which module is missing
+        module = modules.get(name)
+        if module is None:  # the caller says which module is missing
             continue
         if adapter.matches(module):
             holders.append(name)
             continue
-        holder = holder_of(name, model)
+        holder = holder_of(name, model, modules, seen)
         if holder is not None:
             holders.append(holder)
     return list(dict.fromkeys(holders))

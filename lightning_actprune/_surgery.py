@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -26,6 +26,12 @@ def _submodule(model: nn.Module, name: str) -> nn.Module:
         raise ActivationPruningError(f"the plan prunes {name!r}, which {type(model).__name__} does not have.") from None
 
 
+def _found(modules: Mapping[str, nn.Module], model: nn.Module, name: str) -> nn.Module:
+    """``name`` from ``dict(model.named_modules(remove_duplicate=False))``, else as :func:`_submodule` finds it."""
+    module = modules.get(name)
+    return module if module is not None else _submodule(model, name)
+
+
 class ModuleSnapshot:
     """The exact state of some modules (parameter and buffer objects, size attributes), to restore on failure.
 
@@ -42,12 +48,13 @@ class ModuleSnapshot:
         self._saved: list[tuple[nn.Module, type[nn.Module], dict[str, Any], dict[str, Any], dict[str, Any]]] = []
         names = list(names)
         holders = attribute_holders(model, names)
+        modules = dict(model.named_modules(remove_duplicate=False))  # one walk, not one lookup per name
         for name in dict.fromkeys([*names, *holders]):
-            module = _submodule(model, name)
+            module = _found(modules, model, name)
             attributes = {k: v for k, v in vars(module).items() if not k.startswith("_")}
             saved = (module, type(module), dict(module._parameters), dict(module._buffers), attributes)
             self._saved.append(saved)
-        self._heads = [heads_snapshot(_submodule(model, name)) for name in holders]
+        self._heads = [heads_snapshot(_found(modules, model, name)) for name in holders]
 
     def restore(self) -> None:
         """Put every snapshotted module back exactly as it was."""
@@ -145,8 +152,9 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> None:
         >>> model[0].weight.shape, model[2].weight.shape
         (torch.Size([2, 3]), torch.Size([2, 2]))
     """
+    modules = dict(model.named_modules(remove_duplicate=False))  # one walk, not one lookup per operation
     for operation in plan.operations:
-        module = _submodule(model, operation.module)
+        module = _found(modules, model, operation.module)
         size = _size_along(module, operation.dim)
         if size is None:
             raise ActivationPruningError(f"cannot prune {operation.module!r} ({type(module).__name__}).")
@@ -176,7 +184,7 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> None:
                 _add_to_bias(model.get_submodule(update.module), update.delta)
             for operation in plan.operations:
                 current = repr(operation.module)
-                module = model.get_submodule(operation.module)
+                module = _found(modules, model, operation.module)
                 flags = {name: p.requires_grad for name, p in module.named_parameters(recurse=False)}
                 pruner = _pruner(module)  # exists: every operation was checked above
                 prune = pruner.prune_out_channels if operation.dim == "out" else pruner.prune_in_channels
