@@ -32,6 +32,9 @@ OVERHEAD_BATCHES = 3
 """Validation batches timed with and without the statistics recorder: the first sets the recorder up, the rest are
 its steady cost per batch."""
 
+OVERHEAD_RUNS = 8
+"""Runs of those batches per variant (plain, every moment, the default's moments)."""
+
 
 def _classifier(network: nn.Module) -> Any:
     import lightning.pytorch as pl
@@ -112,25 +115,26 @@ def _timed_pruning(**kwargs: Any) -> Any:
 
 
 def _batch_seconds(model: nn.Module, batches: list[Tensor], recording: Callable[[], Any] | None) -> tuple[float, float]:
-    """The first batch's seconds and the mean of the others', under one recorder (or none), in inference mode.
+    """The first batch's seconds and the fastest of the others', under one recorder (or none), in inference mode.
 
     Lightning validates in ``torch.inference_mode``; the recorder's first batch also creates its per-layer metrics.
     """
+    seconds = []
     with torch.inference_mode(), recording() if recording is not None else contextlib.nullcontext():
-        start = time.perf_counter()
-        model(batches[0])
-        first = time.perf_counter() - start
-        start = time.perf_counter()
-        for images in batches[1:]:
+        for images in batches:
+            start = time.perf_counter()
             model(images)
-    return first, (time.perf_counter() - start) / max(len(batches) - 1, 1)
+            seconds.append(time.perf_counter() - start)
+    return seconds[0], min(seconds[1:], default=seconds[0])
 
 
 def _statistics_cost(model: nn.Module, batches: list[Tensor], result: Measurement) -> None:
-    """Per batch, the fastest of two runs: without recording, with every moment, with the default's moments.
+    """Per batch, the fastest of :data:`OVERHEAD_RUNS` runs: without recording, every moment, the default's moments.
 
     A batch under the recorder is one after its first (the steady cost of every batch of a pass); what the first
-    batch costs beyond that (creating a metric per layer) is paid once per pass, and is kept apart.
+    batch costs beyond that (creating a metric per layer) is paid once per pass, and is kept apart. The variants
+    take turns, so that a slow spell of the machine falls on all of them; the fastest batch is the one least
+    disturbed.
     """
     from lightning_actprune.core import ActivationRecorder
 
@@ -143,7 +147,7 @@ def _statistics_cost(model: nn.Module, batches: list[Tensor], result: Measuremen
     best: dict[str, float] = {}
     setup: dict[str, float] = {}
     _batch_seconds(model, batches[:1], None)  # warm-up
-    for _ in range(2):
+    for _ in range(OVERHEAD_RUNS):
         for name, recording in variants.items():
             first, steady = _batch_seconds(model, batches, recording)
             best[name] = min(best.get(name, float("inf")), steady)
