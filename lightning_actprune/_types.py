@@ -395,10 +395,14 @@ class PruningResult:
         scored_by = dict(self.plan.scored_by)
         if scored_by:
             criteria = ", ".join(sorted(set(scored_by.values())))
-            lines.append(
-                f"  scored by {self.plan.statistic}, except the {len(scored_by)} layer(s) marked: scored by {criteria},"
-                " on one scale together (under the default criterion: the channels BatchNorm normalises)"
-            )
+            why = "(under the default criterion: the channels BatchNorm normalises)"
+            if all(layer.name in scored_by for layer in self.plan.layers):
+                lines.append(f"  every layer scored by {criteria}, on one scale together {why}")
+            else:
+                lines.append(
+                    f"  scored by {self.plan.statistic}, except the {len(scored_by)} layer(s) marked: scored by"
+                    f" {criteria}, on one scale together {why}"
+                )
         for layer in self.plan.layers:
             mark = f"  ({scored_by[layer.name]})" if layer.name in scored_by else ""
             lines.append(f"  {layer.name:<{width}}  {layer.neurons:>6} -> {len(layer.kept):>6}{mark}")

@@ -1,13 +1,14 @@
 """The default criterion: each layer's fluctuation over its mean; BatchNorm-normalised channels by RMS (pooled)."""
 
 import copy
+import dataclasses
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_actprune import ActivationPruning, PruningPlan
+from lightning_actprune import ActivationPruning, PruningPlan, PruningResult
 from lightning_actprune._plan import _all_scores
 from lightning_actprune._scoring import DEFAULT_CRITERION
 from lightning_actprune.core import (
@@ -69,6 +70,16 @@ def test_batchnorm_channels_are_ranked_by_rms_over_one_mean_and_the_rest_by_fluc
     assert PruningPlan.from_dict(old).scored_by == ()
     plain = plan_pruning(layers, moments, 0.0, "fluctuation", model=model, normalize=True)
     assert plain.scored_by == ()
+
+    # the summary says which criterion scored which layers: all of them by RMS is said as such, not as an exception
+    every = dataclasses.replace(plan, scored_by=tuple((layer.name, "rms") for layer in plan.layers))
+    for scored, line in [
+        (plan, "  scored by fluctuation, except the 2 layer(s) marked: scored by rms, on one scale together"),
+        (every, "  every layer scored by rms, on one scale together (under the default criterion"),
+    ]:
+        summary = PruningResult(scored, 100, 90, 1.0, 0.9).summary()
+        assert line in summary
+        assert sum("scored by" in row for row in summary.splitlines()) == 1
 
 
 @pytest.mark.parametrize(
