@@ -106,10 +106,10 @@ def render_markdown(results: CostResults) -> str:
         " surgery). A validation pass is a plain `trainer.validate` of the unpruned model and of the pruned one,"
         " averaged. Recording statistics, per batch: validation batches in `torch.inference_mode` (as Lightning"
         " validates) under `ActivationRecorder`, after its first batch, against the same batches without it (the"
-        " fastest batch of eight runs each, the variants taking turns); the recorder's first batch also makes one metric per measured layer, which is"
-        " paid once per pass and shown apart (as the first batch). The column shows what the version's callback"
-        " records: before, every moment; after, only the moments its prune reads (the default statistic's mean and"
-        " mean square), with every moment in brackets.",
+        " fastest batch of eight runs each, the variants taking turns); the recorder's first batch also makes one"
+        " metric per measured layer, which is paid once per pass and shown apart (as the first batch). The column"
+        " shows what the version's callback records: before, every moment; after, only the moments its prune reads"
+        " (the default statistic's mean and mean square), with every moment in brackets.",
     ]
     return "\n".join(lines)
 
