@@ -362,19 +362,23 @@ def _traced(
     those fail to run (a model that reshapes to its batch size). The calls are counted in the trace's own forward.
     """
     small = _cut_batch(inputs, size)
-    examples = [small, inputs] if small is not inputs else [inputs]
-    for attempt, example in enumerate(examples, start=1):
-        # inputs recorded under inference mode cannot enter autograd; a clone made here can
-        args, kwargs = map_tensors(Tensor.clone, example)
-        try:
-            with _traceable(root), _calls_counted(root) as counts:
-                graph = dependency_graph(root, args, kwargs, _tensors_with_grad)
-        except Exception:
-            if attempt == len(examples):
-                raise
-            continue
-        return graph, args, kwargs, dict(counts)
-    raise AssertionError("unreachable: the last attempt returns or raises")
+    try:
+        return _traced_on(root, small)
+    except Exception:
+        if small is inputs:
+            raise
+    return _traced_on(root, inputs)
+
+
+def _traced_on(
+    root: nn.Module, example: tuple[tuple[Any, ...], dict[str, Any]]
+) -> tuple[Any, tuple[Any, ...], dict[str, Any], dict[nn.Module, int]]:
+    """:func:`_traced` on these very arguments."""
+    # inputs recorded under inference mode cannot enter autograd; a clone made here can
+    args, kwargs = map_tensors(Tensor.clone, example)
+    with _traceable(root), _calls_counted(root) as counts:
+        graph = dependency_graph(root, args, kwargs, _tensors_with_grad)
+    return graph, args, kwargs, dict(counts)
 
 
 def _layers_of_graph(

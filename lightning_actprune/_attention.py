@@ -148,22 +148,18 @@ def holder_of(
     ``modules`` (``dict(model.named_modules())``) and ``seen`` (which names were found innermost, filled in here) let
     a caller asking for many names look each module up and test it once.
     """
+    seen = {} if seen is None else seen
     parts = name.split(".") if name else []
     for end in range(len(parts), -1, -1):
         candidate = ".".join(parts[:end])
-        if seen is None or candidate not in seen:
+        if candidate not in seen:
             module = modules.get(candidate) if modules is not None else None
             if module is None:
                 try:
                     module = model.get_submodule(candidate)
                 except AttributeError:
                     return None
-            innermost = _innermost(module)
-            if seen is None:
-                if innermost:
-                    return candidate
-                continue
-            seen[candidate] = innermost
+            seen[candidate] = _innermost(module)
         if seen[candidate]:
             return candidate
     return None

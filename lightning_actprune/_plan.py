@@ -177,10 +177,10 @@ def plan_pruning(
         1
     """
     ties = equal_count_ties(layers, tied)
-    scores = _all_scores(layers, moments, statistic, model, normalize)
-    name = as_scorer(statistic).name
-    scored_by = _scored_by(layers, statistic, model, normalize)
-    scale = as_scorer(statistic).scale
+    scorer = as_scorer(statistic)
+    scores = _all_scores(layers, moments, scorer, model, normalize)
+    scored_by = _scored_by(layers, scorer, model, normalize)
+    name, scale = scorer.name, scorer.scale
     return _plan_at(
         layers, scores, threshold, name, min_neurons, moments, model, compensate, normalize, ties, scored_by, scale
     )
@@ -199,20 +199,22 @@ def _all_scores(
     (:func:`rescaled` with the scores of all of their neurons as reference, per criterion); the others each on their
     own.
     """
-    pooled = _scored_by(layers, statistic, model, normalize)
+    scorer = as_scorer(statistic)
+    pooled = _scored_by(layers, scorer, model, normalize)
     scores = {}
     with planning_cache():  # a consumer read by several layers has its weight norms computed once
         for layer in layers:
-            values = layer_scores(layer, moments, statistic, model, normalize and layer.name not in pooled).cpu()
+            values = layer_scores(layer, moments, scorer, model, normalize and layer.name not in pooled).cpu()
             if not bool(torch.isfinite(values).all()):
-                name = as_scorer(statistic).name
-                raise ActivationPruningError(f"the {name} of {layer.name} contains NaN or Inf; cannot prune on it.")
+                raise ActivationPruningError(
+                    f"the {scorer.name} of {layer.name} contains NaN or Inf; cannot prune on it."
+                )
             scores[layer.name] = values
     for criterion in set(pooled.values()):
         names = [name for name, c in pooled.items() if c == criterion]
         together = torch.cat([scores[name] for name in names])
         for name in names:
-            scores[name] = rescaled(scores[name], together, as_scorer(statistic).scale)
+            scores[name] = rescaled(scores[name], together, scorer.scale)
     return scores
 
 

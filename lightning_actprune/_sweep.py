@@ -77,8 +77,9 @@ class ThresholdEvaluator:
         self.model = model
         self.layers = layers
         self.moments = moments
-        self.statistic = as_scorer(statistic).name  # what the plans record
-        self.scale = as_scorer(statistic).scale
+        scorer = as_scorer(statistic)
+        self.statistic = scorer.name  # what the plans record
+        self.scale = scorer.scale
         self.min_neurons = min_neurons
         self.validate = validate
         self.compensate = compensate

@@ -269,8 +269,8 @@ class _BoundedGroup(tp.dependency.group.Group):
         """
         firsts = self._root_at.setdefault((id(dep.target), dep.handler), {})
         pairs = [(int(index.idx), int(index.root_idx)) for index in idxs]
-        fresh = dict(reversed(pairs))  # the first root index of each index
-        if len(fresh) == len(pairs) and firsts.keys().isdisjoint(fresh):  # the usual case: nothing met twice
+        fresh = dict(pairs)
+        if len(fresh) == len(pairs) and firsts.keys().isdisjoint(fresh):  # the usual case: no index met twice
             firsts.update(fresh)
         else:
             for index, root in pairs:

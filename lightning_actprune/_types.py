@@ -49,10 +49,9 @@ def describe_threshold(threshold: float, statistic: str, normalize: bool, scale:
         >>> describe_threshold(0.41, "fluctuation", normalize=True, scale="mean")
         'λ = 0.41 × the layer mean of fluctuation'
     """
-    if normalize and scale == "mean":
-        return f"λ = {threshold:.4g} {scale_unit(normalize, scale)}{statistic}"
     if normalize:
-        return f"λ = {threshold:.4g} {scale_unit(normalize, scale)}{statistic} per layer"
+        per_layer = "" if scale == "mean" else " per layer"  # "× the layer mean" already says it
+        return f"λ = {threshold:.4g} {scale_unit(normalize, scale)}{statistic}{per_layer}"
     return f"λ = {threshold:.4g} ({_UNITS.get(statistic, statistic)})"
 
 

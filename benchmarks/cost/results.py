@@ -41,7 +41,7 @@ class Measurement:
     passes: int = 0
     reduction: float = 0.0
     batch_seconds: float = 0.0
-    """A plain validation batch, in inference mode (the fastest of two runs)."""
+    """A plain validation batch, in inference mode (the fastest batch of :data:`~.measure.OVERHEAD_RUNS` runs)."""
     recorded_batch_seconds: float = 0.0
     """The same batch under ``ActivationRecorder(model)`` (every moment), after the recorder's first batch."""
     needed_batch_seconds: float = 0.0
