@@ -24,8 +24,10 @@ from lightning_actprune._gc import collection_paused_during
 from lightning_actprune._grn import global_response_norm, zero_grn_inputs
 from lightning_actprune._grouped import couples_wrongly, equal_count_blocks
 from lightning_actprune._heads import GQA_UNITS, HEADS_SUFFIX, find_heads, measurable_attention
+from lightning_actprune._huggingface import pretrained_models
 from lightning_actprune._plan import plan_from_kept
 from lightning_actprune._recurrent import RecurrentShape, hidden_units_layer, zero_hidden_units, zero_input_features
+from lightning_actprune._residual import layer_norm_over_features, owned_feature_width, zero_norm_inputs
 from lightning_actprune._statistics import FEATURES_LAST, MEASURED_TYPES, _channel_dim, map_tensors
 from lightning_actprune._surgery import pruned_temporarily, restoring
 from lightning_actprune._torch_pruning import (
@@ -110,6 +112,7 @@ def find_prunable_layers(
     exclude: Sequence[str] = (),
     prune_heads: bool = True,
     gqa_unit: str = "query_heads",
+    prune_residual: bool = False,
 ) -> list[PrunableLayer]:
     """Find the groups of neurons that can be removed, with Torch-Pruning's ``DependencyGraph``.
 
@@ -137,6 +140,12 @@ def find_prunable_layers(
             the like, Hugging Face's families, timm's, ``nn.MultiheadAttention``) as layers of their own.
         gqa_unit: under grouped-query attention, ``"query_heads"`` removes query heads, the same number from every
             key/value group; ``"kv_groups"`` removes key/value heads with all of their query heads.
+        prune_residual: let the channels of a residual stream that LayerNorms normalise go too (a transformer's
+            embedding width, as Minitron prunes it): the LayerNorms, the layers writing to and reading from the
+            stream and the parameters added to it (``cls_token``, ``pos_embed``) lose them, and each LayerNorm keeps
+            normalising over its original width, so that removing a channel equals zeroing it
+            (:mod:`lightning_actprune._residual`). Not inside Hugging Face models, whose configs derive head
+            sizes from the hidden size.
 
     Returns:
         The prunable layers, in the model's module order.
@@ -149,7 +158,10 @@ def find_prunable_layers(
         raise ActivationPruningError(f"`gqa_unit` can be one of {', '.join(GQA_UNITS)}; got {gqa_unit!r}.")
     names = {m: n for n, m in reversed(list(model.named_modules(remove_duplicate=False)))}
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-    context = _TraceContext(names, order, _modules_sharing_parameters(model), _parameter_owners(model))
+    pretrained = {m for _, hf in pretrained_models(model) for m in hf.modules()} if prune_residual else set()
+    context = _TraceContext(
+        names, order, _modules_sharing_parameters(model), _parameter_owners(model), prune_residual, pretrained
+    )
     inputs = _as_example_inputs(example_inputs)
     found: list[PrunableLayer] = []
     skipped: list[_Skip] = []
@@ -242,6 +254,10 @@ class _TraceContext(NamedTuple):
     order: Mapping[str, int]
     shared: set[nn.Module]
     parameters: Mapping[int, tuple[str, nn.Module]]
+    residual: bool = False
+    """Whether residual channels may go (``prune_residual``): LayerNorms and parameters in a group are then safe."""
+    pretrained: Collection[nn.Module] = ()
+    """The modules inside a Hugging Face model: its residual width stays (its config derives head sizes from it)."""
 
 
 _MAX_NAMES = 3  # layers named per warning; the rest are counted
@@ -403,7 +419,7 @@ def _layers_of_graph(
             skipped.append(_Skip(context.names[module], _group_failure(graph, group, context)))
             continue
         try:
-            entries = group_entries(graph, group)
+            entries = group_entries(graph, group, context.residual)
             if isinstance(module, nn.RNNBase):
                 layer = _hidden_units_layer(module, entries, counts, context, skipped)
             else:
@@ -421,7 +437,7 @@ def _group_failure(graph: Any, error: Exception, context: _TraceContext) -> str:
     partial = error.partial if isinstance(error, GroupTooLarge) else None
     if partial:
         try:
-            unsafe = _unsafe_kinds(group_entries(graph, partial), context)
+            unsafe = _unsafe_kinds(group_entries(graph, partial, context.residual), context)
         except Exception:  # the part built cannot be described: the failure is said as it is
             unsafe = []
         if unsafe:
@@ -431,6 +447,16 @@ def _group_failure(graph: Any, error: Exception, context: _TraceContext) -> str:
                 " to build whole)."
             )
     return _failure("tracing its group", error)
+
+
+def _residual_blockers(module: nn.Module, context: _TraceContext) -> list[str]:
+    """What stops a residual member (a LayerNorm, a module's own parameters) from losing channels, if anything.
+
+    A Hugging Face model's hidden size: its config derives head sizes from it.
+    """
+    if module in context.pretrained:
+        return [f"{type(module).__name__} {context.names[module]} (a Hugging Face model's hidden size)"]
+    return []
 
 
 def _unsafe_kinds(group: Sequence[GroupEntry], context: _TraceContext) -> list[str]:
@@ -503,6 +529,7 @@ def _layer_of_group(
     blocking = 0  # how many of them are operations or layers other than the Linear/Conv ones
     producers: list[str] = []
     has_consumer = reaches_output = False
+    owned: dict[nn.Module, set[int]] = defaultdict(set)  # parameters used outside a layer, by the module holding them
     for entry in group:
         module = entry.module
         if entry.kind == "output":
@@ -513,6 +540,14 @@ def _layer_of_group(
         if entry.kind == "unsafe" or blocker is not None:
             unsafe.append(blocker or description)
             blocking += 1
+            continue
+        if isinstance(module, nn.Parameter) and id(module) in context.parameters:  # safe with `residual` only
+            owned[context.parameters[id(module)][1]].add(id(module))
+            continue
+        if isinstance(module, nn.Module) and context.residual and layer_norm_over_features(module):
+            unsafe += _residual_blockers(module, context)
+            slices.append(ModuleSlice(names[module], entry.dim, entry.indices, entry.neurons))
+            members.append((module, slices[-1]))
             continue
         if not isinstance(module, nn.Module) or not any(True for _ in module.parameters(recurse=False)):
             continue
@@ -528,6 +563,15 @@ def _layer_of_group(
         members.append((module, slices[-1]))
     if not producers or not (has_consumer or blocking):
         return None  # the output layer: its neurons are the model's outputs
+    for owner, members_owned in owned.items():
+        unsafe += _residual_blockers(owner, context)
+        own = {id(p) for p in owner.parameters(recurse=False)}
+        if members_owned != own or owned_feature_width(owner) != len(set(group[0].neurons)):
+            unsafe.append(f"the parameters of {type(owner).__name__} {names[owner]}, not all of them features")
+            continue
+        piece = next(e for e in group if id(e.module) in members_owned)
+        slices.append(ModuleSlice(names[owner], "out", piece.indices, piece.neurons))
+        members.append((owner, slices[-1]))
     producers = sorted(set(producers), key=context.order.__getitem__)
     name = "+".join(producers)
     if reaches_output and has_consumer:
@@ -689,6 +733,9 @@ def _zeroed_at_consumers(model: nn.Module, plan: PruningPlan) -> Iterator[None]:
         index = torch.tensor(operation.indices)
         if global_response_norm(module):  # it normalises over the neurons: they are zero where it reads them
             handles.append(zero_grn_inputs(module, index))
+            continue
+        if layer_norm_over_features(module):  # a residual channel: likewise
+            handles.append(zero_norm_inputs(module, index))
             continue
         if operation.dim != "in" or not isinstance(module, MEASURED_TYPES):
             continue

@@ -155,6 +155,13 @@ class ActivationPruning(PruningSettings, Callback):
             go on); ``"reset"`` drops the state of the parameters the prune changed (they start again as a parameter
             the optimizer never stepped), the others keep theirs; ``"fresh"`` drops every parameter's state, as a
             new optimizer would, keeping the param groups, hyper-parameters and learning-rate schedulers.
+        prune_residual: also narrow a transformer's residual stream (its embedding width, as Minitron does): the
+            channels that LayerNorms normalise, in every layer writing to or reading from the stream, the
+            LayerNorms and the parameters added to it (``cls_token``, ``pos_embed``, a layer scale), scored with the
+            other units by the energy each puts into the layers reading the LayerNorms. Each pruned LayerNorm keeps
+            normalising over its original width (``WidthKeptLayerNorm``), so removing a channel equals zeroing it.
+            Not inside Hugging Face models (their configs derive head sizes from the hidden size). ``False``
+            (default) keeps the stream's width.
 
     Example::
 

@@ -116,6 +116,7 @@ class PruningSettings:
     gqa_unit: GqaUnit = "query_heads"
     uniform_widths: bool = False
     optimizer_state: OptimizerState = "carry"
+    prune_residual: bool = False
     scorer: NeuronScorer = field(init=False, repr=False)
     normalized: bool = field(init=False, repr=False)
 
@@ -179,7 +180,7 @@ class PruningSettings:
         _check_number("min_neurons", self.min_neurons, minimum=1, integer=True)
         _check_number("recalibration_batches", self.recalibration_batches, minimum=0, integer=True)
         self._check_recovery()
-        for name in ("compensate", "prune_heads", "prune_best", "uniform_widths"):
+        for name in ("compensate", "prune_heads", "prune_best", "uniform_widths", "prune_residual"):
             if not isinstance(getattr(self, name), bool):
                 raise ActivationPruningError(f"`{name}` must be True or False; got {getattr(self, name)!r}.")
         if self.normalize is not None and not isinstance(self.normalize, bool):

@@ -12,7 +12,14 @@ from torch import Tensor, nn
 
 from lightning_actprune._grouped import is_depthwise
 from lightning_actprune._recurrent import RecurrentShape, parameters_kept
+from lightning_actprune._residual import (
+    PARAMETER_OWNER_PRUNER,
+    layer_norm_after,
+    layer_norm_over_features,
+    owned_parameters_after,
+)
 from lightning_actprune._scoring import index_tensor
+from lightning_actprune._torch_pruning import module_pruner
 from lightning_actprune._types import PrunableLayer, PruningPlan
 
 
@@ -34,6 +41,10 @@ def _after(module: nn.Module, removed_out: int, removed_in: int) -> int | None:
         return (module.num_features - removed_out) * (2 if module.affine else 0)
     if isinstance(module, nn.MultiheadAttention) and removed_in == 0:
         return _packed_projection_after(module, removed_out)
+    if layer_norm_over_features(module):  # a residual channel: Torch-Pruning's LayerNorm is one set of channels
+        return layer_norm_after(module, removed_out + removed_in)
+    if removed_in == 0 and module_pruner(module) is PARAMETER_OWNER_PRUNER:  # a cls_token, pos_embed, gamma
+        return owned_parameters_after(module, removed_out)
     return None
 
 

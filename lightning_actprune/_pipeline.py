@@ -91,6 +91,7 @@ def analyse(
             settings.exclude or [],
             prune_heads=settings.prune_heads,
             gqa_unit=settings.gqa_unit,
+            prune_residual=settings.prune_residual,
         )
     for warning in skipped:
         rank_zero_warn(str(warning.message))

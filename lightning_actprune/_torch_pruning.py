@@ -43,6 +43,7 @@ from lightning_actprune._conv1d import Conv1D
 from lightning_actprune._grn import global_response_norm
 from lightning_actprune._grouped import GROUPED_CONV_PRUNER, couples_wrongly, grouped_convolution
 from lightning_actprune._recurrent import RECURRENT_PRUNER, RecurrentShape
+from lightning_actprune._residual import PARAMETER_OWNER_PRUNER, layer_norm_over_features, owned_feature_width
 from lightning_actprune._statistics import MEASURED_TYPES, map_tensors
 
 GROUP_INDEX_LIMIT = 100_000
@@ -383,8 +384,17 @@ def _neuron_of_root(group: Any) -> Callable[[int], int]:
     return lambda root: number[find(root)]
 
 
-def group_entries(graph: tp.DependencyGraph, group: Any) -> list[GroupEntry]:
-    """The members of one of Torch-Pruning's groups (:func:`pruning_groups`) as :class:`GroupEntry` values."""
+_RESIDUAL_TYPES = frozenset({tp.ops.OPTYPE.PARAMETER, tp.ops.OPTYPE.EXPAND})
+"""Members of a residual stream that are safe with ``residual``: a parameter added to it (``cls_token``,
+``pos_embed``, pruned by its owner) and the expand of a class token over the batch; the zeroing check confirms."""
+
+
+def group_entries(graph: tp.DependencyGraph, group: Any, residual: bool = False) -> list[GroupEntry]:
+    """The members of one of Torch-Pruning's groups (:func:`pruning_groups`) as :class:`GroupEntry` values.
+
+    With ``residual``, the members a residual stream's channels go through are safe too: LayerNorms over the
+    features (made exact by :mod:`lightning_actprune._residual`), parameters used outside a layer, expands.
+    """
     neuron = _neuron_of_root(group)
     entries = []
     for item in group:
@@ -396,6 +406,8 @@ def group_entries(graph: tp.DependencyGraph, group: Any) -> list[GroupEntry]:
             kind: Literal["output", "safe", "unsafe"] = "output"
         elif optype in _SAFE_TYPES or isinstance(module, (Conv1D, nn.RNNBase)) or global_response_norm(module):
             # Conv1D and recurrent layers: customized nodes, like a Linear; a GRN: one made exact by its pruner
+            kind = "safe"
+        elif residual and (optype in _RESIDUAL_TYPES or layer_norm_over_features(module)):
             kind = "safe"
         else:
             kind = "unsafe"
@@ -724,4 +736,7 @@ def module_pruner(module: nn.Module) -> Any:
         return RECURRENT_PRUNER
     if grouped_convolution(module) and not couples_wrongly(module):
         return GROUPED_CONV_PRUNER
-    return tp.pruner.function.PrunerBox.get(tp.ops.module2type(module))
+    pruner = tp.pruner.function.PrunerBox.get(tp.ops.module2type(module))
+    if pruner is None and owned_feature_width(module) is not None:  # it holds a cls_token, pos_embed, gamma
+        return PARAMETER_OWNER_PRUNER
+    return pruner

@@ -43,9 +43,11 @@ class Evaluator:
 
 
 def gather_statistics(
-    evaluator: Evaluator, model: pl.LightningModule
+    evaluator: Evaluator, model: pl.LightningModule, prune_residual: bool = False
 ) -> tuple[list[PrunableLayer], dict[str, ActivationMoments], dict[str, int]]:
     """One validation pass with an :class:`ActivationRecorder` attached: the prunable layers and their moments.
+
+    ``prune_residual``: residual channels are layers too (``find_prunable_layers(..., prune_residual=True)``).
 
     Returns:
         The layers, the moments by measured module, and the bytes of every layer's metric state.
@@ -53,7 +55,7 @@ def gather_statistics(
     with ActivationRecorder(model) as recorder:
         evaluator.validate(model)
     recorder.check_finite()
-    layers = find_prunable_layers(model, recorder.example_inputs)
+    layers = find_prunable_layers(model, recorder.example_inputs, prune_residual=prune_residual)
     state_bytes = {
         name: sum(t.numel() * t.element_size() for t in metric.metric_state.values() if isinstance(t, Tensor))
         for name, metric in recorder.metrics.items()

@@ -82,12 +82,15 @@ def widths(model: nn.Module) -> str:
 
 
 def ours_one_shot(
-    model: nn.Module, data: SplitDataModule, reductions: list[float], criterion: str
+    model: nn.Module, data: SplitDataModule, reductions: list[float], criterion: str, residual: bool = False
 ) -> dict[float, nn.Module]:
-    """Ours with plain functions at each reduction: one statistics pass, one plan per target, applied to copies."""
+    """Ours with plain functions at each reduction: one statistics pass, one plan per target, applied to copies.
+
+    ``residual``: residual channels compete too (``prune_residual: true``).
+    """
     statistic, normalize = CRITERIA[criterion]
     scorer = ActivationPruning(target_params_reduction=0.5, statistic=statistic, normalize=normalize).scorer
-    layers, moments, _ = gather_statistics(Evaluator(data), model)
+    layers, moments, _ = gather_statistics(Evaluator(data), model, prune_residual=residual)
     evaluator = ThresholdEvaluator(copy.deepcopy(model), layers, moments, scorer, min_neurons=1, normalize=normalize)
     pruned = {}
     for reduction in reductions:
@@ -125,16 +128,22 @@ class EpochTimer(pl.Callback):
 
 
 def ours_recovered(
-    model: nn.Module, data: SplitDataModule, reduction: float, epochs: int, distill_weight: float
+    model: nn.Module, data: SplitDataModule, reduction: float, epochs: int, distill_weight: float, residual: bool = False
 ) -> tuple[nn.Module, list[float]]:
     """``ActivationPruning(target_params_reduction=r, prune_on="fit_start", distill_weight=w)`` in a fit of ``epochs``.
+
+    ``residual``: with ``prune_residual: true``.
 
     Returns:
         The recovered model (eval mode) and the seconds of each training epoch.
     """
     student = copy.deepcopy(model).train()
     pruning = ActivationPruning(
-        target_params_reduction=reduction, prune_on="fit_start", distill_weight=distill_weight, pruned_checkpoint=None
+        target_params_reduction=reduction,
+        prune_on="fit_start",
+        distill_weight=distill_weight,
+        pruned_checkpoint=None,
+        prune_residual=residual,
     )
     timer = EpochTimer()
     quiet_trainer(max_epochs=epochs, callbacks=[pruning, timer]).fit(student, datamodule=data)

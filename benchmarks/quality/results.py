@@ -13,6 +13,8 @@ OURS = "ours (default criterion)"
 OURS_BEFORE = "ours (per-layer standardised fluctuation)"
 """Before issue 21 the default for networks without BatchNorm (with it, their channels were scored by RMS)."""
 OURS_DISTILLED = "ours + distillation (`distill_weight: 0.5`)"
+OURS_RESIDUAL = "ours + residual channels (`prune_residual: true`)"
+OURS_RESIDUAL_DISTILLED = "ours + residual channels + distillation"
 SCRATCH = "from scratch, our widths"
 
 

@@ -26,7 +26,18 @@ from . import methods
 from .data import datamodule, trained_base
 from .models import ARCHITECTURES, QualityConfig, recipe
 from .report import write_report
-from .results import OURS, OURS_BEFORE, OURS_DISTILLED, SCRATCH, UNPRUNED, QualityResults, Row, torch_pruning_method
+from .results import (
+    OURS,
+    OURS_BEFORE,
+    OURS_DISTILLED,
+    OURS_RESIDUAL,
+    OURS_RESIDUAL_DISTILLED,
+    SCRATCH,
+    UNPRUNED,
+    QualityResults,
+    Row,
+    torch_pruning_method,
+)
 
 REDUCTIONS = {"vit": [0.3, 0.5, 0.7], "mlp": [0.3, 0.5, 0.7, 0.95], "resnet": [0.3, 0.5, 0.7]}
 """The parameter reductions measured by default: the issue's grid, and −95 % for the MLP's goal."""
@@ -49,11 +60,13 @@ def run_seed(
     scratch_reductions: Sequence[float],
     log: Callable[[str], None],
     scratch_only: bool = False,
+    residual_only: bool = False,
 ) -> tuple[list[Row], float]:
     """Every method on the base of ``config.seed``; returns the rows and the seconds of one base training epoch.
 
     ``scratch_only``: only the unpruned model, ours one-shot (its widths) and the architectures trained from scratch,
-    to add those rows to an earlier run's (``--merge`` keeps one row per seed and cell).
+    to add those rows to an earlier run's (``--merge`` keeps one row per seed and cell). ``residual_only``: only the
+    unpruned model and ours with residual channels (the ViT), likewise.
     """
     base, facts = trained_base(data, config, cache_dir)
     evaluator = Evaluator(data)
@@ -73,6 +86,10 @@ def run_seed(
         return measured
 
     rows = [row(0.0, UNPRUNED, base, 0, [])]
+    if config.arch == "vit":  # residual channels: LayerNorm-coupled, which only the ViT has
+        rows += _residual_rows(base, data, reductions, recovery_epochs, row)
+    if residual_only:
+        return rows, facts.train_seconds / config.epochs
     criteria = (("default", OURS), ("standardised fluctuation", OURS_BEFORE))
     one_shot = {}  # by criterion, then reduction; the default's widths are those trained from scratch
     for criterion, name in criteria[:1] if scratch_only else criteria:
@@ -97,6 +114,23 @@ def run_seed(
     return rows, facts.train_seconds / config.epochs
 
 
+def _residual_rows(
+    base: torch.nn.Module,
+    data: SplitDataModule,
+    reductions: Sequence[float],
+    recovery_epochs: int,
+    row: Callable[[float, str, torch.nn.Module, int, list[float]], Row],
+) -> list[Row]:
+    """Ours with ``prune_residual: true``: one-shot, then recovered without and with distillation."""
+    one_shot = methods.ours_one_shot(base, data, list(reductions), "default", residual=True)
+    rows = [row(r, OURS_RESIDUAL, one_shot[r], 0, []) for r in reductions]
+    for reduction in reductions if recovery_epochs else ():
+        for weight, name in ((0.0, OURS_RESIDUAL), (0.5, OURS_RESIDUAL_DISTILLED)):
+            recovered, seconds = methods.ours_recovered(base, data, reduction, recovery_epochs, weight, residual=True)
+            rows.append(row(reduction, name, recovered, recovery_epochs, seconds))
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m benchmarks.quality``: see the package docstring."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__)
@@ -107,6 +141,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--scratch", type=float, nargs="*", default=[0.5], help="reductions trained from scratch")
     parser.add_argument(
         "--scratch-only", action="store_true", help="only the --scratch rows (and their widths), to merge with a run"
+    )
+    parser.add_argument(
+        "--residual-only", action="store_true", help="only ours with residual channels (the ViT), to merge with a run"
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data-dir", type=Path, default=None, help="a directory with the four IDX .gz files")
@@ -156,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.scratch,
             log,
             args.scratch_only,
+            args.residual_only,
         )
         rows += seed_rows
     results = QualityResults(
