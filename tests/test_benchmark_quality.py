@@ -11,7 +11,16 @@ from benchmarks.common import SplitDataModule, machine_info
 from benchmarks.quality import methods
 from benchmarks.quality.models import QualityConfig, build, recipe
 from benchmarks.quality.report import goals, markers
-from benchmarks.quality.results import OURS, OURS_BEFORE, OURS_DISTILLED, SCRATCH, UNPRUNED, QualityResults
+from benchmarks.quality.results import (
+    OURS,
+    OURS_BEFORE,
+    OURS_DISTILLED,
+    OURS_RESIDUAL,
+    OURS_RESIDUAL_DISTILLED,
+    SCRATCH,
+    UNPRUNED,
+    QualityResults,
+)
 from benchmarks.quality.run import main, run_seed
 
 pytest.importorskip("timm")
@@ -41,6 +50,7 @@ def test_one_seed_measures_every_method_and_the_report_states_the_goals(tmp_path
     tp = [f"Torch-Pruning {i}, {s}" for i in ("taylor", "l2") for s in ("global", "uniform")]
     expected = {(0.0, UNPRUNED, 0), (0.3, OURS, 0), (0.3, OURS_BEFORE, 0), (0.3, OURS, 1), (0.3, OURS_DISTILLED, 1)}
     expected |= {(0.3, m, e) for m in tp for e in (0, 1)} | {(0.3, SCRATCH, TINY.epochs + 1)}
+    expected |= {(0.3, OURS_RESIDUAL, 0), (0.3, OURS_RESIDUAL, 1), (0.3, OURS_RESIDUAL_DISTILLED, 1)}
     assert set(cells) == expected
     total = cells[(0.0, UNPRUNED, 0)].params
     for (reduction, method, _), row in cells.items():
@@ -48,6 +58,7 @@ def test_one_seed_measures_every_method_and_the_report_states_the_goals(tmp_path
         assert 0 <= row.test_acc <= 1
     # the callback pruning at the start of a fit prunes what the plain functions do: the same statistics and plan
     assert cells[(0.3, OURS, 1)].widths == cells[(0.3, OURS, 0)].widths
+    assert cells[(0.3, OURS_RESIDUAL, 1)].widths == cells[(0.3, OURS_RESIDUAL, 0)].widths
     assert cells[(0.3, SCRATCH, TINY.epochs + 1)].widths == cells[(0.3, OURS, 0)].widths
     assert cells[(0.3, OURS, 1)].epoch_seconds
     assert cells[(0.3, "Torch-Pruning taylor, global", 1)].epoch_seconds
@@ -75,10 +86,14 @@ def test_one_seed_measures_every_method_and_the_report_states_the_goals(tmp_path
     assert end in text
     assert "Seeds 0, 1: mean ± standard deviation" in text
     assert "| -30% | ours (default criterion) | 1 |" in text
-    (stated,) = goals(merged)  # the −50 % goal needs a −50 % row
-    assert stated.startswith("- −30 % one-shot ahead of Torch-Pruning's best setting: **m")
-    assert ("**met**" in stated) != ("**missed**" in stated)
-    assert stated in text
+    stated = goals(merged)  # the −50 % goal needs a −50 % row: the −30 % one, without and with residual channels
+    assert len(stated) == 2
+    assert f"**: {OURS} " in stated[0]
+    assert f"**: {OURS_RESIDUAL} " in stated[1]
+    for line in stated:
+        assert line.startswith("- −30 % one-shot ahead of Torch-Pruning's best setting: **m")
+        assert ("**met**" in line) != ("**missed**" in line)
+        assert line in text
     assert json.loads(out.read_text())["command"].count("python -m benchmarks.quality") == 2
     capsys.readouterr()
     main(["--report-only", "--out", str(out), "--markdown", str(markdown)])

@@ -128,7 +128,12 @@ class EpochTimer(pl.Callback):
 
 
 def ours_recovered(
-    model: nn.Module, data: SplitDataModule, reduction: float, epochs: int, distill_weight: float, residual: bool = False
+    model: nn.Module,
+    data: SplitDataModule,
+    reduction: float,
+    epochs: int,
+    distill_weight: float,
+    residual: bool = False,
 ) -> tuple[nn.Module, list[float]]:
     """``ActivationPruning(target_params_reduction=r, prune_on="fit_start", distill_weight=w)`` in a fit of ``epochs``.
 
