@@ -27,7 +27,12 @@ from lightning_actprune._heads import GQA_UNITS, HEADS_SUFFIX, find_heads, measu
 from lightning_actprune._huggingface import pretrained_models
 from lightning_actprune._plan import plan_from_kept
 from lightning_actprune._recurrent import RecurrentShape, hidden_units_layer, zero_hidden_units, zero_input_features
-from lightning_actprune._residual import layer_norm_over_features, owned_feature_width, zero_norm_inputs
+from lightning_actprune._residual import (
+    layer_norm_over_features,
+    owned_feature_width,
+    rms_norm_over_features,
+    zero_norm_inputs,
+)
 from lightning_actprune._statistics import FEATURES_LAST, MEASURED_TYPES, _channel_dim, map_tensors
 from lightning_actprune._surgery import pruned_temporarily, restoring
 from lightning_actprune._torch_pruning import (
@@ -140,10 +145,10 @@ def find_prunable_layers(
             the like, Hugging Face's families, timm's, ``nn.MultiheadAttention``) as layers of their own.
         gqa_unit: under grouped-query attention, ``"query_heads"`` removes query heads, the same number from every
             key/value group; ``"kv_groups"`` removes key/value heads with all of their query heads.
-        prune_residual: let the channels of a residual stream that LayerNorms normalise go too (a transformer's
-            embedding width, as Minitron prunes it): the LayerNorms, the layers writing to and reading from the
-            stream and the parameters added to it (``cls_token``, ``pos_embed``) lose them, and each LayerNorm keeps
-            normalising over its original width, so that removing a channel equals zeroing it
+        prune_residual: let the channels of a residual stream that LayerNorms or RMSNorms normalise go too (a
+            transformer's embedding width, as Minitron prunes it): the norms, the layers writing to and reading from
+            the stream and the parameters added to it (``cls_token``, ``pos_embed``) lose them, and each norm keeps
+            normalising as over its original width, so that removing a channel equals zeroing it
             (:mod:`lightning_actprune._residual`). Not inside Hugging Face models, whose configs derive head
             sizes from the hidden size.
 
@@ -734,7 +739,7 @@ def _zeroed_at_consumers(model: nn.Module, plan: PruningPlan) -> Iterator[None]:
         if global_response_norm(module):  # it normalises over the neurons: they are zero where it reads them
             handles.append(zero_grn_inputs(module, index))
             continue
-        if layer_norm_over_features(module):  # a residual channel: likewise
+        if layer_norm_over_features(module) or rms_norm_over_features(module):  # a residual channel: likewise
             handles.append(zero_norm_inputs(module, index))
             continue
         if operation.dim != "in" or not isinstance(module, MEASURED_TYPES):

@@ -156,10 +156,11 @@ class ActivationPruning(PruningSettings, Callback):
             the optimizer never stepped), the others keep theirs; ``"fresh"`` drops every parameter's state, as a
             new optimizer would, keeping the param groups, hyper-parameters and learning-rate schedulers.
         prune_residual: also narrow a transformer's residual stream (its embedding width, as Minitron does): the
-            channels that LayerNorms normalise, in every layer writing to or reading from the stream, the
-            LayerNorms and the parameters added to it (``cls_token``, ``pos_embed``, a layer scale), scored with the
+            channels that LayerNorms (or RMSNorms) normalise, in every layer writing to or reading from the stream,
+            the norms and the parameters added to it (``cls_token``, ``pos_embed``, a layer scale), scored with the
             other units by the energy each puts into the layers reading the LayerNorms. Each pruned LayerNorm keeps
-            normalising over its original width (``WidthKeptLayerNorm``), so removing a channel equals zeroing it.
+            normalising over its original width (``WidthKeptLayerNorm``; an RMSNorm's weight and eps are scaled), so
+            removing a channel equals zeroing it.
             Not inside Hugging Face models (their configs derive head sizes from the hidden size). ``False``
             (default) keeps the stream's width.
 

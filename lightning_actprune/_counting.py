@@ -17,6 +17,7 @@ from lightning_actprune._residual import (
     layer_norm_after,
     layer_norm_over_features,
     owned_parameters_after,
+    rms_norm_over_features,
 )
 from lightning_actprune._scoring import index_tensor
 from lightning_actprune._torch_pruning import module_pruner
@@ -41,7 +42,7 @@ def _after(module: nn.Module, removed_out: int, removed_in: int) -> int | None:
         return (module.num_features - removed_out) * (2 if module.affine else 0)
     if isinstance(module, nn.MultiheadAttention) and removed_in == 0:
         return _packed_projection_after(module, removed_out)
-    if layer_norm_over_features(module):  # a residual channel: Torch-Pruning's LayerNorm is one set of channels
+    if layer_norm_over_features(module) or rms_norm_over_features(module):  # residual channels: one set of them
         return layer_norm_after(module, removed_out + removed_in)
     if removed_in == 0 and module_pruner(module) is PARAMETER_OWNER_PRUNER:  # a cls_token, pos_embed, gamma
         return owned_parameters_after(module, removed_out)

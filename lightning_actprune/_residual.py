@@ -4,7 +4,7 @@ A pre-norm transformer's residual stream couples, channel for channel, every lay
 or token embedding, each block's attention output projection and FFN output layer), the parameters added to it (a
 class token, position embeddings, a layer scale), the LayerNorms that read it and every layer behind them. Removing
 a channel removes it from all of them (Minitron's embedding-channel pruning). The one member that is not exact by
-itself is the LayerNorm: it normalises over all channels, so a channel zeroed at its input still counts in the mean
+itself is the norm: a LayerNorm normalises over all channels, so a channel zeroed at its input still counts in the mean
 and the variance over ``D`` channels, while a plain LayerNorm of the ``D'`` channels left divides by ``D'``.
 
 :class:`WidthKeptLayerNorm` keeps the original width ``D`` in its statistics: with ``x`` the ``D'`` channels that
@@ -16,6 +16,11 @@ so removing the channels equals zeroing them at the LayerNorm's input (and at ev
 outputs), exactly: the zeroing check then holds, as for every other layer this package prunes. The surgery swaps
 the class of a pruned LayerNorm (as it does for a pruned ``nn.MultiheadAttention``); its parameters and state dict
 keep their names and shapes, so :func:`~lightning_actprune.core.load_pruned` rebuilds it from the plan.
+
+An RMSNorm needs no new class: with the removed channels zero, ``Σ x²`` over the ``D'`` channels left is the sum over
+all ``D``, so scaling its weight by ``√(D / D')`` and its ``eps`` by ``D / D'`` gives, for every channel that stays,
+``w √(D/D') x / √(Σ x² / D' + eps D/D') = w x / √(Σ x² / D + eps)``: removing the channels equals zeroing them at
+its input, exactly (``torch.nn.RMSNorm`` and timm's ``RmsNorm``, with a weight; one without cannot be scaled).
 
 Parameters used outside a layer (``cls_token``, ``pos_embed``, a layer scale's ``gamma``) are pruned through the
 module that holds them (:class:`ParameterOwnerPruner`): each of its own parameters loses the same entries of its last
@@ -71,6 +76,61 @@ class WidthKeptLayerNorm(nn.LayerNorm):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, full_width={self.full_width}"
+
+
+def rms_norm_over_features(module: Any) -> bool:
+    """Whether ``module`` is an RMSNorm over its last dimension alone, with a weight: ``nn.RMSNorm`` or timm's."""
+    kind = type(module)
+    known = kind is nn.RMSNorm or (kind.__name__ == "RmsNorm" and kind.__module__.startswith("timm."))
+    shape = getattr(module, "normalized_shape", ())
+    return known and len(shape) == 1 and isinstance(getattr(module, "weight", None), Tensor)
+
+
+class RMSNormPruner:
+    """Removes channels of an RMSNorm: its weight entries and ``normalized_shape``; :func:`rescale_rms_norms` scales."""
+
+    def prune_out_channels(self, module: Any, idxs: Sequence[int]) -> nn.Module:
+        """Remove the channels ``idxs``: a selection only, so that optimizer state can follow it entry by entry."""
+        removed = {int(i) for i in idxs}
+        keep = torch.tensor([i for i in range(int(module.weight.shape[0])) if i not in removed], dtype=torch.long)
+        weight = module.weight
+        module.weight = nn.Parameter(weight.detach()[keep.to(weight.device)], requires_grad=weight.requires_grad)
+        module.normalized_shape = (len(keep),)
+        return module
+
+    prune_in_channels = prune_out_channels
+
+    def get_out_channels(self, module: Any) -> int:
+        """The number of channels."""
+        return int(module.weight.shape[0])
+
+    get_in_channels = get_out_channels
+
+
+RMS_NORM_PRUNER = RMSNormPruner()
+
+
+def rms_norm_widths(modules: Mapping[str, nn.Module], names: Iterable[str]) -> dict[str, int]:
+    """The channels of each RMSNorm among ``names``, before a surgery."""
+    return {
+        name: int(module.get_parameter("weight").shape[0])
+        for name in names
+        if (module := modules.get(name)) is not None and rms_norm_over_features(module)
+    }
+
+
+def rescale_rms_norms(modules: Mapping[str, nn.Module], widths: Mapping[str, int]) -> None:
+    """After a surgery, scale the weight of each RMSNorm that lost channels by ``√(D / D')``, its eps by ``D / D'``."""
+    for name, width in widths.items():
+        module: Any = modules[name]
+        kept = int(module.weight.shape[0])
+        if kept == width:
+            continue
+        scale = width / kept
+        eps = module.eps if module.eps is not None else torch.finfo(module.weight.dtype).eps  # as F.rms_norm's None
+        with torch.no_grad():  # the pruner made a new parameter: the old one, which a snapshot may restore, is intact
+            module.weight.mul_(scale**0.5)
+        module.eps = float(eps) * scale
 
 
 def layer_norm_widths(modules: Mapping[str, nn.Module], names: Iterable[str]) -> dict[str, int]:
@@ -153,5 +213,5 @@ def owned_parameters_after(module: nn.Module, removed: int) -> int | None:
 
 
 def layer_norm_after(module: nn.Module, removed: int) -> int:
-    """Parameters a LayerNorm keeps without ``removed`` channels (its weight and bias, where it has them)."""
+    """Parameters a LayerNorm or RMSNorm keeps without ``removed`` channels (its weight and bias, where it has them)."""
     return sum(p.numel() - removed for p in module.parameters(recurse=False))

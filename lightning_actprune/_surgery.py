@@ -15,7 +15,7 @@ from lightning_actprune._grn import rescale_response_norms, response_norm_channe
 from lightning_actprune._heads import attribute_holders, head_pruner, heads_snapshot, sync_head_counts
 from lightning_actprune._recurrent import add_to_bias as add_to_recurrent_bias
 from lightning_actprune._recurrent import refresh_flat_weights
-from lightning_actprune._residual import keep_layer_norm_widths, layer_norm_widths
+from lightning_actprune._residual import keep_layer_norm_widths, layer_norm_widths, rescale_rms_norms, rms_norm_widths
 from lightning_actprune._torch_pruning import module_pruner
 from lightning_actprune._types import PruningPlan
 
@@ -180,6 +180,7 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> None:
     current = "the model"
     response_norms = response_norm_channels(model, plan.touched_modules)
     layer_norms = layer_norm_widths(modules, plan.touched_modules)
+    rms_norms = rms_norm_widths(modules, plan.touched_modules)
     try:
         with restoring(model, plan.touched_modules):
             # biases first, on the full-size consumers: the surgery then keeps the entries of the outputs that stay
@@ -201,6 +202,8 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> None:
             rescale_response_norms(model, response_norms)
             current = "the layer norms' widths"
             keep_layer_norm_widths(modules, layer_norms)
+            current = "the RMS norms' scales"
+            rescale_rms_norms(modules, rms_norms)
     except Exception as error:
         raise ActivationPruningError(
             f"pruning {current} failed ({type(error).__name__}: {error}); the model was restored."

@@ -43,7 +43,13 @@ from lightning_actprune._conv1d import Conv1D
 from lightning_actprune._grn import global_response_norm
 from lightning_actprune._grouped import GROUPED_CONV_PRUNER, couples_wrongly, grouped_convolution
 from lightning_actprune._recurrent import RECURRENT_PRUNER, RecurrentShape
-from lightning_actprune._residual import PARAMETER_OWNER_PRUNER, layer_norm_over_features, owned_feature_width
+from lightning_actprune._residual import (
+    PARAMETER_OWNER_PRUNER,
+    RMS_NORM_PRUNER,
+    layer_norm_over_features,
+    owned_feature_width,
+    rms_norm_over_features,
+)
 from lightning_actprune._statistics import MEASURED_TYPES, map_tensors
 
 GROUP_INDEX_LIMIT = 100_000
@@ -736,6 +742,8 @@ def module_pruner(module: nn.Module) -> Any:
         return RECURRENT_PRUNER
     if grouped_convolution(module) and not couples_wrongly(module):
         return GROUPED_CONV_PRUNER
+    if rms_norm_over_features(module):
+        return RMS_NORM_PRUNER
     pruner = tp.pruner.function.PrunerBox.get(tp.ops.module2type(module))
     if pruner is None and owned_feature_width(module) is not None:  # it holds a cls_token, pos_embed, gamma
         return PARAMETER_OWNER_PRUNER

@@ -41,17 +41,27 @@ def vit(**options) -> nn.Module:
     ).eval()
 
 
-class PreNormMixer(nn.Module):
-    """A hand-written pre-norm network: a token embedding, two residual FFN blocks, a LayerNorm without affine."""
+NORMS = {
+    "LayerNorm": (lambda: nn.LayerNorm(WIDTH), lambda: nn.LayerNorm(WIDTH, elementwise_affine=False)),
+    "RMSNorm": (lambda: nn.RMSNorm(WIDTH), lambda: nn.RMSNorm(WIDTH, eps=1e-3)),  # eps None, then one of its own
+}
 
-    def __init__(self) -> None:
+
+class PreNormMixer(nn.Module):
+    """A hand-written pre-norm network: a token embedding, two residual FFN blocks, then a final norm.
+
+    With ``norm="LayerNorm"`` the final one has no weight or bias; with ``"RMSNorm"`` the blocks' norms have no eps.
+    """
+
+    def __init__(self, norm: str = "LayerNorm") -> None:
         super().__init__()
+        block_norm, final_norm = NORMS[norm]
         self.embed = nn.Linear(6, WIDTH)
         self.position = nn.Parameter(torch.randn(5, WIDTH) * 0.1)
-        self.norms = nn.ModuleList(nn.LayerNorm(WIDTH) for _ in range(2))
+        self.norms = nn.ModuleList(block_norm() for _ in range(2))
         self.up = nn.ModuleList(nn.Linear(WIDTH, 48) for _ in range(2))
         self.down = nn.ModuleList(nn.Linear(48, WIDTH) for _ in range(2))
-        self.final = nn.LayerNorm(WIDTH, elementwise_affine=False)
+        self.final = final_norm()
         self.head = nn.Linear(WIDTH, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,9 +84,9 @@ def silenced(model: nn.Module) -> nn.Module:
     """
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, nn.LayerNorm) and module.weight is not None:
-                module.weight[DEAD] = 0
-                module.bias[DEAD] = 0
+            for name in ("weight", "bias") if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) else ():
+                if getattr(module, name, None) is not None:
+                    getattr(module, name)[DEAD] = 0
         for name, parameter in model.named_parameters():
             if name in ("cls_token", "reg_token", "pos_embed", "position"):
                 parameter[..., DEAD] = 0
@@ -100,11 +110,11 @@ def residual_layer(plan: PruningPlan):
 
 
 def zeroed_oracle(model: nn.Module, plan: PruningPlan) -> list:
-    """The unpruned model with the removed channels zeroed where LayerNorms and Linear layers read them."""
+    """The unpruned model with the removed channels zeroed where norms and Linear layers read them."""
     handles = []
     for operation in plan.operations:
         module = model.get_submodule(operation.module)
-        if isinstance(module, nn.LayerNorm) or (operation.dim == "in" and isinstance(module, nn.Linear)):
+        if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or (operation.dim == "in" and isinstance(module, nn.Linear)):
             index = torch.tensor(operation.indices)
 
             def zero(_, args, index=index):
@@ -186,18 +196,24 @@ def plan_parameters(model: nn.Module, plan: PruningPlan) -> int:
     return parameters_after(model, plan, count_parameters(model))
 
 
-def test_a_hand_written_pre_norm_network_loses_residual_channels_exactly():
+@pytest.mark.parametrize("norm", NORMS)
+def test_a_hand_written_pre_norm_network_loses_residual_channels_exactly(norm):
     torch.manual_seed(0)
-    model = silenced(PreNormMixer().eval())
+    model = silenced(PreNormMixer(norm).eval())
     x = torch.randn(32, 5, 6)
     _, plan = planned(model, x, 0.5)
     kept = len(residual_layer(plan).kept)
     pruned = copy.deepcopy(model)
     apply_plan(pruned, plan)
     assert pruned.position.shape == (5, kept)
-    assert pruned.final.weight is None
     assert pruned.final.normalized_shape == (kept,)
-    assert pruned.final.full_width == WIDTH
+    if norm == "LayerNorm":
+        assert pruned.final.weight is None
+        assert pruned.final.full_width == WIDTH
+    else:  # an RMSNorm keeps its class: its weight and eps are scaled by the widths' ratio
+        assert type(pruned.final) is nn.RMSNorm
+        assert pruned.final.eps == pytest.approx(1e-3 * WIDTH / kept)
+        assert pruned.norms[0].eps == pytest.approx(torch.finfo(torch.float32).eps * WIDTH / kept)
     assert_equals_zeroed(pruned, model, plan, x)
     assert count_parameters(pruned) == plan_parameters(model, plan)
 
