@@ -33,6 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -72,6 +73,8 @@ class WidthKeptLayerNorm(nn.LayerNorm):
             out = out * self.weight
         if self.bias is not None:
             out = out + self.bias
+        if torch.is_autocast_enabled(x.device.type):  # the dtype autocast gives layer_norm here (float32 on CUDA)
+            dtype = F.layer_norm(x.new_zeros(1), (1,)).dtype
         return out.to(dtype)
 
     def extra_repr(self) -> str:

@@ -160,6 +160,18 @@ def test_a_width_kept_layer_norm_is_a_layer_norm_of_the_full_width_with_the_remo
     torch.testing.assert_close(out.double(), expected, **tolerance)
 
 
+def test_under_autocast_a_width_kept_layer_norm_returns_what_a_layer_norm_returns():
+    torch.manual_seed(0)
+    full = nn.LayerNorm(8)
+    pruned = WidthKeptLayerNorm(8)
+    pruned.full_width = 8  # nothing removed: it must be the LayerNorm itself
+    x = torch.randn(3, 8).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, out = full(x), pruned(x)
+    assert out.dtype == expected.dtype  # bfloat16 on the CPU; float32 on CUDA, where autocast runs it in float32
+    torch.testing.assert_close(out, expected)
+
+
 LAYOUTS = {
     "class token": {},
     "layer scale, register tokens": {"init_values": 0.1, "reg_tokens": 2},
