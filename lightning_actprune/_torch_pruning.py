@@ -417,9 +417,10 @@ def _neuron_of_root(group: Any) -> Callable[[int], int]:
     return lambda root: number[find(root)]
 
 
-_RESIDUAL_TYPES = frozenset({tp.ops.OPTYPE.PARAMETER, tp.ops.OPTYPE.EXPAND})
+_RESIDUAL_TYPES = frozenset({tp.ops.OPTYPE.PARAMETER, tp.ops.OPTYPE.EXPAND, tp.ops.OPTYPE.SLICE})
 """Members of a residual stream that are safe with ``residual``: a parameter added to it (``cls_token``,
-``pos_embed``, pruned by its owner) and the expand of a class token over the batch; the zeroing check confirms."""
+``pos_embed``, pruned by its owner), the expand of a class token over the batch, a slice of the tokens (the register
+tokens dropped before pooling); the zeroing check confirms, and refuses a slice of the features."""
 
 
 def group_entries(graph: tp.DependencyGraph, group: Any, residual: bool = False) -> list[GroupEntry]:

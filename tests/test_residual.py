@@ -176,6 +176,7 @@ LAYOUTS = {
     "class token": {},
     "layer scale, register tokens": {"init_values": 0.1, "reg_tokens": 2},
     "average pooling, no class token": {"global_pool": "avg", "class_token": False, "fc_norm": True},
+    "register tokens sliced off before pooling": {"reg_tokens": 4, "global_pool": "avg", "class_token": False},
     "post-norm blocks": {"block_fn": timm.models.vision_transformer.ResPostBlock},
 }
 
