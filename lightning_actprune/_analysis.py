@@ -572,7 +572,8 @@ def _layer_of_group(
         unsafe += _residual_blockers(owner, context)
         own = {id(p) for p in owner.parameters(recurse=False)}
         if members_owned != own or owned_feature_width(owner) != len(set(group[0].neurons)):
-            unsafe.append(f"the parameters of {type(owner).__name__} {names[owner]}, not all of them features")
+            where = f"{type(owner).__name__} {names[owner]}" if names[owner] else f"the model ({type(owner).__name__})"
+            unsafe.append(f"the parameters of {where}, not all of them of its width")
             continue
         piece = next(e for e in group if id(e.module) in members_owned)
         slices.append(ModuleSlice(names[owner], "out", piece.indices, piece.neurons))
