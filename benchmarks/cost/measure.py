@@ -13,6 +13,7 @@ import dataclasses
 import inspect
 import json
 import logging
+import statistics
 import sys
 import time
 import traceback
@@ -114,18 +115,56 @@ def _timed_pruning(**kwargs: Any) -> Any:
     return TimedPruning()
 
 
-def _batch_seconds(model: nn.Module, batches: list[Tensor], recording: Callable[[], Any] | None) -> tuple[float, float]:
+def _batch_seconds(
+    model: nn.Module, batches: list[Tensor], recording: Callable[[], Any] | None, shares: list[float] | None = None
+) -> tuple[float, float]:
     """The first batch's seconds and the fastest of the others', under one recorder (or none), in inference mode.
 
     Lightning validates in ``torch.inference_mode``; the recorder's first batch also creates its per-layer metrics.
+    With ``shares``, each batch after the first appends the seconds spent inside the recorder's metric updates over
+    the rest of that batch (:func:`_updates_timed`).
     """
     seconds = []
-    with torch.inference_mode(), recording() if recording is not None else contextlib.nullcontext():
-        for images in batches:
+    inside = [0.0]
+    timing = _updates_timed(inside) if shares is not None else contextlib.nullcontext()
+    with torch.inference_mode(), timing, recording() if recording is not None else contextlib.nullcontext():
+        for index, images in enumerate(batches):
+            inside[0] = 0.0
             start = time.perf_counter()
             model(images)
             seconds.append(time.perf_counter() - start)
+            if shares is not None and index:
+                shares.append(inside[0] / max(seconds[-1] - inside[0], 1e-9))
     return seconds[0], min(seconds[1:], default=seconds[0])
+
+
+@contextlib.contextmanager
+def _updates_timed(inside: list[float]) -> Iterator[None]:
+    """While it is entered, every metric update of the recorder adds its seconds to ``inside[0]``.
+
+    The share of a batch spent there is the recording's overhead measured within one batch: a slow spell of the
+    machine slows the updates and the rest alike, where two runs side by side may fall on different spells. Nothing
+    is timed with a package version whose metric is not ``_statistics.ActivationStatistics``.
+    """
+    try:
+        from lightning_actprune._statistics import ActivationStatistics
+    except ImportError:
+        yield
+        return
+    update = ActivationStatistics.update
+
+    def timed(self: Any, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return update(self, *args, **kwargs)
+        finally:
+            inside[0] += time.perf_counter() - start
+
+    ActivationStatistics.update = timed  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        ActivationStatistics.update = update  # type: ignore[method-assign]
 
 
 def _statistics_cost(model: nn.Module, batches: list[Tensor], result: Measurement) -> None:
@@ -146,12 +185,15 @@ def _statistics_cost(model: nn.Module, batches: list[Tensor], result: Measuremen
         variants["needed"] = lambda: ActivationRecorder(model, moments=needed)  # type: ignore[call-arg]
     best: dict[str, float] = {}
     setup: dict[str, float] = {}
+    shares: list[float] = []  # of the callback's recorder: the default's moments where the version can
+    timed = "needed" if "needed" in variants else "every"
     _batch_seconds(model, batches[:1], None)  # warm-up
     for _ in range(OVERHEAD_RUNS):
         for name, recording in variants.items():
-            first, steady = _batch_seconds(model, batches, recording)
+            first, steady = _batch_seconds(model, batches, recording, shares if name == timed else None)
             best[name] = min(best.get(name, float("inf")), steady)
             setup[name] = min(setup.get(name, float("inf")), first - steady)
+    result.update_share = statistics.median(shares) if shares else 0.0
     result.batch_seconds = best["plain"]
     result.recorded_batch_seconds = best["every"]
     result.needed_batch_seconds = best.get("needed", 0.0)

@@ -48,6 +48,9 @@ class Measurement:
     """Under ``ActivationRecorder(model, moments=recorded_moments(...))``: what the default reads (0: unsupported)."""
     recorder_setup_seconds: float = 0.0
     """What the callback's recorder's first batch costs beyond the others (its per-layer metrics): once per pass."""
+    update_share: float = 0.0
+    """Of a batch under the callback's recorder, the seconds inside its metric updates over the rest of the batch
+    (the median over every timed batch after the first): its overhead measured within one batch (0: not measured)."""
     error: str = ""
 
     @property
